@@ -1,1 +1,102 @@
-fn main() {}
+//! `tandem`: run a Linux VM, and (soon) keep it running across the loss of its host.
+
+mod bench;
+mod lab;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Exit statuses beyond 0 (guest powered off) and 1 (error).
+pub mod status {
+    /// The guest reset itself: a reboot, or a kernel panic with `panic=N`.
+    pub const GUEST_RESET: u8 = 3;
+}
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "A micro-VMM that keeps a Linux VM running across the loss of its host")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a Linux guest; its serial console is on stdout. Exits 0 when the guest
+    /// powers off, 3 when it resets (reboot or panic), 1 on error.
+    Run(run::RunArgs),
+    /// Run COMMAND inside the lab: a Linux host with real KVM under QEMU's emulated AMD-V.
+    /// Guest images are at /images, `--with` files at /with/NAME.
+    Lab(LabArgs),
+    /// Benchmarks, printed as tables beside a peer measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+#[derive(clap::Args)]
+struct LabArgs {
+    /// Stop the lab after this many seconds (exit status 124).
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Make a host file available inside the lab as /with/NAME (repeatable).
+    #[arg(long = "with", value_name = "FILE")]
+    with: Vec<PathBuf>,
+    /// Directory of built images (default: $TANDEM_IMAGES, else ~/.cache/tandem/images).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Memory of the lab host in MiB.
+    #[arg(long, default_value_t = 2048)]
+    lab_mem_mib: u32,
+    /// CPUs of the lab host.
+    #[arg(long, default_value_t = 2)]
+    lab_cpus: u32,
+    /// The command to run inside the lab, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+impl LabArgs {
+    fn options(&self) -> lab::LabOptions {
+        lab::LabOptions {
+            images: self.images.clone().unwrap_or_else(lab::default_images_dir),
+            timeout: Duration::from_secs(self.timeout),
+            with: self.with.clone(),
+            with_qemu: false,
+            mem_mib: self.lab_mem_mib,
+            cpus: self.lab_cpus,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Cmd::Run(args) => run::run(args),
+        Cmd::Lab(args) => {
+            let mut stdout = std::io::stdout();
+            lab::run(&args.options(), &args.command, &mut |line| {
+                use std::io::Write;
+                let _ = writeln!(stdout, "{line}");
+            })
+            .map(|code| code.clamp(0, 255) as u8)
+        }
+        Cmd::Bench(cmd) => bench::run(cmd).map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,4 +1,8 @@
 //! tandem's virtual machine monitor: guest memory, vCPUs, x86 boot and devices.
 pub mod boot;
 pub mod devices;
+pub mod kvm;
 pub mod memory;
+pub mod output;
+pub mod vcpu;
+pub mod vm;

@@ -11,6 +11,8 @@ pub const BOOT_IDT_START: u64 = 0x520;
 /// PVH `hvm_start_info` and its memory map.
 pub const PVH_INFO_START: u64 = 0x6000;
 pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// PVH module list (the initramfs), after room for 32 memory-map entries.
+pub const PVH_MODLIST_START: u64 = 0x6400;
 /// Linux zero page (`boot_params`).
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer for the boot CPU.

@@ -1,2 +1,8 @@
 //! Everything needed to put a Linux kernel into guest memory and the boot CPU at its entry.
+pub mod acpi;
+pub mod cpuid;
 pub mod layout;
+pub mod loader;
+pub mod mptable;
+pub mod msrs;
+pub mod regs;

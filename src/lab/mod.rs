@@ -1,0 +1,281 @@
+//! The lab: a Linux host with real KVM, running under QEMU's emulated AMD-V, so tandem
+//! can boot Linux guests on machines whose own /dev/kvm cannot (see the README).
+//!
+//! The lab host boots the cached base initramfs (busybox, kvm modules, guest images)
+//! with a second archive appended for this run: `/lab/run` (the command), the tandem
+//! binary and its libraries, and the operator's `--with` files under `/with/`. The lab's
+//! /init runs `/lab/run`, prints an exit marker on the console and powers off.
+
+pub mod cpio;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// Where a `--with` file appears inside the lab.
+pub const WITH_DIR: &str = "/with";
+/// Where the guest images appear inside the lab.
+pub const IMAGES_DIR: &str = "/images";
+/// Printed by the lab's /init with the command's exit status.
+const EXIT_MARKER: &str = "@@TANDEM-LAB-EXIT=";
+/// Exit status when the lab ran out of time, as timeout(1) uses.
+pub const TIMEOUT_STATUS: i32 = 124;
+
+/// What the lab needs from the host.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub images: PathBuf,
+    pub timeout: Duration,
+    pub with: Vec<PathBuf>,
+    /// Append QEMU itself to the lab (for benchmarks that compare against it).
+    pub with_qemu: bool,
+    pub mem_mib: u32,
+    pub cpus: u32,
+}
+
+/// The image cache: `$TANDEM_IMAGES`, else `${TANDEM_CACHE:-~/.cache/tandem}/images`.
+pub fn default_images_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TANDEM_IMAGES") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("TANDEM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/tandem")
+        });
+    cache.join("images")
+}
+
+fn require_image(images: &Path, name: &str) -> Result<PathBuf> {
+    let path = images.join(name);
+    if !path.is_file() {
+        bail!(
+            "lab image {} is missing: build the images with guest-images/build.sh (or point TANDEM_IMAGES at them)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Finds `name` on PATH.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn qemu() -> Result<PathBuf> {
+    find_program("qemu-system-x86_64").context(
+        "qemu-system-x86_64 not found: the lab needs QEMU; install the Debian package qemu-system-x86 (apt-get install qemu-system-x86)",
+    )
+}
+
+/// Quotes one argument for the lab's busybox sh.
+fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+/// Shared libraries a dynamically linked program needs, as `ldd` lists them.
+fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .context("running ldd (package libc-bin) to find tandem's libraries")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim().split(' ').next()?,
+                None => line.split(' ').next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// The tandem binary as it goes into the lab: a stripped copy when `strip` is at hand,
+/// since debug info would make every lab boot unpack tens of MiB for nothing.
+fn lab_binary(exe: &Path, scratch: &Path) -> Result<Vec<u8>> {
+    let stripped = scratch.join("tandem");
+    let ok = find_program("strip").is_some()
+        && Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(exe)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    let path = if ok { &stripped } else { exe };
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Builds the per-run archive: the command, tandem and its libraries, the `--with` files.
+fn overlay(command: &[String], with: &[PathBuf], scratch: &Path) -> Result<Vec<u8>> {
+    let mut archive = cpio::Archive::default();
+    let mut script = String::from("#!/bin/sh\n");
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        script.push_str(&format!("export RUST_LOG={}\n", shell_quote(&filter)));
+    }
+    let args: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
+    script.push_str(&format!("exec {}\n", args.join(" ")));
+    archive.file("/lab/run", 0o755, script.as_bytes());
+
+    let exe = std::env::current_exe().context("locating the tandem binary")?;
+    archive.file("/usr/bin/tandem", 0o755, &lab_binary(&exe, scratch)?);
+    for lib in shared_libraries(&exe)? {
+        let data = std::fs::read(&lib).with_context(|| format!("reading {}", lib.display()))?;
+        archive.file(&lib.to_string_lossy(), 0o755, &data);
+    }
+
+    let mut names = std::collections::HashSet::new();
+    for file in with {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("--with {}: not a file name", file.display()))?;
+        if !names.insert(name.to_string()) {
+            bail!("--with {}: another --with file is also named {name}", file.display());
+        }
+        let data = std::fs::read(file).with_context(|| format!("--with {}", file.display()))?;
+        archive.file(&format!("{WITH_DIR}/{name}"), 0o755, &data);
+    }
+    let mut out = Vec::new();
+    archive.finish(&mut out)?;
+    Ok(out)
+}
+
+/// Boots the lab, runs `command` inside, streams its output line by line to `on_line`,
+/// and returns its exit status ([`TIMEOUT_STATUS`] if the lab ran out of time).
+pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str)) -> Result<i32> {
+    if command.is_empty() {
+        bail!("tandem lab needs a command to run, e.g. `tandem lab -- tandem run --kernel /images/vmlinuz`");
+    }
+    let qemu = qemu()?;
+    let kernel = require_image(&opts.images, "vmlinuz")?;
+    let base = require_image(&opts.images, "lab-initrd.cpio.gz")?;
+    let scratch = tempdir()?;
+    let initrd = scratch.path.join("lab-initrd.cpio");
+    {
+        let mut out = std::fs::File::create(&initrd).context("creating the lab initrd")?;
+        out.write_all(&std::fs::read(&base).with_context(|| format!("reading {}", base.display()))?)?;
+        out.write_all(&overlay(command, &opts.with, &scratch.path)?)?;
+        if opts.with_qemu {
+            let extra = require_image(&opts.images, "lab-qemu.cpio.gz")?;
+            out.write_all(&std::fs::read(&extra)?)?;
+        }
+    }
+
+    let mut child = Command::new(&qemu)
+        .args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm"])
+        .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1", "-no-reboot"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", qemu.display()))?;
+
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (timed_out, done) = (timed_out.clone(), done.clone());
+        let pid = child.id() as libc::pid_t;
+        let timeout = opts.timeout;
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < deadline {
+                if done.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            timed_out.store(true, Ordering::SeqCst);
+            // SAFETY: kill(2) on our own child's pid; at worst the child already exited
+            // and has not been reaped yet, in which case the signal is ignored.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        })
+    };
+
+    let mut status = None;
+    let stdout = child.stdout.take().context("QEMU's output pipe")?;
+    let mut reader = BufReader::new(stdout);
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        match reader.read_until(b'\n', &mut raw) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&raw);
+        let line = line.trim_end_matches(['\n', '\r']).trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix(EXIT_MARKER) {
+            status = rest.trim_end_matches('@').parse::<i32>().ok();
+            continue;
+        }
+        on_line(line);
+    }
+    let _ = child.wait();
+    done.store(true, Ordering::SeqCst);
+    let _ = watchdog.join();
+    if timed_out.load(Ordering::SeqCst) {
+        eprintln!("tandem lab: timed out after {:?}; the lab was stopped", opts.timeout);
+        return Ok(TIMEOUT_STATUS);
+    }
+    status.context("the lab stopped without reporting the command's exit status (see its output above)")
+}
+
+/// A scratch directory removed on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn tempdir() -> Result<TempDir> {
+    let path = std::env::temp_dir().join(format!(
+        "tandem-lab-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(TempDir { path })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn ldd_lists_libc_for_a_dynamic_program() {
+        let libs = shared_libraries(Path::new("/bin/sh")).unwrap();
+        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libs:?}");
+    }
+}

@@ -1,0 +1,131 @@
+//! `tandem run`: boot a guest and stay with it until it stops.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tandem_vmm::memory::PAGE_SIZE;
+use tandem_vmm::output::{OutputSink, Passthrough};
+use tandem_vmm::vcpu::VmExit;
+use tandem_vmm::vm::{check_vcpus, Vm, VmConfig};
+
+use crate::status;
+
+/// The command line every guest gets unless `--cmdline` replaces it: console on COM1,
+/// reboot through the keyboard controller, and a panic ends the VM instead of hanging.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Guest kernel: a bzImage, or an ELF vmlinux (booted through PVH when it supports it).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initramfs to hand the kernel.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line, replacing the default.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Extra kernel command line arguments, appended to --cmdline.
+    #[arg(long, value_name = "ARGS")]
+    pub append: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem_mib: u64,
+    /// Number of vCPUs (1..=32).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+    /// Every N ms, report on stderr how many guest pages were dirtied since the last report.
+    #[arg(long, value_name = "MS")]
+    pub dirty_stats_ms: Option<u64>,
+}
+
+impl RunArgs {
+    pub fn config(&self) -> Result<VmConfig> {
+        let vcpus = check_vcpus(self.vcpus)?;
+        // Fail on unreadable files before touching KVM, so the message names the file.
+        for (what, path) in [("kernel", Some(&self.kernel)), ("initrd", self.initrd.as_ref())] {
+            if let Some(path) = path {
+                let meta = std::fs::metadata(path)
+                    .with_context(|| format!("cannot open {what} {}", path.display()))?;
+                if !meta.is_file() {
+                    bail!("{what} {} is not a regular file", path.display());
+                }
+            }
+        }
+        let mut cmdline = self.cmdline.clone();
+        if let Some(extra) = &self.append {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        Ok(VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline,
+            mem_mib: self.mem_mib,
+            vcpus,
+            kvm_device: self.kvm_device.clone(),
+        })
+    }
+}
+
+/// Copies the host's stdin into the guest console until stdin ends.
+fn forward_stdin(vm_input: impl Fn(&[u8]) -> usize + Send + 'static) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut rest = &buf[..n];
+            // The UART FIFO is small; wait for the guest to drain it.
+            while !rest.is_empty() {
+                let took = vm_input(rest);
+                rest = &rest[took..];
+                if took == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    });
+}
+
+pub fn run(args: RunArgs) -> Result<u8> {
+    let config = args.config()?;
+    let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::stdout())));
+    let mut vm = Vm::boot(config, sink)?;
+    forward_stdin(vm.console_input());
+
+    let tick = args.dirty_stats_ms.map(Duration::from_millis).unwrap_or(Duration::from_millis(100));
+    let mut last = Instant::now();
+    let exit = loop {
+        if let Some(exit) = vm.wait_timeout(tick) {
+            break exit;
+        }
+        if args.dirty_stats_ms.is_some() {
+            let pages = vm.take_dirty()?.count();
+            let elapsed = last.elapsed();
+            last = Instant::now();
+            eprintln!(
+                "tandem: dirty pages={pages} bytes={} interval_ms={}",
+                pages * PAGE_SIZE,
+                elapsed.as_millis()
+            );
+        }
+    };
+    match exit {
+        VmExit::PowerOff => Ok(0),
+        VmExit::Reset => {
+            eprintln!("tandem: the guest reset itself (reboot or panic); the VM has ended");
+            Ok(status::GUEST_RESET)
+        }
+        VmExit::Failed(why) => bail!("the VM stopped: {why}"),
+    }
+}

@@ -1,0 +1,297 @@
+//! The one module that talks to KVM through kvm-ioctls.
+//!
+//! Everything else in the VMM sees `Hypervisor`, `VmHandle` and `VcpuHandle` and plain
+//! kvm-bindings data, so a change of kvm-ioctls version (or of how an ioctl is issued)
+//! stays in this file.
+
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+
+
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_pit_config, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors from KVM itself, each naming the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    #[error("{path} does not exist: this host has no KVM (load kvm_intel/kvm_amd, or run inside `tandem lab`)")]
+    Missing { path: String },
+    #[error("permission denied opening {path}: add this user to the 'kvm' group or run as root")]
+    PermissionDenied { path: String },
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("KVM API version {0} is not the stable version 12")]
+    ApiVersion(i32),
+    #[error("KVM lacks a capability tandem needs: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM refused to create {what} (host limit is {max})")]
+    TooMany { what: &'static str, max: usize },
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { op, source }
+}
+
+/// An open `/dev/kvm`.
+pub struct Hypervisor {
+    kvm: Kvm,
+}
+
+impl Hypervisor {
+    /// Opens the KVM device at `path` and checks the capabilities every tandem VM relies on.
+    pub fn open(path: &Path) -> Result<Self, KvmError> {
+        let shown = path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => KvmError::Missing { path: shown.clone() },
+                std::io::ErrorKind::PermissionDenied => KvmError::PermissionDenied {
+                    path: shown.clone(),
+                },
+                _ => KvmError::Open {
+                    path: shown.clone(),
+                    source,
+                },
+            })?;
+        // SAFETY: `file` is an open /dev/kvm descriptor that we own; ownership moves into Kvm.
+        let kvm = unsafe { Kvm::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(file)) };
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(KvmError::ApiVersion(version));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::Pit2, "in-kernel PIT"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::UserMemory, "user memory slots"),
+            (Cap::ImmediateExit, "immediate exit"),
+            (Cap::SetTssAddr, "TSS address"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(KvmError::MissingCap(name));
+            }
+        }
+        Ok(Self { kvm })
+    }
+
+    /// Most vCPUs KVM allows in one VM.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    /// The CPUID leaves KVM can present to a guest, before any per-vCPU fix-ups.
+    pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))
+    }
+
+    /// Indices of every MSR KVM saves and restores.
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, KvmError> {
+        Ok(self
+            .kvm
+            .get_msr_index_list()
+            .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec())
+    }
+
+    /// Creates an x86 VM with the in-kernel PIC/IOAPIC/LAPIC and PIT, the setup every
+    /// tandem guest shares.
+    pub fn create_vm(&self, tss: u64, identity_map: u64) -> Result<VmHandle, KvmError> {
+        let fd = self.kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        fd.set_identity_map_address(identity_map)
+            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.set_tss_address(tss as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        // A dummy speaker port keeps the guest's PC-speaker probing off our port bus.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        Ok(VmHandle {
+            fd,
+            max_vcpus: self.max_vcpus(),
+        })
+    }
+}
+
+/// A KVM VM: memory slots, interrupt routing and vCPU creation.
+pub struct VmHandle {
+    fd: VmFd,
+    max_vcpus: usize,
+}
+
+impl VmHandle {
+    /// Registers `[guest_addr, guest_addr + size)` backed by host memory at `host_addr`,
+    /// with dirty logging on from the start so the first epoch already sees every write.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr + size` must stay mapped and owned by this VM for as long as
+    /// the VM exists.
+    pub unsafe fn add_memory_slot(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<(), KvmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the caller guarantees the host range outlives the VM.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    /// Fetches and clears KVM's dirty bitmap for `slot` (one bit per 4 KiB page).
+    pub fn take_dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, KvmError> {
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(ioctl("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Routes `fd` to guest interrupt line `gsi`, so devices raise interrupts without an ioctl.
+    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), KvmError> {
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(ioctl("KVM_IRQFD"))
+    }
+
+    /// Creates vCPU `id`.
+    pub fn create_vcpu(&self, id: u8) -> Result<KvmVcpu, KvmError> {
+        if usize::from(id) >= self.max_vcpus {
+            return Err(KvmError::TooMany {
+                what: "vCPU",
+                max: self.max_vcpus,
+            });
+        }
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        Ok(KvmVcpu { fd })
+    }
+
+    /// Raw descriptor of the VM, for diagnostics.
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Why `KVM_RUN` returned, in the VMM's own terms.
+pub enum Exit<'a> {
+    IoIn(u16, &'a mut [u8]),
+    IoOut(u16, &'a [u8]),
+    MmioRead(u64, &'a mut [u8]),
+    MmioWrite(u64, &'a [u8]),
+    /// The guest triple-faulted or asked for a reset.
+    Reset,
+    /// The guest asked to power off through a paravirtual path.
+    Shutdown,
+    /// Interrupted by a kick: the controller wants this vCPU's attention.
+    Interrupted,
+    /// Something KVM could not handle; the string says what.
+    Failed(String),
+}
+
+/// One KVM vCPU; lives on its own thread.
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+impl KvmVcpu {
+    pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<(), KvmError> {
+        self.fd.set_cpuid2(cpuid).map_err(ioctl("KVM_SET_CPUID2"))
+    }
+
+    pub fn set_msrs(&self, msrs: &Msrs) -> Result<usize, KvmError> {
+        self.fd.set_msrs(msrs).map_err(ioctl("KVM_SET_MSRS"))
+    }
+
+    pub fn regs(&self) -> Result<kvm_regs, KvmError> {
+        self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))
+    }
+
+    pub fn set_regs(&self, regs: &kvm_regs) -> Result<(), KvmError> {
+        self.fd.set_regs(regs).map_err(ioctl("KVM_SET_REGS"))
+    }
+
+    pub fn sregs(&self) -> Result<kvm_sregs, KvmError> {
+        self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))
+    }
+
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), KvmError> {
+        self.fd.set_sregs(sregs).map_err(ioctl("KVM_SET_SREGS"))
+    }
+
+    pub fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), KvmError> {
+        self.fd.set_fpu(fpu).map_err(ioctl("KVM_SET_FPU"))
+    }
+
+    pub fn lapic(&self) -> Result<kvm_lapic_state, KvmError> {
+        self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))
+    }
+
+    pub fn set_lapic(&self, lapic: &kvm_lapic_state) -> Result<(), KvmError> {
+        self.fd.set_lapic(lapic).map_err(ioctl("KVM_SET_LAPIC"))
+    }
+
+    pub fn mp_state(&self) -> Result<kvm_mp_state, KvmError> {
+        self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))
+    }
+
+    /// Where the kick handler writes to make the next (or current) `KVM_RUN` return at once.
+    pub fn immediate_exit_ptr(&mut self) -> *mut u8 {
+        &mut self.fd.get_kvm_run().immediate_exit
+    }
+
+    pub fn clear_immediate_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Runs the vCPU until the next exit that needs the VMM.
+    pub fn run(&mut self) -> Exit<'_> {
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => Exit::IoIn(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite(addr, data),
+            Ok(VcpuExit::Shutdown) => Exit::Reset,
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Exit::Shutdown,
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Exit::Reset,
+                other => Exit::Failed(format!("unexpected system event {other}")),
+            },
+            // With the in-kernel LAPIC, HLT is handled by KVM and only shows up if the
+            // guest halted with interrupts off forever: treat it as a stopped machine.
+            Ok(VcpuExit::Hlt) => Exit::Shutdown,
+            Ok(VcpuExit::Intr) => Exit::Interrupted,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Failed(format!(
+                "VM entry failed on cpu {cpu}: hardware reason {reason:#x}"
+            )),
+            Ok(VcpuExit::InternalError) => Exit::Failed("KVM internal error (emulation failure)".into()),
+            Ok(other) => Exit::Failed(format!("unhandled exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => Exit::Failed(format!("KVM_RUN: {e}")),
+        }
+    }
+}

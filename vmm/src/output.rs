@@ -1,0 +1,173 @@
+//! Where the guest's console output goes.
+//!
+//! Every byte the guest sends to the outside world passes through an [`OutputSink`].
+//! Today the console writes through at once; replication swaps in an [`EpochGate`],
+//! which holds each epoch's bytes until the standby has acknowledged that epoch, so
+//! nothing the world has seen can be lost by a failover.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+/// Receives guest output.
+pub trait OutputSink: Send {
+    /// Accepts bytes the guest produced.
+    fn emit(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Pushes whatever may be released to its destination.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// Releases output as soon as the guest produces it, line by line: the serial port
+/// hands over one byte at a time, and a write per byte would cost a syscall each.
+pub struct Passthrough<W: Write + Send> {
+    out: W,
+    line: Vec<u8>,
+}
+
+impl<W: Write + Send> Passthrough<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            out,
+            line: Vec::with_capacity(256),
+        }
+    }
+}
+
+impl<W: Write + Send> OutputSink for Passthrough<W> {
+    fn emit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.line.extend_from_slice(bytes);
+        if bytes.contains(&b'\n') || self.line.len() >= 4096 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.line.is_empty() {
+            self.out.write_all(&self.line)?;
+            self.line.clear();
+        }
+        self.out.flush()
+    }
+}
+
+/// Holds output per epoch and releases an epoch's bytes only once it is committed.
+pub struct EpochGate<W: Write + Send> {
+    out: W,
+    /// Output of epochs not yet committed, oldest first, tagged with their epoch.
+    held: VecDeque<(u64, Vec<u8>)>,
+    current: u64,
+}
+
+impl<W: Write + Send> EpochGate<W> {
+    pub fn new(out: W, first_epoch: u64) -> Self {
+        Self {
+            out,
+            held: VecDeque::new(),
+            current: first_epoch,
+        }
+    }
+
+    /// Output from now on belongs to `epoch` (called while the guest is paused).
+    pub fn begin_epoch(&mut self, epoch: u64) {
+        self.current = epoch;
+    }
+
+    /// Releases all output of epochs up to and including `epoch`.
+    pub fn commit(&mut self, epoch: u64) -> io::Result<()> {
+        while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
+            if let Some((_, bytes)) = self.held.pop_front() {
+                self.out.write_all(&bytes)?;
+            }
+        }
+        self.out.flush()
+    }
+
+    /// Bytes still held back.
+    pub fn held_bytes(&self) -> usize {
+        self.held.iter().map(|(_, b)| b.len()).sum()
+    }
+}
+
+impl<W: Write + Send> OutputSink for EpochGate<W> {
+    fn emit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self.held.back_mut() {
+            Some((epoch, buf)) if *epoch == self.current => buf.extend_from_slice(bytes),
+            _ => self.held.push_back((self.current, bytes.to_vec())),
+        }
+        Ok(())
+    }
+
+    /// Nothing is released by a flush: only a commit releases output.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A sink shared between the device that produces output and whoever drives releases.
+pub type SharedSink = Arc<Mutex<dyn OutputSink>>;
+
+/// Adapts a [`SharedSink`] to `io::Write` for devices that want a writer.
+pub struct SinkWriter(pub SharedSink);
+
+impl Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut sink = self.0.lock().map_err(|_| io::Error::other("output sink poisoned"))?;
+        sink.emit(buf)?;
+        Ok(buf.len())
+    }
+
+    /// The serial device flushes after every byte; line buffering is the sink's business.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn passthrough_releases_whole_lines() {
+        let cap = Capture::default();
+        let mut sink = Passthrough::new(cap.clone());
+        sink.emit(b"tick ").unwrap();
+        assert!(cap.0.lock().unwrap().is_empty());
+        sink.emit(b"1\n").unwrap();
+        assert_eq!(&*cap.0.lock().unwrap(), b"tick 1\n");
+        sink.emit(b"# ").unwrap();
+        sink.flush().unwrap();
+        assert_eq!(&*cap.0.lock().unwrap(), b"tick 1\n# ");
+    }
+
+    #[test]
+    fn epoch_gate_releases_only_committed_epochs_in_order() {
+        let cap = Capture::default();
+        let mut gate = EpochGate::new(cap.clone(), 1);
+        gate.emit(b"a").unwrap();
+        gate.begin_epoch(2);
+        gate.emit(b"b").unwrap();
+        gate.emit(b"c").unwrap();
+        gate.begin_epoch(3);
+        gate.emit(b"d").unwrap();
+        gate.flush().unwrap();
+        assert!(cap.0.lock().unwrap().is_empty(), "flush must not release");
+        gate.commit(2).unwrap();
+        assert_eq!(&*cap.0.lock().unwrap(), b"abc");
+        assert_eq!(gate.held_bytes(), 1);
+        gate.commit(3).unwrap();
+        assert_eq!(&*cap.0.lock().unwrap(), b"abcd");
+    }
+}

@@ -1,0 +1,294 @@
+//! vCPU threads and the state machine that starts, pauses, resumes and stops them.
+//!
+//! Each vCPU runs `KVM_RUN` in a loop on its own thread. To pause, the controller
+//! records the wish under a lock, then kicks every thread with a real-time signal whose
+//! handler sets the thread's `immediate_exit` flag in its `kvm_run` page: if the signal
+//! lands while the thread is inside `KVM_RUN`, the ioctl returns `EINTR`; if it lands
+//! just before, the flag makes the next `KVM_RUN` return at once. Either way the thread
+//! reaches its check point, reports itself parked and waits. No window exists in which
+//! a kick can be lost, so a pause completes in one round of signals.
+
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::bus::{GuestRequest, PortBus};
+use crate::kvm::{Exit, KvmVcpu};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("cannot start vCPU thread {index}: {source}")]
+    Spawn { index: usize, source: std::io::Error },
+    #[error("vCPUs did not pause within {0:?} ({1} of {2} parked)")]
+    PauseTimeout(Duration, usize, usize),
+    #[error("cannot kick vCPU {0}: {1}")]
+    Kick(usize, vmm_sys_util::errno::Error),
+}
+
+/// Why the VM stopped running guest code for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest reset itself (reboot, i8042 reset or a triple fault).
+    Reset,
+    /// A vCPU hit something the VMM cannot continue from.
+    Failed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct Control {
+    want: Want,
+    /// Threads not executing guest code: paused, finished, or waiting to be stopped.
+    parked: usize,
+}
+
+struct Shared {
+    control: Mutex<Control>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        // A vCPU thread that panicked leaves the state as valid as it was: keep going.
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick handler to set.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: the pointer is set by this thread to the immediate_exit byte of its own
+        // kvm_run mapping, and cleared before that mapping goes away. Only this thread
+        // reads it here, and a volatile byte store is async-signal-safe.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// The running vCPUs of one VM.
+pub struct VcpuSet {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl VcpuSet {
+    /// Starts one thread per vCPU, running the guest at once. Port I/O goes to `bus`;
+    /// the first request to stop the machine goes to `exits`.
+    pub fn start(
+        vcpus: Vec<KvmVcpu>,
+        bus: Arc<Mutex<PortBus>>,
+        exits: Sender<VmExit>,
+    ) -> Result<Self, VcpuError> {
+        static HANDLER: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
+            std::sync::OnceLock::new();
+        HANDLER
+            .get_or_init(|| register_signal_handler(kick_signal(), kick_handler))
+            .clone()
+            .map_err(VcpuError::Signal)?;
+
+        let shared = Arc::new(Shared {
+            control: Mutex::new(Control {
+                want: Want::Run,
+                parked: 0,
+            }),
+            changed: Condvar::new(),
+        });
+        let mut set = Self {
+            shared: shared.clone(),
+            threads: Vec::with_capacity(vcpus.len()),
+        };
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let runner = Runner {
+                index,
+                vcpu,
+                bus: bus.clone(),
+                exits: exits.clone(),
+                shared: shared.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || runner.run())
+                .map_err(|source| VcpuError::Spawn { index, source });
+            match handle {
+                Ok(h) => set.threads.push(h),
+                Err(e) => {
+                    set.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+
+    fn kick_all(&self) -> Result<(), VcpuError> {
+        for (i, t) in self.threads.iter().enumerate() {
+            // SAFETY: the pthread handle belongs to a thread we spawned and have not
+            // joined, so it is valid; the signal has a handler installed.
+            let rc = unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            if rc != 0 {
+                return Err(VcpuError::Kick(i, vmm_sys_util::errno::Error::new(rc)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU out of `KVM_RUN` and waits until all have acknowledged; returns
+    /// how long that took. On timeout the vCPUs are resumed and an error returned, so a
+    /// failed pause never leaves the guest stopped.
+    pub fn pause(&self, timeout: Duration) -> Result<Duration, VcpuError> {
+        let start = Instant::now();
+        let n = self.threads.len();
+        {
+            let mut c = self.shared.lock();
+            if c.want == Want::Run {
+                c.want = Want::Pause;
+            }
+        }
+        self.kick_all()?;
+        let c = self.shared.lock();
+        let (c, wait) = self
+            .shared
+            .changed
+            .wait_timeout_while(c, timeout, |c| c.parked < n)
+            .unwrap_or_else(|e| e.into_inner());
+        if wait.timed_out() {
+            let parked = c.parked;
+            drop(c);
+            self.resume();
+            return Err(VcpuError::PauseTimeout(timeout, parked, n));
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Lets paused vCPUs run the guest again.
+    pub fn resume(&self) {
+        let mut c = self.shared.lock();
+        if c.want == Want::Pause {
+            c.want = Want::Run;
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// True while the vCPUs are held paused.
+    pub fn is_paused(&self) -> bool {
+        self.shared.lock().want == Want::Pause
+    }
+
+    /// Ends every vCPU thread and waits for them.
+    pub fn stop(&mut self) {
+        self.shared.lock().want = Want::Stop;
+        self.shared.changed.notify_all();
+        let _ = self.kick_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuSet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Runner {
+    index: usize,
+    vcpu: KvmVcpu,
+    bus: Arc<Mutex<PortBus>>,
+    exits: Sender<VmExit>,
+    shared: Arc<Shared>,
+}
+
+impl Runner {
+    fn run(mut self) {
+        let flag = self.vcpu.immediate_exit_ptr();
+        IMMEDIATE_EXIT.with(|f| f.set(flag));
+        let _span = tracing::debug_span!("vcpu", index = self.index).entered();
+        while self.check_point() {
+            if let Some(exit) = self.run_once() {
+                // Only the first report matters; the VM may already be gone.
+                let _ = self.exits.send(exit);
+                self.park_until_stopped();
+                break;
+            }
+        }
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+    }
+
+    /// Honours a pause or stop request; returns false when the thread should end.
+    fn check_point(&self) -> bool {
+        let mut c = self.shared.lock();
+        if c.want == Want::Pause {
+            c.parked += 1;
+            self.shared.changed.notify_all();
+            while c.want == Want::Pause {
+                c = self.shared.changed.wait(c).unwrap_or_else(|e| e.into_inner());
+            }
+            c.parked -= 1;
+        }
+        c.want != Want::Stop
+    }
+
+    /// A vCPU whose guest stopped the machine stays parked (and counts as paused) until
+    /// the VM is torn down.
+    fn park_until_stopped(&self) {
+        let mut c = self.shared.lock();
+        c.parked += 1;
+        self.shared.changed.notify_all();
+        while c.want != Want::Stop {
+            c = self.shared.changed.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Runs the guest until one exit is handled; returns why the machine must stop, if it must.
+    fn run_once(&mut self) -> Option<VmExit> {
+        let bus = &self.bus;
+        let lock = || bus.lock().unwrap_or_else(|e| e.into_inner());
+        match self.vcpu.run() {
+            Exit::IoIn(port, data) => lock().read(port, data),
+            Exit::IoOut(port, data) => match lock().write(port, data) {
+                Some(GuestRequest::PowerOff) => return Some(VmExit::PowerOff),
+                Some(GuestRequest::Reset) => return Some(VmExit::Reset),
+                None => {}
+            },
+            // No MMIO devices yet: reads see nothing there, writes go nowhere.
+            Exit::MmioRead(_, data) => data.fill(0xff),
+            Exit::MmioWrite(..) => {}
+            Exit::Interrupted => self.vcpu.clear_immediate_exit(),
+            Exit::Reset => return Some(VmExit::Reset),
+            Exit::Shutdown => return Some(VmExit::PowerOff),
+            Exit::Failed(why) => return Some(VmExit::Failed(format!("vCPU {}: {why}", self.index))),
+        }
+        None
+    }
+}

@@ -1,0 +1,137 @@
+//! The vCPU state machine and dirty tracking, driven with a tiny real-mode guest that
+//! runs directly on this host's /dev/kvm (PVM here; it cannot run Linux, but it runs
+//! this). Linux guests are tested in the lab, by the root package's tests.
+
+use std::path::Path;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_vmm::boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use tandem_vmm::devices::bus::PortBus;
+use tandem_vmm::devices::serial::SerialPort;
+use tandem_vmm::kvm::{Hypervisor, VmHandle};
+use tandem_vmm::memory::{GuestRam, PAGE_SIZE};
+use tandem_vmm::output::{OutputSink, Passthrough};
+use tandem_vmm::vcpu::VcpuSet;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const CODE: u64 = 0x1000;
+const COUNTER: u64 = 0x5000;
+
+/// `xor ax,ax; mov ds,ax; l: inc word [0x5000]; jmp l` — spins forever dirtying one page
+/// and never exits to the VMM, so only a kick can get the vCPU out.
+const SPIN: [u8; 10] = [0x31, 0xc0, 0x8e, 0xd8, 0xff, 0x06, 0x00, 0x50, 0xeb, 0xfa];
+
+fn hypervisor() -> Hypervisor {
+    Hypervisor::open(Path::new("/dev/kvm")).unwrap_or_else(|e| {
+        panic!("these tests need /dev/kvm on the host (any KVM, PVM included): {e}")
+    })
+}
+
+struct Micro {
+    vcpus: VcpuSet,
+    vm: VmHandle,
+    ram: GuestRam,
+}
+
+fn start(n: u8) -> Micro {
+    let hv = hypervisor();
+    let ram = GuestRam::new(16).unwrap();
+    let vm = hv.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS).unwrap();
+    ram.register(&vm).unwrap();
+    ram.memory().write_slice(&SPIN, GuestAddress(CODE)).unwrap();
+    let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
+    let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        sink,
+    ))));
+    let mut vcpus = Vec::new();
+    for i in 0..n {
+        let vcpu = vm.create_vcpu(i).unwrap();
+        let mut sregs = vcpu.sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.regs().unwrap();
+        regs.rip = CODE;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        vcpus.push(vcpu);
+    }
+    let (tx, _rx) = channel();
+    let vcpus = VcpuSet::start(vcpus, bus, tx).unwrap();
+    Micro { vcpus, vm, ram }
+}
+
+fn counter(m: &Micro) -> u16 {
+    m.ram.memory().read_obj(GuestAddress(COUNTER)).unwrap()
+}
+
+fn wait_for_progress(m: &Micro) -> u16 {
+    let before = counter(m);
+    for _ in 0..400 {
+        std::thread::sleep(Duration::from_millis(5));
+        if counter(m) != before {
+            return counter(m);
+        }
+    }
+    panic!("the guest made no progress in 2 s");
+}
+
+#[test]
+fn pause_stops_a_spinning_guest_and_resume_restarts_it() {
+    let m = start(1);
+    wait_for_progress(&m);
+    for round in 0..50 {
+        let took = m.vcpus.pause(Duration::from_secs(2)).unwrap();
+        assert!(m.vcpus.is_paused());
+        let frozen = counter(&m);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(counter(&m), frozen, "round {round}: guest ran while paused (pause took {took:?})");
+        m.vcpus.resume();
+        assert!(!m.vcpus.is_paused());
+        wait_for_progress(&m);
+    }
+}
+
+#[test]
+fn pause_waits_for_every_vcpu() {
+    let m = start(4);
+    wait_for_progress(&m);
+    for _ in 0..20 {
+        m.vcpus.pause(Duration::from_secs(2)).unwrap();
+        let frozen = counter(&m);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(counter(&m), frozen, "some vCPU kept running");
+        m.vcpus.resume();
+    }
+}
+
+#[test]
+fn dirty_pages_are_the_union_of_guest_and_vmm_writes() {
+    let mut m = start(1);
+    wait_for_progress(&m);
+    m.vcpus.pause(Duration::from_secs(2)).unwrap();
+    // The first read also holds the VMM's own write of the guest code.
+    let first = m.ram.take_dirty(&m.vm).unwrap();
+    let pages: Vec<u64> = first.addresses().map(|a| a.0).collect();
+    assert!(pages.contains(&COUNTER), "guest write missing: {pages:x?}");
+    assert!(pages.contains(&CODE), "VMM write of the code missing: {pages:x?}");
+
+    // Paused: nothing new, except what the VMM writes now.
+    m.ram.memory().write_obj(7u64, GuestAddress(0x9000)).unwrap();
+    let second = m.ram.take_dirty(&m.vm).unwrap();
+    assert_eq!(second.addresses().map(|a| a.0).collect::<Vec<_>>(), vec![0x9000]);
+
+    // A capture that failed gives its pages back; they come out again next time.
+    m.ram.give_back(&second);
+    m.vcpus.resume();
+    wait_for_progress(&m);
+    m.vcpus.pause(Duration::from_secs(2)).unwrap();
+    let third = m.ram.take_dirty(&m.vm).unwrap();
+    let pages: Vec<u64> = third.addresses().map(|a| a.0).collect();
+    assert_eq!(pages, vec![COUNTER, 0x9000]);
+    assert_eq!(third.count() * PAGE_SIZE, 2 * PAGE_SIZE);
+}
