@@ -71,6 +71,8 @@ impl RunArgs {
             mem_mib: self.mem_mib,
             vcpus,
             kvm_device: self.kvm_device.clone(),
+            // Dirty statistics start with what the VMM wrote before the guest ran.
+            start_paused: self.dirty_stats_ms.is_some(),
         })
     }
 }
@@ -103,21 +105,26 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let mut vm = Vm::boot(config, sink)?;
     forward_stdin(vm.console_input());
 
-    let tick = args.dirty_stats_ms.map(Duration::from_millis).unwrap_or(Duration::from_millis(100));
+    let stats = args.dirty_stats_ms.map(Duration::from_millis);
+    if stats.is_some() {
+        let pages = vm.take_dirty()?.count();
+        eprintln!("tandem: dirty phase=boot pages={pages} bytes={}", pages * PAGE_SIZE);
+        vm.resume();
+    }
     let mut last = Instant::now();
     let exit = loop {
-        if let Some(exit) = vm.wait_timeout(tick) {
-            break exit;
-        }
-        if args.dirty_stats_ms.is_some() {
+        let exit = vm.wait_timeout(stats.unwrap_or(Duration::from_millis(100)));
+        if stats.is_some() {
             let pages = vm.take_dirty()?.count();
-            let elapsed = last.elapsed();
-            last = Instant::now();
             eprintln!(
-                "tandem: dirty pages={pages} bytes={} interval_ms={}",
+                "tandem: dirty phase=run pages={pages} bytes={} interval_ms={}",
                 pages * PAGE_SIZE,
-                elapsed.as_millis()
+                last.elapsed().as_millis()
             );
+            last = Instant::now();
+        }
+        if let Some(exit) = exit {
+            break exit;
         }
     };
     match exit {

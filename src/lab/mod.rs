@@ -19,10 +19,11 @@ use anyhow::{bail, Context, Result};
 
 /// Where a `--with` file appears inside the lab.
 pub const WITH_DIR: &str = "/with";
-/// Where the guest images appear inside the lab.
-pub const IMAGES_DIR: &str = "/images";
 /// Printed by the lab's /init with the command's exit status.
 const EXIT_MARKER: &str = "@@TANDEM-LAB-EXIT=";
+/// The lab host's CPU: an EPYC with SVM, minus the features QEMU's TCG cannot emulate
+/// (each would otherwise print a warning on every lab boot).
+const LAB_CPU: &str = "EPYC,+svm,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
 /// Exit status when the lab ran out of time, as timeout(1) uses.
 pub const TIMEOUT_STATUS: i32 = 124;
 
@@ -177,7 +178,7 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
     }
 
     let mut child = Command::new(&qemu)
-        .args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm"])
+        .args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", LAB_CPU])
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
         .arg("-kernel")
@@ -227,7 +228,10 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
             status = rest.trim_end_matches('@').parse::<i32>().ok();
             continue;
         }
-        on_line(line);
+        // After the marker only the lab host's own power-off chatter follows.
+        if status.is_none() {
+            on_line(line);
+        }
     }
     let _ = child.wait();
     done.store(true, Ordering::SeqCst);

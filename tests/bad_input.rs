@@ -1,0 +1,87 @@
+//! Bad input gets one clear line on stderr and a non-zero exit, never a panic. These
+//! run on the host: each is refused before a guest would run.
+
+mod common;
+
+use common::{images, tandem};
+
+fn refused(args: &[&str], expect: &str) {
+    let run = tandem(args);
+    assert_ne!(run.code, 0, "tandem {args:?} must fail\n{}", run.dump());
+    assert!(!run.stderr.contains("panicked"), "tandem {args:?} panicked\n{}", run.dump());
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "tandem {args:?}: want one line\n{}", run.dump());
+    assert!(lines[0].contains(expect), "tandem {args:?}: want {expect:?}\n{}", run.dump());
+}
+
+#[test]
+fn missing_kernel_file() {
+    refused(&["run", "--kernel", "/nonexistent/vmlinuz"], "cannot open kernel /nonexistent/vmlinuz");
+}
+
+#[test]
+fn missing_initrd_file() {
+    refused(&["run", "--kernel", "/bin/sh", "--initrd", "/nonexistent.cpio"], "cannot open initrd /nonexistent.cpio");
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel() {
+    refused(&["run", "--kernel", "/etc/hostname"], "is not a Linux kernel");
+}
+
+#[test]
+fn a_directory_as_kernel() {
+    refused(&["run", "--kernel", "/etc"], "is not a regular file");
+}
+
+#[test]
+fn zero_and_too_many_vcpus() {
+    refused(&["run", "--kernel", "/bin/sh", "--vcpus", "0"], "--vcpus must be between 1 and 32");
+    refused(&["run", "--kernel", "/bin/sh", "--vcpus", "33"], "--vcpus must be between 1 and 32");
+}
+
+#[test]
+fn memory_out_of_range() {
+    refused(&["run", "--kernel", "/bin/sh", "--mem-mib", "0"], "guest memory must be between");
+}
+
+#[test]
+fn memory_too_small_for_kernel_and_initrd() {
+    let dir = images();
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("guest-initrd.cpio");
+    refused(
+        &["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--mem-mib", "24"],
+        "is too small for",
+    );
+}
+
+#[test]
+fn kvm_device_absent() {
+    refused(&["run", "--kernel", "/bin/sh", "--kvm-device", "/nonexistent/kvm"], "/nonexistent/kvm does not exist");
+}
+
+#[test]
+fn unknown_flags_and_bad_numbers_are_usage_errors() {
+    let run = tandem(&["run", "--kernel", "/bin/sh", "--vcpus", "many"]);
+    assert_eq!(run.code, 2, "{}", run.dump());
+    assert!(run.stderr.contains("invalid value 'many'"), "{}", run.dump());
+    assert_eq!(tandem(&["run", "--bogus"]).code, 2);
+}
+
+#[test]
+fn lab_without_qemu_names_the_package() {
+    let out = std::process::Command::new(common::TANDEM)
+        .args(["lab", "--", "true"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("install the Debian package qemu-system-x86"), "{stderr}");
+}
+
+#[test]
+fn lab_without_images_says_how_to_build_them() {
+    refused(&["lab", "--images", "/nonexistent", "--", "true"], "guest-images/build.sh");
+}

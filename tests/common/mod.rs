@@ -1,0 +1,102 @@
+//! Helpers shared by the integration tests: running the tandem binary, on the host or
+//! inside the lab, and reading what the guest printed.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// Lab runs are serialised: two emulated lab hosts on a 2-core machine would only slow
+/// each other down past their timeouts.
+static LAB: Mutex<()> = Mutex::new(());
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Self {
+        Self {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.stdout.lines().chain(self.stderr.lines())
+    }
+
+    /// Everything printed, for assertion messages.
+    pub fn dump(&self) -> String {
+        format!("exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+/// The built images, or a failure saying how to build them.
+pub fn images() -> PathBuf {
+    let dir = std::env::var_os("TANDEM_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("TANDEM_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem")
+            });
+            cache.join("images")
+        });
+    for name in ["vmlinuz", "vmlinux", "guest-initrd.cpio", "lab-initrd.cpio.gz"] {
+        assert!(
+            dir.join(name).is_file(),
+            "{} is missing: these tests boot real guests; build the images with guest-images/build.sh \
+             (needs the Debian packages listed in it), or run the README's test command",
+            dir.join(name).display()
+        );
+    }
+    dir
+}
+
+/// Runs `tandem ARGS` on the host.
+pub fn tandem(args: &[&str]) -> Run {
+    Run::from(
+        Command::new(TANDEM)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running tandem"),
+    )
+}
+
+/// Runs `tandem lab [LAB_ARGS] -- COMMAND` and returns what came out.
+pub fn lab(lab_args: &[&str], command: &[&str]) -> Run {
+    images();
+    assert!(
+        Command::new("sh").args(["-c", "command -v qemu-system-x86_64"]).output().unwrap().status.success(),
+        "qemu-system-x86_64 is missing: the lab needs it (apt-get install qemu-system-x86)"
+    );
+    let _one_at_a_time = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut args = vec!["lab", "--timeout", "400"];
+    args.extend_from_slice(lab_args);
+    args.push("--");
+    args.extend_from_slice(command);
+    tandem(&args)
+}
+
+/// `tandem run` inside the lab with the shipped guest and extra kernel arguments.
+pub fn lab_guest(run_args: &[&str], append: &str) -> Run {
+    let mut cmd = vec!["tandem", "run", "--kernel", "/images/vmlinuz", "--initrd", "/images/guest-initrd.cpio"];
+    cmd.extend_from_slice(run_args);
+    cmd.extend_from_slice(&["--append", append]);
+    lab(&[], &cmd)
+}
+
+/// The tick numbers the ticker workload printed, in order.
+pub fn ticks(run: &Run) -> Vec<u64> {
+    run.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}

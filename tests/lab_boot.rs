@@ -1,0 +1,115 @@
+//! A stock Linux guest (the Debian cloud kernel) booted by tandem inside the lab, judged
+//! by what the guest itself printed.
+
+mod common;
+
+use common::{images, lab, lab_guest, ticks};
+
+#[test]
+fn one_vcpu_guest_boots_prints_20_ticks_and_powers_off() {
+    let run = lab_guest(&[], "tandem.workload=ticker tandem.ticks=20");
+    assert_eq!(run.code, 0, "tandem must exit 0 when the guest powers off\n{}", run.dump());
+    assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
+    assert_eq!(ticks(&run), (1..=20).collect::<Vec<_>>(), "{}", run.dump());
+    assert!(run.stdout.contains("TANDEM-GUEST-DONE rc=0"), "{}", run.dump());
+    assert!(!run.stdout.contains("TANDEM-CLOCK-BACKWARDS"), "{}", run.dump());
+}
+
+#[test]
+fn four_vcpu_guest_reports_four_online_cpus() {
+    let run = lab_guest(&["--vcpus", "4"], "tandem.workload=none");
+    assert_eq!(run.code, 0, "{}", run.dump());
+    assert!(run.stdout.contains("TANDEM-GUEST-CPUS=4"), "{}", run.dump());
+}
+
+#[test]
+fn elf_vmlinux_boots_through_pvh() {
+    let run = lab(
+        &[],
+        &["tandem", "run", "--kernel", "/images/vmlinux", "--initrd", "/images/guest-initrd.cpio",
+          "--vcpus", "2", "--append", "tandem.workload=ticker tandem.ticks=3"],
+    );
+    assert_eq!(run.code, 0, "{}", run.dump());
+    assert!(run.stdout.contains("TANDEM-GUEST-CPUS=2"), "{}", run.dump());
+    assert_eq!(ticks(&run), vec![1, 2, 3], "{}", run.dump());
+}
+
+/// Parses `tandem: dirty phase=P pages=N ...` lines into (phase, pages).
+fn dirty_reports(run: &common::Run) -> Vec<(String, u64)> {
+    run.lines()
+        .filter_map(|l| l.strip_prefix("tandem: dirty "))
+        .map(|rest| {
+            let field = |k: &str| {
+                rest.split_whitespace()
+                    .find_map(|f| f.strip_prefix(k))
+                    .unwrap_or_else(|| panic!("no {k} in {rest}"))
+                    .to_string()
+            };
+            (field("phase="), field("pages=").parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn dirty_page_api_sees_the_vmms_writes_and_every_page_the_guest_dirties() {
+    const RATE_MIB: u64 = 8;
+    let run = lab_guest(
+        &["--dirty-stats-ms", "1000"],
+        &format!("tandem.workload=dirty tandem.dirty_mib={RATE_MIB} tandem.span_mib=32 tandem.seconds=6"),
+    );
+    assert_eq!(run.code, 0, "{}", run.dump());
+    let reports = dirty_reports(&run);
+
+    // Before the guest ran, only the VMM had written: the kernel's protected-mode part,
+    // the initrd, and a few pages of boot tables.
+    let (phase, boot_pages) = &reports[0];
+    assert_eq!(phase, "boot");
+    let len = |name: &str| std::fs::metadata(images().join(name)).unwrap().len();
+    let loaded = (len("vmlinuz") - 64 * 1024 + len("guest-initrd.cpio")) / 4096;
+    assert!(
+        (loaded..loaded + 128).contains(boot_pages),
+        "VMM writes: expected about {loaded} pages, saw {boot_pages}\n{}", run.dump()
+    );
+
+    // The guest writes RATE_MIB MiB of distinct pages per second (its 32 MiB span is
+    // larger than a second's writes), so each page write it counts was in some interval.
+    let guest_total: u64 = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("dirty "))
+        .inspect(|l| assert!(l.ends_with("check=OK"), "guest memory check failed: {l}"))
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("pages=")))
+        .map(|n| n.parse::<u64>().unwrap())
+        .max()
+        .unwrap_or_else(|| panic!("the dirty workload printed nothing\n{}", run.dump()));
+    let run_reports: Vec<u64> = reports[1..].iter().map(|(_, p)| *p).collect();
+    let seen: u64 = run_reports.iter().sum();
+    assert!(guest_total >= 4 * RATE_MIB * 256, "the workload barely ran: {guest_total} pages\n{}", run.dump());
+    assert!(seen >= guest_total, "tracked {seen} dirty pages, the guest wrote {guest_total}\n{}", run.dump());
+
+    // And it is not simply reporting all memory: a busy second is near the asked rate.
+    let mut sorted = run_reports.clone();
+    sorted.sort_unstable();
+    let busiest = *sorted.last().unwrap();
+    let per_second = RATE_MIB * 256;
+    assert!(
+        busiest <= 3 * per_second + 4096,
+        "a 1 s interval had {busiest} dirty pages at {per_second} pages/s asked: {run_reports:?}"
+    );
+}
+
+#[test]
+fn lab_with_files_runs_an_operators_own_kernel_and_returns_the_exit_status() {
+    let dir = images();
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("guest-initrd.cpio");
+    let run = lab(
+        &["--with", kernel.to_str().unwrap(), "--with", initrd.to_str().unwrap()],
+        &["sh", "-c",
+          "tandem run --kernel /with/vmlinuz --initrd /with/guest-initrd.cpio --append tandem.workload=none; \
+           echo run-exit=$?; exit 7"],
+    );
+    assert_eq!(run.code, 7, "the lab must return the command's status\n{}", run.dump());
+    assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
+    assert!(run.stdout.contains("run-exit=0"), "{}", run.dump());
+}
