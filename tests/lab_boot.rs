@@ -87,14 +87,16 @@ fn dirty_page_api_sees_the_vmms_writes_and_every_page_the_guest_dirties() {
     assert!(guest_total >= 4 * RATE_MIB * 256, "the workload barely ran: {guest_total} pages\n{}", run.dump());
     assert!(seen >= guest_total, "tracked {seen} dirty pages, the guest wrote {guest_total}\n{}", run.dump());
 
-    // And it is not simply reporting all memory: a busy second is near the asked rate.
+    // And it is not simply reporting all memory. Boot (the kernel unpacking itself) and
+    // the workload populating its span dirty many pages in their seconds; the typical
+    // second is the steady state, near the asked rate plus the kernel's own writes.
     let mut sorted = run_reports.clone();
     sorted.sort_unstable();
-    let busiest = *sorted.last().unwrap();
+    let median = sorted[sorted.len() / 2];
     let per_second = RATE_MIB * 256;
     assert!(
-        busiest <= 3 * per_second + 4096,
-        "a 1 s interval had {busiest} dirty pages at {per_second} pages/s asked: {run_reports:?}"
+        median <= 2 * per_second + 1024,
+        "median 1 s interval had {median} dirty pages at {per_second} pages/s asked: {run_reports:?}"
     );
 }
 

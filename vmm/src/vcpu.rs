@@ -94,23 +94,23 @@ pub struct VcpuSet {
 }
 
 impl VcpuSet {
-    /// Starts one thread per vCPU, running the guest at once. Port I/O goes to `bus`;
-    /// the first request to stop the machine goes to `exits`.
+    /// Starts one thread per vCPU, running the guest at once unless `paused` (then the
+    /// first [`VcpuSet::resume`] starts it). Port I/O goes to `bus`; the first request to
+    /// stop the machine goes to `exits`.
     pub fn start(
         vcpus: Vec<KvmVcpu>,
         bus: Arc<Mutex<PortBus>>,
         exits: Sender<VmExit>,
+        paused: bool,
     ) -> Result<Self, VcpuError> {
         static HANDLER: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
             std::sync::OnceLock::new();
-        HANDLER
-            .get_or_init(|| register_signal_handler(kick_signal(), kick_handler))
-            .clone()
+        (*HANDLER.get_or_init(|| register_signal_handler(kick_signal(), kick_handler)))
             .map_err(VcpuError::Signal)?;
 
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
-                want: Want::Run,
+                want: if paused { Want::Pause } else { Want::Run },
                 parked: 0,
             }),
             changed: Condvar::new(),

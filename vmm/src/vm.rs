@@ -31,6 +31,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// The KVM device, normally `/dev/kvm`.
     pub kvm_device: PathBuf,
+    /// Build the VM but leave the vCPUs paused until [`Vm::resume`].
+    pub start_paused: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +155,7 @@ impl Vm {
         }
 
         let (exit_tx, exits) = channel();
-        let vcpus = VcpuSet::start(vcpus, bus.clone(), exit_tx)?;
+        let vcpus = VcpuSet::start(vcpus, bus.clone(), exit_tx, config.start_paused)?;
         tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, "guest started");
         Ok(Self {
             vcpus,

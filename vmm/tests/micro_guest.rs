@@ -61,7 +61,7 @@ fn start(n: u8) -> Micro {
         vcpus.push(vcpu);
     }
     let (tx, _rx) = channel();
-    let vcpus = VcpuSet::start(vcpus, bus, tx).unwrap();
+    let vcpus = VcpuSet::start(vcpus, bus, tx, false).unwrap();
     Micro { vcpus, vm, ram }
 }
 

@@ -53,10 +53,10 @@ impl PortBus {
             I8042_DATA_PORT | I8042_COMMAND_PORT => {
                 self.i8042.write(port, data[0]).then_some(GuestRequest::Reset)
             }
-            p if AcpiPm::handles(p) => match self.acpi_pm.write(p, data) {
-                Some(PmEvent::PowerOff) => Some(GuestRequest::PowerOff),
-                None => None,
-            },
+            p if AcpiPm::handles(p) => self
+                .acpi_pm
+                .write(p, data)
+                .map(|PmEvent::PowerOff| GuestRequest::PowerOff),
             _ => None,
         }
     }

@@ -1,0 +1,361 @@
+/*
+ * tandem-work: the guest workload for tandem's lab and tests.
+ *
+ *   tandem-work ticker [--interval-ms MS] [--count N]
+ *       Prints "tick <n> mono_ms=<CLOCK_MONOTONIC in ms>" for n = 1, 2, ...
+ *       Tick n is due at start + n * MS (absolute deadlines, so the pace does
+ *       not drift). Prints TANDEM-CLOCK-BACKWARDS if CLOCK_MONOTONIC ever
+ *       goes backwards. Stops after N ticks (default: never).
+ *
+ *   tandem-work dirty --mib-per-sec R --span-mib S [--seconds T]
+ *       Maps S MiB and, every 100 ms, writes R*256/10 pages of it (walking the
+ *       span round-robin). Every written page holds a stamp that is a function
+ *       of (page index, pass number), so the whole span can be checked: once a
+ *       second it prints "dirty <sec> pages=<pages written so far> check=OK"
+ *       (or "check=BAD page=<i>"). Stops after T seconds (default: never).
+ *
+ * Exit status: 0 on success, 1 if a check failed or a system call failed,
+ * 2 on argument errors. Every line is emitted with one write(2), so output is
+ * never held in a buffer when the VM is paused, copied or killed.
+ *
+ * Built with: gcc -static -Os -s (no stdio, no forks).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE_SIZE 4096UL
+#define STEP_NS 100000000LL /* dirty: one step every 100 ms */
+#define STEPS_PER_SEC 10
+
+/* ---- output without stdio: one write(2) per line ---- */
+
+struct line {
+	char buf[256];
+	size_t len;
+};
+
+static void put_str(struct line *l, const char *s)
+{
+	while (*s && l->len < sizeof(l->buf) - 1)
+		l->buf[l->len++] = *s++;
+}
+
+static void put_u64(struct line *l, uint64_t v)
+{
+	char tmp[24];
+	int n = 0;
+	do {
+		tmp[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (n > 0 && l->len < sizeof(l->buf) - 1)
+		l->buf[l->len++] = tmp[--n];
+}
+
+static void emit(int fd, struct line *l)
+{
+	size_t off = 0;
+	l->buf[l->len++] = '\n';
+	while (off < l->len) {
+		ssize_t w = write(fd, l->buf + off, l->len - off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return; /* nowhere to report it */
+		}
+		off += (size_t)w;
+	}
+	l->len = 0;
+}
+
+static void say(int fd, const char *a, const char *b)
+{
+	struct line l = { .len = 0 };
+	put_str(&l, a);
+	if (b)
+		put_str(&l, b);
+	emit(fd, &l);
+}
+
+static void usage(void)
+{
+	say(2, "usage: tandem-work ticker [--interval-ms MS] [--count N]", NULL);
+	say(2, "       tandem-work dirty --mib-per-sec R --span-mib S [--seconds T]", NULL);
+}
+
+static void die_usage(const char *msg, const char *arg)
+{
+	struct line l = { .len = 0 };
+	put_str(&l, "tandem-work: ");
+	put_str(&l, msg);
+	if (arg) {
+		put_str(&l, ": ");
+		put_str(&l, arg);
+	}
+	emit(2, &l);
+	usage();
+	_exit(2);
+}
+
+static void die_sys(const char *what)
+{
+	struct line l = { .len = 0 };
+	put_str(&l, "tandem-work: ");
+	put_str(&l, what);
+	put_str(&l, ": ");
+	put_str(&l, strerror(errno));
+	emit(2, &l);
+	_exit(1);
+}
+
+/* ---- arguments ---- */
+
+/* Parses a decimal integer in [min, max]; exits 2 on anything else. */
+static uint64_t parse_num(const char *opt, const char *s, uint64_t min, uint64_t max)
+{
+	uint64_t v = 0;
+	const char *p = s;
+	if (!s || !*s)
+		die_usage("missing value for", opt);
+	for (; *p; p++) {
+		if (*p < '0' || *p > '9')
+			die_usage("not a non-negative integer", s);
+		if (v > (UINT64_MAX - 9) / 10)
+			die_usage("number too large", s);
+		v = v * 10 + (uint64_t)(*p - '0');
+	}
+	if (v < min || v > max)
+		die_usage("value out of range", s);
+	return v;
+}
+
+/*
+ * Matches argv[*i] against "--name" or "--name=value". Returns the value
+ * (taking the next argument for the "--name value" form) or NULL when the
+ * argument is a different option.
+ */
+static const char *opt_value(int argc, char **argv, int *i, const char *name)
+{
+	const char *a = argv[*i];
+	size_t n = strlen(name);
+	if (strncmp(a, name, n) != 0)
+		return NULL;
+	if (a[n] == '=')
+		return a + n + 1;
+	if (a[n] != '\0')
+		return NULL;
+	if (*i + 1 >= argc)
+		die_usage("missing value for", name);
+	*i += 1;
+	return argv[*i];
+}
+
+/* ---- time ---- */
+
+static int64_t mono_ns(void)
+{
+	struct timespec ts;
+	if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+		die_sys("clock_gettime");
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void sleep_until(int64_t deadline_ns)
+{
+	struct timespec ts = {
+		.tv_sec = (time_t)(deadline_ns / 1000000000LL),
+		.tv_nsec = (long)(deadline_ns % 1000000000LL),
+	};
+	int rc;
+	while ((rc = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL)) == EINTR)
+		;
+	if (rc != 0) {
+		errno = rc;
+		die_sys("clock_nanosleep");
+	}
+}
+
+/* Reads the clock and reports if it ever went backwards. */
+static int64_t checked_now(int64_t *last)
+{
+	int64_t now = mono_ns();
+	if (now < *last)
+		say(1, "TANDEM-CLOCK-BACKWARDS", NULL);
+	*last = now;
+	return now;
+}
+
+/* ---- ticker ---- */
+
+static int cmd_ticker(int argc, char **argv)
+{
+	uint64_t interval_ms = 100, count = 0; /* count 0: unlimited */
+	for (int i = 0; i < argc; i++) {
+		const char *v;
+		if ((v = opt_value(argc, argv, &i, "--interval-ms")))
+			interval_ms = parse_num("--interval-ms", v, 1, 86400000);
+		else if ((v = opt_value(argc, argv, &i, "--count")))
+			count = parse_num("--count", v, 1, UINT64_MAX / 2);
+		else
+			die_usage("unknown argument", argv[i]);
+	}
+
+	int64_t last = 0;
+	int64_t start = checked_now(&last);
+	for (uint64_t n = 1; count == 0 || n <= count; n++) {
+		sleep_until(start + (int64_t)(n * interval_ms) * 1000000LL);
+		int64_t now = checked_now(&last);
+		struct line l = { .len = 0 };
+		put_str(&l, "tick ");
+		put_u64(&l, n);
+		put_str(&l, " mono_ms=");
+		put_u64(&l, (uint64_t)(now / 1000000LL));
+		emit(1, &l);
+	}
+	return 0;
+}
+
+/* ---- dirty ---- */
+
+/* splitmix64 finaliser: a cheap, well-mixed deterministic function. */
+static inline uint64_t mix64(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ULL;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+	return x ^ (x >> 31);
+}
+
+/* The stamp of page `page` written in pass `pass` (never 0: 0 = unwritten). */
+static inline uint64_t stamp(uint64_t page, uint64_t pass)
+{
+	return mix64((pass << 32) ^ page) | 1;
+}
+
+/*
+ * A page holds its stamp in its first 8 bytes and the complement in its last
+ * 8 bytes, so a page that was only partly copied is caught as well.
+ */
+static inline void write_page(unsigned char *base, uint64_t page, uint64_t pass)
+{
+	volatile uint64_t *p = (volatile uint64_t *)(base + page * PAGE_SIZE);
+	uint64_t s = stamp(page, pass);
+	p[0] = s;
+	p[PAGE_SIZE / 8 - 1] = ~s;
+}
+
+/*
+ * After `written` page writes in total over a span of `npages` pages (page
+ * w % npages is written in pass w / npages), checks every page. Returns the
+ * index of the first bad page, or -1 when all are as expected.
+ */
+static int64_t check_span(const unsigned char *base, uint64_t npages, uint64_t written)
+{
+	uint64_t full = written / npages, rem = written % npages;
+	for (uint64_t i = 0; i < npages; i++) {
+		const volatile uint64_t *p = (const volatile uint64_t *)(base + i * PAGE_SIZE);
+		uint64_t want_lo, want_hi;
+		if (i < rem || full > 0) {
+			uint64_t pass = i < rem ? full : full - 1;
+			want_lo = stamp(i, pass);
+			want_hi = ~want_lo;
+		} else {
+			want_lo = want_hi = 0; /* never written: still zero from mmap */
+		}
+		if (p[0] != want_lo || p[PAGE_SIZE / 8 - 1] != want_hi)
+			return (int64_t)i;
+	}
+	return -1;
+}
+
+static int cmd_dirty(int argc, char **argv)
+{
+	uint64_t rate = 0, span = 0, seconds = 0; /* seconds 0: unlimited */
+	int have_rate = 0, have_span = 0;
+	for (int i = 0; i < argc; i++) {
+		const char *v;
+		if ((v = opt_value(argc, argv, &i, "--mib-per-sec"))) {
+			rate = parse_num("--mib-per-sec", v, 0, 1 << 20);
+			have_rate = 1;
+		} else if ((v = opt_value(argc, argv, &i, "--span-mib"))) {
+			span = parse_num("--span-mib", v, 1, 1 << 20);
+			have_span = 1;
+		} else if ((v = opt_value(argc, argv, &i, "--seconds"))) {
+			seconds = parse_num("--seconds", v, 1, UINT64_MAX / 1000);
+		} else {
+			die_usage("unknown argument", argv[i]);
+		}
+	}
+	if (!have_rate)
+		die_usage("missing --mib-per-sec", NULL);
+	if (!have_span)
+		die_usage("missing --span-mib", NULL);
+
+	uint64_t npages = span * (1024 * 1024 / PAGE_SIZE);
+	unsigned char *base = mmap(NULL, npages * PAGE_SIZE, PROT_READ | PROT_WRITE,
+				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+	if (base == MAP_FAILED)
+		die_sys("mmap");
+
+	/* Pages due by the end of step k: floor(k * rate * 256 / 10). */
+	uint64_t pages_per_sec = rate * (1024 * 1024 / PAGE_SIZE);
+	uint64_t written = 0, cursor = 0, pass = 0;
+	int bad_seen = 0;
+	int64_t last = 0;
+	int64_t start = checked_now(&last);
+	for (uint64_t step = 1;; step++) {
+		sleep_until(start + (int64_t)step * STEP_NS);
+		(void)checked_now(&last);
+
+		uint64_t due = step * pages_per_sec / STEPS_PER_SEC;
+		for (; written < due; written++) {
+			write_page(base, cursor, pass);
+			if (++cursor == npages) {
+				cursor = 0;
+				pass++;
+			}
+		}
+
+		if (step % STEPS_PER_SEC == 0) {
+			uint64_t sec = step / STEPS_PER_SEC;
+			int64_t bad = check_span(base, npages, written);
+			struct line l = { .len = 0 };
+			put_str(&l, "dirty ");
+			put_u64(&l, sec);
+			put_str(&l, " pages=");
+			put_u64(&l, written);
+			if (bad < 0) {
+				put_str(&l, " check=OK");
+			} else {
+				put_str(&l, " check=BAD page=");
+				put_u64(&l, (uint64_t)bad);
+				bad_seen = 1;
+			}
+			emit(1, &l);
+			if (seconds && sec >= seconds)
+				break;
+		}
+	}
+	return bad_seen ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2)
+		die_usage("missing subcommand", NULL);
+	if (strcmp(argv[1], "ticker") == 0)
+		return cmd_ticker(argc - 2, argv + 2);
+	if (strcmp(argv[1], "dirty") == 0)
+		return cmd_dirty(argc - 2, argv + 2);
+	if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+		usage();
+		return 0;
+	}
+	die_usage("unknown subcommand", argv[1]);
+	return 2;
+}
