@@ -14,6 +14,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::layout;
+use super::tables::{checksum, put_u16, put_u32, put_u64};
 use crate::memory::GuestMemoryMmap;
 
 /// Why the ACPI tables could not be written.
@@ -322,48 +323,13 @@ fn put_gas_io(t: &mut Vec<u8>, port: u32, len: u8) {
     put_u64(t, u64::from(port));
 }
 
-fn put_u16(buf: &mut Vec<u8>, v: u16) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_u32(buf: &mut Vec<u8>, v: u32) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(buf: &mut Vec<u8>, v: u64) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-/// The byte that makes `bytes` (with the checksum field still zero) sum to 0 mod 256.
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |acc, b| acc.wrapping_add(*b))
-        .wrapping_neg()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::tables::{sum, u16_at, u32_at, u64_at};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
-    }
-
-    fn u16_at(b: &[u8], off: usize) -> u16 {
-        u16::from_le_bytes([b[off], b[off + 1]])
-    }
-
-    fn u32_at(b: &[u8], off: usize) -> u32 {
-        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-    }
-
-    fn u64_at(b: &[u8], off: usize) -> u64 {
-        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
     }
 
     fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {

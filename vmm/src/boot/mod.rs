@@ -6,3 +6,4 @@ pub mod loader;
 pub mod mptable;
 pub mod msrs;
 pub mod regs;
+mod tables;

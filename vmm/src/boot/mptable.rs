@@ -12,6 +12,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::layout;
+use super::tables::{checksum, put_u16, put_u32};
 use crate::memory::GuestMemoryMmap;
 
 /// Why the MP tables could not be written.
@@ -179,40 +180,13 @@ fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     Ok(area)
 }
 
-fn put_u16(buf: &mut Vec<u8>, v: u16) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_u32(buf: &mut Vec<u8>, v: u32) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-/// The byte that makes `bytes` (with the checksum field still zero) sum to 0 mod 256.
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |acc, b| acc.wrapping_add(*b))
-        .wrapping_neg()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::tables::{sum, u16_at, u32_at};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
-    }
-
-    fn u16_at(b: &[u8], off: usize) -> u16 {
-        u16::from_le_bytes([b[off], b[off + 1]])
-    }
-
-    fn u32_at(b: &[u8], off: usize) -> u32 {
-        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
     }
 
     /// Reads back the floating pointer and configuration table from guest memory.
