@@ -49,11 +49,19 @@ flock 9
 
 # ---------------------------------------------------------------- versions
 
-candidate() {
-	local v
-	v=$(apt-cache policy "$1" 2>/dev/null | awk '/^  Candidate:/ { print $2; exit }')
-	[ -n "$v" ] && [ "$v" != "(none)" ] || die "no candidate version for package $1 (apt-get update?)"
-	echo "$v"
+# candidates PKG...: sets CANDIDATE[PKG] for each (one apt-cache run: it is slow).
+declare -A CANDIDATE=()
+candidates() {
+	local pkg ver
+	while read -r pkg ver; do
+		CANDIDATE[$pkg]=$ver
+	done < <(apt-cache policy "$@" 2>/dev/null |
+		awk '/^[^ ].*:$/ { p = substr($0, 1, length($0) - 1) } /^  Candidate:/ { print p, $2 }')
+	for pkg in "$@"; do
+		ver=${CANDIDATE[$pkg]:-}
+		[ -n "$ver" ] && [ "$ver" != "(none)" ] ||
+			die "no candidate version for package $pkg (apt-get update?)"
+	done
 }
 
 installed() {
@@ -67,9 +75,10 @@ else
 		awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
 	[ -n "$KPKG" ] || die "cannot resolve linux-image-cloud-amd64 (apt-get update?)"
 fi
-KVER=$(candidate "$KPKG")
 BBPKG=busybox-static
-BBVER=$(candidate "$BBPKG")
+candidates "$KPKG" "$BBPKG"
+KVER=${CANDIDATE[$KPKG]}
+BBVER=${CANDIDATE[$BBPKG]}
 QEMU_VER=$(installed qemu-system-x86)
 GCC_VER=$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion)
 LIBC_VER=$(installed libc6-dev)
@@ -249,7 +258,7 @@ add_module() {
 for m in irqbypass kvm kvm-amd; do add_module "$m"; done
 
 cp "$TMP/vmlinuz" "$TMP/vmlinux" "$TMP/guest-initrd.cpio" "$L/images/"
-mkcpio "$L" | gzip -9n >"$TMP/lab-initrd.cpio.gz"
+mkcpio "$L" | gzip -6n >"$TMP/lab-initrd.cpio.gz"
 pad4 "$TMP/lab-initrd.cpio.gz"
 
 # ---------------------------------------------------------------- lab qemu
@@ -266,7 +275,7 @@ if [ ! -e "$Q/lib64/ld-linux-x86-64.so.2" ]; then
 	mkdir -p "$Q/lib64"
 	cp -L /lib64/ld-linux-x86-64.so.2 "$Q/lib64/"
 fi
-mkcpio "$Q" | gzip -9n >"$TMP/lab-qemu.cpio.gz"
+mkcpio "$Q" | gzip -6n >"$TMP/lab-qemu.cpio.gz"
 pad4 "$TMP/lab-qemu.cpio.gz"
 
 # ---------------------------------------------------------------- finish

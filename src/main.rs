@@ -44,6 +44,9 @@ struct LabArgs {
     /// Make a host file available inside the lab as /with/NAME (repeatable).
     #[arg(long = "with", value_name = "FILE")]
     with: Vec<PathBuf>,
+    /// Also put qemu-system-x86_64 into the lab (to compare with QEMU on the same guest).
+    #[arg(long)]
+    with_qemu: bool,
     /// Directory of built images (default: $TANDEM_IMAGES, else ~/.cache/tandem/images).
     #[arg(long)]
     images: Option<PathBuf>,
@@ -64,7 +67,7 @@ impl LabArgs {
             images: self.images.clone().unwrap_or_else(lab::default_images_dir),
             timeout: Duration::from_secs(self.timeout),
             with: self.with.clone(),
-            with_qemu: false,
+            with_qemu: self.with_qemu,
             mem_mib: self.lab_mem_mib,
             cpus: self.lab_cpus,
         }
