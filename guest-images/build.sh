@@ -46,6 +46,8 @@ done
 mkdir -p "$CACHE" "$DEBS"
 exec 9>"$CACHE/.images.lock"
 flock 9
+# Holding the lock, any temporary directory left here is from a killed build.
+rm -rf "$CACHE"/images.tmp.* "$CACHE"/images.old.*
 
 # ---------------------------------------------------------------- versions
 

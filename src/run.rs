@@ -129,8 +129,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
     };
     match exit {
         VmExit::PowerOff => Ok(0),
-        VmExit::Reset => {
-            eprintln!("tandem: the guest reset itself (reboot or panic); the VM has ended");
+        VmExit::Reset(how) => {
+            eprintln!("tandem: the guest reset itself ({how}); the VM has ended");
             Ok(status::GUEST_RESET)
         }
         VmExit::Failed(why) => bail!("the VM stopped: {why}"),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{images, lab, lab_guest, ticks};
+use common::{images, lab, lab_guest, lab_guest_smp, ticks};
 
 #[test]
 fn one_vcpu_guest_boots_prints_20_ticks_and_powers_off() {
@@ -17,17 +17,16 @@ fn one_vcpu_guest_boots_prints_20_ticks_and_powers_off() {
 
 #[test]
 fn four_vcpu_guest_reports_four_online_cpus() {
-    let run = lab_guest(&["--vcpus", "4"], "tandem.workload=none");
+    let run = lab_guest_smp(&["--vcpus", "4"], "tandem.workload=none");
     assert_eq!(run.code, 0, "{}", run.dump());
     assert!(run.stdout.contains("TANDEM-GUEST-CPUS=4"), "{}", run.dump());
 }
 
 #[test]
 fn elf_vmlinux_boots_through_pvh() {
-    let run = lab(
-        &[],
-        &["tandem", "run", "--kernel", "/images/vmlinux", "--initrd", "/images/guest-initrd.cpio",
-          "--vcpus", "2", "--append", "tandem.workload=ticker tandem.ticks=3"],
+    let run = lab_guest_smp(
+        &["--kernel", "/images/vmlinux", "--vcpus", "2"],
+        "tandem.workload=ticker tandem.ticks=3",
     );
     assert_eq!(run.code, 0, "{}", run.dump());
     assert!(run.stdout.contains("TANDEM-GUEST-CPUS=2"), "{}", run.dump());

@@ -9,9 +9,10 @@ use std::path::Path;
 
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_pit_config, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -191,6 +192,38 @@ impl VmHandle {
         Ok(KvmVcpu { fd })
     }
 
+    /// One of the in-kernel interrupt controllers: 0 PIC master, 1 PIC slave, 2 IOAPIC.
+    pub fn irqchip(&self, chip_id: u32) -> Result<kvm_irqchip, KvmError> {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut chip)
+            .map_err(ioctl("KVM_GET_IRQCHIP"))?;
+        Ok(chip)
+    }
+
+    pub fn set_irqchip(&self, chip: &kvm_irqchip) -> Result<(), KvmError> {
+        self.fd.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))
+    }
+
+    pub fn pit(&self) -> Result<kvm_pit_state2, KvmError> {
+        self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))
+    }
+
+    pub fn set_pit(&self, pit: &kvm_pit_state2) -> Result<(), KvmError> {
+        self.fd.set_pit2(pit).map_err(ioctl("KVM_SET_PIT2"))
+    }
+
+    pub fn clock(&self) -> Result<kvm_clock_data, KvmError> {
+        self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))
+    }
+
+    pub fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), KvmError> {
+        self.fd.set_clock(clock).map_err(ioctl("KVM_SET_CLOCK"))
+    }
+
     /// Raw descriptor of the VM, for diagnostics.
     pub fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
@@ -203,8 +236,10 @@ pub enum Exit<'a> {
     IoOut(u16, &'a [u8]),
     MmioRead(u64, &'a mut [u8]),
     MmioWrite(u64, &'a [u8]),
-    /// The guest triple-faulted or asked for a reset.
+    /// The guest asked for a reset through a paravirtual path.
     Reset,
+    /// A triple fault: the CPU could not deliver an exception at all.
+    TripleFault,
     /// The guest asked to power off through a paravirtual path.
     Shutdown,
     /// Interrupted by a kick: the controller wants this vCPU's attention.
@@ -259,6 +294,81 @@ impl KvmVcpu {
         self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))
     }
 
+    pub fn set_mp_state(&self, state: kvm_mp_state) -> Result<(), KvmError> {
+        self.fd.set_mp_state(state).map_err(ioctl("KVM_SET_MP_STATE"))
+    }
+
+    pub fn xsave(&self) -> Result<kvm_xsave, KvmError> {
+        self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))
+    }
+
+    pub fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), KvmError> {
+        // SAFETY: tandem never enables KVM_CAP_XSAVE2, so the kernel reads exactly the
+        // 4 KiB `kvm_xsave` passed here and no trailing buffer.
+        unsafe { self.fd.set_xsave(xsave) }.map_err(ioctl("KVM_SET_XSAVE"))
+    }
+
+    pub fn xcrs(&self) -> Result<kvm_xcrs, KvmError> {
+        self.fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))
+    }
+
+    pub fn set_xcrs(&self, xcrs: &kvm_xcrs) -> Result<(), KvmError> {
+        self.fd.set_xcrs(xcrs).map_err(ioctl("KVM_SET_XCRS"))
+    }
+
+    pub fn debug_regs(&self) -> Result<kvm_debugregs, KvmError> {
+        self.fd.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))
+    }
+
+    pub fn set_debug_regs(&self, regs: &kvm_debugregs) -> Result<(), KvmError> {
+        self.fd
+            .set_debug_regs(regs)
+            .map_err(ioctl("KVM_SET_DEBUGREGS"))
+    }
+
+    pub fn events(&self) -> Result<kvm_vcpu_events, KvmError> {
+        self.fd
+            .get_vcpu_events()
+            .map_err(ioctl("KVM_GET_VCPU_EVENTS"))
+    }
+
+    pub fn set_events(&self, events: &kvm_vcpu_events) -> Result<(), KvmError> {
+        self.fd
+            .set_vcpu_events(events)
+            .map_err(ioctl("KVM_SET_VCPU_EVENTS"))
+    }
+
+    pub fn fpu(&self) -> Result<kvm_fpu, KvmError> {
+        self.fd.get_fpu().map_err(ioctl("KVM_GET_FPU"))
+    }
+
+    /// Reads the MSRs at `indices`; KVM stops at the first one it cannot read, so the
+    /// result may be shorter than `indices`.
+    pub fn msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, KvmError> {
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| KvmError::TooMany {
+            what: "MSR entries in one request",
+            max: kvm_bindings::KVM_MAX_MSR_ENTRIES,
+        })?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+        Ok(msrs.as_slice()[..read].to_vec())
+    }
+
+    /// The guest TSC frequency, where KVM can report it.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok()
+    }
+
+    pub fn set_tsc_khz(&self, khz: u32) -> Result<(), KvmError> {
+        self.fd.set_tsc_khz(khz).map_err(ioctl("KVM_SET_TSC_KHZ"))
+    }
+
     /// Where the kick handler writes to make the next (or current) `KVM_RUN` return at once.
     pub fn immediate_exit_ptr(&mut self) -> *mut u8 {
         &mut self.fd.get_kvm_run().immediate_exit
@@ -275,7 +385,7 @@ impl KvmVcpu {
             Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite(addr, data),
-            Ok(VcpuExit::Shutdown) => Exit::Reset,
+            Ok(VcpuExit::Shutdown) => Exit::TripleFault,
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Exit::Shutdown,
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => Exit::Reset,

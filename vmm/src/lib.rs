@@ -4,5 +4,6 @@ pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod output;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -30,15 +30,23 @@ pub enum VcpuError {
     PauseTimeout(Duration, usize, usize),
     #[error("cannot kick vCPU {0}: {1}")]
     Kick(usize, vmm_sys_util::errno::Error),
+    #[error("the vCPUs must be paused for this")]
+    NotPaused,
+    #[error("vCPU {0} did not answer within {1:?} (has the guest stopped the machine?)")]
+    NoAnswer(usize, Duration),
 }
+
+/// Work for one paused vCPU, run on that vCPU's own thread (KVM wants most per-vCPU
+/// state read and written by the thread that runs the vCPU).
+type Job = Box<dyn FnOnce(&mut KvmVcpu) + Send>;
 
 /// Why the VM stopped running guest code for good.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
     /// The guest powered off (ACPI S5).
     PowerOff,
-    /// The guest reset itself (reboot, i8042 reset or a triple fault).
-    Reset,
+    /// The guest reset itself; the string says how (reboot, or a triple fault and where).
+    Reset(String),
     /// A vCPU hit something the VMM cannot continue from.
     Failed(String),
 }
@@ -54,6 +62,8 @@ struct Control {
     want: Want,
     /// Threads not executing guest code: paused, finished, or waiting to be stopped.
     parked: usize,
+    /// One slot per vCPU for a job to run while paused.
+    jobs: Vec<Option<Job>>,
 }
 
 struct Shared {
@@ -112,6 +122,7 @@ impl VcpuSet {
             control: Mutex::new(Control {
                 want: if paused { Want::Pause } else { Want::Run },
                 parked: 0,
+                jobs: (0..vcpus.len()).map(|_| None).collect(),
             }),
             changed: Condvar::new(),
         });
@@ -199,6 +210,45 @@ impl VcpuSet {
         }
     }
 
+    /// Runs `f` on every vCPU's own thread while all are paused, and returns the results
+    /// in vCPU order.
+    pub fn on_each_paused<R, F>(&self, f: F) -> Result<Vec<R>, VcpuError>
+    where
+        R: Send + 'static,
+        F: Fn(usize, &mut KvmVcpu) -> R + Send + Sync + 'static,
+    {
+        let n = self.threads.len();
+        let f = Arc::new(f);
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut c = self.shared.lock();
+            if c.want != Want::Pause || c.parked < n {
+                return Err(VcpuError::NotPaused);
+            }
+            for (index, slot) in c.jobs.iter_mut().enumerate() {
+                let (f, tx) = (f.clone(), tx.clone());
+                *slot = Some(Box::new(move |vcpu: &mut KvmVcpu| {
+                    let _ = tx.send((index, f(index, vcpu)));
+                }));
+            }
+            self.shared.changed.notify_all();
+        }
+        let timeout = Duration::from_secs(2);
+        let mut results: Vec<Option<R>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            match rx.recv_timeout(timeout) {
+                Ok((index, r)) => results[index] = Some(r),
+                Err(_) => {
+                    let missing = results.iter().position(Option::is_none).unwrap_or(0);
+                    // Withdraw jobs nobody picked up, so none runs late.
+                    self.shared.lock().jobs.iter_mut().for_each(|j| *j = None);
+                    return Err(VcpuError::NoAnswer(missing, timeout));
+                }
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
     /// True while the vCPUs are held paused.
     pub fn is_paused(&self) -> bool {
         self.shared.lock().want == Want::Pause
@@ -245,14 +295,20 @@ impl Runner {
         IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
     }
 
-    /// Honours a pause or stop request; returns false when the thread should end.
-    fn check_point(&self) -> bool {
-        let mut c = self.shared.lock();
+    /// Honours a pause or stop request, running any job handed to this vCPU while it
+    /// is paused; returns false when the thread should end.
+    fn check_point(&mut self) -> bool {
+        let shared = self.shared.clone();
+        let mut c = shared.lock();
         if c.want == Want::Pause {
             c.parked += 1;
-            self.shared.changed.notify_all();
+            shared.changed.notify_all();
             while c.want == Want::Pause {
-                c = self.shared.changed.wait(c).unwrap_or_else(|e| e.into_inner());
+                if let Some(job) = c.jobs[self.index].take() {
+                    job(&mut self.vcpu);
+                    continue;
+                }
+                c = shared.changed.wait(c).unwrap_or_else(|e| e.into_inner());
             }
             c.parked -= 1;
         }
@@ -278,14 +334,23 @@ impl Runner {
             Exit::IoIn(port, data) => lock().read(port, data),
             Exit::IoOut(port, data) => match lock().write(port, data) {
                 Some(GuestRequest::PowerOff) => return Some(VmExit::PowerOff),
-                Some(GuestRequest::Reset) => return Some(VmExit::Reset),
+                Some(GuestRequest::Reset) => {
+                    return Some(VmExit::Reset("reset through the keyboard controller (reboot)".into()))
+                }
                 None => {}
             },
             // No MMIO devices yet: reads see nothing there, writes go nowhere.
             Exit::MmioRead(_, data) => data.fill(0xff),
             Exit::MmioWrite(..) => {}
             Exit::Interrupted => self.vcpu.clear_immediate_exit(),
-            Exit::Reset => return Some(VmExit::Reset),
+            Exit::Reset => return Some(VmExit::Reset("reset requested".into())),
+            Exit::TripleFault => {
+                let at = match (self.vcpu.regs(), self.vcpu.sregs()) {
+                    (Ok(r), Ok(s)) => format!("rip={:#x} rsp={:#x} cr3={:#x}", r.rip, r.rsp, s.cr3),
+                    _ => "an unreadable state".into(),
+                };
+                return Some(VmExit::Reset(format!("triple fault on vCPU {} at {at}", self.index)));
+            }
             Exit::Shutdown => return Some(VmExit::PowerOff),
             Exit::Failed(why) => return Some(VmExit::Failed(format!("vCPU {}: {why}", self.index))),
         }

@@ -13,6 +13,7 @@ use tandem_vmm::devices::serial::SerialPort;
 use tandem_vmm::kvm::{Hypervisor, VmHandle};
 use tandem_vmm::memory::{GuestRam, PAGE_SIZE};
 use tandem_vmm::output::{OutputSink, Passthrough};
+use tandem_vmm::state::{readable_msrs, VcpuState, VmState};
 use tandem_vmm::vcpu::VcpuSet;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -134,4 +135,66 @@ fn dirty_pages_are_the_union_of_guest_and_vmm_writes() {
     let pages: Vec<u64> = third.addresses().map(|a| a.0).collect();
     assert_eq!(pages, vec![COUNTER, 0x9000]);
     assert_eq!(third.count() * PAGE_SIZE, 2 * PAGE_SIZE);
+}
+
+/// Captures KVM and vCPU state of a paused guest (on each vCPU's own thread).
+fn capture(m: &Micro, msrs: Vec<u32>) -> (VmState, Vec<VcpuState>) {
+    let vm_state = VmState::capture(&m.vm).unwrap();
+    let vcpus = m
+        .vcpus
+        .on_each_paused(move |_, vcpu| {
+            let readable = readable_msrs(vcpu, &msrs);
+            VcpuState::capture(vcpu, &readable).unwrap()
+        })
+        .unwrap();
+    (vm_state, vcpus)
+}
+
+#[test]
+fn state_restored_into_a_fresh_vm_captures_the_same_and_runs_on() {
+    let msrs = hypervisor().msr_index_list().unwrap();
+    let m = start(1);
+    wait_for_progress(&m);
+    m.vcpus.pause(Duration::from_secs(2)).unwrap();
+    let (vm_state, vcpu_states) = capture(&m, msrs.clone());
+    let mut image = vec![0u8; 16 << 20];
+    m.ram.memory().read_slice(&mut image, GuestAddress(0)).unwrap();
+    let saved_counter = counter(&m);
+    drop(m);
+
+    // A new VM from the saved pieces: memory, then VM-wide state, then the vCPU.
+    let hv = hypervisor();
+    let ram = GuestRam::new(16).unwrap();
+    let vm = hv.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS).unwrap();
+    ram.register(&vm).unwrap();
+    ram.memory().write_slice(&image, GuestAddress(0)).unwrap();
+    vm_state.restore(&vm).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu_states[0].restore(&vcpu).unwrap();
+    let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
+    let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink))));
+    let (tx, _rx) = channel();
+    let restored = Micro {
+        vcpus: VcpuSet::start(vec![vcpu], bus, tx, true).unwrap(),
+        vm,
+        ram,
+    };
+    restored.vcpus.pause(Duration::from_secs(2)).unwrap();
+
+    // save -> restore -> save: the same registers, segments, LAPIC and MSRs.
+    let (_, again) = capture(&restored, msrs);
+    let (a, b) = (&vcpu_states[0], &again[0]);
+    assert_eq!(format!("{:?}", a.regs), format!("{:?}", b.regs));
+    assert_eq!(format!("{:?}", a.sregs), format!("{:?}", b.sregs));
+    assert_eq!(a.lapic.regs[..], b.lapic.regs[..]);
+    let tsc = 0x10;
+    let without_tsc = |s: &VcpuState| -> Vec<(u32, u64)> {
+        s.msrs.iter().filter(|e| e.index != tsc).map(|e| (e.index, e.data)).collect()
+    };
+    assert_eq!(without_tsc(a), without_tsc(b));
+
+    // And the guest carries on from where it was.
+    assert_eq!(counter(&restored), saved_counter);
+    restored.vcpus.resume();
+    wait_for_progress(&restored);
 }
