@@ -13,7 +13,7 @@ use crate::lab;
 /// `initcall_blacklist=cmos_init` spares QEMU's guest seconds of probing for a CMOS RTC
 /// that microvm does not have (tandem's FADT already says there is none), so the race
 /// is between the VMMs, not their firmware tables.
-const BENCH_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd initcall_blacklist=cmos_init tandem.workload=none";
+const BENCH_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1 pci=off initcall_blacklist=cmos_init tandem.workload=none";
 const READY: &str = "TANDEM-GUEST-READY";
 
 #[derive(clap::Subcommand)]
@@ -79,7 +79,7 @@ fn boot_via_lab(args: &BootArgs) -> Result<()> {
 }
 
 /// Starts `cmd`, returns the time until a stdout line contains [`READY`], then waits
-/// for the guest to power off (killing it past `limit`).
+/// for the guest to power off; the process is killed once `limit` has passed.
 fn time_to_ready(mut cmd: Command, limit: Duration) -> Result<Duration> {
     let start = Instant::now();
     let mut child = cmd
@@ -88,6 +88,7 @@ fn time_to_ready(mut cmd: Command, limit: Duration) -> Result<Duration> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
+    let watchdog = crate::watchdog::Watchdog::new(child.id(), limit);
     let stdout = child.stdout.take().context("child stdout")?;
     let mut ready = None;
     for line in BufReader::new(stdout).lines() {
@@ -95,13 +96,14 @@ fn time_to_ready(mut cmd: Command, limit: Duration) -> Result<Duration> {
         if ready.is_none() && line.contains(READY) {
             ready = Some(start.elapsed());
         }
-        if start.elapsed() > limit {
-            break;
-        }
     }
-    let _ = child.kill();
+    let killed = watchdog.disarm();
     let status = child.wait()?;
-    ready.with_context(|| format!("{cmd:?} never printed {READY} (exit {status})"))
+    match ready {
+        Some(t) => Ok(t),
+        None if killed => bail!("no {READY} within {limit:?}; the VMM was killed"),
+        None => bail!("exited ({status}) without printing {READY}"),
+    }
 }
 
 struct Stats {
@@ -110,7 +112,10 @@ struct Stats {
     max: f64,
 }
 
-fn stats(samples: &mut [Duration]) -> Stats {
+fn stats(samples: &mut [Duration]) -> Option<Stats> {
+    if samples.is_empty() {
+        return None;
+    }
     samples.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let n = samples.len();
@@ -119,11 +124,11 @@ fn stats(samples: &mut [Duration]) -> Stats {
     } else {
         (ms(samples[n / 2 - 1]) + ms(samples[n / 2])) / 2.0
     };
-    Stats {
+    Some(Stats {
         median,
         min: ms(samples[0]),
         max: ms(samples[n - 1]),
-    }
+    })
 }
 
 fn boot_in_lab(args: &BootArgs) -> Result<()> {
@@ -133,39 +138,69 @@ fn boot_in_lab(args: &BootArgs) -> Result<()> {
     let tandem = std::env::current_exe()?;
     let qemu = lab::find_program("qemu-system-x86_64")
         .context("QEMU is not in the lab (the benchmark appends lab-qemu.cpio.gz)")?;
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut ours = Sample::default();
+    let mut theirs = Sample::default();
     // Interleaved, so drift in the emulated machine's speed hits both alike.
     for run in 1..=args.runs {
         let mut t = Command::new(&tandem);
         t.args(["run", "--kernel", kernel, "--initrd", initrd, "--cmdline", BENCH_CMDLINE])
             .args(["--mem-mib", &args.mem_mib.to_string(), "--vcpus", &args.vcpus.to_string()]);
-        ours.push(time_to_ready(t, limit)?);
+        let a = ours.record(time_to_ready(t, limit));
         let mut q = Command::new(&qemu);
         q.args(["-M", "microvm", "-accel", "kvm", "-cpu", "host"])
             .args(["-m", &args.mem_mib.to_string(), "-smp", &args.vcpus.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
             .args(["-kernel", kernel, "-initrd", initrd, "-append", BENCH_CMDLINE]);
-        theirs.push(time_to_ready(q, limit)?);
-        eprintln!(
-            "run {run}/{}: tandem {:.0} ms, qemu microvm {:.0} ms",
-            args.runs,
-            ours.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
-            theirs.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
-        );
+        let b = theirs.record(time_to_ready(q, limit));
+        eprintln!("run {run}/{}: tandem {a}, qemu microvm {b}", args.runs);
     }
-    let (a, b) = (stats(&mut ours), stats(&mut theirs));
     println!();
     println!(
         "boot: process start -> {READY}, {} runs each, {} MiB, {} vCPU, same lab run",
         args.runs, args.mem_mib, args.vcpus
     );
-    println!("{:<20} {:>10} {:>10} {:>10}", "VMM", "median ms", "min ms", "max ms");
-    for (name, s) in [("tandem", &a), ("qemu -M microvm", &b)] {
-        println!("{name:<20} {:>10.0} {:>10.0} {:>10.0}", s.median, s.min, s.max);
+    println!("{:<20} {:>10} {:>10} {:>10} {:>7}", "VMM", "median ms", "min ms", "max ms", "failed");
+    let mut medians = Vec::new();
+    for (name, sample) in [("tandem", &mut ours), ("qemu -M microvm", &mut theirs)] {
+        match stats(&mut sample.times) {
+            Some(s) => {
+                println!("{name:<20} {:>10.0} {:>10.0} {:>10.0} {:>7}", s.median, s.min, s.max, sample.failed);
+                medians.push(s.median);
+            }
+            None => println!("{name:<20} {:>10} {:>10} {:>10} {:>7}", "-", "-", "-", sample.failed),
+        }
     }
-    println!("ratio tandem/qemu (median): {:.2}", a.median / b.median);
+    if let [a, b] = medians[..] {
+        println!("ratio tandem/qemu (median): {:.2}", a / b);
+    }
     println!("(times are in the lab, under emulation: compare the ratio, not the absolute figures)");
+    if ours.times.is_empty() || theirs.times.is_empty() {
+        bail!("every boot of one VMM failed; see the runs above");
+    }
     Ok(())
+}
+
+/// Boot times of one VMM, and how many boots failed.
+#[derive(Default)]
+struct Sample {
+    times: Vec<Duration>,
+    failed: u32,
+}
+
+impl Sample {
+    /// Keeps a result and returns it in words for the progress line.
+    fn record(&mut self, result: Result<Duration>) -> String {
+        match result {
+            Ok(t) => {
+                self.times.push(t);
+                format!("{:.0} ms", t.as_secs_f64() * 1e3)
+            }
+            Err(e) => {
+                self.failed += 1;
+                format!("FAILED ({e:#})")
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -175,9 +210,10 @@ mod tests {
     #[test]
     fn stats_take_the_middle_of_sorted_samples() {
         let mut odd = [3, 1, 2].map(Duration::from_millis);
-        let s = stats(&mut odd);
+        let s = stats(&mut odd).unwrap();
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         let mut even = [4, 1, 2, 3].map(Duration::from_millis);
-        assert_eq!(stats(&mut even).median, 2.5);
+        assert_eq!(stats(&mut even).unwrap().median, 2.5);
+        assert!(stats(&mut []).is_none());
     }
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod lab;
 mod run;
+mod watchdog;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -16,7 +16,7 @@ use crate::status;
 /// The command line every guest gets unless `--cmdline` replaces it: console on COM1,
 /// reboot through the keyboard controller, and a panic ends the VM instead of hanging.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+    "console=ttyS0 reboot=k panic=1 pci=off";
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {

@@ -16,6 +16,20 @@ fn one_vcpu_guest_boots_prints_20_ticks_and_powers_off() {
 }
 
 #[test]
+fn a_guest_kernel_panic_resets_through_the_keyboard_controller_and_exits_3() {
+    // No /init: the kernel panics, and `panic=1` reboots it a second later through the
+    // i8042 reset command (the firmware tables advertise no 8042, only its reset is used).
+    let run = lab(
+        &[],
+        &["tandem", "run", "--kernel", "/images/vmlinuz", "--initrd", "/images/guest-initrd.cpio",
+          "--append", "rdinit=/nonexistent init=/nonexistent"],
+    );
+    assert!(run.stdout.contains("Kernel panic"), "{}", run.dump());
+    assert_eq!(run.code, 3, "{}", run.dump());
+    assert!(run.stderr.contains("the guest reset itself (reset through the keyboard controller"), "{}", run.dump());
+}
+
+#[test]
 fn four_vcpu_guest_reports_four_online_cpus() {
     let run = lab_guest_smp(&["--vcpus", "4"], "tandem.workload=none");
     assert_eq!(run.code, 0, "{}", run.dump());

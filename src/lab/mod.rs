@@ -11,8 +11,6 @@ pub mod cpio;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -191,27 +189,7 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
         .spawn()
         .with_context(|| format!("starting {}", qemu.display()))?;
 
-    let timed_out = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (timed_out, done) = (timed_out.clone(), done.clone());
-        let pid = child.id() as libc::pid_t;
-        let timeout = opts.timeout;
-        std::thread::spawn(move || {
-            let deadline = std::time::Instant::now() + timeout;
-            while std::time::Instant::now() < deadline {
-                if done.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            timed_out.store(true, Ordering::SeqCst);
-            // SAFETY: kill(2) on our own child's pid; at worst the child already exited
-            // and has not been reaped yet, in which case the signal is ignored.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        })
-    };
-
+    let watchdog = crate::watchdog::Watchdog::new(child.id(), opts.timeout);
     let mut status = None;
     let stdout = child.stdout.take().context("QEMU's output pipe")?;
     let mut reader = BufReader::new(stdout);
@@ -233,10 +211,10 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
             on_line(line);
         }
     }
+    // Disarm before reaping, so the watchdog can never signal a reused pid.
+    let timed_out = watchdog.disarm();
     let _ = child.wait();
-    done.store(true, Ordering::SeqCst);
-    let _ = watchdog.join();
-    if timed_out.load(Ordering::SeqCst) {
+    if timed_out {
         eprintln!("tandem lab: timed out after {:?}; the lab was stopped", opts.timeout);
         return Ok(TIMEOUT_STATUS);
     }

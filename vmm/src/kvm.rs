@@ -87,6 +87,12 @@ impl Hypervisor {
         Ok(Self { kvm })
     }
 
+    /// Whether KVM emulates the LAPIC's TSC-deadline timer mode. Its CPUID bit is not
+    /// in KVM's supported set even then: the VMM must turn it on itself.
+    pub fn has_tsc_deadline_timer(&self) -> bool {
+        self.kvm.check_extension(Cap::TscDeadlineTimer)
+    }
+
     /// Most vCPUs KVM allows in one VM.
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()

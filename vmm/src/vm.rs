@@ -135,11 +135,14 @@ impl Vm {
         let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(irq, sink.clone()))));
 
         let base_cpuid = hypervisor.supported_cpuid()?;
+        let host = cpuid::HostFeatures {
+            tsc_deadline_timer: hypervisor.has_tsc_deadline_timer(),
+        };
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
             let vcpu = kvm_vm.create_vcpu(index)?;
             let mut cpuid = base_cpuid.clone();
-            cpuid::configure(&mut cpuid, index, config.vcpus);
+            cpuid::configure(&mut cpuid, index, config.vcpus, host);
             vcpu.set_cpuid(&cpuid)?;
             vcpu.set_msrs(&msrs::boot_msrs())?;
             let mut lapic = vcpu.lapic()?;
