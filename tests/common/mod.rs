@@ -27,8 +27,15 @@ impl Run {
         }
     }
 
+    /// Both streams. Inside the lab a command's stderr reaches the lab console, so it
+    /// arrives on `tandem lab`'s stdout; look for its messages here.
     pub fn lines(&self) -> impl Iterator<Item = &str> {
         self.stdout.lines().chain(self.stderr.lines())
+    }
+
+    /// Whether any line of either stream contains `text`.
+    pub fn says(&self, text: &str) -> bool {
+        self.lines().any(|l| l.contains(text))
     }
 
     /// Everything printed, for assertion messages.
@@ -105,8 +112,7 @@ pub fn lab_guest(run_args: &[&str], append: &str) -> Run {
 pub fn lab_guest_smp(run_args: &[&str], append: &str) -> Run {
     let mut run = lab_guest(run_args, append);
     for attempt in 2..=3 {
-        let lab_fault = run.stderr.contains("triple fault on vCPU")
-            || run.stderr.contains("the lab stopped without reporting");
+        let lab_fault = run.says("triple fault on vCPU") || run.says("the lab stopped without reporting");
         if !lab_fault {
             break;
         }
