@@ -2,7 +2,7 @@
 
 use std::io;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,6 +24,11 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Saved serial state that cannot be loaded (e.g. a receive FIFO over 64 bytes).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid serial port state: {0}")]
+pub struct SerialStateError(String);
+
 /// The guest's console port.
 pub struct SerialPort {
     uart: Serial<IrqTrigger, NoEvents, SinkWriter>,
@@ -34,6 +39,22 @@ impl SerialPort {
         Self {
             uart: Serial::new(IrqTrigger(irq), SinkWriter(sink)),
         }
+    }
+
+    /// Rebuilds the port from saved registers and receive FIFO.
+    pub fn from_state(
+        state: &SerialState,
+        irq: EventFd,
+        sink: SharedSink,
+    ) -> Result<Self, SerialStateError> {
+        Serial::from_state(state, IrqTrigger(irq), NoEvents, SinkWriter(sink))
+            .map(|uart| Self { uart })
+            .map_err(|e| SerialStateError(e.to_string()))
+    }
+
+    /// Registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     pub fn read(&mut self, offset: u8) -> u8 {
@@ -51,5 +72,40 @@ impl SerialPort {
     /// Feeds host input to the guest; returns how many bytes fit in the FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::Passthrough;
+    use std::sync::{Arc, Mutex};
+
+    fn port() -> SerialPort {
+        let sink: SharedSink = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
+        SerialPort::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink)
+    }
+
+    #[test]
+    fn state_round_trips_registers_and_pending_input() {
+        let mut a = port();
+        a.write(3, 0x03); // LCR: 8 data bits
+        a.write(1, 0x01); // IER: received-data interrupt
+        a.write(7, 0x5a); // scratch
+        assert_eq!(a.enqueue_input(b"ls\n"), 3);
+        let saved = a.state();
+        let sink: SharedSink = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
+        let mut b = SerialPort::from_state(&saved, EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink).unwrap();
+        assert_eq!(b.state(), saved);
+        assert_eq!(b.read(7), 0x5a);
+        assert_eq!([b.read(0), b.read(0), b.read(0)], *b"ls\n", "pending input survives");
+    }
+
+    #[test]
+    fn an_oversized_fifo_is_refused() {
+        let mut state = port().state();
+        state.in_buffer = vec![0; 4096];
+        let sink: SharedSink = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
+        assert!(SerialPort::from_state(&state, EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink).is_err());
     }
 }
