@@ -4,7 +4,7 @@
 //! kvm-bindings data, so a change of kvm-ioctls version (or of how an ioctl is issued)
 //! stays in this file.
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::path::Path;
 
 
@@ -228,11 +228,6 @@ impl VmHandle {
 
     pub fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), KvmError> {
         self.fd.set_clock(clock).map_err(ioctl("KVM_SET_CLOCK"))
-    }
-
-    /// Raw descriptor of the VM, for diagnostics.
-    pub fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
     }
 }
 

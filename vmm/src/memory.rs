@@ -115,11 +115,6 @@ impl GuestRam {
         &self.mem
     }
 
-    /// Total RAM in bytes.
-    pub fn size(&self) -> u64 {
-        self.mem.iter().map(|r| r.len()).sum()
-    }
-
     /// Registers every region with KVM as slot 0, 1, ... with dirty logging enabled.
     pub fn register(&self, vm: &VmHandle) -> Result<(), MemoryError> {
         for (slot, region) in self.mem.iter().enumerate() {

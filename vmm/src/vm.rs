@@ -99,7 +99,6 @@ pub struct Vm {
     exits: Receiver<VmExit>,
     kvm_vm: VmHandle,
     ram: GuestRam,
-    config: VmConfig,
 }
 
 impl Vm {
@@ -167,13 +166,9 @@ impl Vm {
             exits,
             kvm_vm,
             ram,
-            config,
         })
     }
 
-    pub fn config(&self) -> &VmConfig {
-        &self.config
-    }
 
     /// Waits up to `timeout` for the guest to stop the machine (or a vCPU to fail).
     /// Console output is flushed either way, so partial lines (a shell prompt) are not
@@ -209,13 +204,7 @@ impl Vm {
         self.vcpus.resume();
     }
 
-    pub fn is_paused(&self) -> bool {
-        self.vcpus.is_paused()
-    }
 
-    pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
-    }
 
     /// Pages written since the last call, by the guest or by the VMM.
     pub fn take_dirty(&mut self) -> Result<DirtyPages, VmError> {
@@ -227,9 +216,6 @@ impl Vm {
         self.ram.give_back(pages);
     }
 
-    pub fn memory_bytes(&self) -> u64 {
-        self.ram.size()
-    }
 
     /// A handle that types bytes into the guest's console from any thread; it returns
     /// how many fit in the UART FIFO.
