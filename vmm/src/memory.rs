@@ -5,8 +5,9 @@
 //! device emulation, later virtio rings). A checkpoint that consulted only one of them
 //! would silently miss pages, so [`GuestRam::take_dirty`] returns their union.
 
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::boot::layout::{MMIO_GAP_END, MMIO_GAP_START};
 use crate::kvm::{KvmError, VmHandle};
@@ -28,10 +29,9 @@ pub enum MemoryError {
     #[error("guest memory must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB, got {0} MiB")]
     BadSize(u64),
     #[error("cannot allocate {mib} MiB of guest memory: {source}")]
-    Allocate {
-        mib: u64,
-        source: vm_memory::mmap::FromRangesError,
-    },
+    Allocate { mib: u64, source: std::io::Error },
+    #[error("cannot set up guest memory: {0}")]
+    Regions(String),
     #[error(transparent)]
     Kvm(#[from] KvmError),
 }
@@ -90,9 +90,81 @@ impl DirtyPages {
     }
 }
 
+/// Huge pages, and the alignment guest RAM needs to be mapped with them.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Anonymous memory at a 2 MiB-aligned address, unmapped on drop.
+///
+/// KVM maps a guest page with a 2 MiB nested-paging entry only when the guest-physical
+/// and host-virtual addresses agree modulo 2 MiB; a plain mmap is merely 4 KiB aligned,
+/// so every guest page would fault in separately (28,700 faults against QEMU's 424 for
+/// one boot, measured in the lab, where each fault is costly).
+struct AlignedMapping {
+    addr: *mut u8,
+    size: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; moving the owner between
+// threads moves nothing but the address.
+unsafe impl Send for AlignedMapping {}
+// SAFETY: as above; all access to the bytes goes through vm-memory's volatile accessors.
+unsafe impl Sync for AlignedMapping {}
+
+impl AlignedMapping {
+    fn new(size: usize) -> std::io::Result<Self> {
+        let reserve = size + HUGE_PAGE;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks; no
+        // existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(HUGE_PAGE);
+        let head = aligned - start;
+        let tail = reserve - head - size;
+        // SAFETY: both ranges lie inside the mapping made above and outside the part
+        // kept; unmapping the slack cannot touch any other memory.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + size) as *mut libc::c_void, tail);
+            }
+            // Where THP is "madvise" (Debian's default), only this asks for huge pages.
+            // It is advice: failure leaves ordinary pages, so the result is ignored.
+            libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+        }
+        Ok(Self {
+            addr: aligned as *mut u8,
+            size,
+        })
+    }
+}
+
+impl Drop for AlignedMapping {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by `new` and is owned by this value alone; the
+        // GuestMemoryMmap that pointed into it is dropped first (see GuestRam).
+        unsafe { libc::munmap(self.addr.cast(), self.size) };
+    }
+}
+
 /// Guest RAM registered with KVM, plus the pages handed back by a failed capture.
 pub struct GuestRam {
+    // Field order is drop order: vm-memory's view goes before the mappings under it.
     mem: GuestMemoryMmap,
+    _mappings: Vec<AlignedMapping>,
     /// Pages from a capture that did not complete: they must show up in the next one.
     carried: DirtyPages,
 }
@@ -103,10 +175,29 @@ impl GuestRam {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
             return Err(MemoryError::BadSize(mem_mib));
         }
-        let mem = GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib << 20))
-            .map_err(|source| MemoryError::Allocate { mib: mem_mib, source })?;
+        let mut mappings = Vec::new();
+        let mut regions = Vec::new();
+        for (guest_addr, size) in ram_ranges(mem_mib << 20) {
+            let mapping = AlignedMapping::new(size)
+                .map_err(|source| MemoryError::Allocate { mib: mem_mib, source })?;
+            // SAFETY: `mapping` is a live mapping of exactly `size` bytes that outlives the
+            // region (GuestRam drops `mem` before `_mappings`).
+            let region = unsafe {
+                MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+                    .with_raw_mmap_pointer(mapping.addr)
+            }
+            .build()
+            .map_err(|e| MemoryError::Regions(e.to_string()))?;
+            regions.push(
+                GuestRegionMmap::new(region, guest_addr)
+                    .ok_or_else(|| MemoryError::Regions("region overflows".into()))?,
+            );
+            mappings.push(mapping);
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))?;
         Ok(Self {
             mem,
+            _mappings: mappings,
             carried: DirtyPages::default(),
         })
     }
@@ -172,6 +263,15 @@ mod tests {
         assert_eq!(big[0], (GuestAddress(0), MMIO_GAP_START as usize));
         assert_eq!(big[1].0, GuestAddress(MMIO_GAP_END));
         assert_eq!(big[0].1 + big[1].1, 4 << 30);
+    }
+
+    #[test]
+    fn guest_ram_is_mapped_at_huge_page_alignment() {
+        let ram = GuestRam::new(64).unwrap();
+        for region in ram.memory().iter() {
+            assert_eq!(region.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+        ram.memory().write_obj(1u64, GuestAddress((64 << 20) - 8)).unwrap();
     }
 
     #[test]
