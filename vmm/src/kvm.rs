@@ -144,22 +144,25 @@ pub struct VmHandle {
 }
 
 impl VmHandle {
-    /// Registers `[guest_addr, guest_addr + size)` backed by host memory at `host_addr`,
-    /// with dirty logging on from the start so the first epoch already sees every write.
+    /// Registers (or re-registers) slot `slot` as `[guest_addr, guest_addr + size)`
+    /// backed by host memory at `host_addr`, with KVM's dirty logging on or off.
+    /// Turning logging on for a live slot is allowed while vCPUs run; KVM starts an
+    /// empty log at that moment.
     ///
     /// # Safety
     /// `host_addr..host_addr + size` must stay mapped and owned by this VM for as long as
     /// the VM exists.
-    pub unsafe fn add_memory_slot(
+    pub unsafe fn set_memory_slot(
         &self,
         slot: u32,
         guest_addr: u64,
         size: u64,
         host_addr: u64,
+        log_dirty: bool,
     ) -> Result<(), KvmError> {
         let region = kvm_userspace_memory_region {
             slot,
-            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: guest_addr,
             memory_size: size,
             userspace_addr: host_addr,

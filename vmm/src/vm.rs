@@ -31,8 +31,6 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// The KVM device, normally `/dev/kvm`.
     pub kvm_device: PathBuf,
-    /// Build the VM but leave the vCPUs paused until [`Vm::resume`].
-    pub start_paused: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +155,7 @@ impl Vm {
         }
 
         let (exit_tx, exits) = channel();
-        let vcpus = VcpuSet::start(vcpus, bus.clone(), exit_tx, config.start_paused)?;
+        let vcpus = VcpuSet::start(vcpus, bus.clone(), exit_tx, false)?;
         tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, "guest started");
         Ok(Self {
             vcpus,
@@ -206,7 +204,8 @@ impl Vm {
 
 
 
-    /// Pages written since the last call, by the guest or by the VMM.
+    /// Pages written since the last call, by the guest or by the VMM; the first call
+    /// reports every page and starts tracking (see `memory`).
     pub fn take_dirty(&mut self) -> Result<DirtyPages, VmError> {
         Ok(self.ram.take_dirty(&self.kvm_vm)?)
     }
