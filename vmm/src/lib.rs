@@ -4,6 +4,7 @@ pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod output;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -1,0 +1,3 @@
+//! Snapshot files: a checked frame ([`format`]) around state encoded by [`codec`].
+pub mod codec;
+pub mod format;
