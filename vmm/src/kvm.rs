@@ -342,10 +342,6 @@ impl KvmVcpu {
             .map_err(ioctl("KVM_SET_VCPU_EVENTS"))
     }
 
-    pub fn fpu(&self) -> Result<kvm_fpu, KvmError> {
-        self.fd.get_fpu().map_err(ioctl("KVM_GET_FPU"))
-    }
-
     /// Reads the MSRs at `indices`; KVM stops at the first one it cannot read, so the
     /// result may be shorter than `indices`.
     pub fn msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, KvmError> {

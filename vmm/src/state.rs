@@ -2,10 +2,10 @@
 //! fresh VM. (Guest memory and device state are captured by their own modules.)
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    Msrs,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::kvm::{KvmError, KvmVcpu, VmHandle};
 
@@ -25,11 +25,12 @@ pub fn readable_msrs(vcpu: &KvmVcpu, candidates: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-/// Everything KVM holds for one vCPU.
+/// Everything KVM holds for one vCPU. The x87/SSE state is inside the XSAVE area, so
+/// it is not kept a second time as `kvm_fpu`.
+#[derive(Serialize, Deserialize)]
 pub struct VcpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
-    pub fpu: kvm_fpu,
     pub xsave: kvm_xsave,
     pub xcrs: kvm_xcrs,
     pub debug_regs: kvm_debugregs,
@@ -68,7 +69,6 @@ impl VcpuState {
             mp_state: vcpu.mp_state()?,
             regs: vcpu.regs()?,
             sregs: vcpu.sregs()?,
-            fpu: vcpu.fpu()?,
             xsave: vcpu.xsave()?,
             xcrs: vcpu.xcrs()?,
             debug_regs: vcpu.debug_regs()?,
@@ -97,7 +97,6 @@ impl VcpuState {
         vcpu.set_mp_state(self.mp_state)?;
         vcpu.set_regs(&self.regs)?;
         vcpu.set_sregs(&self.sregs)?;
-        vcpu.set_fpu(&self.fpu)?;
         vcpu.set_xsave(&self.xsave)?;
         vcpu.set_xcrs(&self.xcrs)?;
         vcpu.set_debug_regs(&self.debug_regs)?;
@@ -121,7 +120,7 @@ impl VcpuState {
 }
 
 /// VM-wide KVM state: interrupt controllers, PIT and the guest clock.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,

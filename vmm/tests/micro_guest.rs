@@ -13,6 +13,7 @@ use tandem_vmm::devices::serial::SerialPort;
 use tandem_vmm::kvm::{Hypervisor, VmHandle};
 use tandem_vmm::memory::{GuestRam, PAGE_SIZE};
 use tandem_vmm::output::{OutputSink, Passthrough};
+use tandem_vmm::snapshot::codec;
 use tandem_vmm::state::{readable_msrs, VcpuState, VmState};
 use tandem_vmm::vcpu::VcpuSet;
 use vm_memory::{Bytes, GuestAddress};
@@ -157,12 +158,15 @@ fn capture(m: &Micro, msrs: Vec<u32>) -> (VmState, Vec<VcpuState>) {
 }
 
 #[test]
-fn state_restored_into_a_fresh_vm_captures_the_same_and_runs_on() {
+fn state_through_the_codec_into_a_fresh_vm_captures_the_same_and_runs_on() {
     let msrs = hypervisor().msr_index_list().unwrap();
     let m = start(1);
     wait_for_progress(&m);
     m.vcpus.pause(Duration::from_secs(2)).unwrap();
     let (vm_state, vcpu_states) = capture(&m, msrs.clone());
+    // Through the snapshot codec and back, as a file would carry them.
+    let bytes = codec::encode(&(&vm_state, &vcpu_states)).unwrap();
+    let (vm_state, vcpu_states): (VmState, Vec<VcpuState>) = codec::decode(&bytes).unwrap();
     let mut image = vec![0u8; 16 << 20];
     m.ram.memory().read_slice(&mut image, GuestAddress(0)).unwrap();
     let saved_counter = counter(&m);

@@ -22,7 +22,7 @@ const PM1_CNT_SLP_TYP_MASK: u16 = 0b111 << PM1_CNT_SLP_TYP_SHIFT;
 pub const PM1_CNT_SLP_EN: u16 = 1 << 13;
 
 /// The PM1a register file. Plain data so that it can be snapshotted and restored as is.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct AcpiPm {
     /// PM1_STS: write-1-to-clear.
     pub status: u16,

@@ -20,10 +20,59 @@ const CMOS_PORTS: std::ops::RangeInclusive<u16> = 0x70..=0x71;
 
 /// Everything the port devices hold that a restored VM needs. The i8042 has nothing
 /// beyond a reset request, which ends the VM before any snapshot could see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortBusState {
-    pub serial: SerialState,
+    pub serial: SerialRegisters,
     pub acpi_pm: AcpiPm,
+}
+
+/// vm-superio's `SerialState`, field for field, in a form the snapshot codec can carry.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialRegisters {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialRegisters> for SerialState {
+    fn from(r: &SerialRegisters) -> Self {
+        Self {
+            baud_divisor_low: r.baud_divisor_low,
+            baud_divisor_high: r.baud_divisor_high,
+            interrupt_enable: r.interrupt_enable,
+            interrupt_identification: r.interrupt_identification,
+            line_control: r.line_control,
+            line_status: r.line_status,
+            modem_control: r.modem_control,
+            modem_status: r.modem_status,
+            scratch: r.scratch,
+            in_buffer: r.in_buffer.clone(),
+        }
+    }
 }
 
 /// The devices on the port bus.
@@ -45,7 +94,7 @@ impl PortBus {
     /// Device state for a snapshot; the vCPUs must be paused so no access is in flight.
     pub fn state(&self) -> PortBusState {
         PortBusState {
-            serial: self.serial.state(),
+            serial: self.serial.state().into(),
             acpi_pm: self.acpi_pm.clone(),
         }
     }
@@ -58,7 +107,7 @@ impl PortBus {
         sink: SharedSink,
     ) -> Result<Self, SerialStateError> {
         Ok(Self {
-            serial: SerialPort::from_state(&state.serial, irq, sink)?,
+            serial: SerialPort::from_state(&(&state.serial).into(), irq, sink)?,
             i8042: I8042::default(),
             acpi_pm: state.acpi_pm.clone(),
         })
@@ -116,7 +165,11 @@ mod tests {
         bus.write(COM1_PORT + 7, &[0x42]);
         bus.write(ACPI_PM1A_EVT_PORT + 2, &[0x21, 0x00]); // PM1 enable
         let saved = bus.state();
-        let mut restored = PortBus::from_state(&saved, irq(), sink()).unwrap();
+        // Through the snapshot codec, as a file would carry it.
+        let bytes = crate::snapshot::codec::encode(&saved).unwrap();
+        let decoded: PortBusState = crate::snapshot::codec::decode(&bytes).unwrap();
+        assert_eq!(decoded, saved);
+        let mut restored = PortBus::from_state(&decoded, irq(), sink()).unwrap();
         assert_eq!(restored.state(), saved);
         let mut scratch = [0u8];
         restored.read(COM1_PORT + 7, &mut scratch);
