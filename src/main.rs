@@ -1,6 +1,7 @@
 //! `tandem`: run a Linux VM, and (soon) keep it running across the loss of its host.
 
 mod bench;
+mod control;
 mod lab;
 mod run;
 mod watchdog;
@@ -29,6 +30,16 @@ enum Cmd {
     /// Boot a Linux guest; its serial console is on stdout. Exits 0 when the guest
     /// powers off, 3 when it resets (reboot or panic), 1 on error.
     Run(run::RunArgs),
+    /// Rebuild a VM from a snapshot (and deltas) in this process and carry on running it.
+    Restore(run::RestoreArgs),
+    /// Drive a running VM through its control socket: pause, resume, status,
+    /// snapshot FILE [--delta].
+    Ctl {
+        /// The VM's control socket (`tandem run --control PATH`).
+        socket: PathBuf,
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Run COMMAND inside the lab: a Linux host with real KVM under QEMU's emulated AMD-V.
     /// Guest images are at /images, `--with` files at /with/NAME.
     Lab(LabArgs),
@@ -87,6 +98,11 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Cmd::Run(args) => run::run(args),
+        Cmd::Restore(args) => run::restore(args),
+        Cmd::Ctl { socket, command } => control::send(&socket, &command).map(|reply| {
+            println!("{reply}");
+            0
+        }),
         Cmd::Lab(args) => {
             let mut stdout = std::io::stdout();
             lab::run(&args.options(), &args.command, &mut |line| {

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tandem_vmm::memory::PAGE_SIZE;
 use tandem_vmm::output::{OutputSink, Passthrough};
+use tandem_vmm::snapshot::{Kind, Snapshot};
 use tandem_vmm::vcpu::VmExit;
 use tandem_vmm::vm::{check_vcpus, Vm, VmConfig};
 
-use crate::status;
+use crate::{control, status};
 
 /// The command line every guest gets unless `--cmdline` replaces it: console on COM1,
 /// reboot through the keyboard controller, and a panic ends the VM instead of hanging.
@@ -41,6 +42,9 @@ pub struct RunArgs {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+    /// Open a control socket here (mode 0600) for `tandem ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Every N ms, report on stderr how many guest pages were dirtied since the last
     /// report. Tracking starts at boot with a report of every page; it slows the guest
     /// (KVM maps tracked memory in 4 KiB pages), so it is off unless asked for.
@@ -101,19 +105,60 @@ fn forward_stdin(vm_input: impl Fn(&[u8]) -> usize + Send + 'static) {
 
 pub fn run(args: RunArgs) -> Result<u8> {
     let config = args.config()?;
-    let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::stdout())));
-    let mut vm = Vm::boot(config, sink)?;
-    forward_stdin(vm.console_input());
+    let control = args.control.as_deref().map(control::listen).transpose()?;
+    let vm = Vm::boot(config, console())?;
+    supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control)
+}
 
-    let stats = args.dirty_stats_ms.map(Duration::from_millis);
+#[derive(clap::Args, Clone, Debug)]
+pub struct RestoreArgs {
+    /// A full snapshot written by `tandem ctl SOCKET snapshot FILE`.
+    #[arg(long)]
+    pub snapshot: PathBuf,
+    /// Deltas taken after it, oldest first (repeatable).
+    #[arg(long = "delta", value_name = "FILE")]
+    pub deltas: Vec<PathBuf>,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+    /// Open a control socket here (mode 0600) for `tandem ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+/// `tandem restore`: rebuilds the VM in this process and carries on as `run` does.
+pub fn restore(args: RestoreArgs) -> Result<u8> {
+    let mut chain = Vec::with_capacity(1 + args.deltas.len());
+    for path in std::iter::once(&args.snapshot).chain(&args.deltas) {
+        chain.push(Snapshot::read_from(path).with_context(|| format!("snapshot {}", path.display()))?);
+    }
+    let control = args.control.as_deref().map(control::listen).transpose()?;
+    let vm = Vm::restore(&chain, &args.kvm_device, console())?;
+    drop(chain);
+    supervise(vm, None, control)
+}
+
+fn console() -> Arc<Mutex<dyn OutputSink>> {
+    Arc::new(Mutex::new(Passthrough::new(std::io::stdout())))
+}
+
+/// Stays with a running VM until it stops: forwards stdin, answers control commands,
+/// reports dirty pages if asked, and turns the way the guest ended into an exit status.
+fn supervise(
+    mut vm: Vm,
+    stats: Option<Duration>,
+    control: Option<control::ControlSocket>,
+) -> Result<u8> {
+    forward_stdin(vm.console_input());
     if stats.is_some() {
         // The first harvest starts tracking and counts every page once.
         let pages = vm.take_dirty()?.count();
         eprintln!("tandem: dirty phase=start pages={pages} bytes={}", pages * PAGE_SIZE);
     }
+    let tick = stats.unwrap_or(Duration::from_millis(50));
     let mut last = Instant::now();
     let exit = loop {
-        let exit = vm.wait_timeout(stats.unwrap_or(Duration::from_millis(100)));
+        let exit = vm.wait_timeout(tick);
         if stats.is_some() {
             let pages = vm.take_dirty()?.count();
             eprintln!(
@@ -126,6 +171,12 @@ pub fn run(args: RunArgs) -> Result<u8> {
         if let Some(exit) = exit {
             break exit;
         }
+        if let Some(socket) = &control {
+            while let Ok(request) = socket.requests.try_recv() {
+                let reply = command(&mut vm, &request.line).unwrap_or_else(|e| format!("error: {e:#}"));
+                let _ = request.reply.send(reply);
+            }
+        }
     };
     match exit {
         VmExit::PowerOff => Ok(0),
@@ -134,5 +185,40 @@ pub fn run(args: RunArgs) -> Result<u8> {
             Ok(status::GUEST_RESET)
         }
         VmExit::Failed(why) => bail!("the VM stopped: {why}"),
+    }
+}
+
+/// Executes one control command against the VM.
+fn command(vm: &mut Vm, line: &str) -> Result<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words[..] {
+        ["pause"] => Ok(format!("ok paused in {:.3} ms", vm.pause()?.as_secs_f64() * 1e3)),
+        ["resume"] => {
+            vm.resume()?;
+            Ok("ok running".into())
+        }
+        ["status"] => Ok(format!(
+            "state={} vcpus={} mem_mib={}",
+            if vm.is_paused() { "paused" } else { "running" },
+            vm.vcpu_count(),
+            vm.memory_mib()
+        )),
+        ["snapshot", path] | ["snapshot", path, "--delta"] => {
+            let kind = if words.len() == 3 { Kind::Delta } else { Kind::Full };
+            let (snap, pages, stopped) = vm.capture(kind)?;
+            let written = snap.write_to(std::path::Path::new(path));
+            if let Err(e) = written {
+                // The pages were not kept: the next capture must include them again.
+                vm.give_back_dirty(&pages);
+                return Err(e.into());
+            }
+            Ok(format!(
+                "ok snapshot {path} kind={} pages={} stopped_ms={:.3}",
+                if kind == Kind::Full { "full" } else { "delta" },
+                snap.pages.len(),
+                stopped.as_secs_f64() * 1e3
+            ))
+        }
+        _ => bail!("unknown command {line:?}: expected pause, resume, status, or snapshot FILE [--delta]"),
     }
 }

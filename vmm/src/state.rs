@@ -119,6 +119,17 @@ impl VcpuState {
     }
 }
 
+/// Sets the guest clock to a value read earlier, so the guest does not see the time in
+/// between (a saved VM, a paused one). The flags describe the clock as it was read and
+/// KVM refuses them back.
+pub fn set_guest_clock(vm: &VmHandle, clock: &kvm_clock_data) -> Result<(), KvmError> {
+    vm.set_clock(&kvm_clock_data {
+        clock: clock.clock,
+        flags: 0,
+        ..Default::default()
+    })
+}
+
 /// VM-wide KVM state: interrupt controllers, PIT and the guest clock.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
@@ -147,14 +158,7 @@ impl VmState {
     /// their controllers as they were.
     pub fn restore(&self, vm: &VmHandle) -> Result<(), StateError> {
         vm.set_pit(&self.pit)?;
-        // The clock resumes where it stopped: the guest does not see the time the VM
-        // spent saved. Flags describe the old host's clock and are refused if passed back.
-        let clock = kvm_clock_data {
-            clock: self.clock.clock,
-            flags: 0,
-            ..Default::default()
-        };
-        vm.set_clock(&clock)?;
+        set_guest_clock(vm, &self.clock)?;
         vm.set_irqchip(&self.pic_master)?;
         vm.set_irqchip(&self.pic_slave)?;
         vm.set_irqchip(&self.ioapic)?;

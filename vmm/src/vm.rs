@@ -13,7 +13,10 @@ use crate::boot::{acpi, cpuid, loader, msrs, mptable, regs};
 use crate::devices::bus::PortBus;
 use crate::devices::serial::{SerialPort, COM1_IRQ};
 use crate::kvm::{Hypervisor, KvmError, KvmVcpu, VmHandle};
-use crate::memory::{DirtyPages, GuestRam, MemoryError};
+use crate::memory::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
+use crate::snapshot::{self, Kind, MachineState, Snapshot};
+use crate::state::{readable_msrs, set_guest_clock, VcpuState, VmState};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::output::SharedSink;
 use crate::vcpu::{VcpuError, VcpuSet, VmExit};
 
@@ -55,6 +58,10 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("cannot capture or restore state: {0}")]
+    State(#[from] crate::state::StateError),
+    #[error("cannot restore: {0}")]
+    Chain(String),
 }
 
 /// Checks a requested vCPU count before any resource is taken.
@@ -97,25 +104,85 @@ pub struct Vm {
     exits: Receiver<VmExit>,
     kvm_vm: VmHandle,
     ram: GuestRam,
+    /// KVM's MSR index list; each capture keeps the ones that read back.
+    msr_indices: Vec<u32>,
+    /// The guest clock when the operator paused the VM, set back on resume.
+    frozen_clock: Option<kvm_bindings::kvm_clock_data>,
+}
+
+/// A VM before its vCPUs run: memory registered, vCPUs created with their CPUID.
+struct Shell {
+    kvm_vm: VmHandle,
+    ram: GuestRam,
+    vcpus: Vec<KvmVcpu>,
+    msr_indices: Vec<u32>,
+}
+
+impl Shell {
+    /// Boot and restore build the same machine this way: a VM must be restored onto
+    /// the CPUID and memory layout it was captured with.
+    fn build(kvm_device: &std::path::Path, mem_mib: u64, vcpu_count: u8) -> Result<Self, VmError> {
+        check_vcpus(u32::from(vcpu_count))?;
+        let hypervisor = Hypervisor::open(kvm_device)?;
+        if usize::from(vcpu_count) > hypervisor.max_vcpus() {
+            return Err(VmError::HostVcpuLimit {
+                asked: vcpu_count,
+                max: hypervisor.max_vcpus(),
+            });
+        }
+        let ram = GuestRam::new(mem_mib)?;
+        let kvm_vm = hypervisor.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS)?;
+        ram.register(&kvm_vm)?;
+        let base_cpuid = hypervisor.supported_cpuid()?;
+        let host = cpuid::HostFeatures {
+            tsc_deadline_timer: hypervisor.has_tsc_deadline_timer(),
+        };
+        let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+        for index in 0..vcpu_count {
+            let vcpu = kvm_vm.create_vcpu(index)?;
+            let mut cpuid = base_cpuid.clone();
+            cpuid::configure(&mut cpuid, index, vcpu_count, host);
+            vcpu.set_cpuid(&cpuid)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Self {
+            kvm_vm,
+            ram,
+            vcpus,
+            msr_indices: hypervisor.msr_index_list()?,
+        })
+    }
+
+    /// Wires the serial interrupt, starts the vCPUs and hands over the running VM.
+    fn start(
+        self,
+        sink: SharedSink,
+        bus: impl FnOnce(EventFd) -> Result<PortBus, VmError>,
+    ) -> Result<Vm, VmError> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        self.kvm_vm.register_irqfd(&irq, COM1_IRQ)?;
+        let bus = Arc::new(Mutex::new(bus(irq)?));
+        let (exit_tx, exits) = channel();
+        let vcpus = VcpuSet::start(self.vcpus, bus.clone(), exit_tx, false)?;
+        Ok(Vm {
+            vcpus,
+            bus,
+            sink,
+            exits,
+            kvm_vm: self.kvm_vm,
+            ram: self.ram,
+            msr_indices: self.msr_indices,
+            frozen_clock: None,
+        })
+    }
 }
 
 impl Vm {
     /// Builds the VM described by `config`, loads the kernel and starts the vCPUs.
     /// Guest console output goes to `sink`.
     pub fn boot(config: VmConfig, sink: SharedSink) -> Result<Self, VmError> {
-        check_vcpus(u32::from(config.vcpus))?;
-        let hypervisor = Hypervisor::open(&config.kvm_device)?;
-        if usize::from(config.vcpus) > hypervisor.max_vcpus() {
-            return Err(VmError::HostVcpuLimit {
-                asked: config.vcpus,
-                max: hypervisor.max_vcpus(),
-            });
-        }
-        let ram = GuestRam::new(config.mem_mib)?;
-        let kvm_vm = hypervisor.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS)?;
-        ram.register(&kvm_vm)?;
-
-        let mem = ram.memory();
+        let shell = Shell::build(&config.kvm_device, config.mem_mib, config.vcpus)?;
+        let mem = shell.ram.memory();
         mptable::write_mptable(mem, config.vcpus)?;
         let rsdp = acpi::write_acpi_tables(mem, config.vcpus)?;
         let kernel = loader::load_linux(
@@ -126,21 +193,7 @@ impl Vm {
             Some(rsdp),
         )?;
         tracing::debug!(?kernel, "kernel loaded");
-
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        kvm_vm.register_irqfd(&irq, COM1_IRQ)?;
-        let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(irq, sink.clone()))));
-
-        let base_cpuid = hypervisor.supported_cpuid()?;
-        let host = cpuid::HostFeatures {
-            tsc_deadline_timer: hypervisor.has_tsc_deadline_timer(),
-        };
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
-            let vcpu = kvm_vm.create_vcpu(index)?;
-            let mut cpuid = base_cpuid.clone();
-            cpuid::configure(&mut cpuid, index, config.vcpus, host);
-            vcpu.set_cpuid(&cpuid)?;
+        for (index, vcpu) in shell.vcpus.iter().enumerate() {
             vcpu.set_msrs(&msrs::boot_msrs())?;
             let mut lapic = vcpu.lapic()?;
             set_lint(&mut lapic);
@@ -149,24 +202,111 @@ impl Vm {
             // Only the boot CPU starts at the kernel; the others wait for the kernel's
             // INIT/SIPI in the in-kernel LAPIC, which resets their registers anyway.
             if index == 0 {
-                set_boot_cpu(&vcpu, mem, kernel)?;
+                set_boot_cpu(vcpu, mem, kernel)?;
             }
-            vcpus.push(vcpu);
         }
-
-        let (exit_tx, exits) = channel();
-        let vcpus = VcpuSet::start(vcpus, bus.clone(), exit_tx, false)?;
+        let serial_sink = sink.clone();
+        let vm = shell.start(sink, |irq| Ok(PortBus::new(SerialPort::new(irq, serial_sink))))?;
         tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, "guest started");
-        Ok(Self {
-            vcpus,
-            bus,
-            sink,
-            exits,
-            kvm_vm,
-            ram,
-        })
+        Ok(vm)
     }
 
+    /// Rebuilds a VM from a full snapshot and the deltas taken after it, in order, and
+    /// resumes it. Memory is laid down snapshot by snapshot; the machine state is the
+    /// last one's. The order inside follows what must hold before a vCPU runs: memory,
+    /// then VM-wide state (the clock before anything reads it), then devices, then each
+    /// vCPU (see `VcpuState::restore`).
+    pub fn restore(chain: &[Snapshot], kvm_device: &std::path::Path, sink: SharedSink) -> Result<Self, VmError> {
+        let (first, last) = match (chain.first(), chain.last()) {
+            (Some(f), Some(l)) if f.kind == Kind::Full => (f, l),
+            _ => return Err(VmError::Chain("a restore starts from a full snapshot".into())),
+        };
+        if let Some(i) = chain.iter().skip(1).position(|s| s.kind != Kind::Delta) {
+            return Err(VmError::Chain(format!("snapshot {} after the first is not a delta", i + 2)));
+        }
+        let shape = (first.state.mem_mib, first.state.vcpus);
+        if chain.iter().any(|s| (s.state.mem_mib, s.state.vcpus) != shape) {
+            return Err(VmError::Chain("the snapshots are of differently shaped VMs".into()));
+        }
+        let shell = Shell::build(kvm_device, shape.0, shape.1)?;
+        let mem = shell.ram.memory();
+        for snap in chain {
+            for (i, gpa) in snap.pages.iter().enumerate() {
+                mem.write_slice(snapshot::page(&snap.data, i), GuestAddress(*gpa))
+                    .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
+            }
+        }
+        last.state.vm.restore(&shell.kvm_vm)?;
+        for (vcpu, state) in shell.vcpus.iter().zip(&last.state.vcpu_states) {
+            state.restore(vcpu)?;
+        }
+        let serial_sink = sink.clone();
+        let devices = &last.state.devices;
+        let vm = shell.start(sink, |irq| {
+            PortBus::from_state(devices, irq, serial_sink).map_err(|e| VmError::Chain(e.to_string()))
+        })?;
+        tracing::info!(vcpus = shape.1, mem_mib = shape.0, "guest restored");
+        Ok(vm)
+    }
+
+    /// Captures the whole machine while the vCPUs are paused, and resumes them. A full
+    /// capture copies every page, a delta the pages written since the previous capture.
+    /// Returns the snapshot, the pages it holds (to hand back with
+    /// [`Vm::give_back_dirty`] if it cannot be kept) and how long the guest was stopped.
+    pub fn capture(&mut self, kind: Kind) -> Result<(Snapshot, DirtyPages, Duration), VmError> {
+        let start = std::time::Instant::now();
+        // A VM the operator paused stays paused; only a pause of our own is undone. That
+        // one is brief and leaves the guest clock running.
+        let was_paused = self.vcpus.is_paused();
+        self.vcpus.pause(Duration::from_secs(2))?;
+        let result = self.capture_paused(kind);
+        if !was_paused {
+            self.vcpus.resume();
+        }
+        let stopped = start.elapsed();
+        result.map(|(snap, dirty)| (snap, dirty, stopped))
+    }
+
+    fn capture_paused(&mut self, kind: Kind) -> Result<(Snapshot, DirtyPages), VmError> {
+        // Devices first: their state may still raise interrupts into the vCPU state.
+        let devices = self.bus.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let mut vm = VmState::capture(&self.kvm_vm)?;
+        // Paused by the operator: the guest's time is the frozen one.
+        if let Some(clock) = self.frozen_clock {
+            vm.clock = clock;
+        }
+        let msrs = self.msr_indices.clone();
+        let vcpu_states = self
+            .vcpus
+            .on_each_paused(move |_, vcpu| VcpuState::capture(vcpu, &readable_msrs(vcpu, &msrs)))?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let dirty = self.ram.take_dirty(&self.kvm_vm)?;
+        let mem = self.ram.memory();
+        let pages: Vec<u64> = match kind {
+            Kind::Full => mem
+                .iter()
+                .flat_map(|r| (0..r.len() / PAGE_SIZE).map(move |p| r.start_addr().raw_value() + p * PAGE_SIZE))
+                .collect(),
+            Kind::Delta => dirty.addresses().map(|a| a.raw_value()).collect(),
+        };
+        let mut data = vec![0u8; pages.len() * PAGE_SIZE as usize];
+        for (i, gpa) in pages.iter().enumerate() {
+            let chunk = &mut data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
+            if let Err(e) = mem.read_slice(chunk, GuestAddress(*gpa)) {
+                self.ram.give_back(&dirty);
+                return Err(VmError::Chain(format!("reading guest page {gpa:#x}: {e}")));
+            }
+        }
+        let state = MachineState {
+            mem_mib: self.memory_mib(),
+            vcpus: vcpu_states.len() as u8,
+            vm,
+            vcpu_states,
+            devices,
+        };
+        Ok((Snapshot { kind, state, pages, data }, dirty))
+    }
 
     /// Waits up to `timeout` for the guest to stop the machine (or a vCPU to fail).
     /// Console output is flushed either way, so partial lines (a shell prompt) are not
@@ -193,13 +333,44 @@ impl Vm {
         }
     }
 
-    /// Stops all vCPUs (see [`VcpuSet::pause`]); returns how long stopping took.
-    pub fn pause(&self) -> Result<Duration, VmError> {
-        Ok(self.vcpus.pause(Duration::from_secs(2))?)
+    /// Stops all vCPUs (see [`VcpuSet::pause`]) and the guest's clock with them, as an
+    /// operator expects of a paused machine; returns how long stopping took.
+    pub fn pause(&mut self) -> Result<Duration, VmError> {
+        let took = self.vcpus.pause(Duration::from_secs(2))?;
+        if self.frozen_clock.is_none() {
+            match self.kvm_vm.clock() {
+                Ok(clock) => self.frozen_clock = Some(clock),
+                Err(e) => {
+                    self.vcpus.resume();
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(took)
     }
 
-    pub fn resume(&self) {
+    /// Sets the guest clock back to where the pause stopped it and lets the vCPUs run.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if let Some(clock) = self.frozen_clock.take() {
+            // Resuming matters more than the clock: a guest left paused is worse.
+            if let Err(e) = set_guest_clock(&self.kvm_vm, &clock) {
+                tracing::warn!("guest clock not restored on resume: {e}");
+            }
+        }
         self.vcpus.resume();
+        Ok(())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.is_paused()
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    pub fn memory_mib(&self) -> u64 {
+        self.ram.memory().iter().map(|r| r.len()).sum::<u64>() >> 20
     }
 
 

@@ -1,3 +1,149 @@
-//! Snapshot files: a checked frame ([`format`]) around state encoded by [`codec`].
+//! Snapshot files: a checked frame ([`format`]) around the machine state, encoded by
+//! [`codec`], followed by guest memory pages.
+//!
+//! Body layout (little-endian):
+//! ```text
+//! u64 state length, state (codec-encoded MachineState)
+//! u64 page count N, N x u64 guest-physical page addresses, N x 4096 bytes of page data
+//! ```
+//! A full snapshot holds every page; a delta only the pages written since the snapshot
+//! before it, and both hold the complete (small) machine state.
+
 pub mod codec;
 pub mod format;
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::bus::PortBusState;
+use crate::memory::{MAX_MEM_MIB, PAGE_SIZE};
+use crate::state::{VcpuState, VmState};
+pub use format::Kind;
+
+/// Everything but memory that a restored VM needs.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub vm: VmState,
+    pub vcpu_states: Vec<VcpuState>,
+    pub devices: PortBusState,
+}
+
+/// One snapshot: the machine state and a set of pages.
+pub struct Snapshot {
+    pub kind: Kind,
+    pub state: MachineState,
+    /// Guest-physical address of each page in `data`, in order.
+    pub pages: Vec<u64>,
+    /// `pages.len() * PAGE_SIZE` bytes.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Format(#[from] format::FormatError),
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+    #[error("cannot write snapshot {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("cannot open snapshot {path}: {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("corrupt snapshot: {0}")]
+    Corrupt(String),
+}
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// Largest body a snapshot can have: the state, and every page of the largest guest
+/// with its address.
+const MAX_BODY: u64 = 16 + codec::MAX_STATE_BYTES as u64 + (MAX_MEM_MIB << 20) / PAGE_SIZE * (PAGE_SIZE + 8);
+
+impl Snapshot {
+    fn body(&self) -> Result<Vec<u8>, SnapshotError> {
+        let state = codec::encode(&self.state)?;
+        let mut body = Vec::with_capacity(16 + state.len() + self.pages.len() * 8 + self.data.len());
+        body.extend_from_slice(&(state.len() as u64).to_le_bytes());
+        body.extend_from_slice(&state);
+        body.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
+        for gpa in &self.pages {
+            body.extend_from_slice(&gpa.to_le_bytes());
+        }
+        body.extend_from_slice(&self.data);
+        Ok(body)
+    }
+
+    /// Writes the snapshot to `path` through a temporary file renamed into place, so a
+    /// crash mid-write never leaves a file that looks like a snapshot.
+    pub fn write_to(&self, path: &Path) -> Result<(), SnapshotError> {
+        let err = |source| SnapshotError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let body = self.body()?;
+        let tmp = path.with_extension("partial");
+        let mut file = std::fs::File::create(&tmp).map_err(err)?;
+        format::write(&mut file, self.kind, &body).map_err(err)?;
+        file.flush().and_then(|()| file.sync_all()).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+
+    pub fn read_from(path: &Path) -> Result<Self, SnapshotError> {
+        let mut file = std::fs::File::open(path).map_err(|source| SnapshotError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::read(&mut file)
+    }
+
+    /// Reads and checks one snapshot; every length is checked before it is used.
+    pub fn read(input: &mut impl Read) -> Result<Self, SnapshotError> {
+        let (kind, body) = format::read(input, MAX_BODY)?;
+        let mut rest = &body[..];
+        let state_len = take_u64(&mut rest)?;
+        if state_len > codec::MAX_STATE_BYTES as u64 || state_len > rest.len() as u64 {
+            return Err(SnapshotError::Corrupt(format!("state length {state_len}")));
+        }
+        let (state_bytes, after) = rest.split_at(state_len as usize);
+        let state: MachineState = codec::decode(state_bytes)?;
+        if state.mem_mib > MAX_MEM_MIB || state.vcpus == 0 || state.vcpu_states.len() != usize::from(state.vcpus) {
+            return Err(SnapshotError::Corrupt("machine shape".into()));
+        }
+        rest = after;
+        let count = take_u64(&mut rest)?;
+        let max_pages = (state.mem_mib << 20) / PAGE_SIZE;
+        if count > max_pages || rest.len() as u64 != count * (8 + PAGE_SIZE) {
+            return Err(SnapshotError::Corrupt(format!("{count} pages in {} bytes", rest.len())));
+        }
+        let (index, data) = rest.split_at(count as usize * 8);
+        let pages = index
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect::<Vec<_>>();
+        if let Some(bad) = pages.iter().find(|&&p| p % PAGE_SIZE != 0) {
+            return Err(SnapshotError::Corrupt(format!("unaligned page address {bad:#x}")));
+        }
+        Ok(Self {
+            kind,
+            state,
+            pages,
+            data: data.to_vec(),
+        })
+    }
+}
+
+fn take_u64(rest: &mut &[u8]) -> Result<u64, SnapshotError> {
+    if rest.len() < 8 {
+        return Err(SnapshotError::Corrupt("body ends early".into()));
+    }
+    let (head, tail) = rest.split_at(8);
+    *rest = tail;
+    Ok(u64::from_le_bytes(head.try_into().expect("8 bytes")))
+}
+
+/// Page data for the page at index `i` of a snapshot.
+pub fn page(data: &[u8], i: usize) -> &[u8] {
+    &data[i * PAGE..(i + 1) * PAGE]
+}

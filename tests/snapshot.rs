@@ -1,0 +1,108 @@
+//! Snapshot and restore of a real Linux guest (in the lab), and refusal of bad snapshot
+//! files (on the host).
+
+mod common;
+
+use common::{lab, tandem, ticks};
+
+/// Runs a ticker guest with a control socket, takes a full snapshot at tick 15 and
+/// `deltas` more (each a second apart), all while paused, kills the VM with SIGKILL and
+/// restores the chain in a new process. Prints `=== before` and `=== after` sections.
+fn snapshot_kill_restore(deltas: usize) -> common::Run {
+    let mut script = String::from(
+        "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --control /tmp/ctl \
+         --append 'tandem.workload=ticker tandem.ticks=70' > /tmp/out 2>&1 & pid=$!\n\
+         while ! grep -q '^tick 15 ' /tmp/out; do sleep 0.1; done\n\
+         tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/s0 || exit 1\n",
+    );
+    let mut chain = String::from("--snapshot /tmp/s0");
+    for i in 1..=deltas {
+        script.push_str(&format!(
+            "tandem ctl /tmp/ctl resume; sleep 1; tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/s{i} --delta || exit 1\n"
+        ));
+        chain.push_str(&format!(" --delta /tmp/s{i}"));
+    }
+    script.push_str(&format!(
+        "kill -9 $pid; wait $pid\necho '=== before'; cat /tmp/out\necho '=== after'\ntandem restore {chain}\necho restore-exit=$?\n"
+    ));
+    lab(&[], &["sh", "-c", &script])
+}
+
+fn check_continuity(run: &common::Run) {
+    assert_eq!(run.code, 0, "{}", run.dump());
+    let (before, after) = run.stdout.split_once("=== after").unwrap_or_else(|| panic!("{}", run.dump()));
+    let split = |text: &str| common::Run { code: 0, stdout: text.into(), stderr: String::new() };
+    let (before, after) = (ticks(&split(before)), ticks(&split(after)));
+    let last = *before.last().unwrap_or_else(|| panic!("no ticks before the snapshot\n{}", run.dump()));
+    assert!(last >= 15, "{}", run.dump());
+    assert_eq!(before, (1..=last).collect::<Vec<_>>(), "before the kill\n{}", run.dump());
+    // Paused at the snapshot and killed: the restored guest goes on at the very next
+    // tick, without a gap or a repeat, and runs to its end (tick 70, 5 s and more).
+    assert_eq!(after, (last + 1..=70).collect::<Vec<_>>(), "after restore\n{}", run.dump());
+    assert!(run.stdout.contains("restore-exit=0"), "{}", run.dump());
+    assert!(!run.stdout.contains("TANDEM-CLOCK-BACKWARDS"), "{}", run.dump());
+    // The guest's own clock keeps the pace once the restore's start-up is behind it.
+    let mono: Vec<u64> = run.stdout.split_once("=== after").unwrap().1.lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .filter_map(|l| l.split("mono_ms=").nth(1)?.trim().parse().ok())
+        .collect();
+    let steady = &mono[5..];
+    let span = steady.last().unwrap() - steady[0];
+    let per_tick = span as f64 / (steady.len() - 1) as f64;
+    assert!((90.0..=110.0).contains(&per_tick), "guest clock per tick after restore: {per_tick} ms\n{}", run.dump());
+}
+
+#[test]
+fn a_full_snapshot_restored_in_a_new_process_continues_the_ticks() {
+    check_continuity(&snapshot_kill_restore(0));
+}
+
+#[test]
+fn a_full_snapshot_and_two_deltas_restore_to_the_last_delta() {
+    check_continuity(&snapshot_kill_restore(2));
+}
+
+/// Writes `bytes` to a fresh file and asks `tandem restore` to use it.
+fn restore_file(name: &str, bytes: &[u8]) -> common::Run {
+    let path = std::env::temp_dir().join(format!("tandem-test-{}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let run = tandem(&["restore", "--snapshot", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).unwrap();
+    run
+}
+
+fn refused(run: &common::Run, expect: &str) {
+    assert_eq!(run.code, 1, "{}", run.dump());
+    assert!(!run.stderr.contains("panicked"), "{}", run.dump());
+    assert_eq!(run.stderr.lines().count(), 1, "one line\n{}", run.dump());
+    assert!(run.stderr.contains(expect), "want {expect:?}\n{}", run.dump());
+}
+
+#[test]
+fn bad_snapshot_files_are_refused_with_one_line() {
+    use tandem_vmm::snapshot::format::{self, Kind};
+    let mut good = Vec::new();
+    format::write(&mut good, Kind::Full, b"not a machine state").unwrap();
+
+    refused(&restore_file("empty", b""), "is truncated");
+    refused(&restore_file("text", b"hello, this is not a snapshot at all"), "not a tandem snapshot");
+    refused(&restore_file("truncated", &good[..good.len() - 3]), "is truncated");
+    let mut flipped = good.clone();
+    flipped[30] ^= 0x10;
+    refused(&restore_file("flipped", &flipped), "checksum mismatch");
+    let mut version = good.clone();
+    version[8] = 9;
+    refused(&restore_file("version", &version), "format version 9 is not supported");
+    let mut huge = good.clone();
+    huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+    refused(&restore_file("huge", &huge), "exceeds the limit");
+    refused(&restore_file("garbage-state", &good), "corrupt snapshot");
+    let run = tandem(&["restore", "--snapshot", "/nonexistent/snap"]);
+    refused(&run, "cannot open snapshot /nonexistent/snap");
+}
+
+#[test]
+fn ctl_without_a_vm_says_so() {
+    let run = tandem(&["ctl", "/nonexistent/ctl", "status"]);
+    refused(&run, "cannot reach the VM's control socket /nonexistent/ctl");
+}
