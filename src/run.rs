@@ -198,10 +198,14 @@ fn command(vm: &mut Vm, line: &str) -> Result<String> {
             Ok("ok running".into())
         }
         ["status"] => Ok(format!(
-            "state={} vcpus={} mem_mib={}",
+            "state={} vcpus={} mem_mib={} dirty_pages={}",
             if vm.is_paused() { "paused" } else { "running" },
             vm.vcpu_count(),
-            vm.memory_mib()
+            vm.memory_mib(),
+            match vm.pending_dirty()? {
+                Some(n) => n.to_string(),
+                None => "all (no snapshot yet)".into(),
+            }
         )),
         ["snapshot", path] | ["snapshot", path, "--delta"] => {
             let kind = if words.len() == 3 { Kind::Delta } else { Kind::Full };

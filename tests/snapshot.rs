@@ -5,14 +5,17 @@ mod common;
 
 use common::{lab, tandem, ticks};
 
-/// Runs a ticker guest with a control socket, takes a full snapshot at tick 15 and
-/// `deltas` more (each a second apart), all while paused, kills the VM with SIGKILL and
-/// restores the chain in a new process. Prints `=== before` and `=== after` sections.
-fn snapshot_kill_restore(deltas: usize) -> common::Run {
-    let mut script = String::from(
+const TICKER: &str = "tandem.workload=ticker tandem.ticks=70";
+
+/// Runs a guest with a control socket and `append`ed kernel arguments; once its output
+/// has a line starting with `wait_for`, takes a full snapshot and `deltas` more (each a
+/// second apart), all while paused, kills the VM with SIGKILL and restores the chain in
+/// a new process. Prints `=== before` and `=== after` sections.
+fn snapshot_kill_restore(append: &str, wait_for: &str, deltas: usize) -> common::Run {
+    let mut script = format!(
         "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --control /tmp/ctl \
-         --append 'tandem.workload=ticker tandem.ticks=70' > /tmp/out 2>&1 & pid=$!\n\
-         while ! grep -q '^tick 15 ' /tmp/out; do sleep 0.1; done\n\
+         --append '{append}' > /tmp/out 2>&1 & pid=$!\n\
+         while ! grep -q '^{wait_for}' /tmp/out; do sleep 0.1; done\n\
          tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/s0 || exit 1\n",
     );
     let mut chain = String::from("--snapshot /tmp/s0");
@@ -54,12 +57,43 @@ fn check_continuity(run: &common::Run) {
 
 #[test]
 fn a_full_snapshot_restored_in_a_new_process_continues_the_ticks() {
-    check_continuity(&snapshot_kill_restore(0));
+    check_continuity(&snapshot_kill_restore(TICKER, "tick 15 ", 0));
 }
 
 #[test]
-fn a_full_snapshot_and_two_deltas_restore_to_the_last_delta() {
-    check_continuity(&snapshot_kill_restore(2));
+fn a_full_snapshot_and_three_deltas_restore_to_the_last_delta() {
+    check_continuity(&snapshot_kill_restore(TICKER, "tick 15 ", 3));
+}
+
+/// The seconds and memory checks the dirty workload printed, as (second, check passed).
+fn dirty_checks(text: &str) -> Vec<(u64, bool)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("dirty "))
+        .filter_map(|rest| {
+            let second = rest.split_whitespace().next()?.parse().ok()?;
+            Some((second, rest.contains("check=OK")))
+        })
+        .collect()
+}
+
+#[test]
+fn a_guest_dirtying_memory_finds_all_of_it_intact_after_restore_from_deltas() {
+    // 10 MiB/s over a 32 MiB span: every second rewrites a third of it, and every second
+    // the guest checks the whole span against what it wrote.
+    let run = snapshot_kill_restore(
+        "tandem.workload=dirty tandem.dirty_mib=10 tandem.span_mib=32 tandem.seconds=12",
+        "dirty 3 ",
+        2,
+    );
+    assert_eq!(run.code, 0, "{}", run.dump());
+    let (before, after) = run.stdout.split_once("=== after").unwrap_or_else(|| panic!("{}", run.dump()));
+    let (before, after) = (dirty_checks(before), dirty_checks(after));
+    let last = before.last().unwrap_or_else(|| panic!("no output before the snapshot\n{}", run.dump())).0;
+    assert!(before.iter().all(|(_, ok)| *ok), "{}", run.dump());
+    let seconds: Vec<u64> = after.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seconds, (last + 1..=12).collect::<Vec<_>>(), "{}", run.dump());
+    assert!(after.iter().all(|(_, ok)| *ok), "memory check failed after restore\n{}", run.dump());
+    assert!(run.stdout.contains("TANDEM-GUEST-DONE rc=0") && run.stdout.contains("restore-exit=0"), "{}", run.dump());
 }
 
 /// Writes `bytes` to a fresh file and asks `tandem restore` to use it.

@@ -288,6 +288,17 @@ impl GuestRam {
         Ok(dirty)
     }
 
+    /// How many pages were written since the last harvest, without consuming them:
+    /// `None` while tracking has not started (every page counts then).
+    pub fn pending_dirty(&mut self, vm: &VmHandle) -> Result<Option<u64>, MemoryError> {
+        if !self.logging {
+            return Ok(None);
+        }
+        let pages = self.take_dirty(vm)?;
+        self.give_back(&pages);
+        Ok(Some(pages.count()))
+    }
+
     /// Returns pages from a capture that failed, so the next [`GuestRam::take_dirty`]
     /// includes them again instead of losing them.
     pub fn give_back(&mut self, pages: &DirtyPages) {

@@ -381,6 +381,11 @@ impl Vm {
         Ok(self.ram.take_dirty(&self.kvm_vm)?)
     }
 
+    /// Pages written since the last capture (`None` before the first one: all of them).
+    pub fn pending_dirty(&mut self) -> Result<Option<u64>, VmError> {
+        Ok(self.ram.pending_dirty(&self.kvm_vm)?)
+    }
+
     /// Hands back pages from a capture that failed; the next `take_dirty` includes them.
     pub fn give_back_dirty(&mut self, pages: &DirtyPages) {
         self.ram.give_back(pages);

@@ -208,3 +208,19 @@ fn state_through_the_codec_into_a_fresh_vm_captures_the_same_and_runs_on() {
     restored.vcpus.resume();
     wait_for_progress(&restored);
 }
+
+#[test]
+fn counting_pending_dirty_pages_does_not_consume_them() {
+    let mut m = start(1);
+    assert_eq!(m.ram.pending_dirty(&m.vm).unwrap(), None, "before the first harvest");
+    wait_for_progress(&m);
+    m.vcpus.pause(Duration::from_secs(2)).unwrap();
+    m.ram.take_dirty(&m.vm).unwrap();
+    m.vcpus.resume();
+    wait_for_progress(&m);
+    m.vcpus.pause(Duration::from_secs(2)).unwrap();
+    assert_eq!(m.ram.pending_dirty(&m.vm).unwrap(), Some(1));
+    assert_eq!(m.ram.pending_dirty(&m.vm).unwrap(), Some(1), "still there after counting");
+    let taken = m.ram.take_dirty(&m.vm).unwrap();
+    assert_eq!(taken.addresses().map(|a| a.0).collect::<Vec<_>>(), vec![COUNTER]);
+}
