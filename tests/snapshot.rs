@@ -11,9 +11,9 @@ const TICKER: &str = "tandem.workload=ticker tandem.ticks=70";
 /// has a line starting with `wait_for`, takes a full snapshot and `deltas` more (each a
 /// second apart), all while paused, kills the VM with SIGKILL and restores the chain in
 /// a new process. Prints `=== before` and `=== after` sections.
-fn snapshot_kill_restore(append: &str, wait_for: &str, deltas: usize) -> common::Run {
+fn snapshot_kill_restore(run_args: &str, append: &str, wait_for: &str, deltas: usize) -> common::Run {
     let mut script = format!(
-        "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --control /tmp/ctl \
+        "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --control /tmp/ctl {run_args} \
          --append '{append}' > /tmp/out 2>&1 & pid=$!\n\
          while ! grep -q '^{wait_for}' /tmp/out; do sleep 0.1; done\n\
          tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/s0 || exit 1\n",
@@ -57,12 +57,19 @@ fn check_continuity(run: &common::Run) {
 
 #[test]
 fn a_full_snapshot_restored_in_a_new_process_continues_the_ticks() {
-    check_continuity(&snapshot_kill_restore(TICKER, "tick 15 ", 0));
+    check_continuity(&snapshot_kill_restore("", TICKER, "tick 15 ", 0));
 }
 
 #[test]
 fn a_full_snapshot_and_three_deltas_restore_to_the_last_delta() {
-    check_continuity(&snapshot_kill_restore(TICKER, "tick 15 ", 3));
+    check_continuity(&snapshot_kill_restore("", TICKER, "tick 15 ", 3));
+}
+
+#[test]
+fn a_two_vcpu_guest_restores_and_continues_the_ticks() {
+    let run = common::retry_lab_faults(|| snapshot_kill_restore("--vcpus 2", TICKER, "tick 15 ", 0));
+    assert!(run.stdout.contains("TANDEM-GUEST-CPUS=2"), "{}", run.dump());
+    check_continuity(&run);
 }
 
 /// The seconds and memory checks the dirty workload printed, as (second, check passed).
@@ -81,6 +88,7 @@ fn a_guest_dirtying_memory_finds_all_of_it_intact_after_restore_from_deltas() {
     // 10 MiB/s over a 32 MiB span: every second rewrites a third of it, and every second
     // the guest checks the whole span against what it wrote.
     let run = snapshot_kill_restore(
+        "",
         "tandem.workload=dirty tandem.dirty_mib=10 tandem.span_mib=32 tandem.seconds=12",
         "dirty 3 ",
         2,

@@ -103,23 +103,28 @@ pub fn lab_guest(run_args: &[&str], append: &str) -> Run {
     lab(&[], &cmd)
 }
 
-/// Like [`lab_guest`], for guests with several vCPUs. The lab's emulated AMD-V
-/// occasionally loses such a guest to a triple fault, or crashes the lab host itself.
-/// QEMU's own guest in the lab fails the same way (see the README), so an attempt that
-/// ended like that, and only like that, is tried again, up to 3 times in all. Every
-/// failed attempt is printed. A tandem that cannot boot SMP guests still fails every
-/// attempt, and so the test.
-pub fn lab_guest_smp(run_args: &[&str], append: &str) -> Run {
-    let mut run = lab_guest(run_args, append);
-    for attempt in 2..=3 {
+/// Runs `attempt` (a lab run with a multi-vCPU guest) up to 3 times. The lab's emulated
+/// AMD-V occasionally loses such a guest to a triple fault, or crashes the lab host
+/// itself. QEMU's own guest in the lab fails the same way (see the README), so an
+/// attempt that ended like that, and only like that, is tried again. Every failed
+/// attempt is printed. A tandem that cannot run SMP guests still fails every attempt,
+/// and so the test.
+pub fn retry_lab_faults(attempt: impl Fn() -> Run) -> Run {
+    let mut run = attempt();
+    for n in 2..=3 {
         let lab_fault = run.says("triple fault on vCPU") || run.says("the lab stopped without reporting");
         if !lab_fault {
             break;
         }
-        eprintln!("attempt {} lost to the lab's emulation, trying again:\n{}", attempt - 1, run.dump());
-        run = lab_guest(run_args, append);
+        eprintln!("attempt {} lost to the lab's emulation, trying again:\n{}", n - 1, run.dump());
+        run = attempt();
     }
     run
+}
+
+/// Like [`lab_guest`], for guests with several vCPUs (see [`retry_lab_faults`]).
+pub fn lab_guest_smp(run_args: &[&str], append: &str) -> Run {
+    retry_lab_faults(|| lab_guest(run_args, append))
 }
 
 /// The tick numbers the ticker workload printed, in order.
