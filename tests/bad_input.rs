@@ -3,15 +3,10 @@
 
 mod common;
 
-use common::{images, tandem};
+use common::{assert_refused, images, tandem};
 
 fn refused(args: &[&str], expect: &str) {
-    let run = tandem(args);
-    assert_ne!(run.code, 0, "tandem {args:?} must fail\n{}", run.dump());
-    assert!(!run.stderr.contains("panicked"), "tandem {args:?} panicked\n{}", run.dump());
-    let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "tandem {args:?}: want one line\n{}", run.dump());
-    assert!(lines[0].contains(expect), "tandem {args:?}: want {expect:?}\n{}", run.dump());
+    assert_refused(&tandem(args), expect);
 }
 
 #[test]

@@ -113,12 +113,7 @@ fn restore_file(name: &str, bytes: &[u8]) -> common::Run {
     run
 }
 
-fn refused(run: &common::Run, expect: &str) {
-    assert_eq!(run.code, 1, "{}", run.dump());
-    assert!(!run.stderr.contains("panicked"), "{}", run.dump());
-    assert_eq!(run.stderr.lines().count(), 1, "one line\n{}", run.dump());
-    assert!(run.stderr.contains(expect), "want {expect:?}\n{}", run.dump());
-}
+use common::assert_refused as refused;
 
 #[test]
 fn bad_snapshot_files_are_refused_with_one_line() {

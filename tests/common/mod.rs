@@ -44,6 +44,15 @@ impl Run {
     }
 }
 
+/// Asserts that a host run failed with exit 1 and exactly one stderr line containing
+/// `expect`, and did not panic.
+pub fn assert_refused(run: &Run, expect: &str) {
+    assert_eq!(run.code, 1, "{}", run.dump());
+    assert!(!run.stderr.contains("panicked"), "{}", run.dump());
+    assert_eq!(run.stderr.lines().count(), 1, "want one line\n{}", run.dump());
+    assert!(run.stderr.contains(expect), "want {expect:?}\n{}", run.dump());
+}
+
 /// The built images, or a failure saying how to build them.
 pub fn images() -> PathBuf {
     let dir = std::env::var_os("TANDEM_IMAGES")

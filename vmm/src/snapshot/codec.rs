@@ -91,13 +91,7 @@ mod tests {
 
     #[test]
     fn random_garbage_never_panics() {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..5000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = (x % 64) as usize;
-            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8).collect();
+        for bytes in crate::snapshot::garbage(0x9e37_79b9_7f4a_7c15, 5000, 64) {
             let _ = decode::<Sample>(&bytes);
         }
     }

@@ -147,3 +147,16 @@ fn take_u64(rest: &mut &[u8]) -> Result<u64, SnapshotError> {
 pub fn page(data: &[u8], i: usize) -> &[u8] {
     &data[i * PAGE..(i + 1) * PAGE]
 }
+
+/// Deterministic pseudo-random byte strings for the decoders' garbage tests (xorshift64).
+#[cfg(test)]
+pub(crate) fn garbage(seed: u64, cases: usize, max_len: u64) -> impl Iterator<Item = Vec<u8>> {
+    let mut x = seed;
+    (0..cases).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = (x % max_len) as usize;
+        (0..len).map(|i| (x.rotate_left(i as u32) & 0xff) as u8).collect()
+    })
+}
