@@ -104,7 +104,7 @@ pub struct Vm {
     exits: Receiver<VmExit>,
     kvm_vm: VmHandle,
     ram: GuestRam,
-    /// KVM's MSR index list; each capture keeps the ones that read back.
+    /// The MSRs of KVM's index list that read back on this host: what each capture saves.
     msr_indices: Vec<u32>,
     /// The guest clock when the operator paused the VM, set back on resume.
     frozen_clock: Option<kvm_bindings::kvm_clock_data>,
@@ -145,11 +145,17 @@ impl Shell {
             vcpu.set_cpuid(&cpuid)?;
             vcpus.push(vcpu);
         }
+        // Which of KVM's MSRs read back depends only on the host and the CPUID just set,
+        // so it is found once here rather than inside every capture's stopped time.
+        let msr_indices = match vcpus.first() {
+            Some(vcpu) => readable_msrs(vcpu, &hypervisor.msr_index_list()?),
+            None => Vec::new(),
+        };
         Ok(Self {
             kvm_vm,
             ram,
             vcpus,
-            msr_indices: hypervisor.msr_index_list()?,
+            msr_indices,
         })
     }
 
@@ -278,7 +284,7 @@ impl Vm {
         let msrs = self.msr_indices.clone();
         let vcpu_states = self
             .vcpus
-            .on_each_paused(move |_, vcpu| VcpuState::capture(vcpu, &readable_msrs(vcpu, &msrs)))?
+            .on_each_paused(move |_, vcpu| VcpuState::capture(vcpu, &msrs))?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         let dirty = self.ram.take_dirty(&self.kvm_vm)?;
