@@ -252,6 +252,17 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Every page of guest RAM, as a dirty set.
+    pub fn every_page(&self) -> DirtyPages {
+        DirtyPages {
+            regions: self
+                .mem
+                .iter()
+                .map(|region| (region.start_addr(), all_pages(region.len())))
+                .collect(),
+        }
+    }
+
     /// Pages written since the previous call, by the guest (KVM's log) or by the VMM
     /// (vm-memory's bitmap), plus any pages handed back with [`GuestRam::give_back`].
     /// The first call turns KVM's log on and reports every page (see the module
@@ -261,17 +272,12 @@ impl GuestRam {
         if !self.logging {
             self.set_slots(vm, true)?;
             self.logging = true;
-            let regions = self
-                .mem
-                .iter()
-                .map(|region| {
-                    // What the VMM wrote so far is part of "every page"; start afresh.
-                    std::ops::Deref::deref(region).bitmap().reset();
-                    (region.start_addr(), all_pages(region.len()))
-                })
-                .collect();
+            // What the VMM wrote so far is part of "every page"; start afresh.
+            for region in self.mem.iter() {
+                std::ops::Deref::deref(region).bitmap().reset();
+            }
             self.carried = DirtyPages::default();
-            return Ok(DirtyPages { regions });
+            return Ok(self.every_page());
         }
         let mut regions = Vec::with_capacity(self.mem.num_regions());
         for (slot, region) in self.mem.iter().enumerate() {

@@ -288,14 +288,16 @@ impl Vm {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         let dirty = self.ram.take_dirty(&self.kvm_vm)?;
-        let mem = self.ram.memory();
-        let pages: Vec<u64> = match kind {
-            Kind::Full => mem
-                .iter()
-                .flat_map(|r| (0..r.len() / PAGE_SIZE).map(move |p| r.start_addr().raw_value() + p * PAGE_SIZE))
-                .collect(),
-            Kind::Delta => dirty.addresses().map(|a| a.raw_value()).collect(),
+        let every;
+        let set = match kind {
+            Kind::Full => {
+                every = self.ram.every_page();
+                &every
+            }
+            Kind::Delta => &dirty,
         };
+        let pages: Vec<u64> = set.addresses().map(|a| a.raw_value()).collect();
+        let mem = self.ram.memory();
         let mut data = vec![0u8; pages.len() * PAGE_SIZE as usize];
         for (i, gpa) in pages.iter().enumerate() {
             let chunk = &mut data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
