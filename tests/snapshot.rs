@@ -119,7 +119,7 @@ use common::assert_refused as refused;
 fn bad_snapshot_files_are_refused_with_one_line() {
     use tandem_vmm::snapshot::format::{self, Kind};
     let mut good = Vec::new();
-    format::write(&mut good, Kind::Full, b"not a machine state").unwrap();
+    format::write(&mut good, Kind::Full, &[b"not a machine state"]).unwrap();
 
     refused(&restore_file("empty", b""), "is truncated");
     refused(&restore_file("text", b"hello, this is not a snapshot at all"), "not a tandem snapshot");

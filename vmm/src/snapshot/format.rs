@@ -53,8 +53,10 @@ pub enum FormatError {
     Checksum { stored: u32, computed: u32 },
 }
 
-/// Writes one framed body.
-pub fn write(out: &mut impl Write, kind: Kind, body: &[u8]) -> io::Result<()> {
+/// Writes one framed body, given as consecutive parts so a caller never has to
+/// assemble a body as large as guest memory just to frame it.
+pub fn write(out: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut header = [0u8; HEADER_LEN];
     header[..8].copy_from_slice(&MAGIC);
     header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -62,17 +64,17 @@ pub fn write(out: &mut impl Write, kind: Kind, body: &[u8]) -> io::Result<()> {
         Kind::Full => 0,
         Kind::Delta => 1,
     };
-    header[12..20].copy_from_slice(&(body.len() as u64).to_le_bytes());
-    let crc = checksum(&header[..20], body);
+    header[12..20].copy_from_slice(&(len as u64).to_le_bytes());
+    let crc = checksum(&header[..20], parts);
     header[20..24].copy_from_slice(&crc.to_le_bytes());
     out.write_all(&header)?;
-    out.write_all(body)
+    parts.iter().try_for_each(|p| out.write_all(p))
 }
 
-fn checksum(fields: &[u8], body: &[u8]) -> u32 {
+fn checksum(fields: &[u8], body: &[&[u8]]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(fields);
-    h.update(body);
+    body.iter().for_each(|p| h.update(p));
     h.finalize()
 }
 
@@ -133,7 +135,7 @@ pub fn read(input: &mut impl Read, max_body: u64) -> Result<(Kind, Vec<u8>), For
             got: (HEADER_LEN + got) as u64,
         });
     }
-    let computed = checksum(&header[..20], &body);
+    let computed = checksum(&header[..20], &[&body]);
     if computed != stored {
         return Err(FormatError::Checksum { stored, computed });
     }
@@ -148,8 +150,15 @@ mod tests {
 
     fn framed(kind: Kind, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        write(&mut out, kind, body).unwrap();
+        write(&mut out, kind, &[body]).unwrap();
         out
+    }
+
+    #[test]
+    fn a_body_in_parts_reads_back_whole() {
+        let mut out = Vec::new();
+        write(&mut out, Kind::Delta, &[b"state ", b"and ", b"pages"]).unwrap();
+        assert_eq!(out, framed(Kind::Delta, b"state and pages"));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 pub mod codec;
 pub mod format;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -62,19 +62,6 @@ const PAGE: usize = PAGE_SIZE as usize;
 const MAX_BODY: u64 = 16 + codec::MAX_STATE_BYTES as u64 + (MAX_MEM_MIB << 20) / PAGE_SIZE * (PAGE_SIZE + 8);
 
 impl Snapshot {
-    fn body(&self) -> Result<Vec<u8>, SnapshotError> {
-        let state = codec::encode(&self.state)?;
-        let mut body = Vec::with_capacity(16 + state.len() + self.pages.len() * 8 + self.data.len());
-        body.extend_from_slice(&(state.len() as u64).to_le_bytes());
-        body.extend_from_slice(&state);
-        body.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
-        for gpa in &self.pages {
-            body.extend_from_slice(&gpa.to_le_bytes());
-        }
-        body.extend_from_slice(&self.data);
-        Ok(body)
-    }
-
     /// Writes the snapshot to `path` through a temporary file renamed into place, so a
     /// crash mid-write never leaves a file that looks like a snapshot.
     pub fn write_to(&self, path: &Path) -> Result<(), SnapshotError> {
@@ -82,11 +69,20 @@ impl Snapshot {
             path: path.display().to_string(),
             source,
         };
-        let body = self.body()?;
+        let state = codec::encode(&self.state)?;
+        let index: Vec<u8> = self.pages.iter().flat_map(|gpa| gpa.to_le_bytes()).collect();
+        let parts: [&[u8]; 5] = [
+            &(state.len() as u64).to_le_bytes(),
+            &state,
+            &(self.pages.len() as u64).to_le_bytes(),
+            &index,
+            &self.data,
+        ];
         let tmp = path.with_extension("partial");
-        let mut file = std::fs::File::create(&tmp).map_err(err)?;
-        format::write(&mut file, self.kind, &body).map_err(err)?;
-        file.flush().and_then(|()| file.sync_all()).map_err(err)?;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(err)?);
+        format::write(&mut file, self.kind, &parts).map_err(err)?;
+        let file = file.into_inner().map_err(|e| err(e.into_error()))?;
+        file.sync_all().map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)
     }
 
@@ -98,9 +94,10 @@ impl Snapshot {
         Self::read(&mut file)
     }
 
-    /// Reads and checks one snapshot; every length is checked before it is used.
+    /// Reads and checks one snapshot; every length is checked before it is used. The
+    /// page data stays in the buffer it was read into.
     pub fn read(input: &mut impl Read) -> Result<Self, SnapshotError> {
-        let (kind, body) = format::read(input, MAX_BODY)?;
+        let (kind, mut body) = format::read(input, MAX_BODY)?;
         let mut rest = &body[..];
         let state_len = take_u64(&mut rest)?;
         if state_len > codec::MAX_STATE_BYTES as u64 || state_len > rest.len() as u64 {
@@ -125,11 +122,13 @@ impl Snapshot {
         if let Some(bad) = pages.iter().find(|&&p| p % PAGE_SIZE != 0) {
             return Err(SnapshotError::Corrupt(format!("unaligned page address {bad:#x}")));
         }
+        let data_start = body.len() - data.len();
+        body.drain(..data_start);
         Ok(Self {
             kind,
             state,
             pages,
-            data: data.to_vec(),
+            data: body,
         })
     }
 }
