@@ -124,6 +124,10 @@ pub struct RestoreArgs {
     /// Open a control socket here (mode 0600) for `tandem ctl`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Keep the restored VM paused, its time frozen, until `tandem ctl PATH resume`
+    /// (needs --control).
+    #[arg(long, requires = "control")]
+    pub paused: bool,
 }
 
 /// `tandem restore`: rebuilds the VM in this process and carries on as `run` does.
@@ -133,7 +137,7 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
         chain.push(Snapshot::read_from(path).with_context(|| format!("snapshot {}", path.display()))?);
     }
     let control = args.control.as_deref().map(control::listen).transpose()?;
-    let vm = Vm::restore(&chain, &args.kvm_device, console())?;
+    let vm = Vm::restore(&chain, &args.kvm_device, args.paused, console())?;
     drop(chain);
     supervise(vm, None, control)
 }
@@ -209,6 +213,7 @@ fn command(vm: &mut Vm, line: &str) -> Result<String> {
         )),
         ["snapshot", path] | ["snapshot", path, "--delta"] => {
             let kind = if words.len() == 3 { Kind::Delta } else { Kind::Full };
+            let start = Instant::now();
             let (snap, pages, stopped) = vm.capture(kind)?;
             let written = snap.write_to(std::path::Path::new(path));
             if let Err(e) = written {
@@ -217,10 +222,11 @@ fn command(vm: &mut Vm, line: &str) -> Result<String> {
                 return Err(e.into());
             }
             Ok(format!(
-                "ok snapshot {path} kind={} pages={} stopped_ms={:.3}",
+                "ok snapshot {path} kind={} pages={} stopped_ms={:.3} total_ms={:.3}",
                 if kind == Kind::Full { "full" } else { "delta" },
                 snap.pages.len(),
-                stopped.as_secs_f64() * 1e3
+                stopped.as_secs_f64() * 1e3,
+                start.elapsed().as_secs_f64() * 1e3
             ))
         }
         _ => bail!("unknown command {line:?}: expected pause, resume, status, or snapshot FILE [--delta]"),

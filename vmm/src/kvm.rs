@@ -6,16 +6,19 @@
 
 use std::os::fd::FromRawFd;
 use std::path::Path;
+use std::sync::Arc;
 
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
+use kvm_bindings::{kvm_device_attr, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
 
 /// Errors from KVM itself, each naming the operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,8 @@ pub enum KvmError {
     MissingCap(&'static str),
     #[error("KVM refused to create {what} (host limit is {max})")]
     TooMany { what: &'static str, max: usize },
+    #[error("the saved XSAVE area is {saved} bytes, more than this host's {host}: it was captured on a CPU with state this one lacks")]
+    XsaveTooLarge { saved: usize, host: usize },
     #[error("{op} failed: {source}")]
     Ioctl {
         op: &'static str,
@@ -75,7 +80,6 @@ impl Hypervisor {
         for (cap, name) in [
             (Cap::Irqchip, "in-kernel irqchip"),
             (Cap::Pit2, "in-kernel PIT"),
-            (Cap::Irqfd, "irqfd"),
             (Cap::UserMemory, "user memory slots"),
             (Cap::ImmediateExit, "immediate exit"),
             (Cap::SetTssAddr, "TSS address"),
@@ -131,7 +135,7 @@ impl Hypervisor {
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
         Ok(VmHandle {
-            fd,
+            fd: Arc::new(fd),
             max_vcpus: self.max_vcpus(),
         })
     }
@@ -139,7 +143,7 @@ impl Hypervisor {
 
 /// A KVM VM: memory slots, interrupt routing and vCPU creation.
 pub struct VmHandle {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     max_vcpus: usize,
 }
 
@@ -179,11 +183,12 @@ impl VmHandle {
             .map_err(ioctl("KVM_GET_DIRTY_LOG"))
     }
 
-    /// Routes `fd` to guest interrupt line `gsi`, so devices raise interrupts without an ioctl.
-    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), KvmError> {
-        self.fd
-            .register_irqfd(fd, gsi)
-            .map_err(ioctl("KVM_IRQFD"))
+    /// A handle that raises guest interrupt line `gsi` from any thread.
+    pub fn irq_line(&self, gsi: u32) -> IrqLine {
+        IrqLine {
+            fd: self.fd.clone(),
+            gsi,
+        }
     }
 
     /// Creates vCPU `id`.
@@ -198,7 +203,19 @@ impl VmHandle {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
-        Ok(KvmVcpu { fd })
+        // KVM_CAP_XSAVE2 gives the size of this VM's XSAVE area (0 where the ioctl is
+        // missing); it can exceed the 4 KiB of the old `kvm_xsave` (AMX, for one).
+        let xsave2 = usize::try_from(self.fd.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        let xsave_words = if xsave2 == 0 {
+            None
+        } else {
+            Some(xsave2.max(LEGACY_XSAVE_BYTES).div_ceil(4))
+        };
+        Ok(KvmVcpu {
+            fd,
+            tsc_scaled: std::cell::Cell::new(false),
+            xsave_words,
+        })
     }
 
     /// One of the in-kernel interrupt controllers: 0 PIC master, 1 PIC slave, 2 IOAPIC.
@@ -252,9 +269,63 @@ pub enum Exit<'a> {
     Failed(String),
 }
 
+/// An edge-triggered guest interrupt line, raised with `KVM_IRQ_LINE`. The interrupt is
+/// in KVM's interrupt controllers when the call returns, so a vCPU that raised it and
+/// then paused leaves it in the captured state. (An irqfd hands IOAPIC lines to a kernel
+/// worker instead: a capture right after could miss the interrupt, and a guest restored
+/// from it would wait forever for, say, its UART's transmit interrupt.)
+#[derive(Clone)]
+pub struct IrqLine {
+    fd: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl IrqLine {
+    pub fn pulse(&self) -> Result<(), KvmError> {
+        self.fd.set_irq_line(self.gsi, true).map_err(ioctl("KVM_IRQ_LINE"))?;
+        self.fd.set_irq_line(self.gsi, false).map_err(ioctl("KVM_IRQ_LINE"))
+    }
+}
+
+/// Size of the fixed `kvm_xsave` that `KVM_GET_XSAVE` fills.
+const LEGACY_XSAVE_BYTES: usize = std::mem::size_of::<kvm_xsave>();
+const LEGACY_XSAVE_WORDS: usize = LEGACY_XSAVE_BYTES / 4;
+
+/// A zeroed XSAVE buffer of `words` 32-bit words (at least the fixed 4 KiB).
+fn xsave_buffer(words: usize) -> Result<Xsave, KvmError> {
+    Xsave::new(words.saturating_sub(LEGACY_XSAVE_WORDS)).map_err(|_| KvmError::TooMany {
+        what: "XSAVE words",
+        max: words,
+    })
+}
+
+const KVMIO: u32 = 0xAE;
+// kvm-ioctls wraps the vCPU device-attribute ioctls only for aarch64.
+ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
+ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
+
+fn tsc_offset_attr(value: &mut u64) -> kvm_device_attr {
+    kvm_device_attr {
+        group: KVM_VCPU_TSC_CTRL,
+        attr: u64::from(KVM_VCPU_TSC_OFFSET),
+        addr: value as *mut u64 as u64,
+        flags: 0,
+    }
+}
+
+/// The host's TSC now.
+pub fn host_tsc() -> u64 {
+    // SAFETY: RDTSC reads a counter; it has no preconditions and touches no memory.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// One KVM vCPU; lives on its own thread.
 pub struct KvmVcpu {
     fd: VcpuFd,
+    /// Set once the vCPU's TSC rate was changed from the host's.
+    tsc_scaled: std::cell::Cell<bool>,
+    /// Length in 32-bit words of the XSAVE area `KVM_GET_XSAVE2` reads, where KVM has it.
+    xsave_words: Option<usize>,
 }
 
 impl KvmVcpu {
@@ -302,14 +373,42 @@ impl KvmVcpu {
         self.fd.set_mp_state(state).map_err(ioctl("KVM_SET_MP_STATE"))
     }
 
-    pub fn xsave(&self) -> Result<kvm_xsave, KvmError> {
-        self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))
+    /// The vCPU's XSAVE area as 32-bit words: through `KVM_GET_XSAVE2` where KVM has it
+    /// (the area may be larger than 4 KiB), else the 4 KiB of `KVM_GET_XSAVE`.
+    pub fn xsave(&self) -> Result<Vec<u32>, KvmError> {
+        let Some(words) = self.xsave_words else {
+            let legacy = self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
+            return Ok(legacy.region.to_vec());
+        };
+        let mut area = xsave_buffer(words)?;
+        // SAFETY: `area` holds `words` words, the size KVM_CAP_XSAVE2 reported for this
+        // VM; tandem asks for no dynamically enabled XSAVE features that could grow it.
+        unsafe { self.fd.get_xsave2(&mut area) }.map_err(ioctl("KVM_GET_XSAVE2"))?;
+        let fam = area.as_fam_struct_ref();
+        let mut out = fam.xsave.region.to_vec();
+        out.extend_from_slice(area.as_slice());
+        Ok(out)
     }
 
-    pub fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), KvmError> {
-        // SAFETY: tandem never enables KVM_CAP_XSAVE2, so the kernel reads exactly the
-        // 4 KiB `kvm_xsave` passed here and no trailing buffer.
-        unsafe { self.fd.set_xsave(xsave) }.map_err(ioctl("KVM_SET_XSAVE"))
+    /// Loads an XSAVE area read by [`KvmVcpu::xsave`], here or on another host. A shorter
+    /// area is padded with zeros: the components its header does not list stay in their
+    /// initial state. A longer one than this host's is refused.
+    pub fn set_xsave(&self, saved: &[u32]) -> Result<(), KvmError> {
+        let words = self.xsave_words.unwrap_or(LEGACY_XSAVE_WORDS);
+        if saved.len() > words {
+            return Err(KvmError::XsaveTooLarge {
+                saved: saved.len() * 4,
+                host: words * 4,
+            });
+        }
+        let mut area = xsave_buffer(words)?;
+        let (head, tail) = saved.split_at(saved.len().min(LEGACY_XSAVE_WORDS));
+        // SAFETY: `kvm_xsave2` is plain data and this only writes its fixed region.
+        unsafe { area.as_mut_fam_struct() }.xsave.region[..head.len()].copy_from_slice(head);
+        area.as_mut_slice()[..tail.len()].copy_from_slice(tail);
+        // SAFETY: `area` holds `words` words: the size KVM reads for this VM (the
+        // KVM_CAP_XSAVE2 size, or the 4 KiB `kvm_xsave` where that capability is absent).
+        unsafe { self.fd.set_xsave2(&area) }.map_err(ioctl("KVM_SET_XSAVE"))
     }
 
     pub fn xcrs(&self) -> Result<kvm_xcrs, KvmError> {
@@ -366,7 +465,40 @@ impl KvmVcpu {
     }
 
     pub fn set_tsc_khz(&self, khz: u32) -> Result<(), KvmError> {
-        self.fd.set_tsc_khz(khz).map_err(ioctl("KVM_SET_TSC_KHZ"))
+        let before = self.tsc_khz();
+        self.fd.set_tsc_khz(khz).map_err(ioctl("KVM_SET_TSC_KHZ"))?;
+        if before != Some(khz) {
+            self.tsc_scaled.set(true);
+        }
+        Ok(())
+    }
+
+    /// The vCPU's TSC offset: its TSC is the host's plus this. `None` where KVM lacks
+    /// `KVM_VCPU_TSC_OFFSET` (before Linux 5.16), and where the vCPU's TSC runs at
+    /// another rate than the host's, so the offset alone does not give it.
+    pub fn tsc_offset(&self) -> Option<u64> {
+        if self.tsc_scaled.get() {
+            return None;
+        }
+        let mut offset = 0u64;
+        let attr = tsc_offset_attr(&mut offset);
+        // SAFETY: KVM_GET_DEVICE_ATTR writes one u64 at `attr.addr`, which points at
+        // `offset`, alive for the whole call.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_GET_DEVICE_ATTR(), &attr) };
+        (ret == 0).then_some(offset)
+    }
+
+    /// Sets the TSC offset (see [`KvmVcpu::tsc_offset`]); `false` where that cannot be
+    /// done, and the caller must fall back on writing MSR_IA32_TSC.
+    pub fn set_tsc_offset(&self, mut offset: u64) -> bool {
+        if self.tsc_scaled.get() {
+            return false;
+        }
+        let attr = tsc_offset_attr(&mut offset);
+        // SAFETY: KVM_SET_DEVICE_ATTR reads one u64 at `attr.addr`, which points at
+        // `offset`, alive for the whole call.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_SET_DEVICE_ATTR(), &attr) };
+        ret == 0
     }
 
     /// Where the kick handler writes to make the next (or current) `KVM_RUN` return at once.

@@ -6,5 +6,6 @@ pub mod memory;
 pub mod output;
 pub mod snapshot;
 pub mod state;
+pub mod time;
 pub mod vcpu;
 pub mod vm;

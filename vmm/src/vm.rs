@@ -6,16 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::kvm_lapic_state;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::boot::{acpi, cpuid, loader, msrs, mptable, regs};
 use crate::devices::bus::PortBus;
-use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::devices::serial::{IrqTrigger, SerialPort, COM1_IRQ};
 use crate::kvm::{Hypervisor, KvmError, KvmVcpu, VmHandle};
 use crate::memory::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
 use crate::snapshot::{self, Kind, MachineState, Snapshot};
-use crate::state::{readable_msrs, set_guest_clock, VcpuState, VmState};
+use crate::state::{MsrPlan, StateError, VcpuState, VmState};
+use crate::time;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::output::SharedSink;
 use crate::vcpu::{VcpuError, VcpuSet, VmExit};
@@ -56,8 +56,6 @@ pub enum VmError {
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(std::io::Error),
     #[error("cannot capture or restore state: {0}")]
     State(#[from] crate::state::StateError),
     #[error("cannot restore: {0}")]
@@ -104,10 +102,21 @@ pub struct Vm {
     exits: Receiver<VmExit>,
     kvm_vm: VmHandle,
     ram: GuestRam,
-    /// The MSRs of KVM's index list that read back on this host: what each capture saves.
-    msr_indices: Vec<u32>,
-    /// The guest clock when the operator paused the VM, set back on resume.
-    frozen_clock: Option<kvm_bindings::kvm_clock_data>,
+    /// The MSRs each capture saves on this host.
+    msrs: MsrPlan,
+    /// The guest's time while the operator holds the VM paused.
+    frozen: Option<FrozenTime>,
+}
+
+/// The guest's clock and each vCPU's TSC as they were when the operator paused the VM.
+/// Captures while paused record these, and resume sets them back, so a paused guest sees
+/// no time pass, just as a VM saved and restored later does not; and two captures of
+/// one paused VM are identical.
+#[derive(Clone)]
+struct FrozenTime {
+    clock_ns: u64,
+    /// Per vCPU; `None` where a restored state held no TSC to freeze at.
+    tsc: Vec<Option<u64>>,
 }
 
 /// A VM before its vCPUs run: memory registered, vCPUs created with their CPUID.
@@ -115,7 +124,7 @@ struct Shell {
     kvm_vm: VmHandle,
     ram: GuestRam,
     vcpus: Vec<KvmVcpu>,
-    msr_indices: Vec<u32>,
+    msrs: MsrPlan,
 }
 
 impl Shell {
@@ -147,29 +156,30 @@ impl Shell {
         }
         // Which of KVM's MSRs read back depends only on the host and the CPUID just set,
         // so it is found once here rather than inside every capture's stopped time.
-        let msr_indices = match vcpus.first() {
-            Some(vcpu) => readable_msrs(vcpu, &hypervisor.msr_index_list()?),
-            None => Vec::new(),
+        let msrs = match vcpus.first() {
+            Some(vcpu) => MsrPlan::probe(vcpu, &hypervisor.msr_index_list()?),
+            None => MsrPlan::default(),
         };
         Ok(Self {
             kvm_vm,
             ram,
             vcpus,
-            msr_indices,
+            msrs,
         })
     }
 
     /// Wires the serial interrupt, starts the vCPUs and hands over the running VM.
     fn start(
         self,
+        frozen: Option<FrozenTime>,
         sink: SharedSink,
-        bus: impl FnOnce(EventFd) -> Result<PortBus, VmError>,
+        bus: impl FnOnce(IrqTrigger) -> Result<PortBus, VmError>,
     ) -> Result<Vm, VmError> {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        self.kvm_vm.register_irqfd(&irq, COM1_IRQ)?;
+        let line = self.kvm_vm.irq_line(COM1_IRQ);
+        let irq = IrqTrigger::new(move || line.pulse().map_err(std::io::Error::other));
         let bus = Arc::new(Mutex::new(bus(irq)?));
         let (exit_tx, exits) = channel();
-        let vcpus = VcpuSet::start(self.vcpus, bus.clone(), exit_tx, false)?;
+        let vcpus = VcpuSet::start(self.vcpus, bus.clone(), exit_tx, frozen.is_some())?;
         Ok(Vm {
             vcpus,
             bus,
@@ -177,8 +187,8 @@ impl Shell {
             exits,
             kvm_vm: self.kvm_vm,
             ram: self.ram,
-            msr_indices: self.msr_indices,
-            frozen_clock: None,
+            msrs: self.msrs,
+            frozen,
         })
     }
 }
@@ -212,7 +222,7 @@ impl Vm {
             }
         }
         let serial_sink = sink.clone();
-        let vm = shell.start(sink, |irq| Ok(PortBus::new(SerialPort::new(irq, serial_sink))))?;
+        let vm = shell.start(None, sink, |irq| Ok(PortBus::new(SerialPort::new(irq, serial_sink))))?;
         tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, "guest started");
         Ok(vm)
     }
@@ -221,8 +231,14 @@ impl Vm {
     /// resumes it. Memory is laid down snapshot by snapshot; the machine state is the
     /// last one's. The order inside follows what must hold before a vCPU runs: memory,
     /// then VM-wide state (the clock before anything reads it), then devices, then each
-    /// vCPU (see `VcpuState::restore`).
-    pub fn restore(chain: &[Snapshot], kvm_device: &std::path::Path, sink: SharedSink) -> Result<Self, VmError> {
+    /// vCPU (see `VcpuState::restore`). With `paused`, the VM waits, time frozen, for
+    /// [`Vm::resume`], as if the operator had paused it the moment it was captured.
+    pub fn restore(
+        chain: &[Snapshot],
+        kvm_device: &std::path::Path,
+        paused: bool,
+        sink: SharedSink,
+    ) -> Result<Self, VmError> {
         let (first, last) = match (chain.first(), chain.last()) {
             (Some(f), Some(l)) if f.kind == Kind::Full => (f, l),
             _ => return Err(VmError::Chain("a restore starts from a full snapshot".into())),
@@ -242,13 +258,29 @@ impl Vm {
                     .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
             }
         }
-        last.state.vm.restore(&shell.kvm_vm)?;
+        let anchor = last.state.vm.restore(&shell.kvm_vm)?;
         for (vcpu, state) in shell.vcpus.iter().zip(&last.state.vcpu_states) {
             state.restore(vcpu)?;
+            if let Some(tsc) = state.tsc() {
+                time::set_tsc(vcpu, tsc, anchor)?;
+            }
         }
+        // Setting the wall-clock MSR made KVM write its own idea of the guest's boot
+        // time into guest memory. The guest read that page when it booted; a restored
+        // guest finds its memory exactly as it was captured, so the page goes back.
+        for gpa in last.state.vcpu_states.iter().flat_map(VcpuState::wall_clock_pages) {
+            if let Some(bytes) = chain.iter().rev().find_map(|s| s.page_at(gpa)) {
+                mem.write_slice(bytes, GuestAddress(gpa))
+                    .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
+            }
+        }
+        let frozen = paused.then(|| FrozenTime {
+            clock_ns: last.state.vm.clock.clock,
+            tsc: last.state.vcpu_states.iter().map(VcpuState::tsc).collect(),
+        });
         let serial_sink = sink.clone();
         let devices = &last.state.devices;
-        let vm = shell.start(sink, |irq| {
+        let vm = shell.start(frozen, sink, |irq| {
             PortBus::from_state(devices, irq, serial_sink).map_err(|e| VmError::Chain(e.to_string()))
         })?;
         tracing::info!(vcpus = shape.1, mem_mib = shape.0, "guest restored");
@@ -276,17 +308,29 @@ impl Vm {
     fn capture_paused(&mut self, kind: Kind) -> Result<(Snapshot, DirtyPages), VmError> {
         // Devices first: their state may still raise interrupts into the vCPU state.
         let devices = self.bus.lock().unwrap_or_else(|e| e.into_inner()).state();
-        let mut vm = VmState::capture(&self.kvm_vm)?;
-        // Paused by the operator: the guest's time is the frozen one.
-        if let Some(clock) = self.frozen_clock {
-            vm.clock = clock;
-        }
-        let msrs = self.msr_indices.clone();
-        let vcpu_states = self
+        let (mut vm, clock) = VmState::capture(&self.kvm_vm)?;
+        let msrs = self.msrs.clone();
+        let mut vcpu_states = self
             .vcpus
-            .on_each_paused(move |_, vcpu| VcpuState::capture(vcpu, &msrs))?
+            .on_each_paused(move |_, vcpu| {
+                let mut state = VcpuState::capture(vcpu, &msrs)?;
+                // The TSC as of the clock reading, so the two agree exactly.
+                if let Some(tsc) = time::tsc_at(vcpu, clock.host_tsc) {
+                    state.set_tsc(tsc);
+                }
+                Ok::<_, StateError>(state)
+            })?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
+        // Paused by the operator: the guest's time is the frozen one.
+        if let Some(frozen) = &self.frozen {
+            vm.clock.clock = frozen.clock_ns;
+            for (state, tsc) in vcpu_states.iter_mut().zip(&frozen.tsc) {
+                if let Some(tsc) = *tsc {
+                    state.set_tsc(tsc);
+                }
+            }
+        }
         let dirty = self.ram.take_dirty(&self.kvm_vm)?;
         let every;
         let set = match kind {
@@ -345,27 +389,54 @@ impl Vm {
     /// operator expects of a paused machine; returns how long stopping took.
     pub fn pause(&mut self) -> Result<Duration, VmError> {
         let took = self.vcpus.pause(Duration::from_secs(2))?;
-        if self.frozen_clock.is_none() {
-            match self.kvm_vm.clock() {
-                Ok(clock) => self.frozen_clock = Some(clock),
+        if self.frozen.is_none() {
+            match self.read_time() {
+                Ok(time) => self.frozen = Some(time),
                 Err(e) => {
                     self.vcpus.resume();
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
         Ok(took)
     }
 
-    /// Sets the guest clock back to where the pause stopped it and lets the vCPUs run.
+    fn read_time(&self) -> Result<FrozenTime, VmError> {
+        let clock = time::read_clock(&self.kvm_vm)?;
+        let tsc = self
+            .vcpus
+            .on_each_paused(move |_, vcpu| match time::tsc_at(vcpu, clock.host_tsc) {
+                Some(tsc) => Ok(Some(tsc)),
+                None => time::read_tsc(vcpu).map(Some),
+            })?
+            .into_iter()
+            .collect::<Result<Vec<_>, StateError>>()?;
+        Ok(FrozenTime { clock_ns: clock.ns, tsc })
+    }
+
+    /// Sets the guest's clock and TSCs back to where the pause stopped them and lets
+    /// the vCPUs run.
     pub fn resume(&mut self) -> Result<(), VmError> {
-        if let Some(clock) = self.frozen_clock.take() {
-            // Resuming matters more than the clock: a guest left paused is worse.
-            if let Err(e) = set_guest_clock(&self.kvm_vm, &clock) {
-                tracing::warn!("guest clock not restored on resume: {e}");
+        if let Some(frozen) = self.frozen.take() {
+            // Resuming matters more than the time: a guest left paused is worse.
+            if let Err(e) = self.set_time(frozen) {
+                tracing::warn!("guest time not set back on resume: {e}");
             }
         }
         self.vcpus.resume();
+        Ok(())
+    }
+
+    fn set_time(&self, time: FrozenTime) -> Result<(), VmError> {
+        let anchor = time::set_clock(&self.kvm_vm, time.clock_ns)?;
+        let tsc = time.tsc;
+        self.vcpus
+            .on_each_paused(move |i, vcpu| match tsc[i] {
+                Some(tsc) => time::set_tsc(vcpu, tsc, anchor),
+                None => Ok(()),
+            })?
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()?;
         Ok(())
     }
 

@@ -9,15 +9,14 @@ use std::time::Duration;
 
 use tandem_vmm::boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use tandem_vmm::devices::bus::PortBus;
-use tandem_vmm::devices::serial::SerialPort;
+use tandem_vmm::devices::serial::{IrqTrigger, SerialPort};
 use tandem_vmm::kvm::{Hypervisor, VmHandle};
 use tandem_vmm::memory::{GuestRam, PAGE_SIZE};
 use tandem_vmm::output::{OutputSink, Passthrough};
 use tandem_vmm::snapshot::codec;
-use tandem_vmm::state::{readable_msrs, VcpuState, VmState};
+use tandem_vmm::state::{MsrPlan, VcpuState, VmState};
 use tandem_vmm::vcpu::VcpuSet;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
 const CODE: u64 = 0x1000;
 const COUNTER: u64 = 0x5000;
@@ -46,7 +45,7 @@ fn start(n: u8) -> Micro {
     ram.memory().write_slice(&SPIN, GuestAddress(CODE)).unwrap();
     let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
     let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        IrqTrigger::new(|| Ok(())),
         sink,
     ))));
     let mut vcpus = Vec::new();
@@ -146,12 +145,13 @@ fn dirty_pages_are_the_union_of_guest_and_vmm_writes() {
 
 /// Captures KVM and vCPU state of a paused guest (on each vCPU's own thread).
 fn capture(m: &Micro, msrs: Vec<u32>) -> (VmState, Vec<VcpuState>) {
-    let vm_state = VmState::capture(&m.vm).unwrap();
+    let (vm_state, _) = VmState::capture(&m.vm).unwrap();
     let vcpus = m
         .vcpus
         .on_each_paused(move |_, vcpu| {
-            let readable = readable_msrs(vcpu, &msrs);
-            VcpuState::capture(vcpu, &readable).unwrap()
+            // This guest never touches the SYSENTER MSRs the plan probes by writing.
+            let plan = MsrPlan::probe(vcpu, &msrs);
+            VcpuState::capture(vcpu, &plan).unwrap()
         })
         .unwrap();
     (vm_state, vcpus)
@@ -182,7 +182,7 @@ fn state_through_the_codec_into_a_fresh_vm_captures_the_same_and_runs_on() {
     let vcpu = vm.create_vcpu(0).unwrap();
     vcpu_states[0].restore(&vcpu).unwrap();
     let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
-    let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink))));
+    let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(IrqTrigger::new(|| Ok(())), sink))));
     let (tx, _rx) = channel();
     let restored = Micro {
         vcpus: VcpuSet::start(vec![vcpu], bus, tx, true).unwrap(),

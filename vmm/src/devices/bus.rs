@@ -2,10 +2,9 @@
 
 use super::acpi_pm::{AcpiPm, PmEvent};
 use super::i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
-use super::serial::{SerialPort, SerialStateError, COM1_PORT, COM_PORT_LEN};
+use super::serial::{IrqTrigger, SerialPort, SerialStateError, COM1_PORT, COM_PORT_LEN};
 use crate::output::SharedSink;
 use vm_superio::serial::SerialState;
-use vmm_sys_util::eventfd::EventFd;
 
 /// What a port access asks of the VM as a whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,14 +19,14 @@ const CMOS_PORTS: std::ops::RangeInclusive<u16> = 0x70..=0x71;
 
 /// Everything the port devices hold that a restored VM needs. The i8042 has nothing
 /// beyond a reset request, which ends the VM before any snapshot could see it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortBusState {
     pub serial: SerialRegisters,
     pub acpi_pm: AcpiPm,
 }
 
 /// vm-superio's `SerialState`, field for field, in a form the snapshot codec can carry.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SerialRegisters {
     pub baud_divisor_low: u8,
     pub baud_divisor_high: u8,
@@ -103,7 +102,7 @@ impl PortBus {
     /// and writes to `sink`.
     pub fn from_state(
         state: &PortBusState,
-        irq: EventFd,
+        irq: IrqTrigger,
         sink: SharedSink,
     ) -> Result<Self, SerialStateError> {
         Ok(Self {
@@ -155,8 +154,8 @@ mod tests {
         Arc::new(Mutex::new(Passthrough::new(std::io::sink())))
     }
 
-    fn irq() -> EventFd {
-        EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    fn irq() -> IrqTrigger {
+        IrqTrigger::new(|| Ok(()))
     }
 
     #[test]

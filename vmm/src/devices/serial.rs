@@ -1,10 +1,9 @@
-//! COM1: a 16550A UART from vm-superio, interrupting through an irqfd.
+//! COM1: a 16550A UART from vm-superio.
 
 use std::io;
 
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::output::{SharedSink, SinkWriter};
 
@@ -14,13 +13,19 @@ pub const COM1_IRQ: u32 = 4;
 /// Ports 0x3f8..0x400.
 pub const COM_PORT_LEN: u16 = 8;
 
-/// Raises the guest interrupt by writing the eventfd KVM watches.
-pub struct IrqTrigger(pub EventFd);
+/// Raises the UART's guest interrupt (in a VM, a `kvm::IrqLine` pulse).
+pub struct IrqTrigger(Box<dyn Fn() -> io::Result<()> + Send>);
+
+impl IrqTrigger {
+    pub fn new(raise: impl Fn() -> io::Result<()> + Send + 'static) -> Self {
+        Self(Box::new(raise))
+    }
+}
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        (self.0)()
     }
 }
 
@@ -35,19 +40,19 @@ pub struct SerialPort {
 }
 
 impl SerialPort {
-    pub fn new(irq: EventFd, sink: SharedSink) -> Self {
+    pub fn new(irq: IrqTrigger, sink: SharedSink) -> Self {
         Self {
-            uart: Serial::new(IrqTrigger(irq), SinkWriter(sink)),
+            uart: Serial::new(irq, SinkWriter(sink)),
         }
     }
 
     /// Rebuilds the port from saved registers and receive FIFO.
     pub fn from_state(
         state: &SerialState,
-        irq: EventFd,
+        irq: IrqTrigger,
         sink: SharedSink,
     ) -> Result<Self, SerialStateError> {
-        Serial::from_state(state, IrqTrigger(irq), NoEvents, SinkWriter(sink))
+        Serial::from_state(state, irq, NoEvents, SinkWriter(sink))
             .map(|uart| Self { uart })
             .map_err(|e| SerialStateError(e.to_string()))
     }
@@ -83,7 +88,7 @@ mod tests {
 
     fn port() -> SerialPort {
         let sink: SharedSink = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
-        SerialPort::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink)
+        SerialPort::new(IrqTrigger::new(|| Ok(())), sink)
     }
 
     #[test]
@@ -95,7 +100,7 @@ mod tests {
         assert_eq!(a.enqueue_input(b"ls\n"), 3);
         let saved = a.state();
         let sink: SharedSink = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
-        let mut b = SerialPort::from_state(&saved, EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink).unwrap();
+        let mut b = SerialPort::from_state(&saved, IrqTrigger::new(|| Ok(())), sink).unwrap();
         assert_eq!(b.state(), saved);
         assert_eq!(b.read(7), 0x5a);
         assert_eq!([b.read(0), b.read(0), b.read(0)], *b"ls\n", "pending input survives");
@@ -106,6 +111,6 @@ mod tests {
         let mut state = port().state();
         state.in_buffer = vec![0; 4096];
         let sink: SharedSink = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
-        assert!(SerialPort::from_state(&state, EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink).is_err());
+        assert!(SerialPort::from_state(&state, IrqTrigger::new(|| Ok(())), sink).is_err());
     }
 }

@@ -21,7 +21,8 @@
 use std::io::{self, Read, Write};
 
 pub const MAGIC: [u8; 8] = *b"TANDEMSS";
-pub const FORMAT_VERSION: u16 = 1;
+/// 2: XSAVE areas of any size (`KVM_GET_XSAVE2`), where 1 held exactly 4 KiB.
+pub const FORMAT_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 24;
 
 /// What a snapshot file holds.
@@ -195,8 +196,8 @@ mod tests {
     fn specific_errors_say_what_is_wrong() {
         let file = framed(Kind::Full, b"x");
         let mut v = file.clone();
-        v[8] = 2;
-        assert!(read(&mut &v[..], MAX).unwrap_err().to_string().contains("format version 2 is not supported"));
+        v[8] = 1;
+        assert!(read(&mut &v[..], MAX).unwrap_err().to_string().contains("format version 1 is not supported"));
         let mut m = file.clone();
         m[0] = b'X';
         assert!(matches!(read(&mut &m[..], MAX), Err(FormatError::BadMagic)));

@@ -10,6 +10,7 @@
 //! before it, and both hold the complete (small) machine state.
 
 pub mod codec;
+pub mod compare;
 pub mod format;
 
 use std::io::Read;
@@ -23,7 +24,7 @@ use crate::state::{VcpuState, VmState};
 pub use format::Kind;
 
 /// Everything but memory that a restored VM needs.
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct MachineState {
     pub mem_mib: u64,
     pub vcpus: u8,
@@ -130,6 +131,13 @@ impl Snapshot {
             pages,
             data: body,
         })
+    }
+}
+
+impl Snapshot {
+    /// The data of the page at guest-physical `gpa`, if this snapshot holds it.
+    pub fn page_at(&self, gpa: u64) -> Option<&[u8]> {
+        self.pages.iter().position(|&p| p == gpa).map(|i| page(&self.data, i))
     }
 }
 
