@@ -2,6 +2,7 @@
 
 mod bench;
 mod control;
+mod inspect;
 mod lab;
 mod run;
 mod watchdog;
@@ -40,6 +41,9 @@ enum Cmd {
         #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Show what a snapshot holds, or compare it with another (--against): exits 0 when
+    /// they are identical, 1 when they differ.
+    Inspect(inspect::InspectArgs),
     /// Run COMMAND inside the lab: a Linux host with real KVM under QEMU's emulated AMD-V.
     /// Guest images are at /images, `--with` files at /with/NAME.
     Lab(LabArgs),
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
             println!("{reply}");
             0
         }),
+        Cmd::Inspect(args) => inspect::run(&args),
         Cmd::Lab(args) => {
             let mut stdout = std::io::stdout();
             lab::run(&args.options(), &args.command, &mut |line| {
