@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::{codec, page, MachineState, Snapshot};
+use super::{codec, page, Kind, MachineState, Snapshot};
+use crate::memory::PAGE_SIZE;
 
 /// Differences listed by name before the rest are only counted.
 const SHOWN_PAGES: usize = 4;
@@ -62,6 +63,14 @@ fn components(state: &MachineState) -> Result<Vec<(String, Vec<u8>)>, codec::Cod
     Ok(out)
 }
 
+/// The page at `gpa`; a full snapshot leaves zero pages out, so one it lacks is `zero`.
+fn page_or_zero<'a>(s: &'a Snapshot, index: &BTreeMap<u64, usize>, gpa: u64, zero: &'a [u8]) -> Option<&'a [u8]> {
+    match index.get(&gpa) {
+        Some(&i) => Some(page(&s.data, i)),
+        None => (s.kind == Kind::Full).then_some(zero),
+    }
+}
+
 /// An encoded 8-byte value (an MSR, say) as a number, to show it.
 fn as_u64(encoded: &[u8]) -> Option<u64> {
     encoded.try_into().ok().map(u64::from_le_bytes)
@@ -101,14 +110,14 @@ pub fn compare(a: &Snapshot, b: &Snapshot, written: Option<&Snapshot>) -> Result
     let written: BTreeSet<u64> = written.map(|w| w.pages.iter().copied().collect()).unwrap_or_default();
     let index = |s: &Snapshot| -> BTreeMap<u64, usize> { s.pages.iter().enumerate().map(|(i, &gpa)| (gpa, i)).collect() };
     let (ia, ib) = (index(a), index(b));
+    let zero = vec![0u8; PAGE_SIZE as usize];
     let mut changed = Vec::new();
     let mut one_sided = Vec::new();
     for gpa in ia.keys().chain(ib.keys()).collect::<BTreeSet<_>>() {
-        match (ia.get(gpa), ib.get(gpa)) {
-            (Some(&i), Some(&j)) if page(&a.data, i) == page(&b.data, j) => result.same_pages += 1,
+        match (page_or_zero(a, &ia, *gpa, &zero), page_or_zero(b, &ib, *gpa, &zero)) {
+            (Some(x), Some(y)) if x == y => result.same_pages += 1,
             (Some(_), Some(_)) if written.contains(gpa) => result.written_pages += 1,
-            (Some(&i), Some(&j)) => {
-                let (x, y) = (page(&a.data, i), page(&b.data, j));
+            (Some(x), Some(y)) => {
                 let bytes = x.iter().zip(y).filter(|(p, q)| p != q).count();
                 let first = x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(0);
                 changed.push(format!("{gpa:#x}: {bytes} bytes from +{first:#x}"));
@@ -131,8 +140,6 @@ pub fn compare(a: &Snapshot, b: &Snapshot, written: Option<&Snapshot>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::PAGE_SIZE;
-    use crate::snapshot::Kind;
     use crate::state::VcpuState;
     use kvm_bindings::kvm_msr_entry;
 
@@ -160,8 +167,8 @@ mod tests {
 
     #[test]
     fn each_difference_is_named() {
-        let a = snapshot(Kind::Full, &[(0, 1), (0x1000, 2), (0x2000, 3)]);
-        let mut b = snapshot(Kind::Full, &[(0, 1), (0x1000, 9), (0x3000, 3)]);
+        let a = snapshot(Kind::Delta, &[(0, 1), (0x1000, 2), (0x2000, 3)]);
+        let mut b = snapshot(Kind::Delta, &[(0, 1), (0x1000, 9), (0x3000, 3)]);
         b.state.vcpu_states[0].msrs[0].data = 1001;
         b.state.vcpu_states[0].regs.rip = 7;
         b.state.vm.clock.clock = 5;
@@ -176,6 +183,15 @@ mod tests {
                 "memory: 2 pages are in only one snapshot (0x2000, 0x3000)",
             ]
         );
+    }
+
+    #[test]
+    fn a_page_a_full_snapshot_lacks_is_zeros() {
+        let sparse = snapshot(Kind::Full, &[(0, 1)]);
+        let c = compare(&snapshot(Kind::Full, &[(0, 1), (0x1000, 0)]), &sparse, None).unwrap();
+        assert!(c.identical(), "{:?}", c.differences);
+        let c = compare(&snapshot(Kind::Full, &[(0, 1), (0x1000, 5)]), &sparse, None).unwrap();
+        assert_eq!(c.differences, ["memory: 1 pages differ (0x1000: 4096 bytes from +0x0)"]);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! u64 state length, state (codec-encoded MachineState)
 //! u64 page count N, N x u64 guest-physical page addresses, N x 4096 bytes of page data
 //! ```
-//! A full snapshot holds every page; a delta only the pages written since the snapshot
-//! before it, and both hold the complete (small) machine state.
+//! A full snapshot holds every page that is not all zeros (a restored VM's memory starts
+//! zeroed); a delta holds every page written since the snapshot before it, zero or not.
+//! Both hold the complete (small) machine state.
 
 pub mod codec;
 pub mod compare;
@@ -148,6 +149,11 @@ fn take_u64(rest: &mut &[u8]) -> Result<u64, SnapshotError> {
     let (head, tail) = rest.split_at(8);
     *rest = tail;
     Ok(u64::from_le_bytes(head.try_into().expect("8 bytes")))
+}
+
+/// Whether a page is all zeros.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    page.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
 }
 
 /// Page data for the page at index `i` of a snapshot.
