@@ -1,0 +1,150 @@
+//! `tandem bench`: measurements printed as tables, beside a peer measured in the same
+//! run. Each benchmark runs inside the lab (a hidden `*-in-lab` subcommand), because
+//! only there can Linux guests run.
+
+mod boot;
+mod qmp;
+mod snapshot;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab;
+
+/// Both VMMs' guests get this command line (plus the workload's arguments).
+/// `initcall_blacklist=cmos_init` spares QEMU's guest seconds of probing for a CMOS RTC
+/// that microvm does not have (tandem's FADT already says there is none), so the race
+/// is between the VMMs, not their firmware tables.
+const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1 pci=off initcall_blacklist=cmos_init";
+const GUEST_KERNEL: &str = "/images/vmlinuz";
+const GUEST_INITRD: &str = "/images/guest-initrd.cpio";
+
+#[derive(clap::Subcommand)]
+pub enum BenchCmd {
+    /// Time from process start to the guest's ready marker: tandem vs QEMU microvm on
+    /// the same kernel and initramfs, in one lab run.
+    Boot(boot::BootArgs),
+    /// The part of `bench boot` that runs inside the lab.
+    #[command(hide = true)]
+    BootInLab(boot::BootArgs),
+    /// Snapshot capture (stopped and total time, full and delta) at several dirty rates
+    /// and guest sizes, and restore time: tandem vs QEMU's migration to a file and
+    /// `-incoming`, on the same guest in one lab run.
+    Snapshot(snapshot::SnapshotArgs),
+    /// The part of `bench snapshot` that runs inside the lab.
+    #[command(hide = true)]
+    SnapshotInLab(snapshot::SnapshotArgs),
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Boot(args) => boot::via_lab(&args),
+        BenchCmd::BootInLab(args) => boot::in_lab(&args),
+        BenchCmd::Snapshot(args) => snapshot::via_lab(&args),
+        BenchCmd::SnapshotInLab(args) => snapshot::in_lab(&args),
+    }
+}
+
+/// Runs `tandem ARGS` inside a lab with QEMU, printing its output as it comes.
+fn in_the_lab(images: Option<PathBuf>, timeout: Duration, mem_mib: u32, args: &[String]) -> Result<()> {
+    let opts = lab::LabOptions {
+        images: images.unwrap_or_else(lab::default_images_dir),
+        timeout,
+        with: Vec::new(),
+        with_qemu: true,
+        mem_mib,
+        cpus: 2,
+    };
+    let mut command = vec!["tandem".to_string()];
+    command.extend_from_slice(args);
+    let status = lab::run(&opts, &command, &mut |line| println!("{line}"))?;
+    match status {
+        0 => Ok(()),
+        lab::TIMEOUT_STATUS => bail!("the benchmark ran out of time inside the lab ({timeout:?})"),
+        _ => bail!("the benchmark failed inside the lab (exit status {status})"),
+    }
+}
+
+/// QEMU inside the lab.
+fn lab_qemu() -> Result<PathBuf> {
+    lab::find_program("qemu-system-x86_64").context("QEMU is not in the lab (the benchmark appends lab-qemu.cpio.gz)")
+}
+
+/// QEMU's microvm with the guest tandem runs, console on stdout.
+fn qemu_microvm(qemu: &Path, mem_mib: u64, vcpus: u32, cmdline: &str) -> Command {
+    let mut q = Command::new(qemu);
+    q.args(["-M", "microvm", "-accel", "kvm", "-cpu", "host"])
+        .args(["-m", &mem_mib.to_string(), "-smp", &vcpus.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
+        .args(["-kernel", GUEST_KERNEL, "-initrd", GUEST_INITRD, "-append", cmdline]);
+    q
+}
+
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn stats(samples: &mut [Duration]) -> Option<Stats> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_unstable();
+    let n = samples.len();
+    let median = if n % 2 == 1 {
+        ms(samples[n / 2])
+    } else {
+        (ms(samples[n / 2 - 1]) + ms(samples[n / 2])) / 2.0
+    };
+    Some(Stats {
+        median,
+        min: ms(samples[0]),
+        max: ms(samples[n - 1]),
+    })
+}
+
+/// Times of one VMM, and how many attempts failed.
+#[derive(Default)]
+struct Sample {
+    times: Vec<Duration>,
+    failed: u32,
+}
+
+impl Sample {
+    /// Keeps a result and returns it in words for the progress line.
+    fn record(&mut self, result: Result<Duration>) -> String {
+        match result {
+            Ok(t) => {
+                self.times.push(t);
+                format!("{:.0} ms", ms(t))
+            }
+            Err(e) => {
+                self.failed += 1;
+                format!("FAILED ({e:#})")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_take_the_middle_of_sorted_samples() {
+        let mut odd = [3, 1, 2].map(Duration::from_millis);
+        let s = stats(&mut odd).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        let mut even = [4, 1, 2, 3].map(Duration::from_millis);
+        assert_eq!(stats(&mut even).unwrap().median, 2.5);
+        assert!(stats(&mut []).is_none());
+    }
+}
