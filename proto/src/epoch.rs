@@ -1,0 +1,71 @@
+//! One epoch's content, how it is cut into messages, and the checksum both ends compute
+//! over it in the order it was sent.
+
+use crate::message::{Compression, EpochKind, Frame, Message, MAX_BATCH_PAGES, PAGE_SIZE};
+
+/// What an epoch carries: pages (an address may repeat; the later copy wins) and the
+/// machine state as of the epoch's pause.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Epoch {
+    pub number: u64,
+    pub kind: Option<EpochKind>,
+    pub addresses: Vec<u64>,
+    /// `addresses.len() * PAGE_SIZE` bytes.
+    pub data: Vec<u8>,
+    pub state: Vec<u8>,
+}
+
+impl Epoch {
+    pub fn page(&self, i: usize) -> &[u8] {
+        &self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+
+    /// The epoch as frames of `generation`: begin, page batches, state, commit.
+    pub fn frames(&self, generation: u64) -> Vec<Frame> {
+        let epoch = self.number;
+        let mut hasher = EpochHasher::new(epoch);
+        let frame = |message| Frame { generation, message };
+        let mut out = vec![frame(Message::EpochBegin { epoch, kind: self.kind.unwrap_or(EpochKind::Delta) })];
+        for (batch, data) in self.addresses.chunks(MAX_BATCH_PAGES).zip(self.data.chunks(MAX_BATCH_PAGES * PAGE_SIZE)) {
+            hasher.pages(batch, data);
+            out.push(frame(Message::Pages {
+                epoch,
+                addresses: batch.to_vec(),
+                compression: Compression::None,
+                data: data.to_vec(),
+            }));
+        }
+        hasher.state(&self.state);
+        out.push(frame(Message::State { epoch, state: self.state.clone() }));
+        out.push(frame(Message::EpochCommit { epoch, pages: self.addresses.len() as u64, checksum: hasher.finish() }));
+        out
+    }
+}
+
+/// CRC-32 over an epoch's number, each batch's addresses and data, and the state, in
+/// the order sent: a lost, repeated or reordered message changes it.
+pub struct EpochHasher(crc32fast::Hasher);
+
+impl EpochHasher {
+    pub fn new(epoch: u64) -> Self {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&epoch.to_le_bytes());
+        Self(h)
+    }
+
+    pub fn pages(&mut self, addresses: &[u64], data: &[u8]) {
+        for a in addresses {
+            self.0.update(&a.to_le_bytes());
+        }
+        self.0.update(data);
+    }
+
+    pub fn state(&mut self, state: &[u8]) {
+        self.0.update(&(state.len() as u64).to_le_bytes());
+        self.0.update(state);
+    }
+
+    pub fn finish(self) -> u32 {
+        self.0.finalize()
+    }
+}

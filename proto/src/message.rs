@@ -1,0 +1,104 @@
+//! The messages, and the frame that carries each with its sender's generation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ProtoError;
+
+/// Bumped on any change to the messages or their encoding; peers must match exactly.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Guest page size: every page in a [`Message::Pages`] batch is this long.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages in one batch (2 MiB), so a frame stays well under the frame limit.
+pub const MAX_BATCH_PAGES: usize = 512;
+/// Most bytes of encoded machine state in one epoch.
+pub const MAX_STATE_BYTES: usize = 4 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Standby,
+}
+
+/// How a batch of pages is encoded; room for compression later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    None,
+}
+
+/// Whether an epoch carries every page of the guest (the first of an initial sync or
+/// a re-sync) or those dirtied since the one before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EpochKind {
+    Full,
+    Delta,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// The first message each way: who the sender is and what it runs.
+    Hello {
+        version: u16,
+        role: Role,
+        /// Identifies the VM's configuration (memory, vCPUs, CPU model); a standby
+        /// refuses a primary running another.
+        fingerprint: u64,
+    },
+    /// The standby's answer to an acceptable hello: the last epoch it holds committed
+    /// from this generation, if any.
+    Welcome { committed: Option<u64> },
+    Refused(crate::handshake::Refusal),
+    EpochBegin { epoch: u64, kind: EpochKind },
+    /// Pages of the current epoch: addresses, then their data in the same order.
+    Pages {
+        epoch: u64,
+        addresses: Vec<u64>,
+        compression: Compression,
+        data: Vec<u8>,
+    },
+    /// The machine state (vCPUs, VM-wide KVM state, devices) as of the epoch's pause,
+    /// encoded by the VMM's own codec.
+    State { epoch: u64, state: Vec<u8> },
+    /// Ends the epoch: how many pages it carried and a CRC-32 over all of it.
+    EpochCommit { epoch: u64, pages: u64, checksum: u32 },
+    /// The standby verified and applied the epoch.
+    Ack { epoch: u64 },
+    /// Sent on a timer both ways; `seq` lets the receiver see order and loss.
+    Heartbeat { seq: u64 },
+    /// The sender is leaving on purpose (an operator stop), not dying.
+    Goodbye { reason: String },
+}
+
+/// One message as it goes on the wire, stamped with its sender's generation, so a peer
+/// from an older generation (a primary that was replaced) is recognised on any frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub generation: u64,
+    pub message: Message,
+}
+
+impl Message {
+    /// Checks what the encoding cannot: lengths that must agree and stay within the
+    /// limits. Decoding calls this, so no invalid message leaves the codec.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        let bad = |why: String| Err(ProtoError::Invalid(why));
+        match self {
+            Message::Pages { addresses, data, compression: Compression::None, .. } => {
+                if addresses.is_empty() || addresses.len() > MAX_BATCH_PAGES {
+                    return bad(format!("a batch of {} pages", addresses.len()));
+                }
+                if data.len() != addresses.len() * PAGE_SIZE {
+                    return bad(format!("{} bytes of data for {} pages", data.len(), addresses.len()));
+                }
+                if let Some(a) = addresses.iter().find(|&&a| a % PAGE_SIZE as u64 != 0) {
+                    return bad(format!("unaligned page address {a:#x}"));
+                }
+                Ok(())
+            }
+            Message::State { state, .. } if state.len() > MAX_STATE_BYTES => {
+                bad(format!("{} bytes of machine state", state.len()))
+            }
+            Message::Goodbye { reason } if reason.len() > 1024 => bad("an overlong goodbye".into()),
+            _ => Ok(()),
+        }
+    }
+}

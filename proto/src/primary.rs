@@ -1,0 +1,200 @@
+//! The primary's end: send epochs, keep each until the standby acknowledges it, and say
+//! when an epoch's output may be released. Keeping unacknowledged epochs lets a
+//! reconnected standby be brought up to date by sending them again; a standby that has
+//! lost more than that needs a full re-sync.
+
+use std::collections::VecDeque;
+
+use crate::epoch::Epoch;
+use crate::handshake::Identity;
+use crate::message::{EpochKind, Frame, Message};
+use crate::standby::name;
+use crate::ProtoError;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Send this frame to the standby.
+    Send(Frame),
+    /// The standby is following. With `full_sync`, it needs a full epoch before any
+    /// delta (it holds nothing, or less than the epochs kept here can make up).
+    Connected { full_sync: bool },
+    /// The standby holds every epoch up to this one: their output may be released.
+    Released(u64),
+    /// The standby said goodbye on purpose.
+    PeerLeft(String),
+    /// The connection must end.
+    Close(ProtoError),
+}
+
+enum Phase {
+    Disconnected,
+    AwaitingHello,
+    AwaitingWelcome { generation: u64 },
+    Protecting { generation: u64 },
+}
+
+pub struct Primary {
+    identity: Identity,
+    /// Most epochs sent but not acknowledged before the guest must wait.
+    window: usize,
+    phase: Phase,
+    next_epoch: u64,
+    acked: Option<u64>,
+    in_flight: VecDeque<Epoch>,
+}
+
+impl Primary {
+    pub fn new(identity: Identity, window: usize) -> Self {
+        Self {
+            identity,
+            window: window.max(1),
+            phase: Phase::Disconnected,
+            next_epoch: 1,
+            acked: None,
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    /// Starts a connection: send this hello first.
+    pub fn connect(&mut self) -> Frame {
+        self.phase = Phase::AwaitingHello;
+        self.identity.hello()
+    }
+
+    pub fn disconnect(&mut self) {
+        self.phase = Phase::Disconnected;
+    }
+
+    pub fn is_protecting(&self) -> bool {
+        matches!(self.phase, Phase::Protecting { .. })
+    }
+
+    /// Whether another epoch may be sent now, or the guest must wait for acks
+    /// (back-pressure: the standby is `window` epochs behind).
+    pub fn can_send(&self) -> bool {
+        self.is_protecting() && self.in_flight.len() < self.window
+    }
+
+    /// Epochs sent and not yet acknowledged.
+    pub fn lag(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn acked(&self) -> Option<u64> {
+        self.acked
+    }
+
+    /// Numbers the epoch, keeps it until acknowledged, and returns its frames.
+    pub fn send_epoch(&mut self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>) -> Result<(u64, Vec<Frame>), ProtoError> {
+        let Phase::Protecting { generation } = self.phase else {
+            return Err(ProtoError::OutOfOrder("an epoch while no standby is following".into()));
+        };
+        let epoch = Epoch { number: self.next_epoch, kind: Some(kind), addresses, data, state };
+        let frames = epoch.frames(generation);
+        for f in &frames {
+            f.message.validate()?;
+        }
+        if kind == EpochKind::Full {
+            // A full epoch makes every earlier one moot.
+            self.in_flight.clear();
+        }
+        self.next_epoch += 1;
+        let number = epoch.number;
+        self.in_flight.push_back(epoch);
+        Ok((number, frames))
+    }
+
+    pub fn handle(&mut self, frame: Frame) -> Vec<Event> {
+        match self.step(frame) {
+            Ok(events) => events,
+            Err(e) => {
+                self.phase = Phase::Disconnected;
+                vec![Event::Close(e)]
+            }
+        }
+    }
+
+    fn step(&mut self, frame: Frame) -> Result<Vec<Event>, ProtoError> {
+        if let Message::Refused(refusal) = frame.message {
+            return Err(ProtoError::Refused(refusal));
+        }
+        match self.phase {
+            Phase::Disconnected => Err(ProtoError::OutOfOrder("a frame while not connected".into())),
+            Phase::AwaitingHello => {
+                let generation = self.identity.judge(&frame)?;
+                self.phase = Phase::AwaitingWelcome { generation };
+                Ok(vec![])
+            }
+            Phase::AwaitingWelcome { generation } => {
+                check_generation(&frame, generation)?;
+                let Message::Welcome { committed } = frame.message else {
+                    return Err(ProtoError::OutOfOrder(format!("{} before the welcome", name(&frame.message))));
+                };
+                self.phase = Phase::Protecting { generation };
+                Ok(self.resume_from(committed, generation))
+            }
+            Phase::Protecting { generation } => {
+                check_generation(&frame, generation)?;
+                match frame.message {
+                    Message::Ack { epoch } => self.ack(epoch).map(|e| vec![e]),
+                    Message::Heartbeat { .. } => Ok(vec![]),
+                    Message::Goodbye { reason } => {
+                        self.phase = Phase::Disconnected;
+                        Ok(vec![Event::PeerLeft(reason)])
+                    }
+                    other => Err(ProtoError::OutOfOrder(format!("unexpected {}", name(&other)))),
+                }
+            }
+        }
+    }
+
+    /// Acks are cumulative: the standby applies epochs in order.
+    fn ack(&mut self, epoch: u64) -> Result<Event, ProtoError> {
+        if !self.in_flight.iter().any(|e| e.number == epoch) {
+            return Err(ProtoError::OutOfOrder(format!("an ack of epoch {epoch}, which is not in flight")));
+        }
+        while self.in_flight.front().is_some_and(|e| e.number <= epoch) {
+            self.in_flight.pop_front();
+        }
+        self.acked = Some(epoch);
+        Ok(Event::Released(epoch))
+    }
+
+    /// After a welcome: drops what the standby already holds and sends the rest again,
+    /// or asks for a full re-sync when the epochs kept here cannot make it up.
+    fn resume_from(&mut self, committed: Option<u64>, generation: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        if let Some(c) = committed {
+            if self.in_flight.iter().any(|e| e.number == c) {
+                while self.in_flight.front().is_some_and(|e| e.number <= c) {
+                    self.in_flight.pop_front();
+                }
+                self.acked = Some(c);
+                events.push(Event::Released(c));
+            }
+        }
+        let continues = match (committed, self.in_flight.front()) {
+            (Some(c), Some(first)) => first.number == c + 1,
+            (Some(c), None) => self.acked == Some(c),
+            (None, Some(first)) => first.kind == Some(EpochKind::Full),
+            (None, None) => false,
+        };
+        if !continues {
+            self.in_flight.clear();
+            events.push(Event::Connected { full_sync: true });
+            return events;
+        }
+        events.push(Event::Connected { full_sync: false });
+        for epoch in &self.in_flight {
+            events.extend(epoch.frames(generation).into_iter().map(Event::Send));
+        }
+        events
+    }
+}
+
+fn check_generation(frame: &Frame, generation: u64) -> Result<(), ProtoError> {
+    if frame.generation != generation {
+        return Err(ProtoError::OutOfOrder(format!("a frame of generation {} in generation {generation}", frame.generation)));
+    }
+    Ok(())
+}
