@@ -50,6 +50,17 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 
 /// Runs `tandem ARGS` inside a lab with QEMU, printing its output as it comes.
 fn in_the_lab(images: Option<PathBuf>, timeout: Duration, mem_mib: u32, args: &[String]) -> Result<()> {
+    in_the_lab_with(images, timeout, mem_mib, args, &mut |line| println!("{line}"))
+}
+
+/// Runs `tandem ARGS` inside a lab with QEMU, handing each line of output to `on_line`.
+fn in_the_lab_with(
+    images: Option<PathBuf>,
+    timeout: Duration,
+    mem_mib: u32,
+    args: &[String],
+    on_line: &mut dyn FnMut(&str),
+) -> Result<()> {
     let opts = lab::LabOptions {
         images: images.unwrap_or_else(lab::default_images_dir),
         timeout,
@@ -60,7 +71,7 @@ fn in_the_lab(images: Option<PathBuf>, timeout: Duration, mem_mib: u32, args: &[
     };
     let mut command = vec!["tandem".to_string()];
     command.extend_from_slice(args);
-    let status = lab::run(&opts, &command, &mut |line| println!("{line}"))?;
+    let status = lab::run(&opts, &command, on_line)?;
     match status {
         0 => Ok(()),
         lab::TIMEOUT_STATUS => bail!("the benchmark ran out of time inside the lab ({timeout:?})"),

@@ -34,31 +34,68 @@ pub struct SnapshotArgs {
     images: Option<PathBuf>,
 }
 
-impl SnapshotArgs {
-    fn forwarded(&self) -> Vec<String> {
-        let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-        ["bench", "snapshot-in-lab", "--sizes", &list(&self.sizes), "--rates", &list(&self.rates)]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(["--deltas".to_string(), self.deltas.to_string()])
-            .collect()
-    }
-}
-
+/// Runs each case in a lab of its own, so a lab host that crashes (the emulated AMD-V
+/// occasionally brings one down, under either VMM) costs one attempt at one case; a
+/// case is tried up to three times. The table is printed here, from the rows the labs
+/// report.
 pub fn via_lab(args: &SnapshotArgs) -> Result<()> {
     let largest = args.sizes.iter().copied().max().unwrap_or(0);
     if args.sizes.is_empty() || args.rates.is_empty() || args.deltas == 0 || largest > 4096 {
         bail!("--sizes and --rates need at least one value each, sizes at most 4096 MiB, --deltas at least 1");
     }
+    let mut rows = Vec::new();
+    for &mem_mib in &args.sizes {
+        for &rate in &args.rates {
+            let case = Case { mem_mib, rate };
+            let mut row = None;
+            for attempt in 1..=3 {
+                eprintln!("== {mem_mib} MiB guest, {rate} MiB/s (attempt {attempt})");
+                match case_in_a_lab(args, case) {
+                    Ok(r) => {
+                        row = Some(r);
+                        break;
+                    }
+                    Err(e) => eprintln!("the lab failed: {e:#}"),
+                }
+            }
+            rows.push(row.unwrap_or(Row { case, tandem: None, qemu: None, errors: vec!["the lab failed 3 times".into()] }));
+        }
+    }
+    print_table(&rows, args.deltas);
+    if rows.iter().any(|r| r.tandem.is_none() || r.qemu.is_none()) {
+        bail!("some cases failed; see the messages above");
+    }
+    Ok(())
+}
+
+/// Marks the line a lab run reports its case's results on.
+const ROW_MARKER: &str = "@@BENCH-ROW ";
+
+fn case_in_a_lab(args: &SnapshotArgs, case: Case) -> Result<Row> {
     // The lab's RAM holds the guest, a full snapshot's staging copy and the file itself.
-    let lab_mem = u32::try_from(3 * largest + 1024)?;
-    let cases = (args.sizes.len() * args.rates.len()) as u64;
-    let timeout = Duration::from_secs(300 + cases * (240 + 20 * u64::from(args.deltas)) * largest.div_ceil(256));
-    super::in_the_lab(args.images.clone(), timeout, lab_mem, &args.forwarded())
+    let lab_mem = u32::try_from(3 * case.mem_mib + 1024)?;
+    let timeout = Duration::from_secs((240 + 20 * u64::from(args.deltas)) * case.mem_mib.div_ceil(256));
+    let command: Vec<String> = [
+        "bench", "snapshot-in-lab",
+        "--sizes", &case.mem_mib.to_string(),
+        "--rates", &case.rate.to_string(),
+        "--deltas", &args.deltas.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut row = None;
+    super::in_the_lab_with(args.images.clone(), timeout, lab_mem, &command, &mut |line| {
+        match line.strip_prefix(ROW_MARKER) {
+            Some(json) => row = serde_json::from_str::<Row>(json).ok(),
+            None => eprintln!("{line}"),
+        }
+    })?;
+    row.context("the lab finished without reporting the case's results")
 }
 
 /// One guest size at one dirty rate.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Case {
     mem_mib: u64,
     rate: u64,
@@ -91,7 +128,7 @@ impl Case {
 }
 
 /// One capture: how long the guest was stopped, how long it took in all.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Capture {
     stopped: Duration,
     total: Duration,
@@ -99,7 +136,7 @@ struct Capture {
 }
 
 /// What one VMM did in one case.
-#[derive(Default)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Outcome {
     full: Capture,
     deltas: Vec<Capture>,
@@ -108,23 +145,32 @@ struct Outcome {
     guest_rate: f64,
 }
 
+/// One case's results, as a lab run reports them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Row {
+    case: Case,
+    tandem: Option<Outcome>,
+    qemu: Option<Outcome>,
+    /// Why a VMM's run failed, to print under the table.
+    errors: Vec<String>,
+}
+
 pub fn in_lab(args: &SnapshotArgs) -> Result<()> {
     let tandem = std::env::current_exe()?;
     let qemu = lab_qemu()?;
-    let mut rows = Vec::new();
     for &mem_mib in &args.sizes {
         for &rate in &args.rates {
             let case = Case { mem_mib, rate };
-            eprintln!("== {mem_mib} MiB guest, {rate} MiB/s: tandem");
-            let ours = tandem_case(&tandem, case, args.deltas).inspect_err(|e| eprintln!("tandem FAILED: {e:#}"));
-            eprintln!("== {mem_mib} MiB guest, {rate} MiB/s: qemu");
-            let theirs = qemu_case(&qemu, case, args.deltas).inspect_err(|e| eprintln!("qemu FAILED: {e:#}"));
-            rows.push((case, ours.ok(), theirs.ok()));
+            eprintln!("-- tandem");
+            let mut errors = Vec::new();
+            let ours = tandem_case(&tandem, case, args.deltas)
+                .inspect_err(|e| errors.push(format!("tandem, {} MiB at {rate} MiB/s: {e:#}", case.mem_mib)));
+            eprintln!("-- qemu");
+            let theirs = qemu_case(&qemu, case, args.deltas)
+                .inspect_err(|e| errors.push(format!("qemu, {} MiB at {rate} MiB/s: {e:#}", case.mem_mib)));
+            let row = Row { case, tandem: ours.ok(), qemu: theirs.ok(), errors };
+            println!("{ROW_MARKER}{}", serde_json::to_string(&row)?);
         }
-    }
-    print_table(&rows, args.deltas);
-    if rows.iter().any(|(_, a, b)| a.is_none() || b.is_none()) {
-        bail!("some cases failed; see the messages above");
     }
     Ok(())
 }
@@ -174,6 +220,18 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The VMM's exit status, if it has ended, and its last console lines: what a
+    /// failure message needs.
+    fn last_words(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => format!("the VMM exited ({status})"),
+            _ => "the VMM was still running".into(),
+        };
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let tail: Vec<&str> = lines.iter().rev().take(5).rev().map(|(_, l)| l.as_str()).collect();
+        format!("{status}; its console ended with: {}", tail.join(" | "))
     }
 
     fn line_count(&self) -> usize {
@@ -238,6 +296,7 @@ fn tandem_case(tandem: &Path, case: Case, deltas: u32) -> Result<Outcome> {
         out.guest_rate = guest.dirty_rate(seen);
         Ok(out)
     })();
+    let result = result.with_context(|| guest.last_words());
     guest.kill();
     let mut out = result?;
 
@@ -305,6 +364,7 @@ fn qemu_case(qemu: &Path, case: Case, deltas: u32) -> Result<Outcome> {
         out.guest_rate = guest.dirty_rate(seen);
         Ok(out)
     })();
+    let result = result.with_context(|| guest.last_words());
     guest.kill();
     let mut out = result?;
 
@@ -333,6 +393,9 @@ fn qemu_case(qemu: &Path, case: Case, deltas: u32) -> Result<Outcome> {
     Ok(out)
 }
 
+/// How long a migration to a file may take before it is called non-converging.
+const MIGRATION_LIMIT: Duration = Duration::from_secs(60);
+
 /// Migrates the running VM into `file`, lets it run on, and returns QEMU's own figures.
 fn qemu_migrate(qmp: &mut Qmp, file: &str) -> Result<Capture> {
     qmp.execute("migrate", json!({ "uri": format!("exec:cat > {file}") }))?;
@@ -342,7 +405,14 @@ fn qemu_migrate(qmp: &mut Qmp, file: &str) -> Result<Capture> {
         match info["status"].as_str() {
             Some("completed") => break info,
             Some("failed") | Some("cancelled") => bail!("QEMU's migration failed: {info}"),
-            _ if start.elapsed() > Duration::from_secs(600) => bail!("QEMU's migration did not finish: {info}"),
+            _ if start.elapsed() > MIGRATION_LIMIT => {
+                let _ = qmp.execute("migrate_cancel", json!({}));
+                bail!(
+                    "QEMU's migration did not converge within {MIGRATION_LIMIT:?}: the guest dirties memory faster than \
+                     QEMU writes it out within its downtime limit (status {})",
+                    info["status"]
+                );
+            }
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     };
@@ -364,7 +434,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
     }
 }
 
-fn print_table(rows: &[(Case, Option<Outcome>, Option<Outcome>)], deltas: u32) {
+fn print_table(rows: &[Row], deltas: u32) {
     println!();
     println!("snapshot: tandem vs QEMU (migrate to a file, -incoming) on the same guest, same lab run");
     println!("delta = median of {deltas} captures 1 s apart (QEMU: whole migrations; it has no delta)");
@@ -377,7 +447,7 @@ fn print_table(rows: &[(Case, Option<Outcome>, Option<Outcome>)], deltas: u32) {
         (Some(a), Some(b)) if !b.is_zero() => format!("{:.3}", a.as_secs_f64() / b.as_secs_f64()),
         _ => "-".into(),
     };
-    for (case, ours, theirs) in rows {
+    for Row { case, tandem: ours, qemu: theirs, .. } in rows {
         let guest = format!("{} MiB", case.mem_mib);
         let pick = |o: &Option<Outcome>, f: &dyn Fn(&Outcome) -> Capture| o.as_ref().map(f);
         let full = |o: &Outcome| o.full;
@@ -412,6 +482,9 @@ fn print_table(rows: &[(Case, Option<Outcome>, Option<Outcome>)], deltas: u32) {
             let rate = |o: &Option<Outcome>| o.as_ref().map_or("-".into(), |o| format!("{:.1}", o.guest_rate));
             println!("{:<8} guest wrote MiB/s: {} under tandem, {} under QEMU", "", rate(ours), rate(theirs));
         }
+    }
+    for error in rows.iter().flat_map(|r| &r.errors) {
+        println!("FAILED: {error}");
     }
     println!("stop = guest stopped (tandem: pause to resume; QEMU: its reported downtime); total = until the file is written");
     println!("restore = process start to running (tandem: control socket answers; QEMU: query-status says running)");

@@ -12,13 +12,15 @@ use crate::boot::{acpi, cpuid, loader, msrs, mptable, regs};
 use crate::devices::bus::PortBus;
 use crate::devices::serial::{IrqTrigger, SerialPort, COM1_IRQ};
 use crate::kvm::{Hypervisor, KvmError, KvmVcpu, VmHandle};
-use crate::memory::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
-use crate::snapshot::{self, Kind, MachineState, Snapshot};
-use crate::state::{MsrPlan, StateError, VcpuState, VmState};
+use crate::memory::{DirtyPages, GuestRam, MemoryError};
+use crate::snapshot::{self, Kind, Snapshot};
+use crate::state::{MsrPlan, StateError, VcpuState};
 use crate::time;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::output::SharedSink;
 use crate::vcpu::{VcpuError, VcpuSet, VmExit};
+
+mod capture;
 
 /// Most vCPUs a tandem VM may have: the boot tables are sized for it and every pause
 /// kicks each one, so a bound keeps both predictable.
@@ -285,103 +287,6 @@ impl Vm {
         })?;
         tracing::info!(vcpus = shape.1, mem_mib = shape.0, "guest restored");
         Ok(vm)
-    }
-
-    /// Captures the whole machine while the vCPUs are paused, and resumes them. A full
-    /// capture copies every page, a delta the pages written since the previous capture.
-    /// Returns the snapshot, the pages it holds (to hand back with
-    /// [`Vm::give_back_dirty`] if it cannot be kept) and how long the guest was stopped.
-    pub fn capture(&mut self, kind: Kind) -> Result<(Snapshot, DirtyPages, Duration), VmError> {
-        let start = std::time::Instant::now();
-        // A VM the operator paused stays paused; only a pause of our own is undone. That
-        // one is brief and leaves the guest clock running.
-        let was_paused = self.vcpus.is_paused();
-        let pausing = self.vcpus.pause(Duration::from_secs(2))?;
-        tracing::debug!(pause_us = pausing.as_micros() as u64, "capture");
-        let result = self.capture_paused(kind);
-        if !was_paused {
-            self.vcpus.resume();
-        }
-        let stopped = start.elapsed();
-        result.map(|(snap, dirty)| (snap, dirty, stopped))
-    }
-
-    fn capture_paused(&mut self, kind: Kind) -> Result<(Snapshot, DirtyPages), VmError> {
-        // Devices first: their state may still raise interrupts into the vCPU state.
-        let phase = std::time::Instant::now();
-        let devices = self.bus.lock().unwrap_or_else(|e| e.into_inner()).state();
-        let (mut vm, clock) = VmState::capture(&self.kvm_vm)?;
-        let vm_done = phase.elapsed();
-        let msrs = self.msrs.clone();
-        let mut vcpu_states = self
-            .vcpus
-            .on_each_paused(move |_, vcpu| {
-                let mut state = VcpuState::capture(vcpu, &msrs)?;
-                // The TSC as of the clock reading, so the two agree exactly.
-                if let Some(tsc) = time::tsc_at(vcpu, clock.host_tsc) {
-                    state.set_tsc(tsc);
-                }
-                Ok::<_, StateError>(state)
-            })?
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        // Paused by the operator: the guest's time is the frozen one.
-        if let Some(frozen) = &self.frozen {
-            vm.clock.clock = frozen.clock_ns;
-            for (state, tsc) in vcpu_states.iter_mut().zip(&frozen.tsc) {
-                if let Some(tsc) = *tsc {
-                    state.set_tsc(tsc);
-                }
-            }
-        }
-        let vcpus_done = phase.elapsed();
-        let dirty = self.ram.take_dirty(&self.kvm_vm)?;
-        let dirty_done = phase.elapsed();
-        let every;
-        let set = match kind {
-            Kind::Full => {
-                every = self.ram.every_page();
-                &every
-            }
-            Kind::Delta => &dirty,
-        };
-        let mem = self.ram.memory();
-        let page = PAGE_SIZE as usize;
-        // Allocated lazily by the kernel: only the pages kept are ever touched.
-        let mut data = vec![0u8; set.count() as usize * page];
-        let mut pages = Vec::new();
-        for gpa in set.addresses() {
-            let n = pages.len();
-            let chunk = &mut data[n * page..(n + 1) * page];
-            if let Err(e) = mem.read_slice(chunk, gpa) {
-                self.ram.give_back(&dirty);
-                return Err(VmError::Chain(format!("reading guest page {:#x}: {e}", gpa.raw_value())));
-            }
-            // A restored VM's memory starts out zeroed, so a full snapshot leaves zero
-            // pages out; a delta keeps them, since they overwrite what came before.
-            if kind == Kind::Full && snapshot::is_zero_page(chunk) {
-                continue;
-            }
-            pages.push(gpa.raw_value());
-        }
-        data.truncate(pages.len() * page);
-        // Where the stopped time goes, for tuning it.
-        tracing::debug!(
-            vm_and_devices_us = vm_done.as_micros() as u64,
-            vcpus_us = (vcpus_done - vm_done).as_micros() as u64,
-            dirty_log_us = (dirty_done - vcpus_done).as_micros() as u64,
-            copy_us = (phase.elapsed() - dirty_done).as_micros() as u64,
-            pages = pages.len(),
-            "capture"
-        );
-        let state = MachineState {
-            mem_mib: self.memory_mib(),
-            vcpus: vcpu_states.len() as u8,
-            vm,
-            vcpu_states,
-            devices,
-        };
-        Ok((Snapshot { kind, state, pages, data }, dirty))
     }
 
     /// Waits up to `timeout` for the guest to stop the machine (or a vCPU to fail).

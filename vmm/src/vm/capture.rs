@@ -1,0 +1,250 @@
+//! Capturing the machine, with the vCPUs stopped only for what must be atomic.
+//!
+//! A delta copies, while paused, the pages written since the previous capture. A full
+//! snapshot of a running VM first copies every page while the guest runs, then the pages
+//! written meanwhile, round after round until few are left (pre-copy, as live migration
+//! does); only the last round happens while paused. A full snapshot leaves out the
+//! pages that are all zeros, sorted out after the guest runs again.
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Address, Bytes};
+
+use super::{Vm, VmError};
+use crate::memory::{DirtyPages, GuestRam, PAGE_SIZE};
+use crate::snapshot::{self, Kind, MachineState, Snapshot};
+use crate::state::{StateError, VcpuState, VmState};
+use crate::time;
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// Pre-copy ends once a round leaves fewer pages than this for the paused copy, once a
+/// round no longer halves what is left, or after this many rounds.
+const PRECOPY_DONE_PAGES: u64 = 256;
+const PRECOPY_ROUNDS: usize = 6;
+
+/// The pages a capture holds: every address, sorted, with a slot of data each.
+struct Staging {
+    addresses: Vec<u64>,
+    data: Vec<u8>,
+    /// Per slot: whether it holds anything but zeros.
+    nonzero: Vec<bool>,
+}
+
+impl Staging {
+    fn new(pages: &DirtyPages) -> Self {
+        let addresses: Vec<u64> = pages.addresses().map(|a| a.raw_value()).collect();
+        Self {
+            // Allocated lazily by the kernel: a slot costs memory once written.
+            data: vec![0; addresses.len() * PAGE],
+            nonzero: vec![false; addresses.len()],
+            addresses,
+        }
+    }
+
+    /// Copies the current contents of `pages`, each of which must have a slot.
+    fn copy(&mut self, ram: &GuestRam, pages: &DirtyPages) -> Result<(), VmError> {
+        let mem = ram.memory();
+        for gpa in pages.addresses() {
+            let slot = self
+                .addresses
+                .binary_search(&gpa.raw_value())
+                .map_err(|_| VmError::Chain(format!("page {:#x} has no staging slot", gpa.raw_value())))?;
+            let chunk = &mut self.data[slot * PAGE..(slot + 1) * PAGE];
+            mem.read_slice(chunk, gpa)
+                .map_err(|e| VmError::Chain(format!("reading guest page {:#x}: {e}", gpa.raw_value())))?;
+            self.nonzero[slot] = !snapshot::is_zero_page(chunk);
+        }
+        Ok(())
+    }
+
+    /// The pages, leaving out those that are all zeros when `drop_zeros`.
+    fn into_pages(self, drop_zeros: bool) -> (Vec<u64>, Vec<u8>) {
+        if !drop_zeros {
+            return (self.addresses, self.data);
+        }
+        let (mut addresses, mut data) = (self.addresses, self.data);
+        let mut kept = 0;
+        for slot in 0..addresses.len() {
+            if !self.nonzero[slot] {
+                continue;
+            }
+            if kept != slot {
+                data.copy_within(slot * PAGE..(slot + 1) * PAGE, kept * PAGE);
+                addresses[kept] = addresses[slot];
+            }
+            kept += 1;
+        }
+        addresses.truncate(kept);
+        data.truncate(kept * PAGE);
+        (addresses, data)
+    }
+}
+
+impl Vm {
+    /// Captures the whole machine and lets it run on (a VM the operator paused stays
+    /// paused). Returns the snapshot, the pages whose dirty bits it consumed (hand them
+    /// back with [`Vm::give_back_dirty`] if the snapshot cannot be kept) and how long the
+    /// guest was stopped.
+    pub fn capture(&mut self, kind: Kind) -> Result<(Snapshot, DirtyPages, Duration), VmError> {
+        let was_paused = self.vcpus.is_paused();
+        let mut taken = DirtyPages::default();
+        let result = self.capture_into(kind, was_paused, &mut taken);
+        if result.is_err() {
+            self.ram.give_back(&taken);
+        }
+        let (state, staging, stopped) = result?;
+        let (pages, data) = staging.into_pages(kind == Kind::Full);
+        Ok((Snapshot { kind, state, pages, data }, taken, stopped))
+    }
+
+    fn capture_into(
+        &mut self,
+        kind: Kind,
+        was_paused: bool,
+        taken: &mut DirtyPages,
+    ) -> Result<(MachineState, Staging, Duration), VmError> {
+        let staging = match kind {
+            Kind::Full if !was_paused => Some(self.precopy(taken)?),
+            _ => None,
+        };
+        let start = Instant::now();
+        self.vcpus.pause(Duration::from_secs(2))?;
+        let result = self.capture_paused(kind, staging, taken);
+        // Only a pause of our own is undone. It is brief and leaves the guest clock
+        // running, unlike an operator's.
+        if !was_paused {
+            self.vcpus.resume();
+        }
+        let stopped = start.elapsed();
+        tracing::debug!(stopped_us = stopped.as_micros() as u64, "capture");
+        result.map(|(state, staging)| (state, staging, stopped))
+    }
+
+    /// Copies every page while the guest runs, then what it wrote meanwhile, until
+    /// little is left for the paused copy.
+    fn precopy(&mut self, taken: &mut DirtyPages) -> Result<Staging, VmError> {
+        taken.merge(&self.ram.take_dirty(&self.kvm_vm)?);
+        let every = self.ram.every_page();
+        let mut staging = Staging::new(&every);
+        staging.copy(&self.ram, &every)?;
+        let mut left = u64::MAX;
+        for round in 1..=PRECOPY_ROUNDS {
+            let dirty = self.ram.take_dirty(&self.kvm_vm)?;
+            taken.merge(&dirty);
+            staging.copy(&self.ram, &dirty)?;
+            let pages = dirty.count();
+            tracing::debug!(round, pages, "pre-copy");
+            if pages < PRECOPY_DONE_PAGES || pages > left / 2 {
+                break;
+            }
+            left = pages;
+        }
+        Ok(staging)
+    }
+
+    fn capture_paused(
+        &mut self,
+        kind: Kind,
+        staging: Option<Staging>,
+        taken: &mut DirtyPages,
+    ) -> Result<(MachineState, Staging), VmError> {
+        let phase = Instant::now();
+        // Devices first: their state may still raise interrupts into the vCPU state.
+        let devices = self.bus.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let (mut vm, clock) = VmState::capture(&self.kvm_vm)?;
+        let vm_done = phase.elapsed();
+        let msrs = self.msrs.clone();
+        let mut vcpu_states = self
+            .vcpus
+            .on_each_paused(move |_, vcpu| {
+                let mut state = VcpuState::capture(vcpu, &msrs)?;
+                // The TSC as of the clock reading, so the two agree exactly.
+                if let Some(tsc) = time::tsc_at(vcpu, clock.host_tsc) {
+                    state.set_tsc(tsc);
+                }
+                Ok::<_, StateError>(state)
+            })?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        // Paused by the operator: the guest's time is the frozen one.
+        if let Some(frozen) = &self.frozen {
+            vm.clock.clock = frozen.clock_ns;
+            for (state, tsc) in vcpu_states.iter_mut().zip(&frozen.tsc) {
+                if let Some(tsc) = *tsc {
+                    state.set_tsc(tsc);
+                }
+            }
+        }
+        let vcpus_done = phase.elapsed();
+        let dirty = self.ram.take_dirty(&self.kvm_vm)?;
+        taken.merge(&dirty);
+        let dirty_done = phase.elapsed();
+        let staging = match (kind, staging) {
+            // Pre-copied: only what the guest wrote since the last round.
+            (Kind::Full, Some(mut staging)) => {
+                staging.copy(&self.ram, &dirty)?;
+                staging
+            }
+            (Kind::Full, None) => {
+                let every = self.ram.every_page();
+                let mut staging = Staging::new(&every);
+                staging.copy(&self.ram, &every)?;
+                staging
+            }
+            (Kind::Delta, _) => {
+                let mut staging = Staging::new(&dirty);
+                staging.copy(&self.ram, &dirty)?;
+                staging
+            }
+        };
+        // Where the stopped time goes, for tuning it.
+        tracing::debug!(
+            vm_and_devices_us = vm_done.as_micros() as u64,
+            vcpus_us = (vcpus_done - vm_done).as_micros() as u64,
+            dirty_log_us = (dirty_done - vcpus_done).as_micros() as u64,
+            copy_us = (phase.elapsed() - dirty_done).as_micros() as u64,
+            pages = dirty.count(),
+            "capture"
+        );
+        let state = MachineState {
+            mem_mib: self.memory_mib(),
+            vcpus: vcpu_states.len() as u8,
+            vm,
+            vcpu_states,
+            devices,
+        };
+        Ok((state, staging))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn staging_keeps_the_latest_copy_and_drops_zero_pages_only_when_asked() {
+        let ram = GuestRam::new(16).unwrap();
+        let mem = ram.memory();
+        mem.write_slice(&[1; 8], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[2; 8], GuestAddress(0x3000)).unwrap();
+        let every = ram.every_page();
+        let mut staging = Staging::new(&every);
+        staging.copy(&ram, &every).unwrap();
+        // The guest moves on: one page changes, another becomes zero again. A second
+        // round copies them again.
+        mem.write_slice(&[3; 8], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[0; 8], GuestAddress(0x3000)).unwrap();
+        staging.copy(&ram, &every).unwrap();
+        let (pages, data) = staging.into_pages(true);
+        assert_eq!(pages, [0x1000]);
+        assert_eq!(&data[..8], &[3; 8]);
+        assert_eq!(data.len(), PAGE);
+
+        let mut all = Staging::new(&every);
+        all.copy(&ram, &every).unwrap();
+        let (pages, data) = all.into_pages(false);
+        assert_eq!(pages.len() as u64, every.count());
+        assert_eq!(data.len(), pages.len() * PAGE);
+    }
+}
