@@ -3,6 +3,7 @@
 mod bench;
 mod control;
 mod inspect;
+mod keygen;
 mod lab;
 mod run;
 mod watchdog;
@@ -44,6 +45,9 @@ enum Cmd {
     /// Show what a snapshot holds, or compare it with another (--against): exits 0 when
     /// they are identical, 1 when they differ.
     Inspect(inspect::InspectArgs),
+    /// Write a key pair for replication's mutual TLS into DIR: key.pem (private, mode
+    /// 0600) and cert.pem (give it to the peer); prints the certificate's fingerprint.
+    Keygen(keygen::KeygenArgs),
     /// Run COMMAND inside the lab: a Linux host with real KVM under QEMU's emulated AMD-V.
     /// Guest images are at /images, `--with` files at /with/NAME.
     Lab(LabArgs),
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
             0
         }),
         Cmd::Inspect(args) => inspect::run(&args),
+        Cmd::Keygen(args) => keygen::run(&args),
         Cmd::Lab(args) => {
             let mut stdout = std::io::stdout();
             lab::run(&args.options(), &args.command, &mut |line| {

@@ -80,3 +80,20 @@ fn lab_without_qemu_names_the_package() {
 fn lab_without_images_says_how_to_build_them() {
     refused(&["lab", "--images", "/nonexistent", "--", "true"], "guest-images/build.sh");
 }
+
+#[test]
+fn keygen_writes_a_private_key_pair_and_never_overwrites_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("tandem-keygen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let run = tandem(&["keygen", "--out", out]);
+    assert_eq!(run.code, 0, "{}", run.dump());
+    assert!(run.stdout.contains("fingerprint SHA256:"), "{}", run.dump());
+    let mode = std::fs::metadata(dir.join("key.pem")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "key.pem must be private");
+    assert!(std::fs::read_to_string(dir.join("cert.pem")).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_refused(&tandem(&["keygen", "--out", out]), "already exists");
+    assert_eq!(tandem(&["keygen", "--out", out, "--force"]).code, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

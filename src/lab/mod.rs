@@ -19,6 +19,11 @@ use anyhow::{bail, Context, Result};
 pub const WITH_DIR: &str = "/with";
 /// Printed by the lab's /init with the command's exit status.
 const EXIT_MARKER: &str = "@@TANDEM-LAB-EXIT=";
+/// Printed by the lab's /init just before it runs the command.
+const START_MARKER: &str = "@@TANDEM-LAB-START@@";
+/// Printed by `tandem lab` on stderr when the lab host timed out before running the
+/// command: a fault of the lab, not of the command.
+pub const NEVER_STARTED: &str = "the lab host never got as far as running the command";
 /// The lab host's CPU: an EPYC with SVM, minus the features QEMU's TCG cannot emulate
 /// (each would otherwise print a warning on every lab boot).
 const LAB_CPU: &str = "EPYC,+svm,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
@@ -191,6 +196,7 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
 
     let watchdog = crate::watchdog::Watchdog::new(child.id(), opts.timeout);
     let mut status = None;
+    let mut started = false;
     let stdout = child.stdout.take().context("QEMU's output pipe")?;
     let mut reader = BufReader::new(stdout);
     let mut raw = Vec::new();
@@ -202,6 +208,10 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
         }
         let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end_matches(['\n', '\r']).trim_end_matches('\r');
+        if line == START_MARKER {
+            started = true;
+            continue;
+        }
         if let Some(rest) = line.strip_prefix(EXIT_MARKER) {
             status = rest.trim_end_matches('@').parse::<i32>().ok();
             continue;
@@ -215,7 +225,11 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
     let timed_out = watchdog.disarm();
     let _ = child.wait();
     if timed_out {
-        eprintln!("tandem lab: timed out after {:?}; the lab was stopped", opts.timeout);
+        if started {
+            eprintln!("tandem lab: timed out after {:?} with the command still running; the lab was stopped", opts.timeout);
+        } else {
+            eprintln!("tandem lab: timed out after {:?}: {NEVER_STARTED} (try again)", opts.timeout);
+        }
         return Ok(TIMEOUT_STATUS);
     }
     status.context("the lab stopped without reporting the command's exit status (see its output above)")

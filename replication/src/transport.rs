@@ -1,0 +1,183 @@
+//! The QUIC transport (quinn on tokio), and the only module that knows either. A
+//! connection carries one bidirectional stream of protocol frames: epochs one way,
+//! acknowledgements the other, heartbeats both ways. QUIC gives the stream its order
+//! and integrity; the frames' own checks catch anything else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tandem_proto::frame::{self, Decoder};
+use tandem_proto::{Frame, ProtoError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot use {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot connect to {addr}: {why}")]
+    Connect { addr: SocketAddr, why: String },
+    #[error("the connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the connection failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("the connection failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("the endpoint was closed")]
+    Closed,
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+}
+
+/// One connection's frame stream.
+pub struct Link {
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: Decoder,
+    /// Keeps the endpoint (and its socket) alive as long as the link.
+    _endpoint: quinn::Endpoint,
+}
+
+impl Link {
+    pub fn peer(&self) -> SocketAddr {
+        self.connection.remote_address()
+    }
+
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), TransportError> {
+        self.send.write_all(&frame::encode(frame)?).await?;
+        Ok(())
+    }
+
+    /// The next frame; `None` once the peer has finished the stream.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, TransportError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(64 << 10, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Ends the connection at once, telling the peer why.
+    pub fn close(&self, why: &str) {
+        self.connection.close(0u32.into(), why.as_bytes());
+    }
+}
+
+/// The standby's listening endpoint.
+pub struct Listener {
+    endpoint: quinn::Endpoint,
+}
+
+impl Listener {
+    pub fn bind(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Self, TransportError> {
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })?;
+        Ok(Self { endpoint })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.endpoint.local_addr().map_err(|source| TransportError::Bind { addr: ([0, 0, 0, 0], 0).into(), source })
+    }
+
+    /// The next peer that completes the TLS handshake (presenting the pinned
+    /// certificate) and opens its stream.
+    pub async fn accept(&self) -> Result<Link, TransportError> {
+        let incoming = self.endpoint.accept().await.ok_or(TransportError::Closed)?;
+        let connection = incoming.await?;
+        let (send, recv) = connection.accept_bi().await?;
+        Ok(Link { connection, send, recv, decoder: Decoder::default(), _endpoint: self.endpoint.clone() })
+    }
+}
+
+/// Connects to the standby at `addr`; the stream is open once this returns, and the
+/// standby sees it with the first frame sent.
+pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link, TransportError> {
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let local: SocketAddr = if addr.is_ipv6() { ([0u16; 8], 0).into() } else { ([0, 0, 0, 0], 0).into() };
+    let mut endpoint = quinn::Endpoint::client(local).map_err(|source| TransportError::Bind { addr: local, source })?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let failed = |why: String| TransportError::Connect { addr, why };
+    // The pinned certificate is the trust; the name is not checked.
+    let connecting = endpoint.connect(addr, "tandem").map_err(|e| failed(e.to_string()))?;
+    let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
+    let (send, recv) = connection.open_bi().await?;
+    Ok(Link { connection, send, recv, decoder: Decoder::default(), _endpoint: endpoint })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{self, CERT_FILE, KEY_FILE};
+    use std::path::{Path, PathBuf};
+    use tandem_proto::handshake::Identity;
+    use tandem_proto::message::Role;
+
+    fn keys(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tandem-tls-{}-{name}", std::process::id()));
+        tls::keygen(&dir).unwrap();
+        dir
+    }
+
+    fn server(own: &Path, peer: &Path) -> Listener {
+        let tls = tls::server_config(tls::load_identity(&own.join(KEY_FILE)).unwrap(), tls::load_peer_cert(&peer.join(CERT_FILE)).unwrap()).unwrap();
+        Listener::bind(([127, 0, 0, 1], 0).into(), tls).unwrap()
+    }
+
+    fn client(own: &Path, peer: &Path) -> rustls::ClientConfig {
+        tls::client_config(tls::load_identity(&own.join(KEY_FILE)).unwrap(), tls::load_peer_cert(&peer.join(CERT_FILE)).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pinned_peers_exchange_frames() {
+        let (a, b) = (keys("a1"), keys("b1"));
+        let listener = server(&b, &a);
+        let addr = listener.local_addr().unwrap();
+        let hello = Identity { role: Role::Primary, fingerprint: 1, generation: 1 }.hello();
+        let sent = hello.clone();
+        let standby = tokio::spawn(async move {
+            let mut link = listener.accept().await.unwrap();
+            let got = link.recv().await.unwrap().unwrap();
+            link.send(&got).await.unwrap();
+            // Stay until the primary has read it and gone.
+            let _ = link.recv().await;
+            got
+        });
+        let mut link = connect(addr, client(&a, &b)).await.unwrap();
+        link.send(&sent).await.unwrap();
+        assert_eq!(link.recv().await.unwrap().unwrap(), hello);
+        link.close("done");
+        assert_eq!(standby.await.unwrap(), hello);
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_certificate_is_refused_both_ways() {
+        let (a, b, stranger) = (keys("a2"), keys("b2"), keys("s2"));
+        // The standby pins `a`, but a stranger connects.
+        let listener = server(&b, &a);
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+        let result = async {
+            let mut link = connect(addr, client(&stranger, &b)).await?;
+            link.send(&Identity { role: Role::Primary, fingerprint: 1, generation: 1 }.hello()).await?;
+            link.recv().await
+        }
+        .await;
+        assert!(result.is_err(), "the stranger got through");
+        let refused = accepting.await.unwrap().unwrap_err().to_string();
+        assert!(refused.contains("not the pinned"), "{refused}");
+
+        // The primary pins `b`, but a stranger listens there.
+        let listener = server(&stranger, &a);
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+        let err = connect(addr, client(&a, &b)).await.err().expect("connected to a stranger").to_string();
+        assert!(err.contains("not the pinned"), "{err}");
+    }
+}
