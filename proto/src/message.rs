@@ -53,11 +53,17 @@ pub enum Message {
         epoch: u64,
         addresses: Vec<u64>,
         compression: Compression,
+        /// As one byte string: encoded byte by byte it would cost more than the copy.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The machine state (vCPUs, VM-wide KVM state, devices) as of the epoch's pause,
     /// encoded by the VMM's own codec.
-    State { epoch: u64, state: Vec<u8> },
+    State {
+        epoch: u64,
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
     /// Ends the epoch: how many pages it carried and a CRC-32 over all of it.
     EpochCommit { epoch: u64, pages: u64, checksum: u32 },
     /// The standby verified and applied the epoch.

@@ -2,5 +2,6 @@
 //! promotion. Only [`transport`] knows QUIC and tokio; [`tls`] holds the pinned-
 //! certificate trust both ends use.
 
+pub mod pipeline;
 pub mod tls;
 pub mod transport;

@@ -68,6 +68,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// A throwaway identity held only in memory, for benchmarks and tests.
+pub fn ephemeral() -> Result<Identity, TlsError> {
+    let made = rcgen::generate_simple_self_signed(vec!["tandem".to_string()])
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(made.signing_key.serialize_pem().as_bytes())
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok(Identity { cert: made.cert.der().clone(), key })
+}
+
 /// SHA-256 of a certificate, as `SHA256:` and colon-separated hex.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     let hex: Vec<String> = Sha256::digest(cert.as_ref()).iter().map(|b| format!("{b:02X}")).collect();

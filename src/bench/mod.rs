@@ -3,6 +3,7 @@
 //! only there can Linux guests run.
 
 mod boot;
+mod pipeline;
 mod qmp;
 mod snapshot;
 
@@ -37,6 +38,10 @@ pub enum BenchCmd {
     /// The part of `bench snapshot` that runs inside the lab.
     #[command(hide = true)]
     SnapshotInLab(snapshot::SnapshotArgs),
+    /// Throughput of the replication pipeline on this host, no guest needed: pages
+    /// dirtied in a memory region, staged, sent as epochs over loopback QUIC with
+    /// mutual TLS, verified and applied by a standby; beside memcpy and loopback TCP.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -45,6 +50,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::BootInLab(args) => boot::in_lab(&args),
         BenchCmd::Snapshot(args) => snapshot::via_lab(&args),
         BenchCmd::SnapshotInLab(args) => snapshot::in_lab(&args),
+        BenchCmd::Pipeline(args) => pipeline::run(&args),
     }
 }
 

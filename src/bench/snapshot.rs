@@ -74,7 +74,8 @@ const ROW_MARKER: &str = "@@BENCH-ROW ";
 fn case_in_a_lab(args: &SnapshotArgs, case: Case) -> Result<Row> {
     // The lab's RAM holds the guest, a full snapshot's staging copy and the file itself.
     let lab_mem = u32::try_from(3 * case.mem_mib + 1024)?;
-    let timeout = Duration::from_secs((240 + 20 * u64::from(args.deltas)) * case.mem_mib.div_ceil(256));
+    // A case takes one to two minutes in the lab; a lab that hangs is retried sooner.
+    let timeout = Duration::from_secs((180 + 20 * u64::from(args.deltas)) * case.mem_mib.div_ceil(512));
     let command: Vec<String> = [
         "bench", "snapshot-in-lab",
         "--sizes", &case.mem_mib.to_string(),

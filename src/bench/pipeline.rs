@@ -1,0 +1,52 @@
+//! `tandem bench pipeline`: the replication pipeline's throughput against the physical
+//! limits of this host (memcpy, loopback TCP), measured in one run.
+
+use anyhow::{bail, Result};
+use tandem_replication::pipeline::{measure, Params};
+
+use super::ms;
+
+#[derive(clap::Args, Clone)]
+pub struct PipelineArgs {
+    /// Size of the memory region, in MiB.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
+    /// Delta epochs after the initial full one.
+    #[arg(long, default_value_t = 20)]
+    epochs: u32,
+    /// Share of the region each delta dirties, in percent.
+    #[arg(long, default_value_t = 25)]
+    dirty_percent: u32,
+    /// Epochs in flight before the primary waits for acknowledgements.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+}
+
+pub fn run(args: &PipelineArgs) -> Result<()> {
+    if args.mib == 0 || args.mib > 16 << 10 || args.dirty_percent > 100 || args.window == 0 {
+        bail!("--mib must be 1..=16384, --dirty-percent at most 100, --window at least 1");
+    }
+    let f = measure(Params { mib: args.mib, epochs: args.epochs, dirty_percent: args.dirty_percent, window: args.window })?;
+    let gib = f.bytes() as f64 / (1u64 << 30) as f64;
+    println!(
+        "pipeline: {} MiB region, a full epoch then {} deltas dirtying {}% each, window {}: {} pages ({gib:.2} GiB) through each path, same run",
+        args.mib, args.epochs, args.dirty_percent, args.window, f.pages
+    );
+    println!("{:<38} {:>9} {:>8} {:>11} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy");
+    for (name, t) in [
+        ("epoch pipeline (QUIC, mutual TLS)", f.pipeline),
+        ("memcpy, one thread", f.memcpy),
+        ("loopback TCP (tokio)", f.tcp),
+    ] {
+        let secs = t.as_secs_f64();
+        println!(
+            "{name:<38} {:>9.1} {:>8.2} {:>11.0} {:>9.3}",
+            ms(t),
+            gib / secs,
+            f.pages as f64 / secs,
+            f.memcpy.as_secs_f64() / secs
+        );
+    }
+    println!("pipeline/TCP throughput: {:.3}", f.tcp.as_secs_f64() / f.pipeline.as_secs_f64());
+    Ok(())
+}
