@@ -419,6 +419,11 @@ fn qemu_migrate(qmp: &mut Qmp, file: &str) -> Result<Capture> {
     };
     qmp.execute("cont", json!({}))?;
     let figure = |name: &str| info[name].as_u64().with_context(|| format!("no {name} in {info}"));
+    // After a QMP reconnect QEMU has been seen to report a completed migration with
+    // no timings at all; that is no measurement.
+    if figure("total-time")? == 0 {
+        bail!("QEMU reported a completed migration without timings: {info}");
+    }
     Ok(Capture {
         stopped: Duration::from_millis(figure("downtime")?),
         total: Duration::from_millis(figure("total-time")?),
