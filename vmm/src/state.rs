@@ -85,7 +85,7 @@ impl MsrPlan {
 
 /// Everything KVM holds for one vCPU. The x87/SSE state is inside the XSAVE area, so
 /// it is not kept a second time as `kvm_fpu`.
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct VcpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,

@@ -12,6 +12,7 @@
 
 pub mod codec;
 pub mod compare;
+pub mod image;
 pub mod format;
 
 use std::io::Read;
@@ -25,7 +26,7 @@ use crate::state::{VcpuState, VmState};
 pub use format::Kind;
 
 /// Everything but memory that a restored VM needs.
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct MachineState {
     pub mem_mib: u64,
     pub vcpus: u8,

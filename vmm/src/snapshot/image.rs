@@ -1,0 +1,118 @@
+//! A whole VM kept up to date capture by capture: every page of guest memory and the
+//! latest machine state. It is what a standby holds, epoch after epoch, and what it
+//! rebuilds the VM from when it takes over ([`Image::to_snapshot`] for `Vm::restore`).
+
+use crate::memory::{ram_ranges, MAX_MEM_MIB, MIN_MEM_MIB, PAGE_SIZE};
+
+use super::{codec, is_zero_page, Kind, MachineState, Snapshot, SnapshotError};
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+pub struct Image {
+    mem_mib: u64,
+    /// Guest-physical address of every page, ascending; slot `i` of `data` is page `i`.
+    addresses: Vec<u64>,
+    data: Vec<u8>,
+    state: Option<MachineState>,
+}
+
+impl Image {
+    /// An image of a `mem_mib` guest, all zeros and with no machine state yet.
+    pub fn new(mem_mib: u64) -> Result<Self, SnapshotError> {
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
+            return Err(SnapshotError::Corrupt(format!("an image of {mem_mib} MiB")));
+        }
+        let addresses: Vec<u64> = ram_ranges(mem_mib << 20)
+            .into_iter()
+            .flat_map(|(base, len)| (0..len as u64 / PAGE_SIZE).map(move |i| base.0 + i * PAGE_SIZE))
+            .collect();
+        // Allocated lazily by the kernel: pages never written cost nothing.
+        let data = vec![0; addresses.len() * PAGE];
+        Ok(Self { mem_mib, addresses, data, state: None })
+    }
+
+    /// Whether a capture has been applied: an image without one cannot be restored.
+    pub fn is_complete(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// Lays `addresses` (with their `data`, page after page) over the image and takes
+    /// `state` (encoded by the codec) as the machine's. Everything is checked before
+    /// anything is written, so a bad capture leaves the image as it was.
+    pub fn apply(&mut self, addresses: &[u64], data: &[u8], state: &[u8]) -> Result<(), SnapshotError> {
+        if data.len() != addresses.len() * PAGE {
+            return Err(SnapshotError::Corrupt(format!("{} bytes for {} pages", data.len(), addresses.len())));
+        }
+        let state: MachineState = codec::decode(state)?;
+        if state.mem_mib != self.mem_mib {
+            return Err(SnapshotError::Corrupt(format!("state of a {} MiB VM for a {} MiB image", state.mem_mib, self.mem_mib)));
+        }
+        let slots = addresses
+            .iter()
+            .map(|a| {
+                self.addresses
+                    .binary_search(a)
+                    .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, slot) in slots.into_iter().enumerate() {
+            self.data[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(&data[i * PAGE..(i + 1) * PAGE]);
+        }
+        self.state = Some(state);
+        Ok(())
+    }
+
+    /// The image as a full snapshot (its zero pages left out), for `Vm::restore`.
+    pub fn to_snapshot(&self) -> Result<Snapshot, SnapshotError> {
+        let state = self.state.clone().ok_or_else(|| SnapshotError::Corrupt("no capture applied yet".into()))?;
+        let mut pages = Vec::new();
+        let mut data = Vec::new();
+        for (i, &a) in self.addresses.iter().enumerate() {
+            let page = &self.data[i * PAGE..(i + 1) * PAGE];
+            if !is_zero_page(page) {
+                pages.push(a);
+                data.extend_from_slice(page);
+            }
+        }
+        Ok(Snapshot { kind: Kind::Full, state, pages, data })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(mem_mib: u64, marker: u64) -> Vec<u8> {
+        let mut s = MachineState { mem_mib, vcpus: 1, vcpu_states: vec![Default::default()], ..Default::default() };
+        s.vm.clock.clock = marker;
+        codec::encode(&s).unwrap()
+    }
+
+    #[test]
+    fn captures_apply_in_order_and_the_last_state_wins() {
+        let mut image = Image::new(16).unwrap();
+        assert!(!image.is_complete());
+        assert!(image.to_snapshot().is_err(), "nothing to restore yet");
+        image.apply(&[0x1000, 0x3000], &[[1u8; PAGE], [2u8; PAGE]].concat(), &state(16, 1)).unwrap();
+        image.apply(&[0x3000, 0x5000], &[[3u8; PAGE], [0u8; PAGE]].concat(), &state(16, 2)).unwrap();
+        let snap = image.to_snapshot().unwrap();
+        assert_eq!(snap.pages, [0x1000, 0x3000], "zero pages are left out");
+        assert_eq!(snap.page_at(0x3000).unwrap(), &[3u8; PAGE][..]);
+        assert_eq!(snap.state.vm.clock.clock, 2);
+        assert_eq!(snap.kind, Kind::Full);
+    }
+
+    #[test]
+    fn a_bad_capture_leaves_the_image_as_it_was() {
+        let mut image = Image::new(16).unwrap();
+        image.apply(&[0x1000], &[1u8; PAGE], &state(16, 1)).unwrap();
+        let outside = 16 << 20;
+        assert!(image.apply(&[0x1000, outside], &[[9u8; PAGE], [9u8; PAGE]].concat(), &state(16, 2)).is_err());
+        assert!(image.apply(&[0x1000], &[9u8; 10], &state(16, 2)).is_err());
+        assert!(image.apply(&[0x1000], &[9u8; PAGE], &state(32, 2)).is_err());
+        assert!(image.apply(&[0x1000], &[9u8; PAGE], b"garbage").is_err());
+        let snap = image.to_snapshot().unwrap();
+        assert_eq!(snap.page_at(0x1000).unwrap(), &[1u8; PAGE][..]);
+        assert_eq!(snap.state.vm.clock.clock, 1);
+    }
+}
