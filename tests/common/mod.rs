@@ -85,15 +85,20 @@ pub fn tandem(args: &[&str]) -> Run {
     )
 }
 
-/// Runs `tandem lab [LAB_ARGS] -- COMMAND` and returns what came out. A lab host that
-/// hangs before it runs the command (`tandem lab` says so; seen twice in ~30 runs,
-/// both times on a machine busy compiling beside it) is a fault of the emulated lab,
-/// not of what is tested: that attempt is printed and the run tried again, up to 3
-/// times.
+/// Runs `tandem lab [LAB_ARGS] -- COMMAND` and returns what came out.
+///
+/// Two kinds of attempt are printed and tried again, up to 3 attempts in all: a lab host
+/// that hangs before it runs the command (`tandem lab` says so), and a command that
+/// ran out of time without printing a single line, not even the guest kernel's first.
+/// The second was seen 3 times in about 60 lab runs. It never reproduced in 36
+/// back-to-back boots in one lab, and its cause is not known. A tandem that hangs every
+/// time still fails all 3 attempts, and so the test.
 pub fn lab(lab_args: &[&str], command: &[&str]) -> Run {
     let mut run = lab_once(lab_args, command);
     for attempt in 2..=3 {
-        if !run.says("the lab host never got as far as running the command") {
+        let never_started = run.says("the lab host never got as far as running the command");
+        let silent = run.code == 124 && run.stdout.trim().is_empty();
+        if !never_started && !silent {
             break;
         }
         eprintln!("lab attempt {} never ran the command, trying again:\n{}", attempt - 1, run.dump());
