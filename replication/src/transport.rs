@@ -42,51 +42,42 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// One connection's frame stream.
+/// One connection's frame stream: a sending and a receiving half, which
+/// [`Link::split`] hands to separate tasks.
 pub struct Link {
-    connection: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    decoder: Decoder,
-    /// Keeps the endpoint (and its socket) alive as long as the link.
-    _endpoint: quinn::Endpoint,
+    tx: LinkSender,
+    rx: LinkReceiver,
 }
 
 impl Link {
+    fn new(connection: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream, endpoint: quinn::Endpoint) -> Self {
+        Self {
+            tx: LinkSender { connection, send, _endpoint: endpoint.clone() },
+            rx: LinkReceiver { recv, decoder: Decoder::default(), _endpoint: endpoint },
+        }
+    }
+
     pub fn peer(&self) -> SocketAddr {
-        self.connection.remote_address()
+        self.tx.connection.remote_address()
     }
 
     pub async fn send(&mut self, frame: &Frame) -> Result<(), TransportError> {
-        self.send.write_all(&frame::encode(frame)?).await?;
-        Ok(())
+        self.tx.send(frame).await
     }
 
     /// The next frame; `None` once the peer has finished the stream.
     pub async fn recv(&mut self) -> Result<Option<Frame>, TransportError> {
-        loop {
-            if let Some(frame) = self.decoder.next_frame()? {
-                return Ok(Some(frame));
-            }
-            match self.recv.read_chunk(64 << 10, true).await? {
-                Some(chunk) => self.decoder.push(&chunk.bytes),
-                None => return Ok(None),
-            }
-        }
+        self.rx.recv().await
     }
 
     /// Ends the connection at once, telling the peer why.
     pub fn close(&self, why: &str) {
-        self.connection.close(0u32.into(), why.as_bytes());
+        self.tx.close(why);
     }
 
     /// Splits the link so one task can send while another receives.
     pub fn split(self) -> (LinkSender, LinkReceiver) {
-        let endpoint = self._endpoint;
-        (
-            LinkSender { connection: self.connection.clone(), send: self.send, _endpoint: endpoint.clone() },
-            LinkReceiver { recv: self.recv, decoder: self.decoder, _endpoint: endpoint },
-        )
+        (self.tx, self.rx)
     }
 }
 
@@ -94,6 +85,7 @@ impl Link {
 pub struct LinkSender {
     connection: quinn::Connection,
     send: quinn::SendStream,
+    /// Keeps the endpoint (and its socket) alive as long as either half.
     _endpoint: quinn::Endpoint,
 }
 
@@ -154,7 +146,7 @@ impl Listener {
         let incoming = self.endpoint.accept().await.ok_or(TransportError::Closed)?;
         let connection = incoming.await?;
         let (send, recv) = connection.accept_bi().await?;
-        Ok(Link { connection, send, recv, decoder: Decoder::default(), _endpoint: self.endpoint.clone() })
+        Ok(Link::new(connection, send, recv, self.endpoint.clone()))
     }
 }
 
@@ -172,7 +164,7 @@ pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link
     let connecting = endpoint.connect(addr, "tandem").map_err(|e| failed(e.to_string()))?;
     let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
     let (send, recv) = connection.open_bi().await?;
-    Ok(Link { connection, send, recv, decoder: Decoder::default(), _endpoint: endpoint })
+    Ok(Link::new(connection, send, recv, endpoint))
 }
 
 #[cfg(test)]
