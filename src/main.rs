@@ -5,6 +5,7 @@ mod control;
 mod inspect;
 mod keygen;
 mod lab;
+mod replicate;
 mod run;
 mod watchdog;
 
@@ -32,6 +33,11 @@ enum Cmd {
     /// Boot a Linux guest; its serial console is on stdout. Exits 0 when the guest
     /// powers off, 3 when it resets (reboot or panic), 1 on error.
     Run(run::RunArgs),
+    /// Boot a guest protected by a standby: every epoch its state goes to the standby,
+    /// and its console output is released only once the standby holds it.
+    Primary(Box<replicate::PrimaryArgs>),
+    /// Follow a primary, and take its VM over when it falls silent.
+    Standby(Box<replicate::StandbyArgs>),
     /// Rebuild a VM from a snapshot (and deltas) in this process and carry on running it.
     Restore(run::RestoreArgs),
     /// Drive a running VM through its control socket: pause, resume, status,
@@ -99,7 +105,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tandem_replication=info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -107,6 +113,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run::run(args),
         Cmd::Restore(args) => run::restore(args),
+        Cmd::Primary(args) => replicate::primary(*args),
+        Cmd::Standby(args) => replicate::standby(*args),
         Cmd::Ctl { socket, command } => control::send(&socket, &command).map(|reply| {
             println!("{reply}");
             0

@@ -13,6 +13,7 @@ use tandem_vmm::vcpu::VmExit;
 use tandem_vmm::vm::{check_vcpus, Vm, VmConfig};
 
 use crate::{control, status};
+use tandem_replication::primary::Protector;
 
 /// The command line every guest gets unless `--cmdline` replaces it: console on COM1,
 /// reboot through the keyboard controller, and a panic ends the VM instead of hanging.
@@ -107,7 +108,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let config = args.config()?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let vm = Vm::boot(config, console())?;
-    supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control)
+    supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control, &mut Role::Solo)
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -139,19 +140,31 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let vm = Vm::restore(&chain, &args.kvm_device, args.paused, console())?;
     drop(chain);
-    supervise(vm, None, control)
+    supervise(vm, None, control, &mut Role::Solo)
 }
 
-fn console() -> Arc<Mutex<dyn OutputSink>> {
+pub fn console() -> Arc<Mutex<dyn OutputSink>> {
     Arc::new(Mutex::new(Passthrough::new(std::io::stdout())))
 }
 
+/// What this VM is to replication.
+pub enum Role {
+    /// Not replicated.
+    Solo,
+    /// Protected by a standby: epochs are taken on this thread.
+    Primary(Protector),
+    /// A standby that took over; the line says how.
+    TookOver(String),
+}
+
 /// Stays with a running VM until it stops: forwards stdin, answers control commands,
-/// reports dirty pages if asked, and turns the way the guest ended into an exit status.
-fn supervise(
+/// reports dirty pages if asked, takes the epochs of a primary, and turns the way the
+/// guest ended into an exit status.
+pub fn supervise(
     mut vm: Vm,
     stats: Option<Duration>,
     control: Option<control::ControlSocket>,
+    role: &mut Role,
 ) -> Result<u8> {
     forward_stdin(vm.console_input());
     if stats.is_some() {
@@ -162,7 +175,11 @@ fn supervise(
     let tick = stats.unwrap_or(Duration::from_millis(50));
     let mut last = Instant::now();
     let exit = loop {
-        let exit = vm.wait_timeout(tick);
+        let wait = match role {
+            Role::Primary(p) => p.next_wait().min(tick),
+            _ => tick,
+        };
+        let exit = vm.wait_timeout(wait);
         if stats.is_some() {
             let pages = vm.take_dirty()?.count();
             eprintln!(
@@ -175,9 +192,12 @@ fn supervise(
         if let Some(exit) = exit {
             break exit;
         }
+        if let Role::Primary(p) = role {
+            p.poll(&mut vm)?;
+        }
         if let Some(socket) = &control {
             while let Ok(request) = socket.requests.try_recv() {
-                let reply = command(&mut vm, &request.line).unwrap_or_else(|e| format!("error: {e:#}"));
+                let reply = command(&mut vm, &request.line, role).unwrap_or_else(|e| format!("error: {e:#}"));
                 let _ = request.reply.send(reply);
             }
         }
@@ -193,14 +213,29 @@ fn supervise(
 }
 
 /// Executes one control command against the VM.
-fn command(vm: &mut Vm, line: &str) -> Result<String> {
+fn command(vm: &mut Vm, line: &str, role: &Role) -> Result<String> {
     let words: Vec<&str> = line.split_whitespace().collect();
+    if let (Role::Primary(_), ["snapshot", ..]) = (role, &words[..]) {
+        // A snapshot would take the dirty pages the next epoch needs.
+        bail!("snapshots are not taken of a replicated VM: its standby holds its state");
+    }
     match words[..] {
         ["pause"] => Ok(format!("ok paused in {:.3} ms", vm.pause()?.as_secs_f64() * 1e3)),
         ["resume"] => {
             vm.resume()?;
             Ok("ok running".into())
         }
+        ["status"] if !matches!(role, Role::Solo) => Ok(format!(
+            "{} state={} vcpus={} mem_mib={}",
+            match role {
+                Role::Primary(p) => p.status(),
+                Role::TookOver(how) => how.clone(),
+                Role::Solo => String::new(),
+            },
+            if vm.is_paused() { "paused" } else { "running" },
+            vm.vcpu_count(),
+            vm.memory_mib(),
+        )),
         ["status"] => Ok(format!(
             "state={} vcpus={} mem_mib={} dirty_pages={}",
             if vm.is_paused() { "paused" } else { "running" },

@@ -84,6 +84,15 @@ impl Primary {
         self.acked
     }
 
+    /// The number the next epoch sent will have.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.identity.generation
+    }
+
     /// Numbers the epoch, keeps it until acknowledged, and returns its frames.
     pub fn send_epoch(&mut self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>) -> Result<(u64, Vec<Frame>), ProtoError> {
         let Phase::Protecting { generation } = self.phase else {

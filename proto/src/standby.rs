@@ -49,6 +49,20 @@ impl Standby {
         self.committed
     }
 
+    /// Whether a primary has been accepted on this connection (heartbeats may flow).
+    pub fn is_following(&self) -> bool {
+        matches!(self.phase, Phase::Following { .. })
+    }
+
+    /// Takes back the commit of an epoch the VM side could not apply after all (its
+    /// content was not what the checksum could vouch for) and ends the connection:
+    /// `committed` is what the image still holds.
+    pub fn revert(&mut self, committed: Option<u64>) {
+        self.committed = committed;
+        self.phase = Phase::Closed;
+        self.staging = None;
+    }
+
     /// A new connection: a hello is expected first, and nothing staged survives.
     pub fn reconnect(&mut self) {
         self.phase = Phase::AwaitingHello;

@@ -52,11 +52,14 @@ impl<W: Write + Send> OutputSink for Passthrough<W> {
 }
 
 /// Holds output per epoch and releases an epoch's bytes only once it is committed.
+/// Unprotected (no standby, and the operator chose to carry on without one), it
+/// writes through.
 pub struct EpochGate<W: Write + Send> {
     out: W,
     /// Output of epochs not yet committed, oldest first, tagged with their epoch.
     held: VecDeque<(u64, Vec<u8>)>,
     current: u64,
+    unprotected: bool,
 }
 
 impl<W: Write + Send> EpochGate<W> {
@@ -65,7 +68,20 @@ impl<W: Write + Send> EpochGate<W> {
             out,
             held: VecDeque::new(),
             current: first_epoch,
+            unprotected: false,
         }
+    }
+
+    /// Releases everything held and writes through from now on.
+    pub fn unprotect(&mut self) -> io::Result<()> {
+        self.unprotected = true;
+        self.commit(u64::MAX)
+    }
+
+    /// Holds output again, as part of `epoch` onwards.
+    pub fn protect(&mut self, epoch: u64) {
+        self.unprotected = false;
+        self.current = epoch;
     }
 
     /// Output from now on belongs to `epoch` (called while the guest is paused).
@@ -91,6 +107,13 @@ impl<W: Write + Send> EpochGate<W> {
 
 impl<W: Write + Send> OutputSink for EpochGate<W> {
     fn emit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.unprotected {
+            self.out.write_all(bytes)?;
+            if bytes.contains(&b'\n') {
+                self.out.flush()?;
+            }
+            return Ok(());
+        }
         match self.held.back_mut() {
             Some((epoch, buf)) if *epoch == self.current => buf.extend_from_slice(bytes),
             _ => self.held.push_back((self.current, bytes.to_vec())),
@@ -98,8 +121,11 @@ impl<W: Write + Send> OutputSink for EpochGate<W> {
         Ok(())
     }
 
-    /// Nothing is released by a flush: only a commit releases output.
+    /// Nothing held is released by a flush: only a commit releases output.
     fn flush(&mut self) -> io::Result<()> {
+        if self.unprotected {
+            self.out.flush()?;
+        }
         Ok(())
     }
 }
@@ -169,5 +195,21 @@ mod tests {
         assert_eq!(gate.held_bytes(), 1);
         gate.commit(3).unwrap();
         assert_eq!(&*cap.0.lock().unwrap(), b"abcd");
+    }
+
+    #[test]
+    fn an_unprotected_gate_releases_everything_and_writes_through_until_protected() {
+        let cap = Capture::default();
+        let mut gate = EpochGate::new(cap.clone(), 1);
+        gate.emit(b"a").unwrap();
+        gate.unprotect().unwrap();
+        gate.emit(b"b").unwrap();
+        assert_eq!(&*cap.0.lock().unwrap(), b"ab");
+        gate.protect(7);
+        gate.emit(b"c").unwrap();
+        gate.commit(6).unwrap();
+        assert_eq!(&*cap.0.lock().unwrap(), b"ab");
+        gate.commit(7).unwrap();
+        assert_eq!(&*cap.0.lock().unwrap(), b"abc");
     }
 }

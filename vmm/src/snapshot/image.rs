@@ -37,9 +37,10 @@ impl Image {
     }
 
     /// Lays `addresses` (with their `data`, page after page) over the image and takes
-    /// `state` (encoded by the codec) as the machine's. Everything is checked before
+    /// `state` (encoded by the codec) as the machine's. A `Full` capture replaces the
+    /// whole image: pages it leaves out are zeros. Everything is checked before
     /// anything is written, so a bad capture leaves the image as it was.
-    pub fn apply(&mut self, addresses: &[u64], data: &[u8], state: &[u8]) -> Result<(), SnapshotError> {
+    pub fn apply(&mut self, kind: Kind, addresses: &[u64], data: &[u8], state: &[u8]) -> Result<(), SnapshotError> {
         if data.len() != addresses.len() * PAGE {
             return Err(SnapshotError::Corrupt(format!("{} bytes for {} pages", data.len(), addresses.len())));
         }
@@ -55,6 +56,10 @@ impl Image {
                     .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if kind == Kind::Full {
+            // A new zeroed buffer rather than a fill: the kernel provides zeros lazily.
+            self.data = vec![0; self.data.len()];
+        }
         for (i, slot) in slots.into_iter().enumerate() {
             self.data[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(&data[i * PAGE..(i + 1) * PAGE]);
         }
@@ -93,8 +98,8 @@ mod tests {
         let mut image = Image::new(16).unwrap();
         assert!(!image.is_complete());
         assert!(image.to_snapshot().is_err(), "nothing to restore yet");
-        image.apply(&[0x1000, 0x3000], &[[1u8; PAGE], [2u8; PAGE]].concat(), &state(16, 1)).unwrap();
-        image.apply(&[0x3000, 0x5000], &[[3u8; PAGE], [0u8; PAGE]].concat(), &state(16, 2)).unwrap();
+        image.apply(Kind::Delta, &[0x1000, 0x3000], &[[1u8; PAGE], [2u8; PAGE]].concat(), &state(16, 1)).unwrap();
+        image.apply(Kind::Delta, &[0x3000, 0x5000], &[[3u8; PAGE], [0u8; PAGE]].concat(), &state(16, 2)).unwrap();
         let snap = image.to_snapshot().unwrap();
         assert_eq!(snap.pages, [0x1000, 0x3000], "zero pages are left out");
         assert_eq!(snap.page_at(0x3000).unwrap(), &[3u8; PAGE][..]);
@@ -105,14 +110,24 @@ mod tests {
     #[test]
     fn a_bad_capture_leaves_the_image_as_it_was() {
         let mut image = Image::new(16).unwrap();
-        image.apply(&[0x1000], &[1u8; PAGE], &state(16, 1)).unwrap();
+        image.apply(Kind::Delta, &[0x1000], &[1u8; PAGE], &state(16, 1)).unwrap();
         let outside = 16 << 20;
-        assert!(image.apply(&[0x1000, outside], &[[9u8; PAGE], [9u8; PAGE]].concat(), &state(16, 2)).is_err());
-        assert!(image.apply(&[0x1000], &[9u8; 10], &state(16, 2)).is_err());
-        assert!(image.apply(&[0x1000], &[9u8; PAGE], &state(32, 2)).is_err());
-        assert!(image.apply(&[0x1000], &[9u8; PAGE], b"garbage").is_err());
+        assert!(image.apply(Kind::Delta, &[0x1000, outside], &[[9u8; PAGE], [9u8; PAGE]].concat(), &state(16, 2)).is_err());
+        assert!(image.apply(Kind::Delta, &[0x1000], &[9u8; 10], &state(16, 2)).is_err());
+        assert!(image.apply(Kind::Delta, &[0x1000], &[9u8; PAGE], &state(32, 2)).is_err());
+        assert!(image.apply(Kind::Delta, &[0x1000], &[9u8; PAGE], b"garbage").is_err());
         let snap = image.to_snapshot().unwrap();
         assert_eq!(snap.page_at(0x1000).unwrap(), &[1u8; PAGE][..]);
         assert_eq!(snap.state.vm.clock.clock, 1);
+    }
+
+    #[test]
+    fn a_full_capture_replaces_everything() {
+        let mut image = Image::new(16).unwrap();
+        image.apply(Kind::Delta, &[0x1000, 0x2000], &[[1u8; PAGE], [2u8; PAGE]].concat(), &state(16, 1)).unwrap();
+        image.apply(Kind::Full, &[0x2000], &[5u8; PAGE], &state(16, 2)).unwrap();
+        let snap = image.to_snapshot().unwrap();
+        assert_eq!(snap.pages, [0x2000], "a page the full capture left out is zeros");
+        assert_eq!(snap.page_at(0x2000).unwrap(), &[5u8; PAGE][..]);
     }
 }

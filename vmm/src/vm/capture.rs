@@ -86,9 +86,16 @@ impl Vm {
     /// back with [`Vm::give_back_dirty`] if the snapshot cannot be kept) and how long the
     /// guest was stopped.
     pub fn capture(&mut self, kind: Kind) -> Result<(Snapshot, DirtyPages, Duration), VmError> {
+        self.capture_fenced(kind, &mut || {})
+    }
+
+    /// [`Vm::capture`], calling `fence` while the vCPUs are stopped: whatever the guest
+    /// did before the fence is in the snapshot, and nothing it did after. Replication
+    /// moves its output gate to the next epoch there.
+    pub fn capture_fenced(&mut self, kind: Kind, fence: &mut dyn FnMut()) -> Result<(Snapshot, DirtyPages, Duration), VmError> {
         let was_paused = self.vcpus.is_paused();
         let mut taken = DirtyPages::default();
-        let result = self.capture_into(kind, was_paused, &mut taken);
+        let result = self.capture_into(kind, was_paused, &mut taken, fence);
         if result.is_err() {
             self.ram.give_back(&taken);
         }
@@ -102,6 +109,7 @@ impl Vm {
         kind: Kind,
         was_paused: bool,
         taken: &mut DirtyPages,
+        fence: &mut dyn FnMut(),
     ) -> Result<(MachineState, Staging, Duration), VmError> {
         let staging = match kind {
             Kind::Full if !was_paused => Some(self.precopy(taken)?),
@@ -109,6 +117,7 @@ impl Vm {
         };
         let start = Instant::now();
         self.vcpus.pause(Duration::from_secs(2))?;
+        fence();
         let result = self.capture_paused(kind, staging, taken);
         // Only a pause of our own is undone. It is brief and leaves the guest clock
         // running, unlike an operator's.

@@ -72,6 +72,42 @@ pub fn check_vcpus(n: u32) -> Result<u8, VmError> {
     }
 }
 
+/// Identifies what a VM can be restored onto: its memory, its vCPUs, the snapshot format
+/// and the CPU model KVM offers here. A standby must match its
+/// primary exactly, or the VM it would take over could not run. FNV-1a, so the value is
+/// the same in every build.
+pub fn config_fingerprint(kvm_device: &std::path::Path, mem_mib: u64, vcpus: u8) -> Result<u64, VmError> {
+    let cpuid = Hypervisor::open(kvm_device)?.supported_cpuid()?;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |v: u64| {
+        for b in v.to_le_bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(mem_mib);
+    eat(u64::from(vcpus));
+    eat(u64::from(snapshot::format::FORMAT_VERSION));
+    // The vendor, family and model, and the feature bits a guest may use. Not the
+    // whole table: some fields describe the host CPU the ioctl happened to run on (its
+    // APIC ID), and differ between two processes on one host.
+    for e in cpuid.as_slice() {
+        let fields = match (e.function, e.index) {
+            (0x0, _) => [e.eax, e.ebx, e.ecx, e.edx],
+            (0x1, _) => [e.eax, 0, e.ecx, e.edx],
+            (0x7, 0) => [e.eax, e.ebx, e.ecx, e.edx],
+            (0xd, 0 | 1) => [e.eax, 0, 0, e.edx],
+            (0x8000_0001, _) => [0, 0, e.ecx, e.edx],
+            (0x8000_0008, _) => [e.eax, 0, 0, 0],
+            _ => continue,
+        };
+        eat(u64::from(e.function) << 32 | u64::from(e.index));
+        for v in fields {
+            eat(u64::from(v));
+        }
+    }
+    Ok(hash)
+}
+
 /// LAPIC local vector table registers and delivery modes.
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
@@ -436,3 +472,4 @@ mod tests {
         assert!(check_vcpus(0).unwrap_err().to_string().contains("between 1 and 32"));
     }
 }
+

@@ -2,6 +2,12 @@
 //! connection carries one bidirectional stream of protocol frames: epochs one way,
 //! acknowledgements the other, heartbeats both ways. QUIC gives the stream its order
 //! and integrity; the frames' own checks catch anything else.
+//!
+//! [`primary`] and [`standby`] run each side's connections on a thread of their own
+//! and talk to the synchronous VM side through plain channels and shared state.
+
+pub mod primary;
+pub mod standby;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -98,6 +104,25 @@ impl LinkSender {
     pub fn close(&self, why: &str) {
         self.connection.close(0u32.into(), why.as_bytes());
     }
+
+    /// Sends `frame` with one byte of its body flipped after the checksum was computed,
+    /// as a fault on the wire would: for tests of the receiver's checks.
+    pub async fn send_corrupted(&mut self, frame: &Frame) -> Result<(), TransportError> {
+        let mut bytes = frame::encode(frame)?;
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x5a;
+        self.send.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    /// Ends the stream in order and gives the peer up to `grace` to read what was sent
+    /// (a refusal, a goodbye) before the connection closes.
+    pub async fn finish(mut self, grace: std::time::Duration) {
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(grace, self.send.stopped()).await;
+        let _ = tokio::time::timeout(grace, self.connection.closed()).await;
+        self.connection.close(0u32.into(), b"done");
+    }
 }
 
 /// The receiving half of a [`Link`].
@@ -150,6 +175,19 @@ impl Listener {
     }
 }
 
+/// How long one attempt to reach the standby may take: on a LAN a QUIC handshake takes
+/// a millisecond, and the caller tries again.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl TransportError {
+    /// Whether the peer turned this side's certificate down, or presented one that is
+    /// not the pinned one: trying again cannot help.
+    pub fn is_tls_refusal(&self) -> bool {
+        let text = self.to_string();
+        ["pinned", "certificate", "crypto", "alert"].iter().any(|w| text.contains(w))
+    }
+}
+
 /// Connects to the standby at `addr`; the stream is open once this returns, and the
 /// standby sees it with the first frame sent.
 pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link, TransportError> {
@@ -162,7 +200,10 @@ pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link
     let failed = |why: String| TransportError::Connect { addr, why };
     // The pinned certificate is the trust; the name is not checked.
     let connecting = endpoint.connect(addr, "tandem").map_err(|e| failed(e.to_string()))?;
-    let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(done) => done.map_err(|e| failed(e.to_string()))?,
+        Err(_) => return Err(failed("no answer".into())),
+    };
     let (send, recv) = connection.open_bi().await?;
     Ok(Link::new(connection, send, recv, endpoint))
 }

@@ -1,0 +1,356 @@
+//! The primary's epoch loop, on the VM thread. Every epoch: pause the vCPUs, move the
+//! output gate on, take the dirty pages and the machine state into a staging buffer,
+//! resume, and queue the epoch for the link thread, which streams it while the guest
+//! runs on. The gate releases an epoch's console output only when the standby has
+//! acknowledged that epoch, so nothing the world has seen is missing from the state
+//! the standby would take over from.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_proto::handshake::Identity;
+use tandem_proto::message::EpochKind;
+use tandem_proto::primary::Primary;
+use tandem_vmm::output::{EpochGate, SharedSink};
+use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
+use tandem_vmm::vm::Vm;
+
+use crate::transport::primary::{self as link, lock, Dial, Faults, LinkState, Outbox, Outgoing, Shared};
+use crate::{Heartbeat, ReplicationError};
+
+/// What the primary does when its standby falls silent past the heartbeat timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StandbyLoss {
+    /// Pause the guest until a standby is in sync again: nothing runs that could not be
+    /// taken over, and nothing is released (safe against split brain).
+    Pause,
+    /// Let the guest run on and release its output unprotected.
+    Continue,
+}
+
+pub struct Config {
+    pub standby: SocketAddr,
+    pub tls: rustls::ClientConfig,
+    pub identity: Identity,
+    /// Time between the starts of two epochs.
+    pub epoch: Duration,
+    /// Epochs in flight before the next one waits for an ack.
+    pub window: usize,
+    pub heartbeat: Heartbeat,
+    pub on_standby_loss: StandbyLoss,
+    /// How long to try to reach the standby before giving up at start.
+    pub connect_timeout: Duration,
+    pub faults: Faults,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Protected,
+    /// Paused by the standby-loss policy.
+    Paused,
+    /// Running without a standby, output written through.
+    Unprotected,
+}
+
+type Gate = Arc<Mutex<EpochGate<Box<dyn Write + Send>>>>;
+
+/// Figures for `tandem ctl status` and the logs.
+#[derive(Default)]
+struct Stats {
+    epochs: u64,
+    bytes: u64,
+    last_pages: usize,
+    last_bytes: usize,
+    /// Stopped time of the latest epochs, newest last.
+    stopped: Vec<Duration>,
+    /// Epochs that waited because the standby was `window` epochs behind.
+    stretched: u64,
+}
+
+pub struct Protector {
+    shared: Arc<Mutex<Shared>>,
+    outbox: Outbox,
+    gate: Gate,
+    epoch: Duration,
+    heartbeat: Heartbeat,
+    policy: StandbyLoss,
+    standby: SocketAddr,
+    mode: Mode,
+    next_due: Instant,
+    /// Whether the epoch now due is already counted as waiting for the standby.
+    waiting: bool,
+    stats: Stats,
+}
+
+impl Protector {
+    /// Reaches the standby and passes the handshake, before any guest runs; returns the
+    /// protector and the sink the VM's console must write to.
+    pub fn start(config: Config, out: Box<dyn Write + Send>) -> Result<(Self, SharedSink), ReplicationError> {
+        let shared = Arc::new(Mutex::new(Shared::new(Primary::new(config.identity, config.window))));
+        let gate: Gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
+        let release = {
+            let gate = gate.clone();
+            Box::new(move |epoch: u64| {
+                if let Err(e) = gate.lock().unwrap_or_else(|e| e.into_inner()).commit(epoch) {
+                    tracing::warn!("console output: {e}");
+                }
+            })
+        };
+        let dial = Dial { addr: config.standby, tls: config.tls, heartbeat: config.heartbeat, faults: config.faults };
+        let outbox = link::spawn(dial, shared.clone(), release)?;
+        let started = Instant::now();
+        loop {
+            match lock(&shared).link.clone() {
+                LinkState::Protecting => break,
+                LinkState::Refused(why) => return Err(ReplicationError::Refused(why)),
+                LinkState::Connecting { why } if started.elapsed() > config.connect_timeout => {
+                    return Err(ReplicationError::NoStandby(format!(
+                        "no standby answered at {} within {} s{}",
+                        config.standby,
+                        config.connect_timeout.as_secs(),
+                        why.map(|w| format!(" (last attempt: {w})")).unwrap_or_default()
+                    )))
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let sink: SharedSink = gate.clone();
+        let protector = Self {
+            shared,
+            outbox,
+            gate,
+            epoch: config.epoch,
+            heartbeat: config.heartbeat,
+            policy: config.on_standby_loss,
+            standby: config.standby,
+            mode: Mode::Protected,
+            next_due: Instant::now(),
+            waiting: false,
+            stats: Stats::default(),
+        };
+        Ok((protector, sink))
+    }
+
+    /// How long the VM thread may wait before calling [`Protector::poll`] again.
+    pub fn next_wait(&self) -> Duration {
+        self.next_due.saturating_duration_since(Instant::now()).min(self.epoch)
+    }
+
+    /// Does whatever is due: an epoch, a full sync for a new standby, or the
+    /// standby-loss policy. An error means the VM must stop: the standby refused this
+    /// primary, which happens only when another has taken its place.
+    pub fn poll(&mut self, vm: &mut Vm) -> Result<(), ReplicationError> {
+        let (state, need_full, quiet, can_send) = {
+            let s = lock(&self.shared);
+            (s.link.clone(), s.need_full, s.last_heard.elapsed(), s.machine.can_send())
+        };
+        match state {
+            LinkState::Refused(why) => Err(ReplicationError::Refused(why)),
+            LinkState::Left => Ok(()),
+            LinkState::Protecting => {
+                if self.mode == Mode::Unprotected {
+                    let next = lock(&self.shared).machine.next_epoch();
+                    self.gate().protect(next);
+                    self.mode = Mode::Protected;
+                    tracing::warn!("a standby follows again at {}: output is protected once more", self.standby);
+                }
+                if need_full {
+                    return self.send(vm, Kind::Full);
+                }
+                if self.mode == Mode::Paused {
+                    // The same standby came back holding what it held: carry on.
+                    vm.resume()?;
+                    self.mode = Mode::Protected;
+                    tracing::warn!("the standby is back in sync; the guest runs again");
+                }
+                if Instant::now() < self.next_due {
+                    return Ok(());
+                }
+                if !can_send {
+                    if !self.waiting {
+                        self.waiting = true;
+                        self.stats.stretched += 1;
+                        tracing::debug!("the standby is behind: the epoch waits for an ack");
+                    }
+                    return Ok(());
+                }
+                self.send(vm, Kind::Delta)
+            }
+            LinkState::Connecting { why } => {
+                if quiet > self.heartbeat.timeout && self.mode == Mode::Protected {
+                    self.lose_standby(vm, why.as_deref().unwrap_or("no answer"), quiet)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn lose_standby(&mut self, vm: &mut Vm, why: &str, quiet: Duration) -> Result<(), ReplicationError> {
+        match self.policy {
+            StandbyLoss::Pause => {
+                vm.pause()?;
+                self.mode = Mode::Paused;
+                tracing::error!(
+                    "lost the standby ({why}; silent for {} ms): the guest is paused and its output held \
+                     until a standby is in sync (--on-standby-loss=pause)",
+                    quiet.as_millis()
+                );
+            }
+            StandbyLoss::Continue => {
+                self.gate().unprotect().map_err(|e| ReplicationError::NoStandby(format!("console output: {e}")))?;
+                self.mode = Mode::Unprotected;
+                tracing::error!(
+                    "lost the standby ({why}; silent for {} ms): the guest runs UNPROTECTED and its \
+                     output is released at once; a failure of this host now loses it (--on-standby-loss=continue)",
+                    quiet.as_millis()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, EpochGate<Box<dyn Write + Send>>> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Captures an epoch and queues it. If the standby changed meanwhile (it went, or
+    /// came back needing a full epoch), the capture is dropped and its pages are handed
+    /// back for the next one.
+    fn send(&mut self, vm: &mut Vm, kind: Kind) -> Result<(), ReplicationError> {
+        let (number, conn) = {
+            let s = lock(&self.shared);
+            (s.machine.next_epoch(), s.conn)
+        };
+        let started = Instant::now();
+        self.next_due = started + self.epoch;
+        self.waiting = false;
+        let gate = self.gate.clone();
+        // Output from here on belongs to the next epoch: this one's state covers what
+        // the guest printed until now.
+        let mut fence = || gate.lock().unwrap_or_else(|e| e.into_inner()).begin_epoch(number + 1);
+        let (snap, taken, stopped) = vm.capture_fenced(kind, &mut fence)?;
+        let state = match codec::encode(&snap.state) {
+            Ok(state) => state,
+            Err(e) => {
+                vm.give_back_dirty(&taken);
+                return Err(SnapshotError::from(e).into());
+            }
+        };
+        let (pages, bytes) = (snap.pages.len(), snap.data.len() + state.len());
+        let proto_kind = if kind == Kind::Full { EpochKind::Full } else { EpochKind::Delta };
+        {
+            let mut s = lock(&self.shared);
+            let still = s.conn == conn && s.machine.is_protecting() && (kind == Kind::Full || !s.need_full);
+            if !still {
+                drop(s);
+                vm.give_back_dirty(&taken);
+                return Ok(());
+            }
+            let (sent, frames) = match s.machine.send_epoch(proto_kind, snap.pages, snap.data, state) {
+                Ok(sent) => sent,
+                Err(e) => {
+                    drop(s);
+                    vm.give_back_dirty(&taken);
+                    return Err(e.into());
+                }
+            };
+            if kind == Kind::Full {
+                s.need_full = false;
+            }
+            s.sent_at.push((sent, Instant::now()));
+            // Queued under the lock, so a reconnection cannot slip between numbering
+            // the epoch and tagging it with its connection.
+            self.outbox.send(Outgoing::Epoch { conn, number: sent, frames });
+        }
+        let stats = &mut self.stats;
+        stats.epochs += 1;
+        stats.bytes += bytes as u64;
+        stats.last_pages = pages;
+        stats.last_bytes = bytes;
+        stats.stopped.push(stopped);
+        let excess = stats.stopped.len().saturating_sub(1024);
+        stats.stopped.drain(..excess);
+        if kind == Kind::Full {
+            tracing::info!(
+                "full sync to the standby: epoch {number}, {pages} pages, guest stopped {:.1} ms (of {:.0} ms)",
+                stopped.as_secs_f64() * 1e3,
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            if self.mode == Mode::Paused {
+                vm.resume()?;
+                self.mode = Mode::Protected;
+                tracing::warn!("a new standby is in sync; the guest runs again");
+            }
+        }
+        Ok(())
+    }
+
+    /// One line for `tandem ctl status`.
+    pub fn status(&self) -> String {
+        let s = lock(&self.shared);
+        let standby = match &s.link {
+            LinkState::Protecting => "following".to_string(),
+            LinkState::Connecting { .. } => match self.mode {
+                Mode::Protected => "reconnecting".into(),
+                Mode::Paused => "lost(guest-paused)".into(),
+                Mode::Unprotected => "lost(UNPROTECTED)".into(),
+            },
+            LinkState::Refused(_) => "refused".into(),
+            LinkState::Left => "left".into(),
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut stopped = self.stats.stopped.clone();
+        stopped.sort();
+        let pct = |p: f64| stopped.get(((stopped.len() as f64 - 1.0) * p).round() as usize).copied().map(ms).unwrap_or(0.0);
+        let last = self.stats.stopped.last().copied().map(ms).unwrap_or(0.0);
+        let ack = s.ack_latency.last().copied().map(ms).unwrap_or(0.0);
+        format!(
+            "role=primary generation={} standby={standby} epoch={} acked={} lag={} stopped_ms={last:.3} \
+             stopped_p50_ms={:.3} stopped_p99_ms={:.3} dirty_pages={} bytes={} ack_ms={ack:.3} epochs={} \
+             total_bytes={} stretched={} held_bytes={}",
+            s.machine.generation(),
+            s.machine.next_epoch().saturating_sub(1),
+            s.machine.acked().map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
+            s.machine.lag(),
+            pct(0.5),
+            pct(0.99),
+            self.stats.last_pages,
+            self.stats.last_bytes,
+            self.stats.epochs,
+            self.stats.bytes,
+            self.stats.stretched,
+            self.gate().held_bytes(),
+        )
+    }
+
+    /// The guest has stopped: says goodbye so the standby does not take over, and
+    /// releases the last output once the standby has the goodbye. Without that
+    /// confirmation the output stays unreleased: the standby might still take over and
+    /// print it again.
+    pub fn finish(self, reason: &str) {
+        let protecting = lock(&self.shared).link == LinkState::Protecting;
+        if self.mode == Mode::Unprotected {
+            let _ = self.gate().commit(u64::MAX);
+            return;
+        }
+        if !protecting {
+            let held = self.gate().held_bytes();
+            if held > 0 {
+                tracing::warn!("{held} bytes of the guest's last output were not released: no standby confirmed them");
+            }
+            return;
+        }
+        self.outbox.send(Outgoing::Goodbye(reason.to_string()));
+        let deadline = Instant::now() + self.heartbeat.timeout * 2;
+        while Instant::now() < deadline {
+            if lock(&self.shared).link == LinkState::Left {
+                let _ = self.gate().commit(u64::MAX);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!("the standby did not confirm the goodbye; the guest's last output stays unreleased");
+    }
+}

@@ -1,0 +1,142 @@
+//! The standby: follows a primary epoch by epoch into a complete image of its VM
+//! (memory and machine state), and takes over when the primary falls silent: raises
+//! and records the generation, rebuilds the VM from the last committed epoch, and
+//! resumes it. It never takes over without a committed epoch, and never from a partial
+//! one: epochs are applied whole, after they verify, and acknowledged only then.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_proto::handshake::Identity;
+use tandem_proto::message::Role;
+use tandem_vmm::output::SharedSink;
+use tandem_vmm::snapshot::image::Image;
+use tandem_vmm::vm::{config_fingerprint, Vm};
+
+use crate::transport::standby::{self as link, Report, StandbyLink};
+use crate::{generation, Heartbeat, ReplicationError};
+
+pub struct Config {
+    pub listen: SocketAddr,
+    pub tls: rustls::ServerConfig,
+    /// The VM's shape, which the primary's must match.
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub kvm_device: PathBuf,
+    /// Where the generation number is kept.
+    pub state_dir: PathBuf,
+    pub heartbeat: Heartbeat,
+}
+
+/// How following ended.
+pub enum Outcome {
+    /// The primary said goodbye (its guest stopped, or its operator stopped it).
+    PrimaryLeft(String),
+    TookOver(Box<Takeover>),
+}
+
+/// The VM this host now runs, and how the takeover went.
+pub struct Takeover {
+    pub vm: Vm,
+    pub generation: u64,
+    /// The epoch the VM was rebuilt from.
+    pub epoch: u64,
+    /// How long the primary had been silent when the standby decided it was gone.
+    pub detection: Duration,
+    /// From that decision to the VM running.
+    pub resume: Duration,
+    pub epochs: u64,
+    pub bytes: u64,
+    /// Keep it as long as the VM runs: a primary that comes back is told it has been
+    /// replaced.
+    pub _link: StandbyLink,
+}
+
+impl Takeover {
+    pub fn report(&self) -> String {
+        format!(
+            "took over as primary: generation={} epoch={} detection_ms={} resume_ms={:.1} epochs_received={} bytes_received={}",
+            self.generation,
+            self.epoch,
+            self.detection.as_millis(),
+            self.resume.as_secs_f64() * 1e3,
+            self.epochs,
+            self.bytes
+        )
+    }
+}
+
+/// Follows the primary until it leaves or falls silent. The console of a VM taken
+/// over goes to `sink`.
+pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationError> {
+    let mut generation = generation::read(&config.state_dir)?;
+    let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
+    let image = Arc::new(Mutex::new(Image::new(config.mem_mib)?));
+    let identity = Identity { role: Role::Standby, fingerprint, generation };
+    let (reports_tx, reports) = channel();
+    let link = link::spawn(config.listen, config.tls, identity, config.heartbeat, image.clone(), reports_tx)?;
+    tracing::info!("standing by on {} at generation {generation}", config.listen);
+
+    let mut committed = None;
+    let mut followed = false;
+    let (mut epochs, mut bytes) = (0u64, 0u64);
+    loop {
+        let Ok(report) = reports.recv() else {
+            return Err(ReplicationError::NotPromoted("the network thread stopped".into()));
+        };
+        match report {
+            Report::Following { peer, generation: theirs } => {
+                followed = true;
+                tracing::info!("following the primary at {peer} (generation {theirs})");
+                if theirs > generation {
+                    generation = theirs;
+                    generation::write(&config.state_dir, generation)?;
+                }
+            }
+            Report::Applied { epoch, full, pages, bytes: b } => {
+                if full || committed.is_none() {
+                    tracing::info!("in sync with the primary: full epoch {epoch}, {pages} pages");
+                }
+                committed = Some(epoch);
+                epochs += 1;
+                bytes += b as u64;
+            }
+            Report::Dropped(why) => tracing::warn!("{why}"),
+            Report::Refused(why) => tracing::warn!("{why}"),
+            Report::Left(why) => return Ok(Outcome::PrimaryLeft(why)),
+            Report::Silent(quiet) => match committed {
+                Some(epoch) => {
+                    let decided = Instant::now();
+                    generation += 1;
+                    // No frame of the old generation is taken from here on, and the
+                    // raise outlives this process, before the VM runs anywhere here.
+                    link.promote(generation);
+                    generation::write(&config.state_dir, generation)?;
+                    let snapshot = image.lock().unwrap_or_else(|e| e.into_inner()).to_snapshot()?;
+                    let vm = Vm::restore(&[snapshot], &config.kvm_device, false, sink)?;
+                    return Ok(Outcome::TookOver(Box::new(Takeover {
+                        vm,
+                        generation,
+                        epoch,
+                        detection: quiet,
+                        resume: decided.elapsed(),
+                        epochs,
+                        bytes,
+                        _link: link,
+                    })));
+                }
+                None if followed => {
+                    return Err(ReplicationError::NotPromoted(format!(
+                        "the primary fell silent ({} ms) before this standby held a committed epoch: the initial sync \
+                         had not completed, so there is nothing to take over from; not promoting",
+                        quiet.as_millis()
+                    )))
+                }
+                None => {}
+            },
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The primary's connection to its standby, on a thread of its own: dial (and dial
+//! again after any loss), hand every frame to the protocol machine, send what the VM
+//! thread queues, beat the heart, and notice a silent standby. Reading and writing run
+//! side by side, so a long epoch on the way out never hides the standby's heartbeats.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tandem_proto::message::Message;
+use tandem_proto::primary::{Event, Primary};
+use tandem_proto::{Frame, ProtoError};
+use tokio::sync::mpsc;
+
+use super::{connect, LinkSender, TransportError};
+use crate::Heartbeat;
+
+/// How the link stands, as the VM thread sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Dialling, or dialling again after `why`.
+    Connecting { why: Option<String> },
+    /// The standby follows.
+    Protecting,
+    /// The standby turned this primary down; nothing will change that.
+    Refused(String),
+    /// The goodbye went out and the standby closed the connection.
+    Left,
+}
+
+/// What the VM thread and the link thread share.
+pub struct Shared {
+    pub machine: Primary,
+    /// Bumped at each welcome; epochs queued for an older connection are not sent, as
+    /// the new one resends whatever the standby lacks.
+    pub conn: u64,
+    /// The standby needs a full epoch before any delta.
+    pub need_full: bool,
+    pub link: LinkState,
+    /// When the standby was last heard from, on any connection.
+    pub last_heard: Instant,
+    /// When each epoch in flight went out, for the ack latency.
+    pub sent_at: Vec<(u64, Instant)>,
+    /// The latest ack latencies, newest last.
+    pub ack_latency: Vec<Duration>,
+}
+
+impl Shared {
+    pub fn new(machine: Primary) -> Self {
+        Self {
+            machine,
+            conn: 0,
+            need_full: true,
+            link: LinkState::Connecting { why: None },
+            last_heard: Instant::now(),
+            sent_at: Vec::new(),
+            ack_latency: Vec::new(),
+        }
+    }
+
+    fn released(&mut self, epoch: u64) {
+        let now = Instant::now();
+        let (done, rest): (Vec<_>, Vec<_>) = self.sent_at.iter().partition(|(e, _)| *e <= epoch);
+        self.sent_at = rest;
+        for (_, at) in done {
+            self.ack_latency.push(now - at);
+        }
+        let excess = self.ack_latency.len().saturating_sub(256);
+        self.ack_latency.drain(..excess);
+    }
+}
+
+pub fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Faults the primary injects on purpose, for tests of what the standby does with them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// SIGKILL this process halfway through sending this epoch.
+    pub die_mid_epoch: Option<u64>,
+    /// Flip a byte in the middle of this epoch's frames, the first time it is sent.
+    pub corrupt_epoch: Option<u64>,
+}
+
+/// What the VM thread hands the link thread.
+pub enum Outgoing {
+    Epoch { conn: u64, number: u64, frames: Vec<Frame> },
+    /// Say goodbye, finish the stream and stop.
+    Goodbye(String),
+}
+
+/// The VM thread's end of the queue to the link thread.
+pub struct Outbox(mpsc::UnboundedSender<Outgoing>);
+
+impl Outbox {
+    /// Queues `out`; false once the link thread has stopped.
+    pub fn send(&self, out: Outgoing) -> bool {
+        self.0.send(out).is_ok()
+    }
+}
+
+pub struct Dial {
+    pub addr: SocketAddr,
+    pub tls: rustls::ClientConfig,
+    pub heartbeat: Heartbeat,
+    pub faults: Faults,
+}
+
+/// Starts the link thread. `release(epoch)` is called there as soon as the standby
+/// holds every epoch up to `epoch`.
+pub fn spawn(dial: Dial, shared: Arc<Mutex<Shared>>, release: Box<dyn Fn(u64) + Send>) -> Result<Outbox, TransportError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TransportError::Tls(format!("cannot start the network runtime: {e}")))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("tandem-link".into())
+        .spawn(move || runtime.block_on(run(dial, shared, rx, release)))
+        .map_err(|e| TransportError::Tls(format!("cannot start the network thread: {e}")))?;
+    Ok(Outbox(tx))
+}
+
+/// How a connection ended.
+enum End {
+    Lost(String),
+    Refused(String),
+    Left,
+}
+
+async fn run(dial: Dial, shared: Arc<Mutex<Shared>>, mut outbox: mpsc::UnboundedReceiver<Outgoing>, release: Box<dyn Fn(u64) + Send>) {
+    let mut corrupt = dial.faults.corrupt_epoch;
+    loop {
+        let end = match connect(dial.addr, dial.tls.clone()).await {
+            Ok(link) => {
+                let (tx, rx) = link.split();
+                session(&dial, &shared, tx, rx, &mut outbox, &*release, &mut corrupt).await
+            }
+            Err(e) if e.is_tls_refusal() => End::Refused(format!("TLS: {e}")),
+            Err(e) => End::Lost(e.to_string()),
+        };
+        if settle(&shared, end) {
+            return;
+        }
+        // A goodbye queued while no standby was there ends the thread all the same.
+        while let Ok(out) = outbox.try_recv() {
+            if let Outgoing::Goodbye(_) = out {
+                lock(&shared).link = LinkState::Left;
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Records how a connection ended; true when the thread must stop.
+fn settle(shared: &Mutex<Shared>, end: End) -> bool {
+    let mut s = lock(shared);
+    s.machine.disconnect();
+    match end {
+        End::Lost(why) => {
+            if s.link == LinkState::Protecting {
+                tracing::warn!("lost the standby: {why}; reconnecting");
+            }
+            s.link = LinkState::Connecting { why: Some(why) };
+            false
+        }
+        End::Refused(why) => {
+            s.link = LinkState::Refused(why);
+            true
+        }
+        End::Left => {
+            s.link = LinkState::Left;
+            true
+        }
+    }
+}
+
+async fn session(
+    dial: &Dial,
+    shared: &Mutex<Shared>,
+    mut tx: LinkSender,
+    mut rx: super::LinkReceiver,
+    outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
+    release: &(dyn Fn(u64) + Send),
+    corrupt: &mut Option<u64>,
+) -> End {
+    let hello = lock(shared).machine.connect();
+    if let Err(e) = tx.send(&hello).await {
+        return End::Lost(e.to_string());
+    }
+    // Frames the protocol machine answers with, sent before anything queued later.
+    let (replies_tx, mut replies) = mpsc::unbounded_channel::<Frame>();
+    let timeout = dial.heartbeat.timeout;
+    // The standby's silence on this connection counts from when it was opened.
+    let opened = Instant::now();
+
+    let reader = async {
+        loop {
+            let heard = lock(shared).last_heard.max(opened);
+            let deadline = heard + timeout;
+            let frame = tokio::select! {
+                got = rx.recv() => got,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let quiet = lock(shared).last_heard.max(opened).elapsed();
+                    if quiet > timeout {
+                        return End::Lost(format!("the standby has been silent for {} ms", quiet.as_millis()));
+                    }
+                    continue;
+                }
+            };
+            let frame = match frame {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return End::Lost("the standby closed the connection".into()),
+                Err(e) => return End::Lost(e.to_string()),
+            };
+            let mut released = None;
+            let mut end = None;
+            {
+                let mut s = lock(shared);
+                s.last_heard = Instant::now();
+                for event in s.machine.handle(frame) {
+                    match event {
+                        Event::Send(f) => {
+                            let _ = replies_tx.send(f);
+                        }
+                        Event::Connected { full_sync } => {
+                            s.conn += 1;
+                            s.need_full |= full_sync;
+                            s.link = LinkState::Protecting;
+                            tracing::info!(full_sync, "the standby follows");
+                        }
+                        Event::Released(epoch) => {
+                            s.released(epoch);
+                            released = Some(epoch);
+                        }
+                        Event::PeerLeft(why) => end = Some(End::Lost(format!("the standby left: {why}"))),
+                        Event::Close(ProtoError::Refused(r)) => end = Some(End::Refused(format!("the standby refused this primary: {r}"))),
+                        Event::Close(e) => end = Some(End::Lost(e.to_string())),
+                    }
+                }
+            }
+            if let Some(epoch) = released {
+                release(epoch);
+            }
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    };
+
+    let writer = async {
+        let mut beat = tokio::time::interval(dial.heartbeat.interval);
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                Some(frame) = replies.recv() => {
+                    if let Err(e) = tx.send(&frame).await {
+                        return End::Lost(e.to_string());
+                    }
+                }
+                out = outbox.recv() => match out {
+                    Some(Outgoing::Epoch { conn, number, frames }) => {
+                        if conn != lock(shared).conn {
+                            continue;
+                        }
+                        if let Err(e) = send_epoch(&mut tx, number, &frames, dial.faults, corrupt).await {
+                            return End::Lost(e.to_string());
+                        }
+                    }
+                    Some(Outgoing::Goodbye(reason)) => {
+                        let generation = lock(shared).machine.generation();
+                        let _ = tx.send(&Frame { generation, message: Message::Goodbye { reason } }).await;
+                        return End::Left;
+                    }
+                    None => return End::Left,
+                },
+                _ = beat.tick() => {
+                    let (following, generation) = {
+                        let s = lock(shared);
+                        (s.machine.is_protecting(), s.machine.generation())
+                    };
+                    if following {
+                        seq += 1;
+                        tracing::trace!(seq, "heartbeat out");
+                        if let Err(e) = tx.send(&Frame { generation, message: Message::Heartbeat { seq } }).await {
+                            return End::Lost(e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    let end = tokio::select! {
+        end = reader => end,
+        end = writer => end,
+    };
+    match &end {
+        End::Left => tx.finish(dial.heartbeat.timeout).await,
+        End::Lost(why) | End::Refused(why) => tx.close(why),
+    }
+    end
+}
+
+async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Frame], faults: Faults, corrupt: &mut Option<u64>) -> Result<(), TransportError> {
+    let middle = frames.len() / 2;
+    for (i, frame) in frames.iter().enumerate() {
+        if i == middle && faults.die_mid_epoch == Some(number) {
+            tracing::warn!(epoch = number, "fault injection: dying in the middle of the epoch");
+            die();
+        }
+        if i == middle && *corrupt == Some(number) {
+            tracing::warn!(epoch = number, "fault injection: corrupting a frame of the epoch");
+            *corrupt = None;
+            tx.send_corrupted(frame).await?;
+            continue;
+        }
+        tx.send(frame).await?;
+    }
+    Ok(())
+}
+
+/// Ends this process as a power cut would: no goodbye, no flush, no destructors.
+fn die() -> ! {
+    // SAFETY: kill(2) with this process's own pid and a signal number; no memory is
+    // involved.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort()
+}

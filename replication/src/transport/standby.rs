@@ -1,0 +1,306 @@
+//! The standby's side of the network, on a thread of its own: accept primaries (a new
+//! connection replaces the old one), feed every frame to the protocol machine, pass
+//! verified epochs to the VM side, acknowledge them, beat the heart, and report a
+//! primary that has fallen silent. After a promotion every primary is turned away.
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tandem_proto::message::EpochKind;
+use tandem_vmm::snapshot::image::Image;
+use tandem_vmm::snapshot::Kind;
+use tandem_proto::handshake::{Identity, Refusal};
+use tandem_proto::message::Message;
+use tandem_proto::standby::{Event, Standby};
+use tandem_proto::Frame;
+use tokio::sync::mpsc;
+
+use super::{Link, Listener, TransportError};
+use crate::Heartbeat;
+
+/// What the network side tells the VM side, in the order it happened.
+#[derive(Debug)]
+pub enum Report {
+    /// A primary was accepted.
+    Following { peer: String, generation: u64 },
+    /// An epoch verified, applied to the image and acknowledged.
+    Applied { epoch: u64, full: bool, pages: usize, bytes: usize },
+    /// A connection ended; any epoch it was in the middle of was discarded.
+    Dropped(String),
+    /// A peer was turned away.
+    Refused(String),
+    /// The primary said goodbye on purpose.
+    Left(String),
+    /// The primary has not been heard from for this long, past the timeout.
+    Silent(Duration),
+}
+
+struct State {
+    machine: Standby,
+    /// When a primary was last heard from; `None` before the first.
+    last_heard: Option<Instant>,
+    /// Set on promotion: this generation now runs the VM here.
+    promoted: Option<u64>,
+    silence_reported: bool,
+    /// An epoch is being laid into the image: frames wait meanwhile, so their absence
+    /// is not the primary's silence.
+    applying: bool,
+}
+
+/// The VM side's handle on the network thread.
+pub struct StandbyLink {
+    state: Arc<Mutex<State>>,
+    abort: mpsc::UnboundedSender<()>,
+}
+
+impl StandbyLink {
+    /// From now on this host runs the VM at `generation`: the current primary is cut
+    /// off and every primary that comes later is refused.
+    pub fn promote(&self, generation: u64) {
+        let mut s = lock(&self.state);
+        s.promoted = Some(generation);
+        let _ = self.abort.send(());
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts the network thread on `listener`.
+/// Verified epochs are applied to `image` before they are acknowledged.
+pub fn spawn(
+    addr: std::net::SocketAddr,
+    tls: rustls::ServerConfig,
+    identity: Identity,
+    heartbeat: Heartbeat,
+    image: Arc<Mutex<Image>>,
+    reports: Sender<Report>,
+) -> Result<StandbyLink, TransportError> {
+    let state = Arc::new(Mutex::new(State {
+        machine: Standby::new(identity, None),
+        last_heard: None,
+        promoted: None,
+        silence_reported: false,
+        applying: false,
+    }));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TransportError::Tls(format!("cannot start the network runtime: {e}")))?;
+    let listener = {
+        // quinn binds its socket into the runtime it is created in.
+        let _inside = runtime.enter();
+        Listener::bind(addr, tls)?
+    };
+    let (abort, aborts) = mpsc::unbounded_channel();
+    let shared = state.clone();
+    std::thread::Builder::new()
+        .name("tandem-link".into())
+        .spawn(move || runtime.block_on(run(listener, shared, heartbeat, image, reports, aborts)))
+        .map_err(|e| TransportError::Tls(format!("cannot start the network thread: {e}")))?;
+    Ok(StandbyLink { state, abort })
+}
+
+async fn run(
+    listener: Listener,
+    state: Arc<Mutex<State>>,
+    heartbeat: Heartbeat,
+    image: Arc<Mutex<Image>>,
+    reports: Sender<Report>,
+    mut aborts: mpsc::UnboundedReceiver<()>,
+) {
+    let mut current: Option<tokio::task::JoinHandle<()>> = None;
+    let mut check = tokio::time::interval(heartbeat.interval);
+    // Accepting runs on its own task: a handshake in progress must not be dropped
+    // whenever something else in the loop below happens first.
+    let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let result = listener.accept().await;
+            let closed = matches!(result, Err(TransportError::Closed));
+            if accepted_tx.send(result).is_err() || closed {
+                return;
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            Some(result) = accepted.recv() => match result {
+                Ok(link) => {
+                    if let Some(old) = current.take() {
+                        old.abort();
+                    }
+                    let promoted = {
+                        let mut s = lock(&state);
+                        s.machine.reconnect();
+                        s.promoted
+                    };
+                    let task = match promoted {
+                        Some(generation) => tokio::spawn(turn_away(link, generation, reports.clone())),
+                        None => tokio::spawn(session(link, state.clone(), heartbeat, image.clone(), reports.clone())),
+                    };
+                    current = Some(task);
+                }
+                Err(TransportError::Closed) => return,
+                Err(e) if e.is_tls_refusal() => {
+                    let _ = reports.send(Report::Refused(format!("turned a peer away in the TLS handshake: {e}")));
+                }
+                Err(e) => {
+                    let _ = reports.send(Report::Dropped(format!("a connection attempt failed: {e}")));
+                }
+            },
+            Some(()) = aborts.recv() => {
+                if let Some(old) = current.take() {
+                    old.abort();
+                }
+            }
+            _ = check.tick() => {
+                let mut s = lock(&state);
+                if s.promoted.is_some() || s.silence_reported || s.applying {
+                    continue;
+                }
+                if let Some(quiet) = s.last_heard.map(|t| t.elapsed()).filter(|q| *q > heartbeat.timeout) {
+                    s.silence_reported = true;
+                    let _ = reports.send(Report::Silent(quiet));
+                }
+            }
+        }
+    }
+}
+
+/// One primary's connection.
+async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, image: Arc<Mutex<Image>>, reports: Sender<Report>) {
+    let peer = link.peer().to_string();
+    let (mut tx, mut rx) = link.split();
+    let (replies_tx, mut replies) = mpsc::unbounded_channel::<Frame>();
+
+    let reader = async {
+        loop {
+            let frame = match rx.recv().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return "the primary closed the connection".to_string(),
+                Err(e) => return e.to_string(),
+            };
+            tracing::trace!(generation = frame.generation, "frame in");
+            let (committed, events) = {
+            let mut s = lock(&state);
+            let was_following = s.machine.is_following();
+            let committed = s.machine.committed();
+            let events = s.machine.handle(frame);
+            if s.machine.is_following() {
+                s.last_heard = Some(Instant::now());
+                s.silence_reported = false;
+                if !was_following {
+                    let _ = reports.send(Report::Following { peer: peer.clone(), generation: s.machine.generation() });
+                }
+            }
+            (committed, events)
+            };
+            for event in events {
+                match event {
+                    Event::Send(f) => {
+                        let _ = replies_tx.send(f);
+                    }
+                    Event::Apply(epoch) => {
+                        // Applied off the network thread, so heartbeats keep flowing
+                        // while a full epoch is laid down; acknowledged only after.
+                        let image = image.clone();
+                        let number = epoch.number;
+                        let full = epoch.kind == Some(EpochKind::Full);
+                        let (pages, bytes) = (epoch.addresses.len(), epoch.data.len() + epoch.state.len());
+                        lock(&state).applying = true;
+                        let applied = tokio::task::spawn_blocking(move || {
+                            let kind = if full { Kind::Full } else { Kind::Delta };
+                            let mut image = image.lock().unwrap_or_else(|e| e.into_inner());
+                            image.apply(kind, &epoch.addresses, &epoch.data, &epoch.state)
+                        })
+                        .await;
+                        {
+                            let mut s = lock(&state);
+                            s.applying = false;
+                            s.last_heard = Some(Instant::now());
+                        }
+                        match applied {
+                            Ok(Ok(())) => {
+                                let _ = reports.send(Report::Applied { epoch: number, full, pages, bytes });
+                            }
+                            Ok(Err(e)) => {
+                                lock(&state).machine.revert(committed);
+                                return format!("epoch {number} verified but cannot be applied: {e}");
+                            }
+                            Err(e) => {
+                                lock(&state).machine.revert(committed);
+                                return format!("epoch {number} could not be applied: {e}");
+                            }
+                        }
+                    }
+                    Event::PeerLeft(why) => {
+                        let _ = reports.send(Report::Left(why));
+                        return String::new();
+                    }
+                    Event::Close(e) => return e.to_string(),
+                }
+            }
+        }
+    };
+
+    let writer = async {
+        let mut beat = tokio::time::interval(heartbeat.interval);
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                Some(frame) = replies.recv() => {
+                    if tx.send(&frame).await.is_err() {
+                        return;
+                    }
+                }
+                _ = beat.tick() => {
+                    let (following, generation) = {
+                        let s = lock(&state);
+                        (s.machine.is_following(), s.machine.generation())
+                    };
+                    if following {
+                        seq += 1;
+                        if tx.send(&Frame { generation, message: Message::Heartbeat { seq } }).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    let why = tokio::select! {
+        why = reader => why,
+        () = writer => "the connection failed while sending".to_string(),
+    };
+    // What the machine answered last (a refusal, typically) still goes out.
+    while let Ok(frame) = replies.try_recv() {
+        let _ = tx.send(&frame).await;
+    }
+    if why.is_empty() {
+        tx.finish(Duration::from_millis(200)).await;
+        return;
+    }
+    let _ = reports.send(if why.starts_with("refused") {
+        Report::Refused(format!("refused the primary at {peer}: {}", why.trim_start_matches("refused: ")))
+    } else {
+        Report::Dropped(format!("the connection from {peer} ended: {why}; an epoch in transfer, if any, was discarded"))
+    });
+    tx.finish(Duration::from_millis(200)).await;
+}
+
+/// After a promotion: any primary that calls is told it has been replaced.
+async fn turn_away(link: Link, generation: u64, reports: Sender<Report>) {
+    let peer = link.peer().to_string();
+    let (mut tx, mut rx) = link.split();
+    let Ok(Some(first)) = rx.recv().await else { return };
+    let theirs = first.generation;
+    let refusal = Refusal::StaleGeneration { theirs: theirs.min(generation - 1), ours: generation };
+    let _ = tx.send(&Frame { generation, message: Message::Refused(refusal.clone()) }).await;
+    let _ = reports.send(Report::Refused(format!("refused the primary at {peer}: {refusal}")));
+    tx.finish(Duration::from_millis(200)).await;
+}

@@ -1,0 +1,200 @@
+//! `tandem primary` and `tandem standby`: a VM protected by a standby on another host,
+//! and the standby that takes it over.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tandem_proto::handshake::Identity;
+use tandem_proto::message::Role as ProtoRole;
+use tandem_replication::primary::{self, Protector, StandbyLoss};
+use tandem_replication::standby::{self, Outcome, Takeover};
+use tandem_replication::transport::primary::Faults;
+use tandem_replication::{generation, tls, Heartbeat};
+use tandem_vmm::vm::{check_vcpus, config_fingerprint, Vm};
+
+use crate::control;
+use crate::run::{console, supervise, Role, RunArgs};
+
+/// The keys and the heartbeat, alike on both sides.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LinkArgs {
+    /// This host's key pair (key.pem from `tandem keygen`).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The peer's certificate (its cert.pem): the only one accepted.
+    #[arg(long, value_name = "FILE")]
+    peer_cert: PathBuf,
+    /// Where this host keeps its generation number.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Heartbeat interval.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    heartbeat_ms: u64,
+    /// How long the peer may stay silent before it counts as gone.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    timeout_ms: u64,
+}
+
+impl LinkArgs {
+    fn heartbeat(&self) -> Result<Heartbeat> {
+        if self.heartbeat_ms == 0 || self.timeout_ms < 2 * self.heartbeat_ms {
+            bail!("--timeout-ms must be at least twice --heartbeat-ms, and both above 0");
+        }
+        Ok(Heartbeat { interval: Duration::from_millis(self.heartbeat_ms), timeout: Duration::from_millis(self.timeout_ms) })
+    }
+
+    fn generation(&self) -> Result<u64> {
+        Ok(match &self.state_dir {
+            Some(dir) => generation::read(dir)?,
+            None => 1,
+        })
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum LossPolicy {
+    Pause,
+    Continue,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct PrimaryArgs {
+    /// The standby's address (host:port).
+    #[arg(long, value_name = "ADDR")]
+    standby: SocketAddr,
+    #[command(flatten)]
+    link: LinkArgs,
+    /// Epoch length: how often the guest's state goes to the standby, and so how long
+    /// its output waits at most, plus the time to the standby and back.
+    #[arg(long, default_value_t = 25, value_name = "MS")]
+    epoch_ms: u64,
+    /// Epochs on their way to the standby before the next one waits for an ack.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// When the standby falls silent: pause the guest until a standby is in sync
+    /// again, or let it continue and release its output unprotected.
+    #[arg(long, value_enum, default_value_t = LossPolicy::Pause)]
+    on_standby_loss: LossPolicy,
+    /// How long to keep trying to reach the standby at start.
+    #[arg(long, default_value_t = 30, value_name = "S")]
+    connect_timeout_s: u64,
+    /// Fault injection for tests: SIGKILL this process halfway through sending epoch N.
+    #[arg(long, hide = true, value_name = "N")]
+    debug_die_mid_epoch: Option<u64>,
+    /// Fault injection for tests: corrupt a frame of epoch N on its first sending.
+    #[arg(long, hide = true, value_name = "N")]
+    debug_corrupt_epoch: Option<u64>,
+    #[command(flatten)]
+    vm: RunArgs,
+}
+
+pub fn primary(args: PrimaryArgs) -> Result<u8> {
+    let config = args.vm.config()?;
+    if args.vm.dirty_stats_ms.is_some() {
+        bail!("--dirty-stats-ms cannot be used with replication: the epochs take the dirty pages");
+    }
+    if !(1..=10_000).contains(&args.epoch_ms) {
+        bail!("--epoch-ms must be between 1 and 10000, got {}", args.epoch_ms);
+    }
+    if !(1..=64).contains(&args.window) {
+        bail!("--window must be between 1 and 64, got {}", args.window);
+    }
+    let heartbeat = args.link.heartbeat()?;
+    let generation = args.link.generation()?;
+    let tls = tls::client_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
+    let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
+    let control = args.vm.control.as_deref().map(control::listen).transpose()?;
+    let (protector, sink) = Protector::start(
+        primary::Config {
+            standby: args.standby,
+            tls,
+            identity: Identity { role: ProtoRole::Primary, fingerprint, generation },
+            epoch: Duration::from_millis(args.epoch_ms),
+            window: args.window,
+            heartbeat,
+            on_standby_loss: match args.on_standby_loss {
+                LossPolicy::Pause => StandbyLoss::Pause,
+                LossPolicy::Continue => StandbyLoss::Continue,
+            },
+            connect_timeout: Duration::from_secs(args.connect_timeout_s),
+            faults: Faults { die_mid_epoch: args.debug_die_mid_epoch, corrupt_epoch: args.debug_corrupt_epoch },
+        },
+        Box::new(std::io::stdout()),
+    )?;
+    let vm = Vm::boot(config, sink)?;
+    let mut role = Role::Primary(protector);
+    let result = supervise(vm, None, control, &mut role);
+    if let Role::Primary(protector) = role {
+        let reason = match &result {
+            Ok(_) => "the guest stopped".to_string(),
+            Err(e) => format!("the primary stopped: {e:#}"),
+        };
+        // A refusal means another host runs this VM now: no goodbye, nothing more out.
+        let refused = result.as_ref().err().and_then(|e| e.downcast_ref::<tandem_replication::ReplicationError>());
+        if !matches!(refused, Some(tandem_replication::ReplicationError::Refused(_))) {
+            protector.finish(&reason);
+        }
+    }
+    result
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct StandbyArgs {
+    /// Address to listen on for the primary (host:port, UDP).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    link: LinkArgs,
+    /// Guest memory in MiB: must match the primary's.
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    /// Number of vCPUs: must match the primary's.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// The KVM device the VM is rebuilt on at takeover.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// After a takeover, open a control socket here for `tandem ctl`.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+pub fn standby(args: StandbyArgs) -> Result<u8> {
+    let vcpus = check_vcpus(args.vcpus)?;
+    let heartbeat = args.link.heartbeat()?;
+    let Some(state_dir) = args.link.state_dir.clone() else {
+        bail!("a standby needs --state-dir: the generation it raises when it takes over must outlive it");
+    };
+    // Read now so that a corrupt file is reported before anything starts.
+    args.link.generation()?;
+    let tls = tls::server_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
+    let control = args.control.as_deref().map(control::listen).transpose()?;
+    let outcome = standby::follow(
+        standby::Config {
+            listen: args.listen,
+            tls,
+            mem_mib: args.mem_mib,
+            vcpus,
+            kvm_device: args.kvm_device.clone(),
+            state_dir,
+            heartbeat,
+        },
+        console(),
+    )
+    .context("standby")?;
+    match outcome {
+        Outcome::PrimaryLeft(why) => {
+            eprintln!("tandem: the primary said goodbye ({why}); not taking over");
+            Ok(0)
+        }
+        Outcome::TookOver(takeover) => {
+            let report = takeover.report();
+            eprintln!("tandem: {report}");
+            let how = format!("role=primary generation={} standby=none took_over_from_epoch={}", takeover.generation, takeover.epoch);
+            let Takeover { vm, _link, .. } = *takeover;
+            supervise(vm, None, control, &mut Role::TookOver(how))
+        }
+    }
+}
