@@ -2,6 +2,7 @@
 
 mod bench;
 mod control;
+mod drill;
 mod inspect;
 mod keygen;
 mod lab;
@@ -38,6 +39,10 @@ enum Cmd {
     Primary(Box<replicate::PrimaryArgs>),
     /// Follow a primary, and take its VM over when it falls silent.
     Standby(Box<replicate::StandbyArgs>),
+    /// A failover drill: primary and standby run the ticker guest (in the lab unless
+    /// --here), the primary is killed, and the console must continue on the standby
+    /// with no line lost or repeated.
+    Drill(Box<drill::DrillArgs>),
     /// Rebuild a VM from a snapshot (and deltas) in this process and carry on running it.
     Restore(run::RestoreArgs),
     /// Drive a running VM through its control socket: pause, resume, status,
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run::run(args),
         Cmd::Restore(args) => run::restore(args),
+        Cmd::Drill(args) => drill::run(*args),
         Cmd::Primary(args) => replicate::primary(*args),
         Cmd::Standby(args) => replicate::standby(*args),
         Cmd::Ctl { socket, command } => control::send(&socket, &command).map(|reply| {

@@ -1,7 +1,7 @@
 //! One epoch's content, how it is cut into messages, and the checksum both ends compute
 //! over it in the order it was sent.
 
-use crate::message::{Compression, EpochKind, Frame, Message, MAX_BATCH_PAGES, PAGE_SIZE};
+use crate::message::{Compression, EpochKind, Frame, Message, MAX_BATCH_PAGES, MAX_OUTPUT_BYTES, PAGE_SIZE};
 
 /// What an epoch carries: pages (an address may repeat; the later copy wins) and the
 /// machine state as of the epoch's pause.
@@ -13,6 +13,8 @@ pub struct Epoch {
     /// `addresses.len() * PAGE_SIZE` bytes.
     pub data: Vec<u8>,
     pub state: Vec<u8>,
+    /// The guest's console output during the epoch.
+    pub output: Vec<u8>,
 }
 
 impl Epoch {
@@ -20,7 +22,7 @@ impl Epoch {
         &self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
     }
 
-    /// The epoch as frames of `generation`: begin, page batches, state, commit.
+    /// The epoch as frames of `generation`: begin, page batches, output, state, commit.
     pub fn frames(&self, generation: u64) -> Vec<Frame> {
         let epoch = self.number;
         let mut hasher = EpochHasher::new(epoch);
@@ -34,6 +36,10 @@ impl Epoch {
                 compression: Compression::None,
                 data: data.to_vec(),
             }));
+        }
+        for bytes in self.output.chunks(MAX_OUTPUT_BYTES) {
+            hasher.output(bytes);
+            out.push(frame(Message::Output { epoch, bytes: bytes.to_vec() }));
         }
         hasher.state(&self.state);
         out.push(frame(Message::State { epoch, state: self.state.clone() }));
@@ -58,6 +64,11 @@ impl EpochHasher {
             self.0.update(&a.to_le_bytes());
         }
         self.0.update(data);
+    }
+
+    pub fn output(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
     }
 
     pub fn state(&mut self, state: &[u8]) {

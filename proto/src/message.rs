@@ -5,13 +5,15 @@ use serde::{Deserialize, Serialize};
 use crate::ProtoError;
 
 /// Bumped on any change to the messages or their encoding; peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Guest page size: every page in a [`Message::Pages`] batch is this long.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one batch (2 MiB), so a frame stays well under the frame limit.
 pub const MAX_BATCH_PAGES: usize = 512;
 /// Most bytes of encoded machine state in one epoch.
 pub const MAX_STATE_BYTES: usize = 4 << 20;
+/// Most bytes of console output in one message; an epoch's output may take several.
+pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -64,10 +66,21 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         state: Vec<u8>,
     },
+    /// Console output the guest produced during the epoch (all of it still unreleased,
+    /// for a full epoch), in order. A standby that takes over prints the output of its
+    /// epochs the primary had not yet released, so none is lost.
+    Output {
+        epoch: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
     /// Ends the epoch: how many pages it carried and a CRC-32 over all of it.
     EpochCommit { epoch: u64, pages: u64, checksum: u32 },
     /// The standby verified and applied the epoch.
     Ack { epoch: u64 },
+    /// The primary is about to release the output of every epoch up to this one;
+    /// sent before it does.
+    Released { epoch: u64 },
     /// Sent on a timer both ways; `seq` lets the receiver see order and loss.
     Heartbeat { seq: u64 },
     /// The sender is leaving on purpose (an operator stop), not dying.
@@ -102,6 +115,9 @@ impl Message {
             }
             Message::State { state, .. } if state.len() > MAX_STATE_BYTES => {
                 bad(format!("{} bytes of machine state", state.len()))
+            }
+            Message::Output { bytes, .. } if bytes.is_empty() || bytes.len() > MAX_OUTPUT_BYTES => {
+                bad(format!("{} bytes of output in one message", bytes.len()))
             }
             Message::Goodbye { reason } if reason.len() > 1024 => bad("an overlong goodbye".into()),
             _ => Ok(()),

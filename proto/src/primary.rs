@@ -18,7 +18,8 @@ pub enum Event {
     /// The standby is following. With `full_sync`, it needs a full epoch before any
     /// delta (it holds nothing, or less than the epochs kept here can make up).
     Connected { full_sync: bool },
-    /// The standby holds every epoch up to this one: their output may be released.
+    /// The standby holds every epoch up to this one: their output may be released,
+    /// once a [`Message::Released`] saying so is on its way to the standby.
     Released(u64),
     /// The standby said goodbye on purpose.
     PeerLeft(String),
@@ -94,11 +95,18 @@ impl Primary {
     }
 
     /// Numbers the epoch, keeps it until acknowledged, and returns its frames.
-    pub fn send_epoch(&mut self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>) -> Result<(u64, Vec<Frame>), ProtoError> {
+    pub fn send_epoch(
+        &mut self,
+        kind: EpochKind,
+        addresses: Vec<u64>,
+        data: Vec<u8>,
+        state: Vec<u8>,
+        output: Vec<u8>,
+    ) -> Result<(u64, Vec<Frame>), ProtoError> {
         let Phase::Protecting { generation } = self.phase else {
             return Err(ProtoError::OutOfOrder("an epoch while no standby is following".into()));
         };
-        let epoch = Epoch { number: self.next_epoch, kind: Some(kind), addresses, data, state };
+        let epoch = Epoch { number: self.next_epoch, kind: Some(kind), addresses, data, state, output };
         let frames = epoch.frames(generation);
         for f in &frames {
             f.message.validate()?;

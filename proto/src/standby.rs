@@ -28,6 +28,10 @@ enum Phase {
 pub struct Standby {
     identity: Identity,
     committed: Option<u64>,
+    /// The latest epoch whose output the primary said it releases.
+    released: Option<u64>,
+    /// Output of committed epochs after `released`, oldest first.
+    unreleased: std::collections::VecDeque<(u64, Vec<u8>)>,
     phase: Phase,
     staging: Option<(Epoch, EpochHasher)>,
 }
@@ -35,7 +39,14 @@ pub struct Standby {
 impl Standby {
     /// `committed`: the last epoch the standby's image holds, from an earlier connection.
     pub fn new(identity: Identity, committed: Option<u64>) -> Self {
-        Self { identity, committed, phase: Phase::AwaitingHello, staging: None }
+        Self {
+            identity,
+            committed,
+            released: None,
+            unreleased: Default::default(),
+            phase: Phase::AwaitingHello,
+            staging: None,
+        }
     }
 
     /// The generation the standby follows: raised to a newer primary's on handshake.
@@ -54,10 +65,19 @@ impl Standby {
         matches!(self.phase, Phase::Following { .. })
     }
 
+    /// The output of committed epochs that the primary had not said it released: a
+    /// standby taking over prints it before its VM runs, as the primary never did.
+    pub fn unreleased_output(&self) -> Vec<u8> {
+        self.unreleased.iter().flat_map(|(_, b)| b.iter().copied()).collect()
+    }
+
     /// Takes back the commit of an epoch the VM side could not apply after all (its
     /// content was not what the checksum could vouch for) and ends the connection:
     /// `committed` is what the image still holds.
     pub fn revert(&mut self, committed: Option<u64>) {
+        if self.committed != committed {
+            self.unreleased.pop_back();
+        }
         self.committed = committed;
         self.phase = Phase::Closed;
         self.staging = None;
@@ -135,6 +155,22 @@ impl Standby {
                 staged.data.extend_from_slice(&data);
                 Ok(vec![])
             }
+            Message::Output { epoch, bytes } => {
+                let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
+                hasher.output(&bytes);
+                staged.output.extend_from_slice(&bytes);
+                Ok(vec![])
+            }
+            Message::Released { epoch } => {
+                if !matches!(self.committed, Some(c) if epoch <= c) {
+                    return Err(out_of_order(format!("a release of epoch {epoch}, which is not committed")));
+                }
+                self.released = self.released.max(Some(epoch));
+                while self.unreleased.front().is_some_and(|(e, _)| *e <= epoch) {
+                    self.unreleased.pop_front();
+                }
+                Ok(vec![])
+            }
             Message::State { epoch, state } => {
                 let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
                 if !staged.state.is_empty() {
@@ -158,6 +194,13 @@ impl Standby {
                     return Err(bad("checksum mismatch".into()));
                 }
                 self.committed = Some(epoch);
+                if staged.kind == Some(EpochKind::Full) {
+                    // A full epoch carries all output not yet released.
+                    self.unreleased.clear();
+                }
+                if !staged.output.is_empty() {
+                    self.unreleased.push_back((epoch, staged.output.clone()));
+                }
                 Ok(vec![Event::Apply(staged), Event::Send(Frame { generation, message: Message::Ack { epoch } })])
             }
             Message::Heartbeat { .. } => Ok(vec![]),
@@ -190,7 +233,45 @@ pub(crate) fn name(m: &Message) -> &'static str {
         Message::State { .. } => "state",
         Message::EpochCommit { .. } => "epoch commit",
         Message::Ack { .. } => "ack",
+        Message::Output { .. } => "output",
+        Message::Released { .. } => "release",
         Message::Heartbeat { .. } => "heartbeat",
         Message::Goodbye { .. } => "goodbye",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Role;
+
+    fn commit(standby: &mut Standby, number: u64, kind: EpochKind, output: &[u8]) {
+        let epoch = Epoch { number, kind: Some(kind), state: vec![1], output: output.to_vec(), ..Epoch::default() };
+        for frame in epoch.frames(1) {
+            for event in standby.handle(frame) {
+                assert!(!matches!(event, Event::Close(_)), "{event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn output_the_primary_has_not_released_is_kept_until_it_says_so() {
+        let primary = Identity { role: Role::Primary, fingerprint: 3, generation: 1 };
+        let mut standby = Standby::new(Identity { role: Role::Standby, ..primary }, None);
+        standby.handle(primary.hello());
+        commit(&mut standby, 1, EpochKind::Full, b"boot ");
+        commit(&mut standby, 2, EpochKind::Delta, b"tick 1 ");
+        commit(&mut standby, 3, EpochKind::Delta, b"");
+        assert_eq!(standby.unreleased_output(), b"boot tick 1 ");
+        standby.handle(Frame { generation: 1, message: Message::Released { epoch: 2 } });
+        assert_eq!(standby.unreleased_output(), b"");
+        commit(&mut standby, 4, EpochKind::Delta, b"tick 2 ");
+        assert_eq!(standby.unreleased_output(), b"tick 2 ");
+        // A full re-sync carries all unreleased output itself.
+        commit(&mut standby, 5, EpochKind::Full, b"tick 2 tick 3 ");
+        assert_eq!(standby.unreleased_output(), b"tick 2 tick 3 ");
+        // A release of an epoch not yet held is a protocol error.
+        let out = standby.handle(Frame { generation: 1, message: Message::Released { epoch: 9 } });
+        assert!(matches!(out.last(), Some(Event::Close(_))), "{out:?}");
     }
 }

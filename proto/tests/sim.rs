@@ -140,7 +140,8 @@ impl World {
         let addresses = pages.iter().map(|&p| (p * PAGE_SIZE) as u64).collect();
         let data = pages.iter().flat_map(|&p| self.guest[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].to_vec()).collect();
         let state = format!("cpu state {}", self.rng.next()).into_bytes();
-        let (n, frames) = self.primary.send_epoch(kind, addresses, data, state.clone()).unwrap();
+        let output = format!("console of epoch {}\n", self.primary.next_epoch()).into_bytes();
+        let (n, frames) = self.primary.send_epoch(kind, addresses, data, state.clone(), output).unwrap();
         self.captured.insert(n, (self.guest.clone(), state));
         self.dirty.clear();
         self.full_sync_due = false;

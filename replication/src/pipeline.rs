@@ -219,7 +219,7 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<D
             data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
         }
         let (_, frames) = lock(&machine)
-            .send_epoch(kind, addresses, data, vec![0; 64])
+            .send_epoch(kind, addresses, data, vec![0; 64], Vec::new())
             .map_err(|e| PipelineError::Failed(e.to_string()))?;
         for f in &frames {
             tx.send(f).await?;

@@ -15,7 +15,7 @@ use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
 use tandem_vmm::output::{EpochGate, SharedSink};
 use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
-use tandem_vmm::vm::Vm;
+use tandem_vmm::vm::{is_pause_timeout, Vm};
 
 use crate::transport::primary::{self as link, lock, Dial, Faults, LinkState, Outbox, Outgoing, Shared};
 use crate::{Heartbeat, ReplicationError};
@@ -81,6 +81,10 @@ pub struct Protector {
     next_due: Instant,
     /// Whether the epoch now due is already counted as waiting for the standby.
     waiting: bool,
+    /// Whether the standby's first ack after a full sync has been announced.
+    announced: bool,
+    /// The latest full epoch sent.
+    full_epoch: u64,
     stats: Stats,
 }
 
@@ -128,6 +132,8 @@ impl Protector {
             mode: Mode::Protected,
             next_due: Instant::now(),
             waiting: false,
+            announced: false,
+            full_epoch: 0,
             stats: Stats::default(),
         };
         Ok((protector, sink))
@@ -142,10 +148,14 @@ impl Protector {
     /// standby-loss policy. An error means the VM must stop: the standby refused this
     /// primary, which happens only when another has taken its place.
     pub fn poll(&mut self, vm: &mut Vm) -> Result<(), ReplicationError> {
-        let (state, need_full, quiet, can_send) = {
+        let (state, need_full, quiet, can_send, acked) = {
             let s = lock(&self.shared);
-            (s.link.clone(), s.need_full, s.last_heard.elapsed(), s.machine.can_send())
+            (s.link.clone(), s.need_full, s.last_heard.elapsed(), s.machine.can_send(), s.machine.acked())
         };
+        if let (false, Some(epoch), LinkState::Protecting) = (self.announced, acked.filter(|a| *a >= self.full_epoch), &state) {
+            self.announced = true;
+            tracing::info!("protected: the standby holds epoch {epoch}; output flows as epochs are acknowledged");
+        }
         match state {
             LinkState::Refused(why) => Err(ReplicationError::Refused(why)),
             LinkState::Left => Ok(()),
@@ -229,8 +239,20 @@ impl Protector {
         let gate = self.gate.clone();
         // Output from here on belongs to the next epoch: this one's state covers what
         // the guest printed until now.
-        let mut fence = || gate.lock().unwrap_or_else(|e| e.into_inner()).begin_epoch(number + 1);
-        let (snap, taken, stopped) = vm.capture_fenced(kind, &mut fence)?;
+        let mut fence = || gate.lock().unwrap_or_else(|e| e.into_inner()).seal(number);
+        let (snap, taken, stopped) = match vm.capture_fenced(kind, &mut fence) {
+            Ok(captured) => captured,
+            // The guest ran on and nothing was taken: the next epoch tries again.
+            Err(e) if is_pause_timeout(&e) => {
+                tracing::warn!("epoch {number} skipped: {e}");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The standby gets the output the epoch covers, to print itself should it take
+        // over before this primary has released it. A full epoch carries all output
+        // not yet released: the standby holds no epoch before it.
+        let output = self.gate().output(if kind == Kind::Full { 0 } else { number }, number);
         let state = match codec::encode(&snap.state) {
             Ok(state) => state,
             Err(e) => {
@@ -248,7 +270,7 @@ impl Protector {
                 vm.give_back_dirty(&taken);
                 return Ok(());
             }
-            let (sent, frames) = match s.machine.send_epoch(proto_kind, snap.pages, snap.data, state) {
+            let (sent, frames) = match s.machine.send_epoch(proto_kind, snap.pages, snap.data, state, output) {
                 Ok(sent) => sent,
                 Err(e) => {
                     drop(s);
@@ -273,6 +295,8 @@ impl Protector {
         let excess = stats.stopped.len().saturating_sub(1024);
         stats.stopped.drain(..excess);
         if kind == Kind::Full {
+            self.announced = false;
+            self.full_epoch = number;
             tracing::info!(
                 "full sync to the standby: epoch {number}, {pages} pages, guest stopped {:.1} ms (of {:.0} ms)",
                 stopped.as_secs_f64() * 1e3,

@@ -50,6 +50,8 @@ pub struct Takeover {
     pub resume: Duration,
     pub epochs: u64,
     pub bytes: u64,
+    /// Bytes of console output the primary had not released, printed here instead.
+    pub unreleased: usize,
     /// Keep it as long as the VM runs: a primary that comes back is told it has been
     /// replaced.
     pub _link: StandbyLink,
@@ -58,9 +60,10 @@ pub struct Takeover {
 impl Takeover {
     pub fn report(&self) -> String {
         format!(
-            "took over as primary: generation={} epoch={} detection_ms={} resume_ms={:.1} epochs_received={} bytes_received={}",
+            "took over as primary: generation={} epoch={} unreleased_output_bytes={} detection_ms={} resume_ms={:.1} epochs_received={} bytes_received={}",
             self.generation,
             self.epoch,
+            self.unreleased,
             self.detection.as_millis(),
             self.resume.as_secs_f64() * 1e3,
             self.epochs,
@@ -113,14 +116,23 @@ pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationEr
                     generation += 1;
                     // No frame of the old generation is taken from here on, and the
                     // raise outlives this process, before the VM runs anywhere here.
-                    link.promote(generation);
+                    let unreleased = link.promote(generation);
                     generation::write(&config.state_dir, generation)?;
                     let snapshot = image.lock().unwrap_or_else(|e| e.into_inner()).to_snapshot()?;
+                    // The output the guest produced up to this epoch that the primary
+                    // never released: the world sees it now, before what follows it.
+                    if !unreleased.is_empty() {
+                        let mut console = sink.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Err(e) = console.emit(&unreleased).and_then(|()| console.flush()) {
+                            tracing::warn!("console output: {e}");
+                        }
+                    }
                     let vm = Vm::restore(&[snapshot], &config.kvm_device, false, sink)?;
                     return Ok(Outcome::TookOver(Box::new(Takeover {
                         vm,
                         generation,
                         epoch,
+                        unreleased: unreleased.len(),
                         detection: quiet,
                         resume: decided.elapsed(),
                         epochs,

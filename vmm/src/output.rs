@@ -89,6 +89,31 @@ impl<W: Write + Send> EpochGate<W> {
         self.current = epoch;
     }
 
+    /// Ends epoch `epoch` (called while the guest is paused): everything held from it
+    /// on (including output of an earlier attempt at it that was dropped) is its, and
+    /// output from now on belongs to the next.
+    pub fn seal(&mut self, epoch: u64) {
+        let mut merged = Vec::new();
+        while self.held.back().is_some_and(|(e, _)| *e >= epoch) {
+            if let Some((_, bytes)) = self.held.pop_back() {
+                merged.splice(0..0, bytes);
+            }
+        }
+        if !merged.is_empty() {
+            self.held.push_back((epoch, merged));
+        }
+        self.current = epoch + 1;
+    }
+
+    /// A copy of the output held for epochs `from..=through`, in order.
+    pub fn output(&self, from: u64, through: u64) -> Vec<u8> {
+        self.held
+            .iter()
+            .filter(|(e, _)| (from..=through).contains(e))
+            .flat_map(|(_, b)| b.iter().copied())
+            .collect()
+    }
+
     /// Releases all output of epochs up to and including `epoch`.
     pub fn commit(&mut self, epoch: u64) -> io::Result<()> {
         while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
@@ -195,6 +220,25 @@ mod tests {
         assert_eq!(gate.held_bytes(), 1);
         gate.commit(3).unwrap();
         assert_eq!(&*cap.0.lock().unwrap(), b"abcd");
+    }
+
+    #[test]
+    fn a_sealed_epoch_owns_everything_since_the_last_one() {
+        let cap = Capture::default();
+        let mut gate = EpochGate::new(cap.clone(), 1);
+        gate.emit(b"a").unwrap();
+        gate.seal(1);
+        gate.emit(b"b").unwrap();
+        // An attempt at epoch 2 that was dropped, then epoch 2 again.
+        gate.seal(2);
+        gate.emit(b"c").unwrap();
+        gate.seal(2);
+        gate.emit(b"d").unwrap();
+        assert_eq!(gate.output(2, 2), b"bc");
+        assert_eq!(gate.output(0, 2), b"abc");
+        gate.commit(2).unwrap();
+        assert_eq!(&*cap.0.lock().unwrap(), b"abc");
+        assert_eq!(gate.output(0, 3), b"d");
     }
 
     #[test]

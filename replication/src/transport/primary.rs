@@ -122,6 +122,13 @@ pub fn spawn(dial: Dial, shared: Arc<Mutex<Shared>>, release: Box<dyn Fn(u64) + 
     Ok(Outbox(tx))
 }
 
+/// What the reader hands the writer, in order.
+enum Reply {
+    Frame(Frame),
+    /// Tell the standby this epoch's output is released, then release it.
+    Release(u64),
+}
+
 /// How a connection ended.
 enum End {
     Lost(String),
@@ -191,7 +198,7 @@ async fn session(
         return End::Lost(e.to_string());
     }
     // Frames the protocol machine answers with, sent before anything queued later.
-    let (replies_tx, mut replies) = mpsc::unbounded_channel::<Frame>();
+    let (replies_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
     let timeout = dial.heartbeat.timeout;
     // The standby's silence on this connection counts from when it was opened.
     let opened = Instant::now();
@@ -215,7 +222,6 @@ async fn session(
                 Ok(None) => return End::Lost("the standby closed the connection".into()),
                 Err(e) => return End::Lost(e.to_string()),
             };
-            let mut released = None;
             let mut end = None;
             {
                 let mut s = lock(shared);
@@ -223,7 +229,7 @@ async fn session(
                 for event in s.machine.handle(frame) {
                     match event {
                         Event::Send(f) => {
-                            let _ = replies_tx.send(f);
+                            let _ = replies_tx.send(Reply::Frame(f));
                         }
                         Event::Connected { full_sync } => {
                             s.conn += 1;
@@ -233,16 +239,13 @@ async fn session(
                         }
                         Event::Released(epoch) => {
                             s.released(epoch);
-                            released = Some(epoch);
+                            let _ = replies_tx.send(Reply::Release(epoch));
                         }
                         Event::PeerLeft(why) => end = Some(End::Lost(format!("the standby left: {why}"))),
                         Event::Close(ProtoError::Refused(r)) => end = Some(End::Refused(format!("the standby refused this primary: {r}"))),
                         Event::Close(e) => end = Some(End::Lost(e.to_string())),
                     }
                 }
-            }
-            if let Some(epoch) = released {
-                release(epoch);
             }
             if let Some(end) = end {
                 return end;
@@ -256,11 +259,26 @@ async fn session(
         loop {
             tokio::select! {
                 biased;
-                Some(frame) = replies.recv() => {
-                    if let Err(e) = tx.send(&frame).await {
-                        return End::Lost(e.to_string());
+                Some(reply) = replies.recv() => match reply {
+                    Reply::Frame(frame) => {
+                        if let Err(e) = tx.send(&frame).await {
+                            return End::Lost(e.to_string());
+                        }
                     }
-                }
+                    Reply::Release(epoch) => {
+                        // The standby hears of a release before it happens: should this
+                        // host die in between, the standby prints that output itself.
+                        let generation = lock(shared).machine.generation();
+                        if let Err(e) = tx.send(&Frame { generation, message: Message::Released { epoch } }).await {
+                            return End::Lost(e.to_string());
+                        }
+                        // Lets the connection's driver hand the frame to the kernel.
+                        for _ in 0..3 {
+                            tokio::task::yield_now().await;
+                        }
+                        release(epoch);
+                    }
+                },
                 out = outbox.recv() => match out {
                     Some(Outgoing::Epoch { conn, number, frames }) => {
                         if conn != lock(shared).conn {

@@ -57,10 +57,13 @@ pub struct StandbyLink {
 impl StandbyLink {
     /// From now on this host runs the VM at `generation`: the current primary is cut
     /// off and every primary that comes later is refused.
-    pub fn promote(&self, generation: u64) {
+    /// Returns the output of committed epochs the primary had not released, for the
+    /// new VM's console to print first.
+    pub fn promote(&self, generation: u64) -> Vec<u8> {
         let mut s = lock(&self.state);
         s.promoted = Some(generation);
         let _ = self.abort.send(());
+        s.machine.unreleased_output()
     }
 }
 

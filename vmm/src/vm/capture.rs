@@ -116,7 +116,7 @@ impl Vm {
             _ => None,
         };
         let start = Instant::now();
-        self.vcpus.pause(Duration::from_secs(2))?;
+        self.vcpus.pause(super::PAUSE_TIMEOUT)?;
         fence();
         let result = self.capture_paused(kind, staging, taken);
         // Only a pause of our own is undone. It is brief and leaves the guest clock

@@ -22,6 +22,16 @@ use crate::vcpu::{VcpuError, VcpuSet, VmExit};
 
 mod capture;
 
+/// How long a pause waits for every vCPU to stop. A vCPU answers a kick within
+/// microseconds on a real host; an emulated one (the lab) can stall for a second or two.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `e` is a pause that timed out: the vCPUs were let run on and nothing changed,
+/// so the operation can simply be tried again.
+pub fn is_pause_timeout(e: &VmError) -> bool {
+    matches!(e, VmError::Vcpu(VcpuError::PauseTimeout(..)))
+}
+
 /// Most vCPUs a tandem VM may have: the boot tables are sized for it and every pause
 /// kicks each one, so a bound keeps both predictable.
 pub const MAX_VCPUS: u8 = 32;
@@ -353,7 +363,7 @@ impl Vm {
     /// Stops all vCPUs (see [`VcpuSet::pause`]) and the guest's clock with them, as an
     /// operator expects of a paused machine; returns how long stopping took.
     pub fn pause(&mut self) -> Result<Duration, VmError> {
-        let took = self.vcpus.pause(Duration::from_secs(2))?;
+        let took = self.vcpus.pause(PAUSE_TIMEOUT)?;
         if self.frozen.is_none() {
             match self.read_time() {
                 Ok(time) => self.frozen = Some(time),

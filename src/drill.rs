@@ -1,0 +1,344 @@
+//! `tandem drill`: a failover drill. A primary and a standby (two processes, over
+//! loopback QUIC) run the ticker guest; the primary is killed with SIGKILL at the
+//! chosen moment; the console the primary released, followed by the console of the
+//! standby that took over, must be one sequence with no line lost or repeated.
+//!
+//! Linux guests need real KVM, so by default the drill runs itself inside the lab;
+//! `--here` runs it on this host.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DrillArgs {
+    /// When to kill the primary, per run (a comma-separated list is used in turn):
+    /// MS after the standby first holds a committed epoch; `random` (0 to 6000 ms
+    /// after it); `mid-epoch` (in the middle of sending an epoch); `initial-sync`
+    /// (before the first commit: the standby must refuse to take over).
+    #[arg(long, default_value = "random", value_delimiter = ',')]
+    kill_at: Vec<String>,
+    /// Number of runs.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
+    /// The guest's workload: `ticker` (a numbered line every 100 ms) or `dirty`
+    /// (writes memory at --dirty-mib MiB/s and checks it every second).
+    #[arg(long, default_value = "ticker")]
+    workload: String,
+    /// For the dirty workload: MiB written per second.
+    #[arg(long, default_value_t = 10)]
+    dirty_mib: u32,
+    /// Lines the guest prints before it powers off (ticks, or seconds of dirtying).
+    #[arg(long, default_value_t = 100)]
+    lines: u32,
+    /// Heartbeat timeout for both sides. The lab is an emulated machine that can stall
+    /// for a second, hence more than the production default.
+    #[arg(long, default_value_t = 3000, value_name = "MS")]
+    timeout_ms: u64,
+    /// Seed for `random` kill times (default: the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print each run's two consoles.
+    #[arg(long)]
+    show_consoles: bool,
+    /// Run on this host instead of inside the lab (needs KVM that runs Linux guests,
+    /// and the guest images at --images).
+    #[arg(long)]
+    here: bool,
+    /// Directory of built images (default: $TANDEM_IMAGES, else ~/.cache/tandem/images;
+    /// /images inside the lab).
+    #[arg(long)]
+    images: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kill {
+    After(Duration),
+    MidEpoch,
+    InitialSync,
+}
+
+fn parse_kill(text: &str, rng: &mut u64) -> Result<Kill> {
+    Ok(match text {
+        "mid-epoch" => Kill::MidEpoch,
+        "initial-sync" => Kill::InitialSync,
+        "random" => {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            Kill::After(Duration::from_millis(*rng % 6000))
+        }
+        ms => Kill::After(Duration::from_millis(ms.parse().with_context(|| {
+            format!("--kill-at {ms:?}: expected a number of ms, random, mid-epoch or initial-sync")
+        })?)),
+    })
+}
+
+pub fn run(args: DrillArgs) -> Result<u8> {
+    if !["ticker", "dirty"].contains(&args.workload.as_str()) {
+        bail!("--workload must be ticker or dirty, got {:?}", args.workload);
+    }
+    if args.runs == 0 || args.runs > 100 {
+        bail!("--runs must be between 1 and 100, got {}", args.runs);
+    }
+    let mut rng = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    }) | 1;
+    // Checked before anything starts, so a typo fails at once.
+    for k in &args.kill_at {
+        parse_kill(k, &mut rng.clone())?;
+    }
+    if !args.here {
+        return in_lab(&args, rng);
+    }
+    let images = args.images.clone().unwrap_or_else(lab::default_images_dir);
+    let mut passed = 0;
+    for n in 1..=args.runs {
+        let kill = parse_kill(&args.kill_at[(n as usize - 1) % args.kill_at.len()], &mut rng)?;
+        let outcome = one_run(&args, &images, n, kill).with_context(|| format!("run {n}"))?;
+        println!("{}", outcome.line);
+        if args.show_consoles {
+            println!("=== run {n} primary console\n{}\n=== run {n} standby console\n{}\n=== run {n} end", outcome.primary, outcome.standby);
+        }
+        if outcome.ok {
+            passed += 1;
+        } else {
+            println!("--- run {n} primary log\n{}\n--- run {n} standby log\n{}", outcome.primary_log, outcome.standby_log);
+        }
+    }
+    println!(
+        "drill: {passed}/{} runs kept continuity (no line lost or repeated){}",
+        args.runs,
+        if passed == args.runs { "" } else { ": FAILED" }
+    );
+    Ok(if passed == args.runs { 0 } else { 1 })
+}
+
+/// Runs the same drill inside the lab, passing its output through.
+fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
+    let mut command: Vec<String> = ["tandem", "drill", "--here", "--images", "/images"].map(String::from).to_vec();
+    command.extend([
+        format!("--kill-at={}", args.kill_at.join(",")),
+        format!("--runs={}", args.runs),
+        format!("--workload={}", args.workload),
+        format!("--dirty-mib={}", args.dirty_mib),
+        format!("--lines={}", args.lines),
+        format!("--timeout-ms={}", args.timeout_ms),
+        format!("--seed={seed}"),
+    ]);
+    if args.show_consoles {
+        command.push("--show-consoles".into());
+    }
+    let opts = lab::LabOptions {
+        images: args.images.clone().unwrap_or_else(lab::default_images_dir),
+        timeout: Duration::from_secs(120 + 60 * u64::from(args.runs)),
+        with: Vec::new(),
+        with_qemu: false,
+        mem_mib: 2048,
+        cpus: 2,
+    };
+    let mut stdout = std::io::stdout();
+    let code = lab::run(&opts, &command, &mut |line| {
+        use std::io::Write;
+        let _ = writeln!(stdout, "{line}");
+    })?;
+    Ok(code.clamp(0, 255) as u8)
+}
+
+struct Outcome {
+    ok: bool,
+    line: String,
+    primary: String,
+    standby: String,
+    primary_log: String,
+    standby_log: String,
+}
+
+/// A child process whose output goes to files, killed if left behind.
+struct Proc {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Proc {
+    fn start(args: &[String], dir: &Path, name: &str) -> Result<Self> {
+        let (out, err) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
+        let child = Command::new(std::env::current_exe()?)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out)?)
+            .stderr(File::create(&err)?)
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        Ok(Self { child, out, err })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.out).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits up to `limit` for the log to contain `text`, or the process to end.
+    fn wait_for(&mut self, text: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.log().contains(text) {
+                return true;
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return self.log().contains(text);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcome> {
+    let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (pkeys, skeys) = (dir.join("primary-keys"), dir.join("standby-keys"));
+    tandem_replication::tls::keygen(&pkeys)?;
+    tandem_replication::tls::keygen(&skeys)?;
+    let addr = format!("127.0.0.1:{}", 7100 + n);
+    let path = |p: PathBuf| p.display().to_string();
+    let timeout = args.timeout_ms.to_string();
+    let mut standby_args = vec![
+        "standby".to_string(), "--listen".into(), addr.clone(),
+        "--key".into(), path(skeys.join("key.pem")), "--peer-cert".into(), path(pkeys.join("cert.pem")),
+        "--state-dir".into(), path(dir.join("standby-state")), "--timeout-ms".into(), timeout.clone(),
+    ];
+    let workload = match args.workload.as_str() {
+        "dirty" => format!("tandem.workload=dirty tandem.dirty_mib={} tandem.seconds={}", args.dirty_mib, args.lines),
+        _ => format!("tandem.workload=ticker tandem.ticks={}", args.lines),
+    };
+    let mut primary_args = vec![
+        "primary".to_string(), "--standby".into(), addr,
+        "--key".into(), path(pkeys.join("key.pem")), "--peer-cert".into(), path(skeys.join("cert.pem")),
+        "--timeout-ms".into(), timeout,
+        "--kernel".into(), path(images.join("vmlinuz")), "--initrd".into(), path(images.join("guest-initrd.cpio")),
+        "--append".into(), workload,
+    ];
+    // An epoch well after the first commit, so the guest is up and printing.
+    if kill == Kill::MidEpoch {
+        primary_args.extend(["--debug-die-mid-epoch".into(), (30 + n).to_string()]);
+    }
+    standby_args.push("--mem-mib=256".into());
+    let mut standby = Proc::start(&standby_args, &dir, "standby")?;
+    if !standby.wait_for("standing by", Duration::from_secs(30)) {
+        bail!("the standby did not start:\n{}", standby.log());
+    }
+    let mut primary = Proc::start(&primary_args, &dir, "primary")?;
+
+    let started = Instant::now();
+    let ready = match kill {
+        Kill::InitialSync => primary.wait_for("the standby follows", Duration::from_secs(60)),
+        _ => primary.wait_for("protected: the standby holds epoch", Duration::from_secs(120)),
+    };
+    if !ready {
+        bail!("the primary never got as far as the kill point:\n{}", primary.log());
+    }
+    let killed_at = match kill {
+        Kill::After(d) => {
+            std::thread::sleep(d);
+            format!("{} ms after the first commit", d.as_millis())
+        }
+        Kill::InitialSync => "during the initial sync".into(),
+        Kill::MidEpoch => format!("in the middle of sending epoch {}", 30 + n),
+    };
+    if kill != Kill::MidEpoch {
+        let _ = primary.child.kill();
+    }
+    let primary_exit = primary.wait_exit(Duration::from_secs(120));
+    let standby_exit = standby.wait_exit(Duration::from_secs(180));
+    let _ = started;
+
+    let (pcon, scon, slog) = (primary.console(), standby.console(), standby.log());
+    let report = slog.lines().find_map(|l| l.split_once("took over as primary: ").map(|(_, r)| r.to_string()));
+    let verdict = if kill == Kill::InitialSync {
+        let refused = standby_exit == Some(1) && slog.contains("not promoting");
+        let silent = pcon.trim().is_empty() && scon.trim().is_empty();
+        if refused && silent {
+            Ok("the standby refused to take over and nothing was released".to_string())
+        } else {
+            Err(format!("wanted a refusal to promote and no output (standby exit {standby_exit:?}, released {} bytes)", pcon.len() + scon.len()))
+        }
+    } else {
+        check(&args.workload, args.lines, &pcon, &scon, standby_exit, primary_exit)
+    };
+    let ok = verdict.is_ok();
+    let line = format!(
+        "run {n}: kill {killed_at}: {}; {}",
+        report.unwrap_or_else(|| "no takeover".into()),
+        match verdict {
+            Ok(v) => format!("continuity OK: {v}"),
+            Err(e) => format!("FAILED: {e}"),
+        }
+    );
+    let outcome = Outcome { ok, line, primary: pcon, standby: scon, primary_log: primary.log(), standby_log: slog };
+    drop((primary, standby));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(outcome)
+}
+
+/// The numbered lines of the two consoles, joined byte for byte (a kill can fall in
+/// the middle of a line, which the standby then finishes), must run 1..=lines, each
+/// once, and the guest must have found its memory intact throughout.
+fn check(workload: &str, lines: u32, primary: &str, standby: &str, standby_exit: Option<i32>, primary_exit: Option<i32>) -> Result<String, String> {
+    let prefix = if workload == "dirty" { "dirty " } else { "tick " };
+    let numbers = |text: &str| -> Vec<u32> {
+        text.lines().filter_map(|l| l.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok()).collect()
+    };
+    let joined = format!("{primary}{standby}");
+    let seen = numbers(&joined);
+    let want: Vec<u32> = (1..=lines).collect();
+    if primary_exit == Some(0) {
+        return Err("the primary was not killed: it ran to the end".into());
+    }
+    if seen != want {
+        let dupes = seen.windows(2).filter(|w| w[1] <= w[0]).count();
+        let gaps = seen.windows(2).filter(|w| w[1] > w[0] + 1).count();
+        return Err(format!(
+            "{} numbered lines, {dupes} repeated, {gaps} gaps, first {:?}, last {:?}",
+            seen.len(),
+            seen.first(),
+            seen.last()
+        ));
+    }
+    if joined.contains("check=BAD") || joined.contains("TANDEM-CLOCK-BACKWARDS") {
+        return Err("the guest found its memory or clock wrong".into());
+    }
+    if standby_exit != Some(0) || !standby.contains("TANDEM-GUEST-DONE rc=0") {
+        return Err(format!("the standby's guest did not finish cleanly (exit {standby_exit:?})"));
+    }
+    let from_primary = numbers(primary).len();
+    Ok(format!("lines 1-{from_primary} from the primary, {}-{lines} from the standby", from_primary + 1))
+}
