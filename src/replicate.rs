@@ -86,6 +86,9 @@ pub struct PrimaryArgs {
     /// Fault injection for tests: corrupt a frame of epoch N on its first sending.
     #[arg(long, hide = true, value_name = "N")]
     debug_corrupt_epoch: Option<u64>,
+    /// For tests: claim protocol version N in the hello.
+    #[arg(long, hide = true, value_name = "N")]
+    debug_protocol_version: Option<u16>,
     #[command(flatten)]
     vm: RunArgs,
 }
@@ -119,7 +122,11 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
                 LossPolicy::Continue => StandbyLoss::Continue,
             },
             connect_timeout: Duration::from_secs(args.connect_timeout_s),
-            faults: Faults { die_mid_epoch: args.debug_die_mid_epoch, corrupt_epoch: args.debug_corrupt_epoch },
+            faults: Faults {
+                die_mid_epoch: args.debug_die_mid_epoch,
+                corrupt_epoch: args.debug_corrupt_epoch,
+                protocol_version: args.debug_protocol_version,
+            },
         },
         Box::new(std::io::stdout()),
     )?;

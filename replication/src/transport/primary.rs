@@ -81,6 +81,8 @@ pub struct Faults {
     pub die_mid_epoch: Option<u64>,
     /// Flip a byte in the middle of this epoch's frames, the first time it is sent.
     pub corrupt_epoch: Option<u64>,
+    /// Claim this protocol version in the hello.
+    pub protocol_version: Option<u16>,
 }
 
 /// What the VM thread hands the link thread.
@@ -193,7 +195,10 @@ async fn session(
     release: &(dyn Fn(u64) + Send),
     corrupt: &mut Option<u64>,
 ) -> End {
-    let hello = lock(shared).machine.connect();
+    let mut hello = lock(shared).machine.connect();
+    if let (Some(v), Message::Hello { version, .. }) = (dial.faults.protocol_version, &mut hello.message) {
+        *version = v;
+    }
     if let Err(e) = tx.send(&hello).await {
         return End::Lost(e.to_string());
     }
