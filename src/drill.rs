@@ -43,9 +43,12 @@ pub struct DrillArgs {
     /// Seed for `random` kill times (default: the clock).
     #[arg(long)]
     seed: Option<u64>,
-    /// Print each run's two consoles.
+    /// Print each run's two consoles and logs.
     #[arg(long)]
     show_consoles: bool,
+    /// For tests: the primary corrupts a frame of epoch N on the wire, once.
+    #[arg(long, hide = true, value_name = "N")]
+    corrupt_epoch: Option<u64>,
     /// Run on this host instead of inside the lab (needs KVM that runs Linux guests,
     /// and the guest images at --images).
     #[arg(long)]
@@ -107,7 +110,8 @@ pub fn run(args: DrillArgs) -> Result<u8> {
         }
         if outcome.ok {
             passed += 1;
-        } else {
+        }
+        if !outcome.ok || args.show_consoles {
             println!("--- run {n} primary log\n{}\n--- run {n} standby log\n{}", outcome.primary_log, outcome.standby_log);
         }
     }
@@ -133,6 +137,9 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
     ]);
     if args.show_consoles {
         command.push("--show-consoles".into());
+    }
+    if let Some(n) = args.corrupt_epoch {
+        command.push(format!("--corrupt-epoch={n}"));
     }
     let opts = lab::LabOptions {
         images: args.images.clone().unwrap_or_else(lab::default_images_dir),
@@ -250,6 +257,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     // An epoch well after the first commit, so the guest is up and printing.
     if kill == Kill::MidEpoch {
         primary_args.extend(["--debug-die-mid-epoch".into(), (30 + n).to_string()]);
+    }
+    if let Some(epoch) = args.corrupt_epoch {
+        primary_args.extend(["--debug-corrupt-epoch".into(), epoch.to_string()]);
     }
     standby_args.push("--mem-mib=256".into());
     let mut standby = Proc::start(&standby_args, &dir, "standby")?;

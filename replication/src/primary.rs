@@ -367,13 +367,18 @@ impl Protector {
             return;
         }
         self.outbox.send(Outgoing::Goodbye(reason.to_string()));
-        let deadline = Instant::now() + self.heartbeat.timeout * 2;
+        // The goodbye goes out after every epoch queued before it, which can take a
+        // while on a slow link; a standby that dies meanwhile shows as a lost link.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if lock(&self.shared).link == LinkState::Left {
-                let _ = self.gate().commit(u64::MAX);
-                return;
+            match lock(&self.shared).link {
+                LinkState::Left => {
+                    let _ = self.gate().commit(u64::MAX);
+                    return;
+                }
+                LinkState::Protecting => std::thread::sleep(Duration::from_millis(10)),
+                _ => break,
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
         tracing::warn!("the standby did not confirm the goodbye; the guest's last output stays unreleased");
     }

@@ -107,13 +107,18 @@ pub fn lab(lab_args: &[&str], command: &[&str]) -> Run {
     run
 }
 
-fn lab_once(lab_args: &[&str], command: &[&str]) -> Run {
+/// Checks that the lab can run, and holds it for one test's run.
+pub fn lab_ready() -> std::sync::MutexGuard<'static, ()> {
     images();
     assert!(
         Command::new("sh").args(["-c", "command -v qemu-system-x86_64"]).output().unwrap().status.success(),
         "qemu-system-x86_64 is missing: the lab needs it (apt-get install qemu-system-x86)"
     );
-    let _one_at_a_time = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lab_once(lab_args: &[&str], command: &[&str]) -> Run {
+    let _one_at_a_time = lab_ready();
     let mut args = vec!["lab", "--timeout", "400"];
     args.extend_from_slice(lab_args);
     args.push("--");

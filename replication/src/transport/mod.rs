@@ -115,13 +115,22 @@ impl LinkSender {
         Ok(())
     }
 
-    /// Ends the stream in order and gives the peer up to `grace` to read what was sent
-    /// (a refusal, a goodbye) before the connection closes.
-    pub async fn finish(mut self, grace: std::time::Duration) {
+    /// Ends the stream in order and gives the peer up to `grace` to receive what was
+    /// sent (a refusal, a goodbye) before the connection closes, which says `why`;
+    /// true if the peer received it all, or closed the connection saying
+    /// [`GOODBYE_RECEIVED`].
+    pub async fn finish(mut self, grace: std::time::Duration, why: &str) -> bool {
         let _ = self.send.finish();
-        let _ = tokio::time::timeout(grace, self.send.stopped()).await;
+        let received = match tokio::time::timeout(grace, self.send.stopped()).await {
+            Ok(Ok(None)) => true,
+            Ok(Err(quinn::StoppedError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close)))) => {
+                close.reason.as_ref() == GOODBYE_RECEIVED.as_bytes()
+            }
+            _ => false,
+        };
         let _ = tokio::time::timeout(grace, self.connection.closed()).await;
-        self.connection.close(0u32.into(), b"done");
+        self.connection.close(0u32.into(), why.as_bytes());
+        received
     }
 }
 
@@ -174,6 +183,9 @@ impl Listener {
         Ok(Link::new(connection, send, recv, self.endpoint.clone()))
     }
 }
+
+/// What a standby closes the connection with once it has read the primary's goodbye.
+pub const GOODBYE_RECEIVED: &str = "goodbye received";
 
 /// How long one attempt to reach the standby may take: on a LAN a QUIC handshake takes
 /// a millisecond, and the caller tries again.

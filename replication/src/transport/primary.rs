@@ -321,11 +321,20 @@ async fn session(
         end = reader => end,
         end = writer => end,
     };
-    match &end {
-        End::Left => tx.finish(dial.heartbeat.timeout).await,
-        End::Lost(why) | End::Refused(why) => tx.close(why),
+    match end {
+        End::Left => match tx.finish(dial.heartbeat.timeout, "goodbye").await {
+            true => End::Left,
+            false => End::Lost("the standby did not confirm the goodbye".into()),
+        },
+        End::Lost(why) => {
+            tx.close(&why);
+            End::Lost(why)
+        }
+        End::Refused(why) => {
+            tx.close(&why);
+            End::Refused(why)
+        }
     }
-    end
 }
 
 async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Frame], faults: Faults, corrupt: &mut Option<u64>) -> Result<(), TransportError> {

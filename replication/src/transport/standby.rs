@@ -285,7 +285,7 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
         let _ = tx.send(&frame).await;
     }
     if why.is_empty() {
-        tx.finish(Duration::from_millis(200)).await;
+        tx.close(super::GOODBYE_RECEIVED);
         return;
     }
     let _ = reports.send(if why.starts_with("refused") {
@@ -293,7 +293,7 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
     } else {
         Report::Dropped(format!("the connection from {peer} ended: {why}; an epoch in transfer, if any, was discarded"))
     });
-    tx.finish(Duration::from_millis(200)).await;
+    tx.finish(Duration::from_millis(200), "dropped").await;
 }
 
 /// After a promotion: any primary that calls is told it has been replaced.
@@ -305,5 +305,5 @@ async fn turn_away(link: Link, generation: u64, reports: Sender<Report>) {
     let refusal = Refusal::StaleGeneration { theirs: theirs.min(generation - 1), ours: generation };
     let _ = tx.send(&Frame { generation, message: Message::Refused(refusal.clone()) }).await;
     let _ = reports.send(Report::Refused(format!("refused the primary at {peer}: {refusal}")));
-    tx.finish(Duration::from_millis(200)).await;
+    tx.finish(Duration::from_millis(200), "refused").await;
 }
