@@ -19,8 +19,9 @@ use crate::lab;
 pub struct DrillArgs {
     /// When to kill the primary, per run (a comma-separated list is used in turn):
     /// MS after the standby first holds a committed epoch; `random` (0 to 6000 ms
-    /// after it); `mid-epoch` (in the middle of sending an epoch); `initial-sync`
-    /// (before the first commit: the standby must refuse to take over).
+    /// after it); `mid-epoch[:N]` (in the middle of sending epoch N, by default 8, early
+    /// in the guest's boot); `initial-sync` (before the first commit: the standby must
+    /// refuse to take over).
     #[arg(long, default_value = "random", value_delimiter = ',')]
     kill_at: Vec<String>,
     /// Number of runs.
@@ -62,13 +63,15 @@ pub struct DrillArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kill {
     After(Duration),
-    MidEpoch,
+    /// In the middle of sending this epoch.
+    MidEpoch(u64),
     InitialSync,
 }
 
 fn parse_kill(text: &str, rng: &mut u64) -> Result<Kill> {
     Ok(match text {
-        "mid-epoch" => Kill::MidEpoch,
+        // Early in the guest's boot, when epochs are large and long in transfer.
+        "mid-epoch" => Kill::MidEpoch(8),
         "initial-sync" => Kill::InitialSync,
         "random" => {
             *rng ^= *rng << 13;
@@ -76,9 +79,13 @@ fn parse_kill(text: &str, rng: &mut u64) -> Result<Kill> {
             *rng ^= *rng << 17;
             Kill::After(Duration::from_millis(*rng % 6000))
         }
-        ms => Kill::After(Duration::from_millis(ms.parse().with_context(|| {
-            format!("--kill-at {ms:?}: expected a number of ms, random, mid-epoch or initial-sync")
-        })?)),
+        other => {
+            let bad = || format!("--kill-at {other:?}: expected a number of ms, random, mid-epoch[:N] or initial-sync");
+            match other.strip_prefix("mid-epoch:") {
+                Some(n) => Kill::MidEpoch(n.parse().ok().filter(|n| *n > 1).with_context(bad)?),
+                None => Kill::After(Duration::from_millis(other.parse().with_context(bad)?)),
+            }
+        }
     })
 }
 
@@ -103,7 +110,13 @@ pub fn run(args: DrillArgs) -> Result<u8> {
     let mut passed = 0;
     for n in 1..=args.runs {
         let kill = parse_kill(&args.kill_at[(n as usize - 1) % args.kill_at.len()], &mut rng)?;
-        let outcome = one_run(&args, &images, n, kill).with_context(|| format!("run {n}"))?;
+        let outcome = match one_run(&args, &images, n, kill) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                println!("run {n}: FAILED: {e:#}");
+                continue;
+            }
+        };
         println!("{}", outcome.line);
         if args.show_consoles {
             println!("=== run {n} primary console\n{}\n=== run {n} standby console\n{}\n=== run {n} end", outcome.primary, outcome.standby);
@@ -112,7 +125,7 @@ pub fn run(args: DrillArgs) -> Result<u8> {
             passed += 1;
         }
         if !outcome.ok || args.show_consoles {
-            println!("--- run {n} primary log\n{}\n--- run {n} standby log\n{}", outcome.primary_log, outcome.standby_log);
+            println!("=== run {n} primary log\n{}\n=== run {n} standby log\n{}\n=== run {n} logs end", outcome.primary_log, outcome.standby_log);
         }
     }
     println!(
@@ -254,9 +267,8 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         "--kernel".into(), path(images.join("vmlinuz")), "--initrd".into(), path(images.join("guest-initrd.cpio")),
         "--append".into(), workload,
     ];
-    // An epoch well after the first commit, so the guest is up and printing.
-    if kill == Kill::MidEpoch {
-        primary_args.extend(["--debug-die-mid-epoch".into(), (30 + n).to_string()]);
+    if let Kill::MidEpoch(epoch) = kill {
+        primary_args.extend(["--debug-die-mid-epoch".into(), epoch.to_string()]);
     }
     if let Some(epoch) = args.corrupt_epoch {
         primary_args.extend(["--debug-corrupt-epoch".into(), epoch.to_string()]);
@@ -282,9 +294,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
             format!("{} ms after the first commit", d.as_millis())
         }
         Kill::InitialSync => "during the initial sync".into(),
-        Kill::MidEpoch => format!("in the middle of sending epoch {}", 30 + n),
+        Kill::MidEpoch(epoch) => format!("in the middle of sending epoch {epoch}"),
     };
-    if kill != Kill::MidEpoch {
+    if !matches!(kill, Kill::MidEpoch(_)) {
         let _ = primary.child.kill();
     }
     let primary_exit = primary.wait_exit(Duration::from_secs(120));

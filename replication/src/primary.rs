@@ -286,6 +286,7 @@ impl Protector {
             // the epoch and tagging it with its connection.
             self.outbox.send(Outgoing::Epoch { conn, number: sent, frames });
         }
+        tracing::debug!(epoch = number, pages, bytes, stopped_us = stopped.as_micros() as u64, "epoch queued");
         let stats = &mut self.stats;
         stats.epochs += 1;
         stats.bytes += bytes as u64;

@@ -39,13 +39,36 @@ pub enum TransportError {
 /// Flow-control windows large enough for a whole epoch in flight: at QUIC's defaults
 /// the sender stalls on the receiver's window long before the link is full (measured
 /// on these hosts, see shared/notes/environment.md).
-fn transport_config() -> Arc<quinn::TransportConfig> {
+///
+/// On loopback, datagrams of 6000 bytes from the first packet: per-datagram costs bind
+/// QUIC there, five times fewer datagrams move several times the bytes (and in the
+/// emulated lab, where every syscall is dear, far more). Not above 6500, where quinn's
+/// GSO batches would exceed the kernel's 64 KiB and fall back to 1200-byte packets.
+/// Elsewhere the path MTU is not known in advance, so QUIC starts small and probes.
+fn transport_config(loopback: bool) -> Arc<quinn::TransportConfig> {
     let window: u32 = 128 << 20;
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(window.into())
         .receive_window(window.into())
         .send_window(u64::from(window));
+    if loopback {
+        t.initial_mtu(6000);
+    }
     Arc::new(t)
+}
+
+/// Accepts datagrams as large as UDP allows, so the peer may send large ones.
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(65527).expect("65527 is within QUIC's limits");
+    config
+}
+
+fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, TransportError> {
+    let bind = |source| TransportError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime found")))?;
+    quinn::Endpoint::new(endpoint_config(), server, socket, runtime).map_err(bind)
 }
 
 /// One connection's frame stream: a sending and a receiving half, which
@@ -165,8 +188,8 @@ impl Listener {
     pub fn bind(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Self, TransportError> {
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(transport_config());
-        let endpoint = quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })?;
+        config.transport_config(transport_config(addr.ip().is_loopback()));
+        let endpoint = endpoint(addr, Some(config))?;
         Ok(Self { endpoint })
     }
 
@@ -205,9 +228,9 @@ impl TransportError {
 pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link, TransportError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let local: SocketAddr = if addr.is_ipv6() { ([0u16; 8], 0).into() } else { ([0, 0, 0, 0], 0).into() };
-    let mut endpoint = quinn::Endpoint::client(local).map_err(|source| TransportError::Bind { addr: local, source })?;
+    let mut endpoint = endpoint(local, None)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(addr.ip().is_loopback()));
     endpoint.set_default_client_config(config);
     let failed = |why: String| TransportError::Connect { addr, why };
     // The pinned certificate is the trust; the name is not checked.
