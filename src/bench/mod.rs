@@ -5,6 +5,7 @@
 mod boot;
 mod pipeline;
 mod qmp;
+mod replicate;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,13 @@ pub enum BenchCmd {
     /// dirtied in a memory region, staged, sent as epochs over loopback QUIC with
     /// mutual TLS, verified and applied by a standby; beside memcpy and loopback TCP.
     Pipeline(pipeline::PipelineArgs),
+    /// What replication costs a guest: the dirty workload at several rates alone and
+    /// as a replicated primary (stopped time per epoch, bytes per epoch, ack latency,
+    /// slowdown), in the lab; then the pipeline's throughput natively on this host.
+    Replicate(replicate::ReplicateArgs),
+    /// The part of `bench replicate` that runs inside the lab.
+    #[command(hide = true)]
+    ReplicateInLab(replicate::ReplicateArgs),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -51,6 +59,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Snapshot(args) => snapshot::via_lab(&args),
         BenchCmd::SnapshotInLab(args) => snapshot::in_lab(&args),
         BenchCmd::Pipeline(args) => pipeline::run(&args),
+        BenchCmd::Replicate(args) => replicate::via_lab(&args),
+        BenchCmd::ReplicateInLab(args) => replicate::in_lab(&args),
     }
 }
 

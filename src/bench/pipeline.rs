@@ -22,6 +22,12 @@ pub struct PipelineArgs {
     window: usize,
 }
 
+impl Default for PipelineArgs {
+    fn default() -> Self {
+        Self { mib: 256, epochs: 20, dirty_percent: 25, window: 4 }
+    }
+}
+
 pub fn run(args: &PipelineArgs) -> Result<()> {
     if args.mib == 0 || args.mib > 16 << 10 || args.dirty_percent > 100 || args.window == 0 {
         bail!("--mib must be 1..=16384, --dirty-percent at most 100, --window at least 1");
