@@ -18,8 +18,8 @@ use crate::lab;
 #[derive(clap::Args, Clone, Debug)]
 pub struct DrillArgs {
     /// When to kill the primary, per run (a comma-separated list is used in turn):
-    /// MS after the standby first holds a committed epoch; `random` (0 to 6000 ms
-    /// after it); `mid-epoch[:N]` (in the middle of sending epoch N, by default 8, early
+    /// MS after the standby first holds a committed epoch; `random` (2 to 16 s after
+    /// it, spanning the guest's boot and its ticking); `mid-epoch[:N]` (in the middle of sending epoch N, by default 8, early
     /// in the guest's boot); `initial-sync` (before the first commit: the standby must
     /// refuse to take over).
     #[arg(long, default_value = "random", value_delimiter = ',')]
@@ -77,7 +77,7 @@ fn parse_kill(text: &str, rng: &mut u64) -> Result<Kill> {
             *rng ^= *rng << 13;
             *rng ^= *rng >> 7;
             *rng ^= *rng << 17;
-            Kill::After(Duration::from_millis(*rng % 6000))
+            Kill::After(Duration::from_millis(2000 + *rng % 14000))
         }
         other => {
             let bad = || format!("--kill-at {other:?}: expected a number of ms, random, mid-epoch[:N] or initial-sync");
@@ -286,7 +286,7 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         _ => primary.wait_for("protected: the standby holds epoch", Duration::from_secs(120)),
     };
     if !ready {
-        bail!("the primary never got as far as the kill point:\n{}", primary.log());
+        bail!("the primary never got as far as the kill point:\n{}{}", primary.log(), threads(&mut primary.child));
     }
     let killed_at = match kill {
         Kill::After(d) => {
@@ -329,6 +329,21 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     drop((primary, standby));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(outcome)
+}
+
+/// Where each thread of a process still running is stuck, from /proc: what a hang
+/// leaves to go on.
+fn threads(child: &mut Child) -> String {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return "(the process had ended)".into();
+    }
+    let dir = format!("/proc/{}/task", child.id());
+    let mut out = format!("(still running after the wait; its threads:)\n");
+    for task in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        out.push_str(&format!("{} wchan={}\n{}", read("comm").trim(), read("wchan").trim(), read("stack")));
+    }
+    out
 }
 
 /// The numbered lines of the two consoles, joined byte for byte (a kill can fall in
