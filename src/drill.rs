@@ -338,7 +338,7 @@ fn threads(child: &mut Child) -> String {
         return "(the process had ended)".into();
     }
     let dir = format!("/proc/{}/task", child.id());
-    let mut out = format!("(still running after the wait; its threads:)\n");
+    let mut out = String::from("(still running after the wait; its threads:)\n");
     for task in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
         out.push_str(&format!("{} wchan={}\n{}", read("comm").trim(), read("wchan").trim(), read("stack")));
