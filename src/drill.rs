@@ -313,6 +313,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         } else {
             Err(format!("wanted a refusal to promote and no output (standby exit {standby_exit:?}, released {} bytes)", pcon.len() + scon.len()))
         }
+    } else if pcon.is_empty() && scon.is_empty() {
+        // Not one byte from the guest on either host, not even the kernel's first line.
+        Err(format!("{SILENT_GUEST} (primary exit {primary_exit:?}, standby exit {standby_exit:?})"))
     } else {
         check(&args.workload, args.lines, &pcon, &scon, standby_exit, primary_exit)
     };
@@ -330,6 +333,11 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     let _ = std::fs::remove_dir_all(&dir);
     Ok(outcome)
 }
+
+/// The verdict of a run whose guest never printed anything, on either host: a guest
+/// stuck early in its boot (the lab's start-up hang, see the README), which the
+/// standby, rebuilding the same VM, inherits.
+pub const SILENT_GUEST: &str = "the guest printed nothing at all, on either host";
 
 /// Where each thread of a process still running is stuck, from /proc: what a hang
 /// leaves to go on.
