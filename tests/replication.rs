@@ -144,7 +144,8 @@ kill $sb 2>/dev/null; wait $sb; echo "standby-b-exit=$?"
 echo '=== console'; cat /tmp/p.out; echo '=== primary log'; cat /tmp/p.err; echo '=== standby b log'; cat /tmp/sb.err
 "#
     );
-    lab(&[], &["sh", "-c", &script])
+    // A guest lost to the lab's emulation (a triple fault at boot) is tried again.
+    retry_lab_faults(|| lab(&[], &["sh", "-c", &script]))
 }
 
 fn after_loss(run: &Run) -> (u32, u32) {
