@@ -280,7 +280,6 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     }
     let mut primary = Proc::start(&primary_args, &dir, "primary")?;
 
-    let started = Instant::now();
     let ready = match kill {
         Kill::InitialSync => primary.wait_for("the standby follows", Duration::from_secs(60)),
         _ => primary.wait_for("protected: the standby holds epoch", Duration::from_secs(120)),
@@ -301,7 +300,6 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     }
     let primary_exit = primary.wait_exit(Duration::from_secs(120));
     let standby_exit = standby.wait_exit(Duration::from_secs(180));
-    let _ = started;
 
     let (pcon, scon, slog) = (primary.console(), standby.console(), standby.log());
     let report = slog.lines().find_map(|l| l.split_once("took over as primary: ").map(|(_, r)| r.to_string()));
