@@ -193,7 +193,14 @@ pub fn supervise(
             break exit;
         }
         if let Role::Primary(p) = role {
-            p.poll(&mut vm)?;
+            if let Err(e) = p.poll(&mut vm) {
+                // An epoch that failed because the guest had just stopped the machine
+                // is not the story: how the guest ended is.
+                match vm.wait_timeout(Duration::ZERO) {
+                    Some(exit) => break exit,
+                    None => return Err(e.into()),
+                }
+            }
         }
         if let Some(socket) = &control {
             while let Ok(request) = socket.requests.try_recv() {

@@ -32,8 +32,10 @@ pub enum VcpuError {
     Kick(usize, vmm_sys_util::errno::Error),
     #[error("the vCPUs must be paused for this")]
     NotPaused,
-    #[error("vCPU {0} did not answer within {1:?} (has the guest stopped the machine?)")]
+    #[error("vCPU {0} did not answer within {1:?}")]
     NoAnswer(usize, Duration),
+    #[error("vCPU {0} has stopped the machine (the guest powered off, reset or failed)")]
+    MachineStopped(usize),
 }
 
 /// Work for one paused vCPU, run on that vCPU's own thread (KVM wants most per-vCPU
@@ -64,6 +66,8 @@ struct Control {
     parked: usize,
     /// One slot per vCPU for a job to run while paused.
     jobs: Vec<Option<Job>>,
+    /// Per vCPU: it reported why the machine must stop and runs no more jobs.
+    ended: Vec<bool>,
 }
 
 struct Shared {
@@ -123,6 +127,7 @@ impl VcpuSet {
                 want: if paused { Want::Pause } else { Want::Run },
                 parked: 0,
                 jobs: (0..vcpus.len()).map(|_| None).collect(),
+                ended: vec![false; vcpus.len()],
             }),
             changed: Condvar::new(),
         });
@@ -225,6 +230,11 @@ impl VcpuSet {
             if c.want != Want::Pause || c.parked < n {
                 return Err(VcpuError::NotPaused);
             }
+            // A vCPU that stopped the machine will never pick its job up: say so now,
+            // not after a timeout that reads like a hang.
+            if let Some(index) = c.ended.iter().position(|e| *e) {
+                return Err(VcpuError::MachineStopped(index));
+            }
             for (index, slot) in c.jobs.iter_mut().enumerate() {
                 let (f, tx) = (f.clone(), tx.clone());
                 *slot = Some(Box::new(move |vcpu: &mut KvmVcpu| {
@@ -233,6 +243,8 @@ impl VcpuSet {
             }
             self.shared.changed.notify_all();
         }
+        // Only the jobs hold senders now: a job dropped unrun ends the wait at once.
+        drop(tx);
         let timeout = Duration::from_secs(2);
         let mut results: Vec<Option<R>> = (0..n).map(|_| None).collect();
         for _ in 0..n {
@@ -241,7 +253,11 @@ impl VcpuSet {
                 Err(_) => {
                     let missing = results.iter().position(Option::is_none).unwrap_or(0);
                     // Withdraw jobs nobody picked up, so none runs late.
-                    self.shared.lock().jobs.iter_mut().for_each(|j| *j = None);
+                    let mut c = self.shared.lock();
+                    c.jobs.iter_mut().for_each(|j| *j = None);
+                    if c.ended[missing] {
+                        return Err(VcpuError::MachineStopped(missing));
+                    }
                     return Err(VcpuError::NoAnswer(missing, timeout));
                 }
             }
@@ -320,6 +336,9 @@ impl Runner {
     fn park_until_stopped(&self) {
         let mut c = self.shared.lock();
         c.parked += 1;
+        c.ended[self.index] = true;
+        // A job handed out before this vCPU ended would never run.
+        c.jobs[self.index] = None;
         self.shared.changed.notify_all();
         while c.want != Want::Stop {
             c = self.shared.changed.wait(c).unwrap_or_else(|e| e.into_inner());
