@@ -15,7 +15,7 @@ use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
 use tandem_vmm::output::{EpochGate, SharedSink};
 use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
-use tandem_vmm::vm::{is_pause_timeout, Vm};
+use tandem_vmm::vm::{is_transient, Vm};
 
 use crate::transport::primary::{self as link, lock, Dial, Faults, LinkState, Outbox, Outgoing, Shared};
 use crate::{Heartbeat, ReplicationError};
@@ -54,6 +54,10 @@ enum Mode {
     Unprotected,
 }
 
+/// A vCPU that keeps failing to stop or to hand over its state is not slow but stuck:
+/// past this many captures given up in a row, the primary stops.
+const MAX_SKIPPED_IN_A_ROW: u32 = 20;
+
 type Gate = Arc<Mutex<EpochGate<Box<dyn Write + Send>>>>;
 
 /// Figures for `tandem ctl status` and the logs.
@@ -85,6 +89,8 @@ pub struct Protector {
     announced: bool,
     /// The latest full epoch sent.
     full_epoch: u64,
+    /// Captures given up in a row on a slow vCPU (see `is_transient`).
+    skipped: u32,
     stats: Stats,
 }
 
@@ -143,6 +149,7 @@ impl Protector {
             waiting: false,
             announced: false,
             full_epoch: 0,
+            skipped: 0,
             stats: Stats::default(),
         };
         Ok((protector, sink))
@@ -252,12 +259,14 @@ impl Protector {
         let (snap, taken, stopped) = match vm.capture_fenced(kind, &mut fence) {
             Ok(captured) => captured,
             // The guest ran on and nothing was taken: the next epoch tries again.
-            Err(e) if is_pause_timeout(&e) => {
+            Err(e) if is_transient(&e) && self.skipped < MAX_SKIPPED_IN_A_ROW => {
+                self.skipped += 1;
                 tracing::warn!("epoch {number} skipped: {e}");
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
         };
+        self.skipped = 0;
         // The standby gets the output the epoch covers, to print itself should it take
         // over before this primary has released it. A full epoch carries all output
         // not yet released: the standby holds no epoch before it.

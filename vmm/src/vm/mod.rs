@@ -26,10 +26,11 @@ mod capture;
 /// microseconds on a real host; an emulated one (the lab) can stall for a second or two.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether `e` is a pause that timed out: the vCPUs were let run on and nothing changed,
-/// so the operation can simply be tried again.
-pub fn is_pause_timeout(e: &VmError) -> bool {
-    matches!(e, VmError::Vcpu(VcpuError::PauseTimeout(..)))
+/// Whether `e` is a capture that gave up on a slow vCPU: a pause that timed out, or a
+/// paused vCPU that did not hand over its state in time. The vCPUs were let run on and
+/// nothing was kept, so the capture can simply be tried again.
+pub fn is_transient(e: &VmError) -> bool {
+    matches!(e, VmError::Vcpu(VcpuError::PauseTimeout(..) | VcpuError::NoAnswer(..)))
 }
 
 /// Most vCPUs a tandem VM may have: the boot tables are sized for it and every pause
