@@ -138,6 +138,18 @@ impl LinkSender {
         Ok(())
     }
 
+    /// Ends the stream in order: the peer reads what was sent, then its end.
+    pub fn end_stream(&mut self) {
+        let _ = self.send.finish();
+    }
+
+    /// Closes the connection saying `why`, and gives the close up to `grace` to reach
+    /// the peer before this process may end.
+    pub async fn close_and_flush(self, why: &str, grace: std::time::Duration) {
+        self.connection.close(0u32.into(), why.as_bytes());
+        let _ = tokio::time::timeout(grace, self._endpoint.wait_idle()).await;
+    }
+
     /// Ends the stream in order and gives the peer up to `grace` to receive what was
     /// sent (a refusal, a goodbye) before the connection closes, which says `why`;
     /// true if the peer received it all, or closed the connection saying
@@ -215,6 +227,17 @@ pub const GOODBYE_RECEIVED: &str = "goodbye received";
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl TransportError {
+    /// Whether the peer closed the connection to say it received a goodbye.
+    pub fn is_goodbye_received(&self) -> bool {
+        let closed = |e: &quinn::ConnectionError| {
+            matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == GOODBYE_RECEIVED.as_bytes())
+        };
+        match self {
+            Self::Connection(e) | Self::Read(quinn::ReadError::ConnectionLost(e)) | Self::Write(quinn::WriteError::ConnectionLost(e)) => closed(e),
+            _ => false,
+        }
+    }
+
     /// Whether the peer turned this side's certificate down, or presented one that is
     /// not the pinned one: trying again cannot help.
     pub fn is_tls_refusal(&self) -> bool {

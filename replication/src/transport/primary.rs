@@ -225,6 +225,7 @@ async fn session(
             let frame = match frame {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return End::Lost("the standby closed the connection".into()),
+                Err(e) if e.is_goodbye_received() => return End::Left,
                 Err(e) => return End::Lost(e.to_string()),
             };
             let mut end = None;
@@ -258,6 +259,7 @@ async fn session(
         }
     };
 
+    tokio::pin!(reader);
     let writer = async {
         let mut beat = tokio::time::interval(dial.heartbeat.interval);
         let mut seq = 0u64;
@@ -318,14 +320,28 @@ async fn session(
     };
 
     let end = tokio::select! {
-        end = reader => end,
+        end = &mut reader => end,
         end = writer => end,
     };
     match end {
-        End::Left => match tx.finish(dial.heartbeat.timeout, "goodbye").await {
-            true => End::Left,
-            false => End::Lost("the standby did not confirm the goodbye".into()),
-        },
+        End::Left => {
+            // The goodbye went out behind every epoch queued before it, which on a slow
+            // link can be seconds of data still on its way. The standby keeps beating
+            // and acknowledging while it drains, so keep listening until it confirms
+            // (it closes saying so) or falls silent; a fixed grace would give up on a
+            // live standby and leave the guest's last output unreleased.
+            // Only the standby's own confirmation counts: closing as soon as the bytes
+            // are acknowledged could cut them off before it reads them, and a standby
+            // that never reads the goodbye takes over a guest that has stopped.
+            tx.end_stream();
+            let confirmed = tokio::time::timeout(GOODBYE_LIMIT, &mut reader).await;
+            tx.close("goodbye");
+            match confirmed {
+                Ok(End::Left) => End::Left,
+                Ok(End::Lost(why) | End::Refused(why)) => End::Lost(format!("the standby did not confirm the goodbye: {why}")),
+                Err(_) => End::Lost("the standby did not confirm the goodbye in time".into()),
+            }
+        }
         End::Lost(why) => {
             tx.close(&why);
             End::Lost(why)
@@ -336,6 +352,9 @@ async fn session(
         }
     }
 }
+
+/// How long a goodbye may take to reach a standby that is still draining epochs.
+const GOODBYE_LIMIT: Duration = Duration::from_secs(120);
 
 async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Frame], faults: Faults, corrupt: &mut Option<u64>) -> Result<(), TransportError> {
     let middle = frames.len() / 2;

@@ -178,6 +178,9 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
     let peer = link.peer().to_string();
     let (mut tx, mut rx) = link.split();
     let (replies_tx, mut replies) = mpsc::unbounded_channel::<Frame>();
+    // The primary's goodbye, reported only once the confirmation is on its way: the
+    // process may end as soon as it hears of it.
+    let left: Mutex<Option<String>> = Mutex::new(None);
 
     let reader = async {
         loop {
@@ -240,7 +243,7 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         }
                     }
                     Event::PeerLeft(why) => {
-                        let _ = reports.send(Report::Left(why));
+                        *left.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                         return String::new();
                     }
                     Event::Close(e) => return e.to_string(),
@@ -285,7 +288,9 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
         let _ = tx.send(&frame).await;
     }
     if why.is_empty() {
-        tx.close(super::GOODBYE_RECEIVED);
+        tx.close_and_flush(super::GOODBYE_RECEIVED, Duration::from_millis(500)).await;
+        let why = left.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+        let _ = reports.send(Report::Left(why));
         return;
     }
     let _ = reports.send(if why.starts_with("refused") {
