@@ -506,6 +506,10 @@ impl KvmVcpu {
         &mut self.fd.get_kvm_run().immediate_exit
     }
 
+    pub fn set_immediate_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+    }
+
     pub fn clear_immediate_exit(&mut self) {
         self.fd.set_kvm_immediate_exit(0);
     }

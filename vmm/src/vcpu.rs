@@ -139,6 +139,7 @@ impl VcpuSet {
             let runner = Runner {
                 index,
                 vcpu,
+                io_pending: false,
                 bus: bus.clone(),
                 exits: exits.clone(),
                 shared: shared.clone(),
@@ -287,9 +288,19 @@ impl Drop for VcpuSet {
     }
 }
 
+/// What a vCPU thread does after its check point.
+enum Next {
+    Run,
+    /// Complete an I/O exit before parking (see `Runner::complete_io`).
+    FinishIo,
+    Stop,
+}
+
 struct Runner {
     index: usize,
     vcpu: KvmVcpu,
+    /// The last exit was an I/O access that KVM completes at the next `KVM_RUN`.
+    io_pending: bool,
     bus: Arc<Mutex<PortBus>>,
     exits: Sender<VmExit>,
     shared: Arc<Shared>,
@@ -300,8 +311,13 @@ impl Runner {
         let flag = self.vcpu.immediate_exit_ptr();
         IMMEDIATE_EXIT.with(|f| f.set(flag));
         let _span = tracing::debug_span!("vcpu", index = self.index).entered();
-        while self.check_point() {
-            if let Some(exit) = self.run_once() {
+        loop {
+            let exit = match self.check_point() {
+                Next::Stop => break,
+                Next::FinishIo => self.complete_io(),
+                Next::Run => self.run_once(),
+            };
+            if let Some(exit) = exit {
                 // Only the first report matters; the VM may already be gone.
                 let _ = self.exits.send(exit);
                 self.park_until_stopped();
@@ -312,10 +328,13 @@ impl Runner {
     }
 
     /// Honours a pause or stop request, running any job handed to this vCPU while it
-    /// is paused; returns false when the thread should end.
-    fn check_point(&mut self) -> bool {
+    /// is paused; says what the thread does next.
+    fn check_point(&mut self) -> Next {
         let shared = self.shared.clone();
         let mut c = shared.lock();
+        if c.want != Want::Run && self.io_pending {
+            return Next::FinishIo;
+        }
         if c.want == Want::Pause {
             c.parked += 1;
             shared.changed.notify_all();
@@ -328,7 +347,26 @@ impl Runner {
             }
             c.parked -= 1;
         }
-        c.want != Want::Stop
+        if c.want == Want::Stop {
+            Next::Stop
+        } else {
+            Next::Run
+        }
+    }
+
+    /// KVM finishes an I/O exit (moves RIP past the instruction, stores an IN's value)
+    /// only at the next `KVM_RUN`. A vCPU about to park enters once more with an
+    /// immediate exit, so that no state captured meanwhile shows the instruction half
+    /// done: restored elsewhere, it would run again (a console byte printed twice).
+    /// A string instruction may need further exits first, each handled as usual.
+    fn complete_io(&mut self) -> Option<VmExit> {
+        while self.io_pending {
+            self.vcpu.set_immediate_exit();
+            if let Some(exit) = self.run_once() {
+                return Some(exit);
+            }
+        }
+        None
     }
 
     /// A vCPU whose guest stopped the machine stays parked (and counts as paused) until
@@ -349,7 +387,9 @@ impl Runner {
     fn run_once(&mut self) -> Option<VmExit> {
         let bus = &self.bus;
         let lock = || bus.lock().unwrap_or_else(|e| e.into_inner());
-        match self.vcpu.run() {
+        let exit = self.vcpu.run();
+        self.io_pending = matches!(exit, Exit::IoIn(..) | Exit::IoOut(..) | Exit::MmioRead(..) | Exit::MmioWrite(..));
+        match exit {
             Exit::IoIn(port, data) => lock().read(port, data),
             Exit::IoOut(port, data) => match lock().write(port, data) {
                 Some(GuestRequest::PowerOff) => return Some(VmExit::PowerOff),

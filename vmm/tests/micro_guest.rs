@@ -31,18 +31,30 @@ fn hypervisor() -> Hypervisor {
     })
 }
 
+/// `xor ax,ax; xor bx,bx; mov dx,0x3ff; l: inc ax; out dx,al; inc bx; jmp l` — writes
+/// a counter to the UART's scratch register, one I/O exit per loop, counting each
+/// completed write in bx.
+const OUT_LOOP: [u8; 13] = [0x31, 0xc0, 0x31, 0xdb, 0xba, 0xff, 0x03, 0x40, 0xee, 0x43, 0xeb, 0xfb, 0x90];
+/// Where OUT_LOOP's `out` is.
+const OUT_AT: u64 = CODE + 8;
+
 struct Micro {
     vcpus: VcpuSet,
     vm: VmHandle,
     ram: GuestRam,
+    bus: Arc<Mutex<PortBus>>,
 }
 
 fn start(n: u8) -> Micro {
+    start_with(n, &SPIN)
+}
+
+fn start_with(n: u8, code: &[u8]) -> Micro {
     let hv = hypervisor();
     let ram = GuestRam::new(16).unwrap();
     let vm = hv.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS).unwrap();
     ram.register(&vm).unwrap();
-    ram.memory().write_slice(&SPIN, GuestAddress(CODE)).unwrap();
+    ram.memory().write_slice(code, GuestAddress(CODE)).unwrap();
     let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
     let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(
         IrqTrigger::new(|| Ok(())),
@@ -62,8 +74,8 @@ fn start(n: u8) -> Micro {
         vcpus.push(vcpu);
     }
     let (tx, _rx) = channel();
-    let vcpus = VcpuSet::start(vcpus, bus, tx, false).unwrap();
-    Micro { vcpus, vm, ram }
+    let vcpus = VcpuSet::start(vcpus, bus.clone(), tx, false).unwrap();
+    Micro { vcpus, vm, ram, bus }
 }
 
 fn counter(m: &Micro) -> u16 {
@@ -95,6 +107,31 @@ fn pause_stops_a_spinning_guest_and_resume_restarts_it() {
         assert!(!m.vcpus.is_paused());
         wait_for_progress(&m);
     }
+}
+
+/// KVM completes an I/O exit (RIP past the `out`) only at the next KVM_RUN; a pause
+/// that caught a vCPU between the two would capture the `out` as not yet done while
+/// the device already has its byte, and a restore would write it again.
+#[test]
+fn a_paused_vcpu_never_shows_an_io_instruction_half_done() {
+    let m = start_with(1, &OUT_LOOP);
+    let mut at_out = 0;
+    for round in 0..1000 {
+        std::thread::sleep(Duration::from_micros(200));
+        m.vcpus.pause(Duration::from_secs(2)).unwrap();
+        let regs = m.vcpus.on_each_paused(|_, vcpu| vcpu.regs().unwrap()).unwrap().remove(0);
+        let written = m.bus.lock().unwrap().state().serial.scratch;
+        let (ax, bx) = (regs.rax as u8, regs.rbx as u8);
+        // Done writes so far, as the guest's registers tell them: bx, plus one if the
+        // vCPU stands just after an `out` whose `inc bx` has not run.
+        let expect = if regs.rip == OUT_AT + 1 { ax } else { bx };
+        assert_eq!(written, expect, "round {round}: rip={:#x} ax={ax} bx={bx}, the UART holds {written}", regs.rip);
+        if regs.rip == OUT_AT {
+            at_out += 1;
+        }
+        m.vcpus.resume();
+    }
+    eprintln!("{at_out} of 1000 pauses found the vCPU at the out instruction");
 }
 
 #[test]
@@ -185,9 +222,10 @@ fn state_through_the_codec_into_a_fresh_vm_captures_the_same_and_runs_on() {
     let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(IrqTrigger::new(|| Ok(())), sink))));
     let (tx, _rx) = channel();
     let restored = Micro {
-        vcpus: VcpuSet::start(vec![vcpu], bus, tx, true).unwrap(),
+        vcpus: VcpuSet::start(vec![vcpu], bus.clone(), tx, true).unwrap(),
         vm,
         ram,
+        bus,
     };
     restored.vcpus.pause(Duration::from_secs(2)).unwrap();
 
