@@ -122,7 +122,8 @@ fn a_dirtying_guest_finds_its_memory_intact_after_takeover_despite_a_corrupted_f
 fn standby_loss(policy: &str) -> Run {
     let script = format!(
         r#"
-wait_for() {{ i=0; while ! grep -q "$2" "$1"; do i=$((i+1)); [ $i -gt $(($3*10)) ] && echo "timeout waiting for $2 in $1" && return 1; sleep 0.1; done; }}
+# Waits for text $2 in file $1 for up to $3 s, or until process $4 (if given) ends.
+wait_for() {{ i=0; while ! grep -q "$2" "$1"; do i=$((i+1)); [ $i -gt $(($3*10)) ] && echo "timeout waiting for $2 in $1" && return 1; [ -n "$4" ] && ! kill -0 "$4" 2>/dev/null && echo "gave up waiting for $2 in $1: process $4 ended" && return 1; sleep 0.1; done; }}
 tandem keygen --out /tmp/p >/dev/null && tandem keygen --out /tmp/s >/dev/null || exit 1
 S="tandem standby --listen 127.0.0.1:7000 --key /tmp/s/key.pem --peer-cert /tmp/p/cert.pem --timeout-ms 3000"
 $S --state-dir /tmp/sa >/dev/null 2>/tmp/sa.err & sa=$!
@@ -130,13 +131,13 @@ wait_for /tmp/sa.err 'standing by' 30
 tandem primary --standby 127.0.0.1:7000 --key /tmp/p/key.pem --peer-cert /tmp/s/cert.pem --timeout-ms 3000 \
   --on-standby-loss {policy} --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio \
   --append 'tandem.workload=ticker tandem.ticks=200' >/tmp/p.out 2>/tmp/p.err & p=$!
-wait_for /tmp/p.out '^tick 10 ' 150
+wait_for /tmp/p.out '^tick 10 ' 150 $p
 kill -9 $sa
-wait_for /tmp/p.err 'lost the standby' 30
+wait_for /tmp/p.err 'lost the standby' 30 $p
 sleep 1; a=$(grep -c '^tick ' /tmp/p.out); sleep 4; b=$(grep -c '^tick ' /tmp/p.out)
 echo "ticks-after-loss $a $b"
 $S --state-dir /tmp/sb >/dev/null 2>/tmp/sb.err & sb=$!
-wait_for /tmp/p.err 'standby is in sync\|a standby follows again' 60
+wait_for /tmp/p.err 'standby is in sync\|a standby follows again' 60 $p
 i=0; while kill -0 $p 2>/dev/null && [ $i -lt 1500 ]; do i=$((i+1)); sleep 0.1; done
 wait $p; echo "primary-exit=$?"
 i=0; while kill -0 $sb 2>/dev/null && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; done
