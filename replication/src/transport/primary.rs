@@ -209,19 +209,28 @@ async fn session(
     let opened = Instant::now();
 
     let reader = async {
+        // Set when this side itself stalled: the standby's silence is judged only once
+        // the frames that waited meanwhile have had a chance to be read.
+        let mut grace: Option<Instant> = None;
         loop {
             let heard = lock(shared).last_heard.max(opened);
-            let deadline = heard + timeout;
+            let deadline = (heard + timeout).max(grace.unwrap_or(heard));
             let frame = tokio::select! {
                 got = rx.recv() => got,
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let quiet = lock(shared).last_heard.max(opened).elapsed();
-                    if quiet > timeout {
-                        return End::Lost(format!("the standby has been silent for {} ms", quiet.as_millis()));
+                    if quiet <= timeout {
+                        continue;
                     }
-                    continue;
+                    if grace.is_none() && dial.heartbeat.woke_late(deadline) {
+                        tracing::debug!("the silence check ran late: this host stalled; judging the standby shortly");
+                        grace = Some(Instant::now() + dial.heartbeat.interval);
+                        continue;
+                    }
+                    return End::Lost(format!("the standby has been silent for {} ms", quiet.as_millis()));
                 }
             };
+            grace = None;
             let frame = match frame {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return End::Lost("the standby closed the connection".into()),

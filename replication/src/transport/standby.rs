@@ -116,6 +116,9 @@ async fn run(
 ) {
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
     let mut check = tokio::time::interval(heartbeat.interval);
+    // After a stall, one late tick, not a burst of them ahead of the frames that waited.
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due = tokio::time::Instant::now();
     // Accepting runs on its own task: a handshake in progress must not be dropped
     // whenever something else in the loop below happens first.
     let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
@@ -160,6 +163,12 @@ async fn run(
                 }
             }
             _ = check.tick() => {
+                let late = heartbeat.woke_late(due.into_std());
+                due = tokio::time::Instant::now() + heartbeat.interval;
+                if late {
+                    tracing::debug!("the silence check ran late: this host stalled; judging the primary next time");
+                    continue;
+                }
                 let mut s = lock(&state);
                 if s.promoted.is_some() || s.silence_reported || s.applying {
                     continue;
