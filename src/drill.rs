@@ -358,8 +358,8 @@ const LAB_ATTEMPTS: u32 = 3;
 fn lab_fault(result: &Result<Outcome>) -> Option<&'static str> {
     let (log, line) = match result {
         Ok(o) if o.ok => return None,
-        Ok(o) => (o.primary_log.clone(), o.line.clone()),
-        Err(e) => (format!("{e:#}"), String::new()),
+        Ok(o) => (std::borrow::Cow::from(&o.primary_log), o.line.as_str()),
+        Err(e) => (format!("{e:#}").into(), ""),
     };
     if log.contains("triple fault on vCPU") {
         Some("the guest triple-faulted on the primary")

@@ -336,12 +336,11 @@ async fn session(
         End::Left => {
             // The goodbye went out behind every epoch queued before it, which on a slow
             // link can be seconds of data still on its way. The standby keeps beating
-            // and acknowledging while it drains, so keep listening until it confirms
-            // (it closes saying so) or falls silent; a fixed grace would give up on a
-            // live standby and leave the guest's last output unreleased.
-            // Only the standby's own confirmation counts: closing as soon as the bytes
-            // are acknowledged could cut them off before it reads them, and a standby
-            // that never reads the goodbye takes over a guest that has stopped.
+            // while it drains, so listen until it confirms (it closes saying so) or
+            // falls silent: a fixed grace gave up on live standbys and left the guest's
+            // last output unreleased. Closing once the bytes are merely acknowledged
+            // could cut them off unread, and a standby that never reads the goodbye
+            // takes over a guest that has stopped.
             tx.end_stream();
             let confirmed = tokio::time::timeout(GOODBYE_LIMIT, &mut reader).await;
             tx.close("goodbye");
