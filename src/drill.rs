@@ -172,7 +172,9 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
     }
     let opts = lab::LabOptions {
         images: args.images.clone().unwrap_or_else(lab::default_images_dir),
-        timeout: Duration::from_secs(120 + 60 * u64::from(args.runs)),
+        // A minute a run, and room for two runs repeated after lab faults (each can
+        // spend minutes in its bounded waits before it is judged).
+        timeout: Duration::from_secs(120 + 60 * u64::from(args.runs) + 300 * u64::from(LAB_ATTEMPTS - 1)),
         with: Vec::new(),
         with_qemu: false,
         mem_mib: 2048,
