@@ -81,7 +81,7 @@ pub struct Link {
 impl Link {
     fn new(connection: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream, endpoint: quinn::Endpoint) -> Self {
         Self {
-            tx: LinkSender { connection, send, _endpoint: endpoint.clone() },
+            tx: LinkSender { connection, send, endpoint: endpoint.clone() },
             rx: LinkReceiver { recv, decoder: Decoder::default(), _endpoint: endpoint },
         }
     }
@@ -115,7 +115,7 @@ pub struct LinkSender {
     connection: quinn::Connection,
     send: quinn::SendStream,
     /// Keeps the endpoint (and its socket) alive as long as either half.
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
 }
 
 impl LinkSender {
@@ -147,7 +147,7 @@ impl LinkSender {
     /// the peer before this process may end.
     pub async fn close_and_flush(self, why: &str, grace: std::time::Duration) {
         self.connection.close(0u32.into(), why.as_bytes());
-        let _ = tokio::time::timeout(grace, self._endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
     }
 
     /// Ends the stream in order and gives the peer up to `grace` to receive what was

@@ -187,16 +187,14 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
     let peer = link.peer().to_string();
     let (mut tx, mut rx) = link.split();
     let (replies_tx, mut replies) = mpsc::unbounded_channel::<Frame>();
-    // The primary's goodbye, reported only once the confirmation is on its way: the
-    // process may end as soon as it hears of it.
-    let left: Mutex<Option<String>> = Mutex::new(None);
 
+    // Ends with the primary's goodbye (Ok, its reason) or why the connection dropped.
     let reader = async {
         loop {
             let frame = match rx.recv().await {
                 Ok(Some(frame)) => frame,
-                Ok(None) => return "the primary closed the connection".to_string(),
-                Err(e) => return e.to_string(),
+                Ok(None) => return Err("the primary closed the connection".to_string()),
+                Err(e) => return Err(e.to_string()),
             };
             tracing::trace!(generation = frame.generation, "frame in");
             let (committed, events) = {
@@ -243,19 +241,16 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                             }
                             Ok(Err(e)) => {
                                 lock(&state).machine.revert(committed);
-                                return format!("epoch {number} verified but cannot be applied: {e}");
+                                return Err(format!("epoch {number} verified but cannot be applied: {e}"));
                             }
                             Err(e) => {
                                 lock(&state).machine.revert(committed);
-                                return format!("epoch {number} could not be applied: {e}");
+                                return Err(format!("epoch {number} could not be applied: {e}"));
                             }
                         }
                     }
-                    Event::PeerLeft(why) => {
-                        *left.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-                        return String::new();
-                    }
-                    Event::Close(e) => return e.to_string(),
+                    Event::PeerLeft(why) => return Ok(why),
+                    Event::Close(e) => return Err(e.to_string()),
                 }
             }
         }
@@ -288,20 +283,24 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
         }
     };
 
-    let why = tokio::select! {
-        why = reader => why,
-        () = writer => "the connection failed while sending".to_string(),
+    let ended = tokio::select! {
+        ended = reader => ended,
+        () = writer => Err("the connection failed while sending".to_string()),
     };
     // What the machine answered last (a refusal, typically) still goes out.
     while let Ok(frame) = replies.try_recv() {
         let _ = tx.send(&frame).await;
     }
-    if why.is_empty() {
-        tx.close_and_flush(super::GOODBYE_RECEIVED, Duration::from_millis(500)).await;
-        let why = left.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-        let _ = reports.send(Report::Left(why));
-        return;
-    }
+    let why = match ended {
+        Ok(reason) => {
+            // Reported only once the confirmation is on its way: the process may end
+            // as soon as it hears of the goodbye.
+            tx.close_and_flush(super::GOODBYE_RECEIVED, Duration::from_millis(500)).await;
+            let _ = reports.send(Report::Left(reason));
+            return;
+        }
+        Err(why) => why,
+    };
     let _ = reports.send(if why.starts_with("refused") {
         Report::Refused(format!("refused the primary at {peer}: {}", why.trim_start_matches("refused: ")))
     } else {
