@@ -66,10 +66,14 @@ fn dirty_reports(run: &common::Run) -> Vec<(String, u64)> {
 #[test]
 fn dirty_page_api_reports_every_page_first_then_every_page_the_guest_dirties() {
     const RATE_MIB: u64 = 8;
-    let run = lab_guest(
-        &["--dirty-stats-ms", "1000"],
-        &format!("tandem.workload=dirty tandem.dirty_mib={RATE_MIB} tandem.span_mib=32 tandem.seconds=6"),
+    // tandem's reports go to a file and come out after the run: on the lab's one
+    // console they would otherwise break into the guest's lines mid-line.
+    let script = format!(
+        "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --dirty-stats-ms 1000 \
+         --append 'tandem.workload=dirty tandem.dirty_mib={RATE_MIB} tandem.span_mib=32 tandem.seconds=6' 2>/tmp/err; \
+         rc=$?; cat /tmp/err; exit $rc"
     );
+    let run = lab(&[], &["sh", "-c", &script]);
     assert_eq!(run.code, 0, "{}", run.dump());
     let reports = dirty_reports(&run);
 
