@@ -108,7 +108,7 @@ fn a_primary_with_a_certificate_the_standby_did_not_pin_is_refused() {
     kvm_present();
     let pair = Pair::new("cert");
     let standby = pair.standby(7301, &[]);
-    let run = pair.primary(7301, "stranger", &["--connect-timeout-s", "5"]);
+    let run = pair.primary(7301, "stranger", &["--connect-timeout-s", "20"]);
     // The TLS refusal itself, or, when it reaches the primary only as a lost
     // connection, the error saying what that means.
     let says = |t: &str| run.stderr.contains(t);
