@@ -6,4 +6,5 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo test --workspace
+# Every test binary runs even after one fails, so one CI run shows every failure.
+cargo test --workspace --no-fail-fast

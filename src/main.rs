@@ -60,7 +60,8 @@ enum Cmd {
     /// 0600) and cert.pem (give it to the peer); prints the certificate's fingerprint.
     Keygen(keygen::KeygenArgs),
     /// Run COMMAND inside the lab: a Linux host with real KVM under QEMU's emulated AMD-V.
-    /// Guest images are at /images, `--with` files at /with/NAME.
+    /// Guest images are at /images, `--with` files at /with/NAME. Exits with COMMAND's
+    /// status, 124 on timeout, 125 if the lab host's kernel locked up.
     Lab(LabArgs),
     /// Benchmarks, printed as tables beside a peer measured in the same run.
     #[command(subcommand)]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{images, lab, lab_guest, lab_guest_smp, ticks};
+use common::{images, lab, lab_guest, lab_guest_smp, lab_ready, tandem, ticks};
 
 #[test]
 fn one_vcpu_guest_boots_prints_20_ticks_and_powers_off() {
@@ -126,6 +126,25 @@ fn lab_with_files_runs_an_operators_own_kernel_and_returns_the_exit_status() {
     assert_eq!(run.code, 7, "the lab must return the command's status\n{}", run.dump());
     assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
     assert!(run.stdout.contains("run-exit=0"), "{}", run.dump());
+}
+
+/// A lab CPU stuck in the lab kernel: the lab's watcher reads the lockup report from the
+/// kernel's log (here a forged one), passes it on and stops the lab with its own
+/// status, which the tests take as a lab fault and retry. A real lockup once held a CI
+/// run's lab until its 400 s timeout, with nothing to say where the CPU was stuck.
+#[test]
+fn a_lockup_of_the_lab_kernel_stops_the_lab_and_passes_on_its_report() {
+    let _lab = lab_ready();
+    let run = tandem(&[
+        "lab", "--timeout", "150", "--", "sh", "-c",
+        "echo 'watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [forged:1]' >/dev/kmsg; \
+         echo 'RIP: 0010:forged_function+0x1/0x2' >/dev/kmsg; echo waiting; sleep 600",
+    ]);
+    assert_eq!(run.code, 125, "{}", run.dump());
+    assert!(run.says("the lab host's kernel locked up"), "{}", run.dump());
+    assert!(run.stdout.contains("waiting"), "{}", run.dump());
+    assert!(run.stdout.contains("CPU#1 stuck for 22s! [forged:1]"), "{}", run.dump());
+    assert!(run.stdout.contains("RIP: 0010:forged_function+0x1/0x2"), "{}", run.dump());
 }
 
 /// The VMM's micro-guest tests (`vmm/tests/micro_guest.rs`) again, on the lab's

@@ -29,6 +29,34 @@ pub const NEVER_STARTED: &str = "the lab host never got as far as running the co
 const LAB_CPU: &str = "EPYC,+svm,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
 /// Exit status when the lab ran out of time, as timeout(1) uses.
 pub const TIMEOUT_STATUS: i32 = 124;
+/// Exit status when the lab host's own kernel locked up (see [`LOCKUP_WATCH`]).
+pub const LAB_FAULT_STATUS: i32 = 125;
+/// Printed by `tandem lab` on stderr with [`LAB_FAULT_STATUS`].
+pub const LOCKED_UP: &str = "the lab host's kernel locked up";
+/// Printed by the lockup watcher before and after the lab kernel's report.
+const FAULT_MARKER: &str = "@@TANDEM-LAB-FAULT@@";
+const FAULT_END_MARKER: &str = "@@TANDEM-LAB-FAULT-END@@";
+/// How long the watcher gets to print the report it has begun.
+const LOCKUP_REPORT_GRACE: Duration = Duration::from_secs(60);
+/// Runs in the background of `/lab/run`. A lab CPU stuck in the kernel (a soft lockup
+/// or an RCU stall) never frees itself, and no command can be at fault for one: only
+/// the lab host's kernel or its emulated CPU can. So rather than let the run time out
+/// minutes later with nothing to go on, the watcher prints the kernel's report (the
+/// stuck CPU's registers and call trace, which the console's log level holds back) and
+/// `tandem lab` stops the lab. It reads the lab kernel's own log, never the console,
+/// where a guest's lockup report (which tandem could cause) looks the same.
+const LOCKUP_WATCH: &str = r#"lab_lockup_watch() {
+	while sleep 2; do
+		dmesg | grep -q -e 'soft lockup' -e 'self-detected stall' || continue
+		sleep 5
+		echo '@@TANDEM-LAB-FAULT@@'
+		dmesg | sed -n -r '/soft lockup|self-detected stall/,$p' | grep -v Unhandled | head -120
+		echo '@@TANDEM-LAB-FAULT-END@@'
+		return
+	done
+}
+lab_lockup_watch </dev/null &
+"#;
 
 /// What the lab needs from the host.
 #[derive(Clone, Debug)]
@@ -128,6 +156,7 @@ fn lab_binary(exe: &Path, scratch: &Path) -> Result<Vec<u8>> {
 fn overlay(command: &[String], with: &[PathBuf], scratch: &Path) -> Result<Vec<u8>> {
     let mut archive = cpio::Archive::default();
     let mut script = String::from("#!/bin/sh\n");
+    script.push_str(LOCKUP_WATCH);
     if let Ok(filter) = std::env::var("RUST_LOG") {
         script.push_str(&format!("export RUST_LOG={}\n", shell_quote(&filter)));
     }
@@ -197,6 +226,7 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
     let watchdog = crate::watchdog::Watchdog::new(child.id(), opts.timeout);
     let mut status = None;
     let mut started = false;
+    let mut locked_up = None;
     let stdout = child.stdout.take().context("QEMU's output pipe")?;
     let mut reader = BufReader::new(stdout);
     let mut raw = Vec::new();
@@ -216,14 +246,32 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
             status = rest.trim_end_matches('@').parse::<i32>().ok();
             continue;
         }
+        if line == FAULT_MARKER {
+            locked_up.get_or_insert_with(|| crate::watchdog::Watchdog::new(child.id(), LOCKUP_REPORT_GRACE));
+            on_line("tandem lab: the lab host's kernel reports a CPU stuck in the kernel:");
+            continue;
+        }
+        if line == FAULT_END_MARKER {
+            // Nothing the command does from here on counts: stop the lab now.
+            let _ = child.kill();
+            continue;
+        }
         // After the marker only the lab host's own power-off chatter follows.
         if status.is_none() {
             on_line(line);
         }
     }
-    // Disarm before reaping, so the watchdog can never signal a reused pid.
+    // Disarm before reaping, so the watchdogs can never signal a reused pid.
     let timed_out = watchdog.disarm();
+    let locked_up = locked_up.map(|w| w.disarm());
     let _ = child.wait();
+    if locked_up.is_some() && status.is_none() {
+        eprintln!(
+            "tandem lab: {LOCKED_UP} while running the command (a CPU stuck in the kernel, which no user program can cause: \
+             a fault of the lab's kernel or its emulated CPU; its report is above); the lab was stopped (try again)"
+        );
+        return Ok(LAB_FAULT_STATUS);
+    }
     if timed_out {
         if started {
             eprintln!("tandem lab: timed out after {:?} with the command still running; the lab was stopped", opts.timeout);
