@@ -116,17 +116,8 @@ impl Protector {
                 LinkState::Protecting => break,
                 LinkState::Refused(why) => return Err(ReplicationError::Refused(why)),
                 LinkState::Connecting { why } if started.elapsed() > config.connect_timeout => {
-                    // Under TLS 1.3 the standby checks this primary's certificate after
-                    // the handshake looks done here, and its refusal can arrive as a
-                    // bare loss of the connection.
-                    let hint = match &why {
-                        Some(w) if w.contains("connection lost") || w.contains("closed") => {
-                            "; the standby answered and then dropped the connection, as it does when this primary's certificate is not the one it pins"
-                        }
-                        _ => "",
-                    };
                     return Err(ReplicationError::NoStandby(format!(
-                        "no standby answered at {} within {} s{}{hint}",
+                        "no standby answered at {} within {} s{}",
                         config.standby,
                         config.connect_timeout.as_secs(),
                         why.map(|w| format!(" (last attempt: {w})")).unwrap_or_default()

@@ -22,18 +22,70 @@ pub enum TransportError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("TLS setup: {0}")]
     Tls(String),
+    /// `tls`: the handshake failed over a certificate (see [`TransportError::tls_refusal`]).
     #[error("cannot connect to {addr}: {why}")]
-    Connect { addr: SocketAddr, why: String },
+    Connect { addr: SocketAddr, why: String, tls: Option<TlsRefusal> },
     #[error("the connection failed: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("the connection failed: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("the connection failed: {0}")]
-    Read(#[from] quinn::ReadError),
+    Connection(quinn::ConnectionError),
+    #[error("the stream failed: {0}")]
+    Stream(String),
     #[error("the endpoint was closed")]
     Closed,
     #[error(transparent)]
     Proto(#[from] ProtoError),
+}
+
+// A lost connection is one error however it was noticed, so that what ended it (the
+// peer's close, its reason, a TLS alert) is shown and can be told apart.
+impl From<quinn::ConnectionError> for TransportError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        Self::Connection(e)
+    }
+}
+
+impl From<quinn::WriteError> for TransportError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(e) => Self::Connection(e),
+            other => Self::Stream(other.to_string()),
+        }
+    }
+}
+
+impl From<quinn::ReadError> for TransportError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(e) => Self::Connection(e),
+            other => Self::Stream(other.to_string()),
+        }
+    }
+}
+
+/// A TLS handshake that failed, as a refusal of a certificate always makes it fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsRefusal {
+    /// The peer refused this side (else this side refused the peer).
+    pub by_peer: bool,
+    /// Why, in the refusing side's words.
+    pub reason: String,
+}
+
+/// The TLS refusal that ended a connection, if one did: QUIC carries the TLS alert as a
+/// "crypto" error code, and quinn reports an alert-less TLS failure as a protocol
+/// violation that names TLS.
+fn tls_failure(e: &quinn::ConnectionError) -> Option<TlsRefusal> {
+    let (by_peer, code, reason): (bool, u64, &[u8]) = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => (true, c.error_code.into(), &c.reason),
+        quinn::ConnectionError::TransportError(t) => (false, t.code.into(), t.reason.as_bytes()),
+        _ => return None,
+    };
+    if !(0x100..0x200).contains(&code) && !reason.starts_with(b"TLS error") {
+        return None;
+    }
+    let reason = String::from_utf8_lossy(reason);
+    // rustls's wording for a verifier's own error adds nothing.
+    let reason = reason.strip_prefix("unexpected error: ").unwrap_or(&reason).to_string();
+    Some(TlsRefusal { by_peer, reason })
 }
 
 /// Flow-control windows large enough for a whole epoch in flight: at QUIC's defaults
@@ -229,20 +281,20 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 impl TransportError {
     /// Whether the peer closed the connection to say it received a goodbye.
     pub fn is_goodbye_received(&self) -> bool {
-        let closed = |e: &quinn::ConnectionError| {
-            matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == GOODBYE_RECEIVED.as_bytes())
-        };
-        match self {
-            Self::Connection(e) | Self::Read(quinn::ReadError::ConnectionLost(e)) | Self::Write(quinn::WriteError::ConnectionLost(e)) => closed(e),
-            _ => false,
-        }
+        matches!(self, Self::Connection(quinn::ConnectionError::ApplicationClosed(c)) if c.reason.as_ref() == GOODBYE_RECEIVED.as_bytes())
     }
 
     /// Whether the peer turned this side's certificate down, or presented one that is
-    /// not the pinned one: trying again cannot help.
-    pub fn is_tls_refusal(&self) -> bool {
-        let text = self.to_string();
-        ["pinned", "certificate", "crypto", "alert"].iter().any(|w| text.contains(w))
+    /// not the pinned one: trying again cannot help. Under TLS 1.3 the client's
+    /// handshake is done before the server has checked the client's certificate, so
+    /// the server's refusal reaches the client only later, as the end of an
+    /// established connection.
+    pub fn tls_refusal(&self) -> Option<TlsRefusal> {
+        match self {
+            Self::Connect { tls, .. } => tls.clone(),
+            Self::Connection(e) => tls_failure(e),
+            _ => None,
+        }
     }
 }
 
@@ -255,11 +307,11 @@ pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport_config(addr.ip().is_loopback()));
     endpoint.set_default_client_config(config);
-    let failed = |why: String| TransportError::Connect { addr, why };
+    let failed = |why: String| TransportError::Connect { addr, why, tls: None };
     // The pinned certificate is the trust; the name is not checked.
     let connecting = endpoint.connect(addr, "tandem").map_err(|e| failed(e.to_string()))?;
     let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(done) => done.map_err(|e| failed(e.to_string()))?,
+        Ok(done) => done.map_err(|e| TransportError::Connect { addr, why: e.to_string(), tls: tls_failure(&e) })?,
         Err(_) => return Err(failed("no answer".into())),
     };
     let (send, recv) = connection.open_bi().await?;
@@ -324,15 +376,20 @@ mod tests {
             link.recv().await
         }
         .await;
-        assert!(result.is_err(), "the stranger got through");
-        let refused = accepting.await.unwrap().unwrap_err().to_string();
-        assert!(refused.contains("not the pinned"), "{refused}");
+        // The refusal reaches the stranger with the standby's reason.
+        let refused = result.expect_err("the stranger got through").tls_refusal().expect("a TLS refusal");
+        assert!(refused.by_peer && refused.reason.contains("not the pinned"), "{refused:?}");
+        let refused = accepting.await.unwrap().unwrap_err().tls_refusal().expect("a TLS refusal");
+        assert!(!refused.by_peer && refused.reason.contains("not the pinned"), "{refused:?}");
 
         // The primary pins `b`, but a stranger listens there.
         let listener = server(&stranger, &a);
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { listener.accept().await.map(|_| ()) });
-        let err = connect(addr, client(&a, &b)).await.err().expect("connected to a stranger").to_string();
-        assert!(err.contains("not the pinned"), "{err}");
+        let accepting = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+        let err = connect(addr, client(&a, &b)).await.err().expect("connected to a stranger");
+        let refused = err.tls_refusal().expect("a TLS refusal");
+        assert!(!refused.by_peer && refused.reason.contains("not the pinned"), "{err}");
+        let refused = accepting.await.unwrap().unwrap_err().tls_refusal().expect("a TLS refusal");
+        assert!(refused.by_peer, "{refused:?}");
     }
 }

@@ -146,8 +146,7 @@ async fn run(dial: Dial, shared: Arc<Mutex<Shared>>, mut outbox: mpsc::Unbounded
                 let (tx, rx) = link.split();
                 session(&dial, &shared, tx, rx, &mut outbox, &*release, &mut corrupt).await
             }
-            Err(e) if e.is_tls_refusal() => End::Refused(format!("TLS: {e}")),
-            Err(e) => End::Lost(e.to_string()),
+            Err(e) => ended(e),
         };
         if settle(&shared, end) {
             return;
@@ -160,6 +159,16 @@ async fn run(dial: Dial, shared: Arc<Mutex<Shared>>, mut outbox: mpsc::Unbounded
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How a transport error ends a connection: a TLS refusal, which no retry can mend,
+/// or a loss.
+fn ended(e: TransportError) -> End {
+    match e.tls_refusal() {
+        Some(r) if r.by_peer => End::Refused(format!("TLS: the standby refused this primary's certificate: {}", r.reason)),
+        Some(r) => End::Refused(format!("TLS: this primary refused the standby's certificate: {}", r.reason)),
+        None => End::Lost(e.to_string()),
     }
 }
 
@@ -200,7 +209,7 @@ async fn session(
         *version = v;
     }
     if let Err(e) = tx.send(&hello).await {
-        return End::Lost(e.to_string());
+        return ended(e);
     }
     // Frames the protocol machine answers with, sent before anything queued later.
     let (replies_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
@@ -235,7 +244,7 @@ async fn session(
                 Ok(Some(frame)) => frame,
                 Ok(None) => return End::Lost("the standby closed the connection".into()),
                 Err(e) if e.is_goodbye_received() => return End::Left,
-                Err(e) => return End::Lost(e.to_string()),
+                Err(e) => return ended(e),
             };
             let mut end = None;
             {
@@ -278,7 +287,7 @@ async fn session(
                 Some(reply) = replies.recv() => match reply {
                     Reply::Frame(frame) => {
                         if let Err(e) = tx.send(&frame).await {
-                            return End::Lost(e.to_string());
+                            return ended(e);
                         }
                     }
                     Reply::Release(epoch) => {
@@ -286,7 +295,7 @@ async fn session(
                         // host die in between, the standby prints that output itself.
                         let generation = lock(shared).machine.generation();
                         if let Err(e) = tx.send(&Frame { generation, message: Message::Released { epoch } }).await {
-                            return End::Lost(e.to_string());
+                            return ended(e);
                         }
                         // Lets the connection's driver hand the frame to the kernel.
                         for _ in 0..3 {
@@ -301,7 +310,7 @@ async fn session(
                             continue;
                         }
                         if let Err(e) = send_epoch(&mut tx, number, &frames, dial.faults, corrupt).await {
-                            return End::Lost(e.to_string());
+                            return ended(e);
                         }
                     }
                     Some(Outgoing::Goodbye(reason)) => {
@@ -320,7 +329,7 @@ async fn session(
                         seq += 1;
                         tracing::trace!(seq, "heartbeat out");
                         if let Err(e) = tx.send(&Frame { generation, message: Message::Heartbeat { seq } }).await {
-                            return End::Lost(e.to_string());
+                            return ended(e);
                         }
                     }
                 }

@@ -150,11 +150,13 @@ async fn run(
                     current = Some(task);
                 }
                 Err(TransportError::Closed) => return,
-                Err(e) if e.is_tls_refusal() => {
-                    let _ = reports.send(Report::Refused(format!("turned a peer away in the TLS handshake: {e}")));
-                }
                 Err(e) => {
-                    let _ = reports.send(Report::Dropped(format!("a connection attempt failed: {e}")));
+                    let report = match e.tls_refusal() {
+                        Some(r) if r.by_peer => Report::Refused(format!("a peer refused this standby's certificate in the TLS handshake: {}", r.reason)),
+                        Some(r) => Report::Refused(format!("turned a peer away in the TLS handshake: {}", r.reason)),
+                        None => Report::Dropped(format!("a connection attempt failed: {e}")),
+                    };
+                    let _ = reports.send(report);
                 }
             },
             Some(()) = aborts.recv() => {
