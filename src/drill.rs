@@ -112,10 +112,13 @@ pub fn run(args: DrillArgs) -> Result<u8> {
         let kill = parse_kill(&args.kill_at[(n as usize - 1) % args.kill_at.len()], &mut rng)?;
         let mut attempt = 1;
         let result = loop {
-            let result = one_run(&args, &images, n, kill);
+            let result = one_run(&args, &images, n, attempt, kill);
             match lab_fault(&result) {
                 Some(why) if attempt < LAB_ATTEMPTS => {
                     println!("run {n}: attempt {attempt} lost to the lab's emulation ({why}); running it again");
+                    if let Ok(Outcome { stuck: Some(stuck), .. }) = &result {
+                        println!("=== run {n} attempt {attempt} stuck processes\n{stuck}\n=== run {n} stuck end");
+                    }
                     attempt += 1;
                     repeated += 1;
                 }
@@ -130,6 +133,9 @@ pub fn run(args: DrillArgs) -> Result<u8> {
             }
         };
         println!("{}", outcome.line);
+        if let Some(stuck) = &outcome.stuck {
+            println!("=== run {n} stuck processes\n{stuck}\n=== run {n} stuck end");
+        }
         if args.show_consoles {
             println!("=== run {n} primary console\n{}\n=== run {n} standby console\n{}\n=== run {n} end", outcome.primary, outcome.standby);
         }
@@ -190,6 +196,8 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
 
 struct Outcome {
     ok: bool,
+    /// Processes that SIGKILL could not end, and where their threads were stuck.
+    stuck: Option<String>,
     line: String,
     primary: String,
     standby: String,
@@ -202,7 +210,12 @@ struct Proc {
     child: Child,
     out: PathBuf,
     err: PathBuf,
+    /// Killed, and either reaped or given up on (see [`Proc::end`]).
+    ended: bool,
 }
+
+/// How long a killed process may take to end before it counts as stuck in the kernel.
+const REAP_LIMIT: Duration = Duration::from_secs(30);
 
 impl Proc {
     fn start(args: &[String], dir: &Path, name: &str) -> Result<Self> {
@@ -214,7 +227,7 @@ impl Proc {
             .stderr(File::create(&err)?)
             .spawn()
             .with_context(|| format!("starting the {name}"))?;
-        Ok(Self { child, out, err })
+        Ok(Self { child, out, err, ended: false })
     }
 
     fn log(&self) -> String {
@@ -252,21 +265,38 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// Kills the process and reaps it. One that SIGKILL cannot end within
+    /// [`REAP_LIMIT`] is stuck in the kernel: it is left behind, never waited for
+    /// without end, and where its threads are stuck is returned.
+    fn end(&mut self) -> Option<String> {
+        if std::mem::replace(&mut self.ended, true) {
+            return None;
+        }
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        match self.wait_exit(REAP_LIMIT) {
+            Some(_) => None,
+            None => Some(threads(&mut self.child)),
+        }
     }
 }
 
-fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcome> {
-    let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{n}", std::process::id()));
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
+}
+
+fn one_run(args: &DrillArgs, images: &Path, n: u32, attempt: u32, kill: Kill) -> Result<Outcome> {
+    // Each attempt its own port and directory: a process stuck in the kernel by an
+    // earlier one may still hold them.
+    let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{n}-{attempt}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let (pkeys, skeys) = (dir.join("primary-keys"), dir.join("standby-keys"));
     tandem_replication::tls::keygen(&pkeys)?;
     tandem_replication::tls::keygen(&skeys)?;
-    let addr = format!("127.0.0.1:{}", 7100 + n);
+    let addr = format!("127.0.0.1:{}", 7100 + n + 100 * (attempt - 1));
     let path = |p: PathBuf| p.display().to_string();
     let timeout = args.timeout_ms.to_string();
     let mut standby_args = vec![
@@ -344,7 +374,14 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
             Err(e) => format!("FAILED: {e}"),
         }
     );
-    let outcome = Outcome { ok, line, primary: pcon, standby: scon, primary_log: primary.log(), standby_log: slog };
+    let mut stuck = Vec::new();
+    for (who, proc) in [("primary", &mut primary), ("standby", &mut standby)] {
+        if let Some(threads) = proc.end() {
+            stuck.push(format!("the {who} (pid {}) ignored SIGKILL for {REAP_LIMIT:?} {threads}", proc.child.id()));
+        }
+    }
+    let stuck = (!stuck.is_empty()).then(|| stuck.join("\n"));
+    let outcome = Outcome { ok, line, primary: pcon, standby: scon, primary_log: primary.log(), standby_log: slog, stuck };
     drop((primary, standby));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(outcome)
@@ -360,6 +397,7 @@ const LAB_ATTEMPTS: u32 = 3;
 fn lab_fault(result: &Result<Outcome>) -> Option<&'static str> {
     let (log, line) = match result {
         Ok(o) if o.ok => return None,
+        Ok(o) if o.stuck.is_some() => return Some("a tandem process stayed stuck in the lab's kernel after SIGKILL"),
         Ok(o) => (std::borrow::Cow::from(&o.primary_log), o.line.as_str()),
         Err(e) => (format!("{e:#}").into(), ""),
     };
