@@ -263,9 +263,7 @@ impl Proc {
         }
         None
     }
-}
 
-impl Proc {
     /// Kills the process and reaps it. One that SIGKILL cannot end within
     /// [`REAP_LIMIT`] is stuck in the kernel: it is left behind, never waited for
     /// without end, and where its threads are stuck is returned.
@@ -392,8 +390,9 @@ const LAB_ATTEMPTS: u32 = 3;
 
 /// Why a run says nothing about tandem, if it does not: the guest triple-faulted on the
 /// primary (the emulated AMD-V of the lab loses a guest so, now and then, QEMU's own
-/// guests too; see the README), or the guest never printed a byte on either host (the
-/// lab's start-up hang). Continuity failures are never excused.
+/// guests too; see the README), the guest never printed a byte on either host (the
+/// lab's start-up hang), or a process outlived SIGKILL, stuck in the lab's kernel.
+/// Continuity failures are never excused.
 fn lab_fault(result: &Result<Outcome>) -> Option<&'static str> {
     let (log, line) = match result {
         Ok(o) if o.ok => return None,

@@ -94,7 +94,7 @@ const LAB_LOCKED_UP: &str = "the lab host's kernel locked up";
 /// host that hangs before it runs the command, or whose own kernel locks up while it
 /// runs (`tandem lab` says so of both), and a command that ran out of time without
 /// printing a single line, not even the guest kernel's first.
-/// The second was seen 3 times in about 60 lab runs. It never reproduced in 36
+/// The last was seen 3 times in about 60 lab runs. It never reproduced in 36
 /// back-to-back boots in one lab, and its cause is not known. A tandem that hangs every
 /// time still fails all 3 attempts, and so the test.
 pub fn lab(lab_args: &[&str], command: &[&str]) -> Run {
