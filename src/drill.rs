@@ -113,12 +113,12 @@ pub fn run(args: DrillArgs) -> Result<u8> {
         let mut attempt = 1;
         let result = loop {
             let result = one_run(&args, &images, n, attempt, kill);
+            if let Ok(Outcome { stuck: Some(stuck), .. }) = &result {
+                println!("=== run {n} attempt {attempt} stuck processes\n{stuck}\n=== run {n} stuck end");
+            }
             match lab_fault(&result) {
                 Some(why) if attempt < LAB_ATTEMPTS => {
                     println!("run {n}: attempt {attempt} lost to the lab's emulation ({why}); running it again");
-                    if let Ok(Outcome { stuck: Some(stuck), .. }) = &result {
-                        println!("=== run {n} attempt {attempt} stuck processes\n{stuck}\n=== run {n} stuck end");
-                    }
                     attempt += 1;
                     repeated += 1;
                 }
@@ -133,9 +133,6 @@ pub fn run(args: DrillArgs) -> Result<u8> {
             }
         };
         println!("{}", outcome.line);
-        if let Some(stuck) = &outcome.stuck {
-            println!("=== run {n} stuck processes\n{stuck}\n=== run {n} stuck end");
-        }
         if args.show_consoles {
             println!("=== run {n} primary console\n{}\n=== run {n} standby console\n{}\n=== run {n} end", outcome.primary, outcome.standby);
         }
