@@ -317,16 +317,26 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, attempt: u32, kill: Kill) ->
         primary_args.extend(["--debug-corrupt-epoch".into(), epoch.to_string()]);
     }
     standby_args.push("--mem-mib=256".into());
+    // With --show-consoles, each stage as it is reached: should a run hang, the last
+    // one printed says where, since the run's own report comes only at its end.
+    let began = Instant::now();
+    let stage = |what: &str| {
+        if args.show_consoles {
+            println!("run {n} attempt {attempt}: {what} after {:.1} s", began.elapsed().as_secs_f64());
+        }
+    };
     let mut standby = Proc::start(&standby_args, &dir, "standby")?;
     if !standby.wait_for("standing by", Duration::from_secs(30)) {
         bail!("the standby did not start:\n{}", standby.log());
     }
+    stage("the standby is up");
     let mut primary = Proc::start(&primary_args, &dir, "primary")?;
 
     let ready = match kill {
         Kill::InitialSync => primary.wait_for("the standby follows", Duration::from_secs(60)),
         _ => primary.wait_for("protected: the standby holds epoch", Duration::from_secs(120)),
     };
+    stage(if ready { "the primary is ready for the kill" } else { "the primary never got ready for the kill" });
     if !ready {
         bail!("the primary never got as far as the kill point:\n{}{}", primary.log(), threads(&mut primary.child));
     }
@@ -342,7 +352,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, attempt: u32, kill: Kill) ->
         let _ = primary.child.kill();
     }
     let primary_exit = primary.wait_exit(Duration::from_secs(120));
+    stage(&format!("the primary ended ({primary_exit:?})"));
     let standby_exit = standby.wait_exit(Duration::from_secs(180));
+    stage(&format!("the standby ended ({standby_exit:?})"));
 
     let (pcon, scon, slog) = (primary.console(), standby.console(), standby.log());
     let report = slog.lines().find_map(|l| l.split_once("took over as primary: ").map(|(_, r)| r.to_string()));
@@ -376,6 +388,7 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, attempt: u32, kill: Kill) ->
         }
     }
     let stuck = (!stuck.is_empty()).then(|| stuck.join("\n"));
+    stage("both processes reaped");
     let outcome = Outcome { ok, line, primary: pcon, standby: scon, primary_log: primary.log(), standby_log: slog, stuck };
     drop((primary, standby));
     let _ = std::fs::remove_dir_all(&dir);
