@@ -1,14 +1,11 @@
 //! `tandem`: run a Linux VM, and (soon) keep it running across the loss of its host.
 
-mod bench;
 mod control;
-mod drill;
+mod harness;
 mod inspect;
 mod keygen;
-mod lab;
 mod replicate;
 mod run;
-mod watchdog;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +17,9 @@ use clap::{Parser, Subcommand};
 pub mod status {
     /// The guest reset itself: a reboot, or a kernel panic with `panic=N`.
     pub const GUEST_RESET: u8 = 3;
+    /// The guest triple-faulted: its CPU could not deliver an exception (KVM's
+    /// shutdown exit). Real hardware would reset; tandem ends the VM and says so.
+    pub const GUEST_TRIPLE_FAULT: u8 = 4;
 }
 
 #[derive(Parser)]
@@ -32,7 +32,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a Linux guest; its serial console is on stdout. Exits 0 when the guest
-    /// powers off, 3 when it resets (reboot or panic), 1 on error.
+    /// powers off, 3 when it resets (reboot or panic), 4 when it triple-faults, 1 on
+    /// error.
     Run(run::RunArgs),
     /// Boot a guest protected by a standby: every epoch its state goes to the standby,
     /// and its console output is released only once the standby holds it.
@@ -42,7 +43,7 @@ enum Cmd {
     /// A failover drill: primary and standby run the ticker guest (in the lab unless
     /// --here), the primary is killed, and the console must continue on the standby
     /// with no line lost or repeated.
-    Drill(Box<drill::DrillArgs>),
+    Drill(Box<harness::drill::DrillArgs>),
     /// Rebuild a VM from a snapshot (and deltas) in this process and carry on running it.
     Restore(run::RestoreArgs),
     /// Drive a running VM through its control socket: pause, resume, status,
@@ -65,7 +66,7 @@ enum Cmd {
     Lab(LabArgs),
     /// Benchmarks, printed as tables beside a peer measured in the same run.
     #[command(subcommand)]
-    Bench(bench::BenchCmd),
+    Bench(harness::bench::BenchCmd),
 }
 
 #[derive(clap::Args)]
@@ -88,15 +89,19 @@ struct LabArgs {
     /// CPUs of the lab host.
     #[arg(long, default_value_t = 2)]
     lab_cpus: u32,
+    /// Also write how the run went to FILE as JSON: the status, a fault of the lab
+    /// itself (never_started, locked_up) and the guest triple faults its kernel saw.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     /// The command to run inside the lab, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
 impl LabArgs {
-    fn options(&self) -> lab::LabOptions {
-        lab::LabOptions {
-            images: self.images.clone().unwrap_or_else(lab::default_images_dir),
+    fn options(&self) -> harness::lab::LabOptions {
+        harness::lab::LabOptions {
+            images: self.images.clone().unwrap_or_else(harness::lab::default_images_dir),
             timeout: Duration::from_secs(self.timeout),
             with: self.with.clone(),
             with_qemu: self.with_qemu,
@@ -119,7 +124,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run::run(args),
         Cmd::Restore(args) => run::restore(args),
-        Cmd::Drill(args) => drill::run(*args),
+        Cmd::Drill(args) => harness::drill::run(&args),
         Cmd::Primary(args) => replicate::primary(*args),
         Cmd::Standby(args) => replicate::standby(*args),
         Cmd::Ctl { socket, command } => control::send(&socket, &command).map(|reply| {
@@ -130,13 +135,19 @@ fn main() -> ExitCode {
         Cmd::Keygen(args) => keygen::run(&args),
         Cmd::Lab(args) => {
             let mut stdout = std::io::stdout();
-            lab::run(&args.options(), &args.command, &mut |line| {
+            harness::lab::run_with_report(&args.options(), &args.command, &mut |line| {
                 use std::io::Write;
                 let _ = writeln!(stdout, "{line}");
             })
-            .map(|code| code.clamp(0, 255) as u8)
+            .and_then(|report| {
+                if let Some(path) = &args.report {
+                    let json = serde_json::to_string(&report).unwrap_or_default();
+                    std::fs::write(path, json + "\n").map_err(|e| anyhow::anyhow!("--report {}: {e}", path.display()))?;
+                }
+                Ok(report.status.clamp(0, 255) as u8)
+            })
         }
-        Cmd::Bench(cmd) => bench::run(cmd).map(|()| 0),
+        Cmd::Bench(cmd) => harness::bench::run(cmd).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::Role as ProtoRole;
+use tandem_replication::events::Events;
 use tandem_replication::primary::{self, Protector, StandbyLoss};
 use tandem_replication::standby::{self, Outcome, Takeover};
 use tandem_replication::transport::primary::Faults;
@@ -35,6 +36,10 @@ pub struct LinkArgs {
     /// How long the peer may stay silent before it counts as gone.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     timeout_ms: u64,
+    /// Write what this host does (role changes, commits, released output, takeover,
+    /// how the VM ended) to FILE as JSON lines, for tools to follow.
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
 }
 
 impl LinkArgs {
@@ -43,6 +48,13 @@ impl LinkArgs {
             bail!("--timeout-ms must be at least twice --heartbeat-ms, and both above 0");
         }
         Ok(Heartbeat { interval: Duration::from_millis(self.heartbeat_ms), timeout: Duration::from_millis(self.timeout_ms) })
+    }
+
+    fn events(&self) -> Result<Events> {
+        Ok(match &self.events {
+            Some(path) => Events::to_file(path)?,
+            None => Events::none(),
+        })
     }
 
     fn generation(&self) -> Result<u64> {
@@ -109,6 +121,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     let tls = tls::client_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
     let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
     let control = args.vm.control.as_deref().map(control::listen).transpose()?;
+    let events = args.link.events()?;
     let (protector, sink) = Protector::start(
         primary::Config {
             standby: args.standby,
@@ -127,12 +140,13 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
                 corrupt_epoch: args.debug_corrupt_epoch,
                 protocol_version: args.debug_protocol_version,
             },
+            events: events.clone(),
         },
         Box::new(std::io::stdout()),
     )?;
     let vm = Vm::boot(config, sink)?;
     let mut role = Role::Primary(protector);
-    let result = supervise(vm, None, control, &mut role);
+    let result = supervise(vm, None, control, &mut role, &events);
     if let Role::Primary(protector) = role {
         let reason = match &result {
             Ok(_) => "the guest stopped".to_string(),
@@ -178,6 +192,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
     args.link.generation()?;
     let tls = tls::server_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
+    let events = args.link.events()?;
     let outcome = standby::follow(
         standby::Config {
             listen: args.listen,
@@ -187,6 +202,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
             kvm_device: args.kvm_device.clone(),
             state_dir,
             heartbeat,
+            events: events.clone(),
         },
         console(),
     )
@@ -201,7 +217,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
             eprintln!("tandem: {report}");
             let how = format!("role=primary generation={} standby=none took_over_from_epoch={}", takeover.generation, takeover.epoch);
             let Takeover { vm, _link, .. } = *takeover;
-            supervise(vm, None, control, &mut Role::TookOver(how))
+            supervise(vm, None, control, &mut Role::TookOver(how), &events)
         }
     }
 }

@@ -13,6 +13,7 @@ use tandem_vmm::vcpu::VmExit;
 use tandem_vmm::vm::{check_vcpus, Vm, VmConfig};
 
 use crate::{control, status};
+use tandem_replication::events::{Event, Events, VmEnd};
 use tandem_replication::primary::Protector;
 
 /// The command line every guest gets unless `--cmdline` replaces it: console on COM1,
@@ -108,7 +109,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let config = args.config()?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let vm = Vm::boot(config, console())?;
-    supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control, &mut Role::Solo)
+    supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control, &mut Role::Solo, &Events::none())
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -140,7 +141,7 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let vm = Vm::restore(&chain, &args.kvm_device, args.paused, console())?;
     drop(chain);
-    supervise(vm, None, control, &mut Role::Solo)
+    supervise(vm, None, control, &mut Role::Solo, &Events::none())
 }
 
 pub fn console() -> Arc<Mutex<dyn OutputSink>> {
@@ -159,12 +160,13 @@ pub enum Role {
 
 /// Stays with a running VM until it stops: forwards stdin, answers control commands,
 /// reports dirty pages if asked, takes the epochs of a primary, and turns the way the
-/// guest ended into an exit status.
+/// guest ended into an exit status (and an event).
 pub fn supervise(
     mut vm: Vm,
     stats: Option<Duration>,
     control: Option<control::ControlSocket>,
     role: &mut Role,
+    events: &Events,
 ) -> Result<u8> {
     forward_stdin(vm.console_input());
     if stats.is_some() {
@@ -209,14 +211,20 @@ pub fn supervise(
             }
         }
     };
-    match exit {
-        VmExit::PowerOff => Ok(0),
+    let (how, detail, code) = match exit {
+        VmExit::PowerOff => (VmEnd::PowerOff, String::new(), Ok(0)),
         VmExit::Reset(how) => {
             eprintln!("tandem: the guest reset itself ({how}); the VM has ended");
-            Ok(status::GUEST_RESET)
+            (VmEnd::Reset, how, Ok(status::GUEST_RESET))
         }
-        VmExit::Failed(why) => bail!("the VM stopped: {why}"),
-    }
+        VmExit::TripleFault(at) => {
+            eprintln!("tandem: triple fault on {at}: the guest could not deliver an exception; the VM has ended");
+            (VmEnd::TripleFault, at, Ok(status::GUEST_TRIPLE_FAULT))
+        }
+        VmExit::Failed(why) => (VmEnd::Failed, why.clone(), Err(anyhow::anyhow!("the VM stopped: {why}"))),
+    };
+    events.emit(Event::VmEnded { how, detail });
+    code
 }
 
 /// Executes one control command against the VM.

@@ -17,6 +17,7 @@ use tandem_vmm::output::{EpochGate, SharedSink};
 use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
 
+use crate::events::{self, Event, Events};
 use crate::transport::primary::{self as link, lock, Dial, Faults, LinkState, Outbox, Outgoing, Shared};
 use crate::{Heartbeat, ReplicationError};
 
@@ -43,6 +44,7 @@ pub struct Config {
     /// How long to try to reach the standby before giving up at start.
     pub connect_timeout: Duration,
     pub faults: Faults,
+    pub events: Events,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +94,7 @@ pub struct Protector {
     /// Captures given up in a row on a slow vCPU (see `is_transient`).
     skipped: u32,
     stats: Stats,
+    events: Events,
 }
 
 impl Protector {
@@ -101,14 +104,20 @@ impl Protector {
         let shared = Arc::new(Mutex::new(Shared::new(Primary::new(config.identity, config.window))));
         let gate: Gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
         let release = {
-            let gate = gate.clone();
-            Box::new(move |epoch: u64| {
-                if let Err(e) = gate.lock().unwrap_or_else(|e| e.into_inner()).commit(epoch) {
-                    tracing::warn!("console output: {e}");
-                }
+            let (gate, events) = (gate.clone(), config.events.clone());
+            Box::new(move |epoch: u64| match gate.lock().unwrap_or_else(|e| e.into_inner()).commit(epoch) {
+                Ok(0) => {}
+                Ok(bytes) => events.emit(Event::Released { epoch, bytes }),
+                Err(e) => tracing::warn!("console output: {e}"),
             })
         };
-        let dial = Dial { addr: config.standby, tls: config.tls, heartbeat: config.heartbeat, faults: config.faults };
+        let dial = Dial {
+            addr: config.standby,
+            tls: config.tls,
+            heartbeat: config.heartbeat,
+            faults: config.faults,
+            events: config.events.clone(),
+        };
         let outbox = link::spawn(dial, shared.clone(), release)?;
         let started = Instant::now();
         loop {
@@ -142,6 +151,7 @@ impl Protector {
             full_epoch: 0,
             skipped: 0,
             stats: Stats::default(),
+            events: config.events,
         };
         Ok((protector, sink))
     }
@@ -162,6 +172,7 @@ impl Protector {
         if let (false, Some(epoch), LinkState::Protecting) = (self.announced, acked.filter(|a| *a >= self.full_epoch), &state) {
             self.announced = true;
             tracing::info!("protected: the standby holds epoch {epoch}; output flows as epochs are acknowledged");
+            self.events.emit(Event::Protected { epoch });
         }
         match state {
             LinkState::Refused(why) => Err(ReplicationError::Refused(why)),
@@ -172,6 +183,7 @@ impl Protector {
                     self.gate().protect(next);
                     self.mode = Mode::Protected;
                     tracing::warn!("a standby follows again at {}: output is protected once more", self.standby);
+                    self.events.emit(Event::Reprotected);
                 }
                 if need_full {
                     return self.send(vm, Kind::Full);
@@ -181,6 +193,7 @@ impl Protector {
                     vm.resume()?;
                     self.mode = Mode::Protected;
                     tracing::warn!("the standby is back in sync; the guest runs again");
+                    self.events.emit(Event::Reprotected);
                 }
                 if Instant::now() < self.next_due {
                     return Ok(());
@@ -205,6 +218,11 @@ impl Protector {
     }
 
     fn lose_standby(&mut self, vm: &mut Vm, why: &str, quiet: Duration) -> Result<(), ReplicationError> {
+        let policy = match self.policy {
+            StandbyLoss::Pause => events::LossPolicy::Pause,
+            StandbyLoss::Continue => events::LossPolicy::Continue,
+        };
+        self.events.emit(Event::StandbyLost { policy, silent_ms: quiet.as_millis() as u64 });
         match self.policy {
             StandbyLoss::Pause => {
                 vm.pause()?;
@@ -307,6 +325,7 @@ impl Protector {
         if kind == Kind::Full {
             self.announced = false;
             self.full_epoch = number;
+            self.events.emit(Event::FullSync { epoch: number, pages });
             tracing::info!(
                 "full sync to the standby: epoch {number}, {pages} pages, guest stopped {:.1} ms (of {:.0} ms)",
                 stopped.as_secs_f64() * 1e3,
@@ -316,6 +335,7 @@ impl Protector {
                 vm.resume()?;
                 self.mode = Mode::Protected;
                 tracing::warn!("a new standby is in sync; the guest runs again");
+                self.events.emit(Event::Reprotected);
             }
         }
         Ok(())
@@ -374,6 +394,7 @@ impl Protector {
             if held > 0 {
                 tracing::warn!("{held} bytes of the guest's last output were not released: no standby confirmed them");
             }
+            self.events.emit(Event::Goodbye { confirmed: false });
             return;
         }
         self.outbox.send(Outgoing::Goodbye(reason.to_string()));
@@ -384,6 +405,7 @@ impl Protector {
             match lock(&self.shared).link {
                 LinkState::Left => {
                     let _ = self.gate().commit(u64::MAX);
+                    self.events.emit(Event::Goodbye { confirmed: true });
                     return;
                 }
                 LinkState::Protecting => std::thread::sleep(Duration::from_millis(10)),
@@ -391,5 +413,6 @@ impl Protector {
             }
         }
         tracing::warn!("the standby did not confirm the goodbye; the guest's last output stays unreleased");
+        self.events.emit(Event::Goodbye { confirmed: false });
     }
 }

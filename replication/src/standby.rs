@@ -16,6 +16,7 @@ use tandem_vmm::output::SharedSink;
 use tandem_vmm::snapshot::image::Image;
 use tandem_vmm::vm::{config_fingerprint, Vm};
 
+use crate::events::{Event, Events};
 use crate::transport::standby::{self as link, Report, StandbyLink};
 use crate::{generation, Heartbeat, ReplicationError};
 
@@ -29,6 +30,7 @@ pub struct Config {
     /// Where the generation number is kept.
     pub state_dir: PathBuf,
     pub heartbeat: Heartbeat,
+    pub events: Events,
 }
 
 /// How following ended.
@@ -58,6 +60,19 @@ pub struct Takeover {
 }
 
 impl Takeover {
+    /// The takeover as an event.
+    pub fn event(&self) -> Event {
+        Event::TookOver {
+            generation: self.generation,
+            epoch: self.epoch,
+            unreleased_output_bytes: self.unreleased,
+            detection_ms: self.detection.as_millis() as u64,
+            resume_ms: self.resume.as_secs_f64() * 1e3,
+            epochs_received: self.epochs,
+            bytes_received: self.bytes,
+        }
+    }
+
     pub fn report(&self) -> String {
         format!(
             "took over as primary: generation={} epoch={} unreleased_output_bytes={} detection_ms={} resume_ms={:.1} epochs_received={} bytes_received={}",
@@ -82,6 +97,8 @@ pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationEr
     let (reports_tx, reports) = channel();
     let link = link::spawn(config.listen, config.tls, identity, config.heartbeat, image.clone(), reports_tx)?;
     tracing::info!("standing by on {} at generation {generation}", config.listen);
+    let events = &config.events;
+    events.emit(Event::StandingBy { listen: config.listen.to_string(), generation });
 
     let mut committed = None;
     let mut followed = false;
@@ -94,6 +111,7 @@ pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationEr
             Report::Following { peer, generation: theirs } => {
                 followed = true;
                 tracing::info!("following the primary at {peer} (generation {theirs})");
+                events.emit(Event::Following { peer: peer.clone(), generation: theirs });
                 if theirs > generation {
                     generation = theirs;
                     generation::write(&config.state_dir, generation)?;
@@ -102,14 +120,24 @@ pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationEr
             Report::Applied { epoch, full, pages, bytes: b } => {
                 if full || committed.is_none() {
                     tracing::info!("in sync with the primary: full epoch {epoch}, {pages} pages");
+                    events.emit(Event::InSync { epoch, pages });
                 }
                 committed = Some(epoch);
                 epochs += 1;
                 bytes += b as u64;
             }
-            Report::Dropped(why) => tracing::warn!("{why}"),
-            Report::Refused(why) => tracing::warn!("{why}"),
-            Report::Left(why) => return Ok(Outcome::PrimaryLeft(why)),
+            Report::Dropped(why) => {
+                tracing::warn!("{why}");
+                events.emit(Event::ConnectionDropped { reason: why });
+            }
+            Report::Refused(why) => {
+                tracing::warn!("{why}");
+                events.emit(Event::PeerRefused { reason: why });
+            }
+            Report::Left(why) => {
+                events.emit(Event::PrimaryLeft { reason: why.clone() });
+                return Ok(Outcome::PrimaryLeft(why));
+            }
             Report::Silent(quiet) => match committed {
                 Some(epoch) => {
                     let decided = Instant::now();
@@ -128,7 +156,7 @@ pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationEr
                         }
                     }
                     let vm = Vm::restore(&[snapshot], &config.kvm_device, false, sink)?;
-                    return Ok(Outcome::TookOver(Box::new(Takeover {
+                    let takeover = Takeover {
                         vm,
                         generation,
                         epoch,
@@ -138,14 +166,18 @@ pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationEr
                         epochs,
                         bytes,
                         _link: link,
-                    })));
+                    };
+                    events.emit(takeover.event());
+                    return Ok(Outcome::TookOver(Box::new(takeover)));
                 }
                 None if followed => {
-                    return Err(ReplicationError::NotPromoted(format!(
+                    let reason = format!(
                         "the primary fell silent ({} ms) before this standby held a committed epoch: the initial sync \
                          had not completed, so there is nothing to take over from; not promoting",
                         quiet.as_millis()
-                    )))
+                    );
+                    events.emit(Event::NotPromoted { reason: reason.clone() });
+                    return Err(ReplicationError::NotPromoted(reason));
                 }
                 None => {}
             },

@@ -75,7 +75,7 @@ impl<W: Write + Send> EpochGate<W> {
     /// Releases everything held and writes through from now on.
     pub fn unprotect(&mut self) -> io::Result<()> {
         self.unprotected = true;
-        self.commit(u64::MAX)
+        self.commit(u64::MAX).map(drop)
     }
 
     /// Holds output again, as part of `epoch` onwards.
@@ -114,14 +114,18 @@ impl<W: Write + Send> EpochGate<W> {
             .collect()
     }
 
-    /// Releases all output of epochs up to and including `epoch`.
-    pub fn commit(&mut self, epoch: u64) -> io::Result<()> {
+    /// Releases all output of epochs up to and including `epoch`; returns how many
+    /// bytes went out.
+    pub fn commit(&mut self, epoch: u64) -> io::Result<usize> {
+        let mut released = 0;
         while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
             if let Some((_, bytes)) = self.held.pop_front() {
                 self.out.write_all(&bytes)?;
+                released += bytes.len();
             }
         }
-        self.out.flush()
+        self.out.flush()?;
+        Ok(released)
     }
 
     /// Bytes still held back.

@@ -47,8 +47,10 @@ type Job = Box<dyn FnOnce(&mut KvmVcpu) + Send>;
 pub enum VmExit {
     /// The guest powered off (ACPI S5).
     PowerOff,
-    /// The guest reset itself; the string says how (reboot, or a triple fault and where).
+    /// The guest reset itself; the string says how (a reboot, or a reset request).
     Reset(String),
+    /// The CPU could not deliver an exception at all; the string says where.
+    TripleFault(String),
     /// A vCPU hit something the VMM cannot continue from.
     Failed(String),
 }
@@ -408,7 +410,7 @@ impl Runner {
                     (Ok(r), Ok(s)) => format!("rip={:#x} rsp={:#x} cr3={:#x}", r.rip, r.rsp, s.cr3),
                     _ => "an unreadable state".into(),
                 };
-                return Some(VmExit::Reset(format!("triple fault on vCPU {} at {at}", self.index)));
+                return Some(VmExit::TripleFault(format!("vCPU {} at {at}", self.index)));
             }
             Exit::Shutdown => return Some(VmExit::PowerOff),
             Exit::Failed(why) => return Some(VmExit::Failed(format!("vCPU {}: {why}", self.index))),

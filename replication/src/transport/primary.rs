@@ -13,6 +13,7 @@ use tandem_proto::{Frame, ProtoError};
 use tokio::sync::mpsc;
 
 use super::{connect, LinkSender, TransportError};
+use crate::events::{self as ev, Events};
 use crate::Heartbeat;
 
 /// How the link stands, as the VM thread sees it.
@@ -107,6 +108,7 @@ pub struct Dial {
     pub tls: rustls::ClientConfig,
     pub heartbeat: Heartbeat,
     pub faults: Faults,
+    pub events: Events,
 }
 
 /// Starts the link thread. `release(epoch)` is called there as soon as the standby
@@ -260,6 +262,7 @@ async fn session(
                             s.need_full |= full_sync;
                             s.link = LinkState::Protecting;
                             tracing::info!(full_sync, "the standby follows");
+                            dial.events.emit(ev::Event::StandbyFollows { full_sync });
                         }
                         Event::Released(epoch) => {
                             s.released(epoch);
@@ -309,7 +312,7 @@ async fn session(
                         if conn != lock(shared).conn {
                             continue;
                         }
-                        if let Err(e) = send_epoch(&mut tx, number, &frames, dial.faults, corrupt).await {
+                        if let Err(e) = send_epoch(&mut tx, number, &frames, dial, corrupt).await {
                             return ended(e);
                         }
                     }
@@ -373,15 +376,17 @@ async fn session(
 /// How long a goodbye may take to reach a standby that is still draining epochs.
 const GOODBYE_LIMIT: Duration = Duration::from_secs(120);
 
-async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Frame], faults: Faults, corrupt: &mut Option<u64>) -> Result<(), TransportError> {
+async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Frame], dial: &Dial, corrupt: &mut Option<u64>) -> Result<(), TransportError> {
     let middle = frames.len() / 2;
     for (i, frame) in frames.iter().enumerate() {
-        if i == middle && faults.die_mid_epoch == Some(number) {
+        if i == middle && dial.faults.die_mid_epoch == Some(number) {
             tracing::warn!(epoch = number, "fault injection: dying in the middle of the epoch");
+            dial.events.emit(ev::Event::FaultInjected { fault: ev::Fault::DieMidEpoch, epoch: number });
             die();
         }
         if i == middle && *corrupt == Some(number) {
             tracing::warn!(epoch = number, "fault injection: corrupting a frame of the epoch");
+            dial.events.emit(ev::Event::FaultInjected { fault: ev::Fault::CorruptFrame, epoch: number });
             *corrupt = None;
             tx.send_corrupted(frame).await?;
             continue;

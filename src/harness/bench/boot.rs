@@ -59,7 +59,7 @@ fn time_to_ready(mut cmd: Command, limit: Duration) -> Result<Duration> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
-    let watchdog = crate::watchdog::Watchdog::new(child.id(), limit);
+    let watchdog = crate::harness::watchdog::Watchdog::new(child.id(), limit);
     let stdout = child.stdout.take().context("child stdout")?;
     let mut ready = None;
     for line in BufReader::new(stdout).lines() {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::lab;
+use crate::harness::lab;
 
 /// Both VMMs' guests get this command line (plus the workload's arguments).
 /// `initcall_blacklist=cmos_init` spares QEMU's guest seconds of probing for a CMOS RTC

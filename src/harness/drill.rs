@@ -9,11 +9,14 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
 
-use crate::lab;
+use crate::harness::lab;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DrillArgs {
@@ -89,7 +92,7 @@ fn parse_kill(text: &str, rng: &mut u64) -> Result<Kill> {
     })
 }
 
-pub fn run(args: DrillArgs) -> Result<u8> {
+pub fn run(args: &DrillArgs) -> Result<u8> {
     if !["ticker", "dirty"].contains(&args.workload.as_str()) {
         bail!("--workload must be ticker or dirty, got {:?}", args.workload);
     }
@@ -104,55 +107,84 @@ pub fn run(args: DrillArgs) -> Result<u8> {
         parse_kill(k, &mut rng.clone())?;
     }
     if !args.here {
-        return in_lab(&args, rng);
+        return in_lab(args, rng);
     }
     let images = args.images.clone().unwrap_or_else(lab::default_images_dir);
-    let (mut passed, mut repeated) = (0, 0);
+    let stalls = StallMeter::start();
+    let mut passed = 0;
+    let mut failed = Vec::new();
     for n in 1..=args.runs {
         let kill = parse_kill(&args.kill_at[(n as usize - 1) % args.kill_at.len()], &mut rng)?;
-        let mut attempt = 1;
-        let result = loop {
-            let result = one_run(&args, &images, n, attempt, kill);
-            if let Ok(Outcome { stuck: Some(stuck), .. }) = &result {
-                println!("=== run {n} attempt {attempt} stuck processes\n{stuck}\n=== run {n} stuck end");
-            }
-            match lab_fault(&result) {
-                Some(why) if attempt < LAB_ATTEMPTS => {
-                    println!("run {n}: attempt {attempt} lost to the lab's emulation ({why}); running it again");
-                    attempt += 1;
-                    repeated += 1;
-                }
-                _ => break result,
-            }
-        };
+        stalls.reset();
+        let result = one_run(args, &images, n, kill);
+        let stall = stalls.worst();
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(e) => {
-                println!("run {n}: FAILED: {e:#}");
+                println!("run {n}: FAILED: {e:#} (worst lab stall {} ms)", stall.as_millis());
+                failed.push(json!({ "run": n, "signature": null }));
                 continue;
             }
         };
-        println!("{}", outcome.line);
+        if let Some(stuck) = &outcome.stuck {
+            println!("=== run {n} stuck processes\n{stuck}\n=== run {n} stuck end");
+        }
+        println!("{} (worst lab stall {} ms)", outcome.line, stall.as_millis());
         if args.show_consoles {
             println!("=== run {n} primary console\n{}\n=== run {n} standby console\n{}\n=== run {n} end", outcome.primary, outcome.standby);
+            println!("=== run {n} primary events\n{}\n=== run {n} standby events\n{}\n=== run {n} events end", outcome.primary_events, outcome.standby_events);
         }
         if outcome.ok {
             passed += 1;
+        } else {
+            failed.push(json!({ "run": n, "signature": outcome.signature }));
         }
         if !outcome.ok || args.show_consoles {
             println!("=== run {n} primary log\n{}\n=== run {n} standby log\n{}\n=== run {n} logs end", outcome.primary_log, outcome.standby_log);
         }
     }
     println!(
-        "drill: {passed}/{} runs kept continuity (no line lost or repeated){}{}",
+        "drill: {passed}/{} runs kept continuity (no line lost or repeated){}",
         args.runs,
-        match repeated {
-            0 => String::new(),
-            r => format!("; {r} attempt(s) lost to the lab's emulation were run again"),
-        },
         if passed == args.runs { "" } else { ": FAILED" }
     );
+    // For tools: the same verdict, with each failed run's fault signature (see
+    // `Signature`), from which a harness decides whether the lab, not tandem, failed.
+    println!("{VERDICT_PREFIX}{}", json!({ "runs": args.runs, "passed": passed, "failed": failed }));
     Ok(if passed == args.runs { 0 } else { 1 })
+}
+
+/// Starts the drill's machine-readable verdict line: a JSON object with `runs`,
+/// `passed` and `failed` (each `{run, signature}`).
+pub const VERDICT_PREFIX: &str = "drill-verdict: ";
+
+/// How long this process's 20 ms sleeps overran at worst since the last reset: the
+/// drill's measure of how long the (emulated, shared) machine stalled everything on
+/// it, printed beside each run's verdict. A stall longer than the heartbeat timeout
+/// can make a standby take over from a primary that was alive; such a run is still
+/// judged on continuity alone, which a takeover done right keeps.
+struct StallMeter(Arc<AtomicU64>);
+
+impl StallMeter {
+    fn start() -> Self {
+        let worst = Arc::new(AtomicU64::new(0));
+        let w = worst.clone();
+        std::thread::spawn(move || loop {
+            let before = Instant::now();
+            std::thread::sleep(Duration::from_millis(20));
+            let over = before.elapsed().saturating_sub(Duration::from_millis(20)).as_millis() as u64;
+            w.fetch_max(over, Ordering::Relaxed);
+        });
+        Self(worst)
+    }
+
+    fn reset(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    fn worst(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
 }
 
 /// Runs the same drill inside the lab, passing its output through.
@@ -175,9 +207,9 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
     }
     let opts = lab::LabOptions {
         images: args.images.clone().unwrap_or_else(lab::default_images_dir),
-        // A minute a run, and room for two runs repeated after lab faults (each can
-        // spend minutes in its bounded waits before it is judged).
-        timeout: Duration::from_secs(120 + 60 * u64::from(args.runs) + 300 * u64::from(LAB_ATTEMPTS - 1)),
+        // A minute a run, and room for one run that spends its bounded waits in full
+        // before it is judged, so a hang is reported by the drill, not cut off.
+        timeout: Duration::from_secs(120 + 60 * u64::from(args.runs) + 420),
         with: Vec::new(),
         with_qemu: false,
         mem_mib: 2048,
@@ -193,13 +225,30 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
 
 struct Outcome {
     ok: bool,
+    /// Why the run failed, when that matches a known fault signature.
+    signature: Option<Signature>,
     /// Processes that SIGKILL could not end, and where their threads were stuck.
     stuck: Option<String>,
     line: String,
     primary: String,
     standby: String,
+    primary_events: String,
+    standby_events: String,
     primary_log: String,
     standby_log: String,
+}
+
+/// What a failed run's evidence matches. Only a harness decides what a signature
+/// excuses (see docs/lab.md); the drill itself never repeats a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Signature {
+    /// A guest's vCPU triple-faulted (KVM's shutdown exit), on either host.
+    GuestTripleFault,
+    /// Not one byte from the guest on either host.
+    SilentGuest,
+    /// A process outlived SIGKILL, stuck in the kernel.
+    StuckProcess,
 }
 
 /// A child process whose output goes to files, killed if left behind.
@@ -207,6 +256,7 @@ struct Proc {
     child: Child,
     out: PathBuf,
     err: PathBuf,
+    events: PathBuf,
     /// Killed, and either reaped or given up on (see [`Proc::end`]).
     ended: bool,
 }
@@ -215,16 +265,33 @@ struct Proc {
 const REAP_LIMIT: Duration = Duration::from_secs(30);
 
 impl Proc {
+    /// Starts `tandem ARGS --events FILE`, its output and events in files in `dir`.
     fn start(args: &[String], dir: &Path, name: &str) -> Result<Self> {
         let (out, err) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
+        let events = dir.join(format!("{name}.events"));
         let child = Command::new(std::env::current_exe()?)
             .args(args)
+            .arg("--events")
+            .arg(&events)
             .stdin(Stdio::null())
             .stdout(File::create(&out)?)
             .stderr(File::create(&err)?)
             .spawn()
             .with_context(|| format!("starting the {name}"))?;
-        Ok(Self { child, out, err, ended: false })
+        Ok(Self { child, out, err, events, ended: false })
+    }
+
+    /// The events the process wrote so far, in order.
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn event(&self, kind: &str) -> Option<Value> {
+        self.events().into_iter().find(|e| e["event"] == kind)
     }
 
     fn log(&self) -> String {
@@ -235,15 +302,15 @@ impl Proc {
         String::from_utf8_lossy(&std::fs::read(&self.out).unwrap_or_default()).into_owned()
     }
 
-    /// Waits up to `limit` for the log to contain `text`, or the process to end.
-    fn wait_for(&mut self, text: &str, limit: Duration) -> bool {
+    /// Waits up to `limit` for an event of this kind, or the process to end.
+    fn wait_for(&mut self, kind: &str, limit: Duration) -> bool {
         let start = Instant::now();
         while start.elapsed() < limit {
-            if self.log().contains(text) {
+            if self.event(kind).is_some() {
                 return true;
             }
             if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return self.log().contains(text);
+                return self.event(kind).is_some();
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -282,16 +349,16 @@ impl Drop for Proc {
     }
 }
 
-fn one_run(args: &DrillArgs, images: &Path, n: u32, attempt: u32, kill: Kill) -> Result<Outcome> {
-    // Each attempt its own port and directory: a process stuck in the kernel by an
+fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcome> {
+    // Each run its own port and directory: a process stuck in the kernel by an
     // earlier one may still hold them.
-    let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{n}-{attempt}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let (pkeys, skeys) = (dir.join("primary-keys"), dir.join("standby-keys"));
     tandem_replication::tls::keygen(&pkeys)?;
     tandem_replication::tls::keygen(&skeys)?;
-    let addr = format!("127.0.0.1:{}", 7100 + n + 100 * (attempt - 1));
+    let addr = format!("127.0.0.1:{}", 7100 + n);
     let path = |p: PathBuf| p.display().to_string();
     let timeout = args.timeout_ms.to_string();
     let mut standby_args = vec![
@@ -322,25 +389,26 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, attempt: u32, kill: Kill) ->
     let began = Instant::now();
     let stage = |what: &str| {
         if args.show_consoles {
-            println!("run {n} attempt {attempt}: {what} after {:.1} s", began.elapsed().as_secs_f64());
+            println!("run {n}: {what} after {:.1} s", began.elapsed().as_secs_f64());
         }
     };
     let mut standby = Proc::start(&standby_args, &dir, "standby")?;
-    if !standby.wait_for("standing by", Duration::from_secs(30)) {
+    if !standby.wait_for("standing_by", Duration::from_secs(30)) {
         bail!("the standby did not start:\n{}", standby.log());
     }
     stage("the standby is up");
     let mut primary = Proc::start(&primary_args, &dir, "primary")?;
 
     let ready = match kill {
-        Kill::InitialSync => primary.wait_for("the standby follows", Duration::from_secs(60)),
-        _ => primary.wait_for("protected: the standby holds epoch", Duration::from_secs(120)),
+        Kill::InitialSync => primary.wait_for("standby_follows", Duration::from_secs(60)),
+        _ => primary.wait_for("protected", Duration::from_secs(120)),
     };
     stage(if ready { "the primary is ready for the kill" } else { "the primary never got ready for the kill" });
     if !ready {
-        bail!("the primary never got as far as the kill point:\n{}{}", primary.log(), threads(&mut primary.child));
+        let why = format!("the primary never got as far as the kill point{}", threads(&mut primary.child));
+        return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
     }
-    let killed_at = match kill {
+    let killed_at: String = match kill {
         Kill::After(d) => {
             std::thread::sleep(d);
             format!("{} ms after the first commit", d.as_millis())
@@ -356,10 +424,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, attempt: u32, kill: Kill) ->
     let standby_exit = standby.wait_exit(Duration::from_secs(180));
     stage(&format!("the standby ended ({standby_exit:?})"));
 
-    let (pcon, scon, slog) = (primary.console(), standby.console(), standby.log());
-    let report = slog.lines().find_map(|l| l.split_once("took over as primary: ").map(|(_, r)| r.to_string()));
+    let (pcon, scon) = (primary.console(), standby.console());
     let verdict = if kill == Kill::InitialSync {
-        let refused = standby_exit == Some(1) && slog.contains("not promoting");
+        let refused = standby_exit == Some(1) && standby.event("not_promoted").is_some();
         let silent = pcon.trim().is_empty() && scon.trim().is_empty();
         if refused && silent {
             Ok("the standby refused to take over and nothing was released".to_string())
@@ -372,50 +439,63 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, attempt: u32, kill: Kill) ->
     } else {
         check(&args.workload, args.lines, &pcon, &scon, standby_exit, primary_exit)
     };
-    let ok = verdict.is_ok();
-    let line = format!(
-        "run {n}: kill {killed_at}: {}; {}",
-        report.unwrap_or_else(|| "no takeover".into()),
-        match verdict {
-            Ok(v) => format!("continuity OK: {v}"),
-            Err(e) => format!("FAILED: {e}"),
-        }
-    );
-    let mut stuck = Vec::new();
-    for (who, proc) in [("primary", &mut primary), ("standby", &mut standby)] {
-        if let Some(threads) = proc.end() {
-            stuck.push(format!("the {who} (pid {}) ignored SIGKILL for {REAP_LIMIT:?} {threads}", proc.child.id()));
-        }
-    }
-    let stuck = (!stuck.is_empty()).then(|| stuck.join("\n"));
+    let outcome = finish(n, &mut primary, &mut standby, verdict, &killed_at);
     stage("both processes reaped");
-    let outcome = Outcome { ok, line, primary: pcon, standby: scon, primary_log: primary.log(), standby_log: slog, stuck };
     drop((primary, standby));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(outcome)
 }
 
-/// Attempts at one run when the lab's emulation, not tandem, spoils it.
-const LAB_ATTEMPTS: u32 = 3;
-
-/// Why a run says nothing about tandem, if it does not: the guest triple-faulted on the
-/// primary (the emulated AMD-V of the lab loses a guest so, now and then, QEMU's own
-/// guests too; see the README), the guest never printed a byte on either host (the
-/// lab's start-up hang), or a process outlived SIGKILL, stuck in the lab's kernel.
-/// Continuity failures are never excused.
-fn lab_fault(result: &Result<Outcome>) -> Option<&'static str> {
-    let (log, line) = match result {
-        Ok(o) if o.ok => return None,
-        Ok(o) if o.stuck.is_some() => return Some("a tandem process stayed stuck in the lab's kernel after SIGKILL"),
-        Ok(o) => (std::borrow::Cow::from(&o.primary_log), o.line.as_str()),
-        Err(e) => (format!("{e:#}").into(), ""),
+/// Ends both processes and judges the run from its verdict and the evidence.
+fn finish(n: u32, primary: &mut Proc, standby: &mut Proc, verdict: Result<String, String>, killed_at: &str) -> Outcome {
+    let mut stuck = Vec::new();
+    for (who, proc) in [("primary", &mut *primary), ("standby", &mut *standby)] {
+        if let Some(threads) = proc.end() {
+            stuck.push(format!("the {who} (pid {}) ignored SIGKILL for {REAP_LIMIT:?} {threads}", proc.child.id()));
+        }
+    }
+    let stuck = (!stuck.is_empty()).then(|| stuck.join("\n"));
+    let (pcon, scon) = (primary.console(), standby.console());
+    let triple_fault = [&*primary, &*standby]
+        .iter()
+        .any(|p| p.event("vm_ended").is_some_and(|e| e["how"] == "triple_fault"));
+    let signature = match &verdict {
+        Ok(_) => None,
+        Err(_) if triple_fault => Some(Signature::GuestTripleFault),
+        Err(_) if stuck.is_some() => Some(Signature::StuckProcess),
+        Err(_) if pcon.is_empty() && scon.is_empty() => Some(Signature::SilentGuest),
+        Err(_) => None,
     };
-    if log.contains("triple fault on vCPU") {
-        Some("the guest triple-faulted on the primary")
-    } else if line.contains(SILENT_GUEST) {
-        Some("the guest printed nothing on either host")
-    } else {
-        None
+    let takeover = standby.event("took_over").map(|e| {
+        format!(
+            "took over as primary: generation={} epoch={} unreleased_output_bytes={} detection_ms={} resume_ms={:.1}",
+            e["generation"], e["epoch"], e["unreleased_output_bytes"], e["detection_ms"], e["resume_ms"].as_f64().unwrap_or(0.0)
+        )
+    });
+    let line = format!(
+        "run {n}: kill {killed_at}: {}; {}{}",
+        takeover.unwrap_or_else(|| "no takeover".into()),
+        match &verdict {
+            Ok(v) => format!("continuity OK: {v}"),
+            Err(e) => format!("FAILED: {e}"),
+        },
+        match signature {
+            Some(sig) => format!(" [signature: {}]", json!(sig).as_str().unwrap_or("?")),
+            None => String::new(),
+        }
+    );
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    Outcome {
+        ok: verdict.is_ok(),
+        signature,
+        stuck,
+        line,
+        primary: pcon,
+        standby: scon,
+        primary_events: read(&primary.events),
+        standby_events: read(&standby.events),
+        primary_log: primary.log(),
+        standby_log: standby.log(),
     }
 }
 

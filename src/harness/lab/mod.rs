@@ -58,6 +58,43 @@ const LOCKUP_WATCH: &str = r#"lab_lockup_watch() {
 lab_lockup_watch </dev/null &
 "#;
 
+/// Counts every guest triple fault in the lab, whoever's guest it was (tandem's or a
+/// peer QEMU's): KVM's shutdown exit (SVM exit code 127), as the lab kernel's own
+/// tracepoint sees it. The count comes from the lab's kernel, not from the command, so
+/// a harness can weigh a failed run against a fault the lab is known to cause.
+const SHUTDOWN_WATCH: &str = r#"T=/sys/kernel/tracing
+mount -t tracefs nodev $T 2>/dev/null
+if echo 'exit_reason == 127' > $T/events/kvm/kvm_exit/filter && echo 1 > $T/events/kvm/kvm_exit/enable; then
+	lab_shutdowns() { grep -c 'kvm_exit' $T/trace; }
+else
+	lab_shutdowns() { echo unknown; }
+fi
+"#;
+/// Printed after the command with the count of [`SHUTDOWN_WATCH`].
+const SHUTDOWNS_MARKER: &str = "@@TANDEM-LAB-SHUTDOWNS=";
+
+/// How a lab run went, beyond the command's own status.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    /// The command's exit status; [`TIMEOUT_STATUS`] or [`LAB_FAULT_STATUS`] when the
+    /// lab stopped it.
+    pub status: i32,
+    /// A fault of the lab itself, if one ended the run.
+    pub lab_fault: Option<LabFault>,
+    /// Guest triple faults the lab kernel saw while the command ran (`None`: unknown,
+    /// e.g. the run was cut off).
+    pub guest_triple_faults: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabFault {
+    /// The lab host never got as far as running the command: nothing of tandem ran.
+    NeverStarted,
+    /// A lab CPU stuck in the lab's kernel (see [`LOCKUP_WATCH`]).
+    LockedUp,
+}
+
 /// What the lab needs from the host.
 #[derive(Clone, Debug)]
 pub struct LabOptions {
@@ -104,7 +141,16 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// The QEMU that runs the lab host: `$TANDEM_LAB_QEMU` if set (to compare QEMU
+/// versions side by side, see docs/lab.md), else the one on PATH.
 fn qemu() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("TANDEM_LAB_QEMU") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("TANDEM_LAB_QEMU={} is not a file", path.display());
+        }
+        return Ok(path);
+    }
     find_program("qemu-system-x86_64").context(
         "qemu-system-x86_64 not found: the lab needs QEMU; install the Debian package qemu-system-x86 (apt-get install qemu-system-x86)",
     )
@@ -157,11 +203,12 @@ fn overlay(command: &[String], with: &[PathBuf], scratch: &Path) -> Result<Vec<u
     let mut archive = cpio::Archive::default();
     let mut script = String::from("#!/bin/sh\n");
     script.push_str(LOCKUP_WATCH);
+    script.push_str(SHUTDOWN_WATCH);
     if let Ok(filter) = std::env::var("RUST_LOG") {
         script.push_str(&format!("export RUST_LOG={}\n", shell_quote(&filter)));
     }
     let args: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
-    script.push_str(&format!("exec {}\n", args.join(" ")));
+    script.push_str(&format!("{}\nrc=$?\necho \"{SHUTDOWNS_MARKER}$(lab_shutdowns)@@\"\nexit $rc\n", args.join(" ")));
     archive.file("/lab/run", 0o755, script.as_bytes());
 
     let exe = std::env::current_exe().context("locating the tandem binary")?;
@@ -191,6 +238,11 @@ fn overlay(command: &[String], with: &[PathBuf], scratch: &Path) -> Result<Vec<u
 /// Boots the lab, runs `command` inside, streams its output line by line to `on_line`,
 /// and returns its exit status ([`TIMEOUT_STATUS`] if the lab ran out of time).
 pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str)) -> Result<i32> {
+    Ok(run_with_report(opts, command, on_line)?.status)
+}
+
+/// Like [`run`], with what the lab itself saw.
+pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str)) -> Result<Report> {
     if command.is_empty() {
         bail!("tandem lab needs a command to run, e.g. `tandem lab -- tandem run --kernel /images/vmlinuz`");
     }
@@ -223,10 +275,11 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
         .spawn()
         .with_context(|| format!("starting {}", qemu.display()))?;
 
-    let watchdog = crate::watchdog::Watchdog::new(child.id(), opts.timeout);
+    let watchdog = crate::harness::watchdog::Watchdog::new(child.id(), opts.timeout);
     let mut status = None;
     let mut started = false;
     let mut locked_up = None;
+    let mut shutdowns = None;
     let stdout = child.stdout.take().context("QEMU's output pipe")?;
     let mut reader = BufReader::new(stdout);
     let mut raw = Vec::new();
@@ -242,12 +295,16 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
             started = true;
             continue;
         }
+        if let Some(rest) = line.strip_prefix(SHUTDOWNS_MARKER) {
+            shutdowns = rest.trim_end_matches('@').parse::<u32>().ok();
+            continue;
+        }
         if let Some(rest) = line.strip_prefix(EXIT_MARKER) {
             status = rest.trim_end_matches('@').parse::<i32>().ok();
             continue;
         }
         if line == FAULT_MARKER {
-            locked_up.get_or_insert_with(|| crate::watchdog::Watchdog::new(child.id(), LOCKUP_REPORT_GRACE));
+            locked_up.get_or_insert_with(|| crate::harness::watchdog::Watchdog::new(child.id(), LOCKUP_REPORT_GRACE));
             on_line("tandem lab: the lab host's kernel reports a CPU stuck in the kernel:");
             continue;
         }
@@ -270,17 +327,20 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
             "tandem lab: {LOCKED_UP} while running the command (a CPU stuck in the kernel, which no user program can cause: \
              a fault of the lab's kernel or its emulated CPU; its report is above); the lab was stopped (try again)"
         );
-        return Ok(LAB_FAULT_STATUS);
+        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::LockedUp), guest_triple_faults: shutdowns });
     }
     if timed_out {
-        if started {
+        let lab_fault = if started {
             eprintln!("tandem lab: timed out after {:?} with the command still running; the lab was stopped", opts.timeout);
+            None
         } else {
             eprintln!("tandem lab: timed out after {:?}: {NEVER_STARTED} (try again)", opts.timeout);
-        }
-        return Ok(TIMEOUT_STATUS);
+            Some(LabFault::NeverStarted)
+        };
+        return Ok(Report { status: TIMEOUT_STATUS, lab_fault, guest_triple_faults: shutdowns });
     }
-    status.context("the lab stopped without reporting the command's exit status (see its output above)")
+    let status = status.context("the lab stopped without reporting the command's exit status (see its output above)")?;
+    Ok(Report { status, lab_fault: None, guest_triple_faults: shutdowns })
 }
 
 /// A scratch directory removed on drop.
