@@ -1,10 +1,31 @@
 #!/usr/bin/env bash
 # The tests: set up a fresh machine, lint, then every test, the lab tests included
 # (they boot real Linux guests in the lab and fail, never skip, without it).
+# Closes with the tally of lab runs retried for an attributed lab fault (see
+# tests/common/mod.rs and docs/lab.md), and fails when they exceed the budget.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+started=$(date +%s)
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+export TANDEM_TALLY
+TANDEM_TALLY=$(mktemp /tmp/tandem-tally.XXXXXX)
+trap 'rm -f "$TANDEM_TALLY"' EXIT
 # Every test binary runs even after one fails, so one CI run shows every failure.
-cargo test --workspace --no-fail-fast
+# Binaries run one after another, and each holds its lab runs to one at a time.
+rc=0
+cargo test --workspace --no-fail-fast || rc=$?
+runs=$(grep -c '^run ' "$TANDEM_TALLY" || true)
+retries=$(grep -c '^retry ' "$TANDEM_TALLY" || true)
+# The budget: 5 % of the lab runs, and never less than one.
+budget=$(( runs * 5 / 100 ))
+[ "$budget" -ge 1 ] || budget=1
+echo
+grep '^retry ' "$TANDEM_TALLY" | sed 's/^retry /retried: /' || true
+echo "lab faults retried: $retries of $runs lab runs (budget $budget); tests took $(( $(date +%s) - started )) s"
+if [ "$retries" -gt "$budget" ]; then
+	echo "FAILED: more lab faults retried than the budget allows: the lab, or tandem, is not what docs/lab.md says" >&2
+	rc=1
+fi
+exit $rc

@@ -3,48 +3,52 @@
 
 mod common;
 
-use common::{images, lab, lab_guest, lab_guest_smp, lab_ready, tandem, ticks};
+use common::{images, lab, lab_guest, lab_ready, tandem, ticks};
 
 #[test]
 fn one_vcpu_guest_boots_prints_20_ticks_and_powers_off() {
-    let run = lab_guest(&[], "tandem.workload=ticker tandem.ticks=20");
-    assert_eq!(run.code, 0, "tandem must exit 0 when the guest powers off\n{}", run.dump());
-    assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
-    assert_eq!(ticks(&run), (1..=20).collect::<Vec<_>>(), "{}", run.dump());
-    assert!(run.stdout.contains("TANDEM-GUEST-DONE rc=0"), "{}", run.dump());
-    assert!(!run.stdout.contains("TANDEM-CLOCK-BACKWARDS"), "{}", run.dump());
+    lab_guest(&[], "tandem.workload=ticker tandem.ticks=20", |run| {
+        assert_eq!(run.code, 0, "tandem must exit 0 when the guest powers off\n{}", run.dump());
+        assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
+        assert_eq!(ticks(run), (1..=20).collect::<Vec<_>>(), "{}", run.dump());
+        assert!(run.stdout.contains("TANDEM-GUEST-DONE rc=0"), "{}", run.dump());
+        assert!(!run.stdout.contains("TANDEM-CLOCK-BACKWARDS"), "{}", run.dump());
+    });
 }
 
 #[test]
 fn a_guest_kernel_panic_resets_through_the_keyboard_controller_and_exits_3() {
     // No /init: the kernel panics, and `panic=1` reboots it a second later through the
     // i8042 reset command (the firmware tables advertise no 8042, only its reset is used).
-    let run = lab(
+    lab(
         &[],
         &["tandem", "run", "--kernel", "/images/vmlinuz", "--initrd", "/images/guest-initrd.cpio",
           "--append", "rdinit=/nonexistent init=/nonexistent"],
-    );
-    assert!(run.stdout.contains("Kernel panic"), "{}", run.dump());
-    assert_eq!(run.code, 3, "{}", run.dump());
-    assert!(run.says("the guest reset itself (reset through the keyboard controller"), "{}", run.dump());
+        |run| {
+        assert!(run.stdout.contains("Kernel panic"), "{}", run.dump());
+        assert_eq!(run.code, 3, "{}", run.dump());
+        assert!(run.says("the guest reset itself (reset through the keyboard controller"), "{}", run.dump());
+    });
 }
 
 #[test]
 fn four_vcpu_guest_reports_four_online_cpus() {
-    let run = lab_guest_smp(&["--vcpus", "4"], "tandem.workload=none");
-    assert_eq!(run.code, 0, "{}", run.dump());
-    assert!(run.stdout.contains("TANDEM-GUEST-CPUS=4"), "{}", run.dump());
+    lab_guest(&["--vcpus", "4"], "tandem.workload=none", |run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        assert!(run.stdout.contains("TANDEM-GUEST-CPUS=4"), "{}", run.dump());
+    });
 }
 
 #[test]
 fn elf_vmlinux_boots_through_pvh() {
-    let run = lab_guest_smp(
+    lab_guest(
         &["--kernel", "/images/vmlinux", "--vcpus", "2"],
         "tandem.workload=ticker tandem.ticks=3",
-    );
-    assert_eq!(run.code, 0, "{}", run.dump());
-    assert!(run.stdout.contains("TANDEM-GUEST-CPUS=2"), "{}", run.dump());
-    assert_eq!(ticks(&run), vec![1, 2, 3], "{}", run.dump());
+        |run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        assert!(run.stdout.contains("TANDEM-GUEST-CPUS=2"), "{}", run.dump());
+        assert_eq!(ticks(run), vec![1, 2, 3], "{}", run.dump());
+    });
 }
 
 /// Parses `tandem: dirty phase=P pages=N ...` lines into (phase, pages).
@@ -73,43 +77,44 @@ fn dirty_page_api_reports_every_page_first_then_every_page_the_guest_dirties() {
          --append 'tandem.workload=dirty tandem.dirty_mib={RATE_MIB} tandem.span_mib=32 tandem.seconds=6' 2>/tmp/err; \
          rc=$?; cat /tmp/err; exit $rc"
     );
-    let run = lab(&[], &["sh", "-c", &script]);
-    assert_eq!(run.code, 0, "{}", run.dump());
-    let reports = dirty_reports(&run);
+    lab(&[], &["sh", "-c", &script], |run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        let reports = dirty_reports(run);
 
-    // The first harvest starts tracking and reports every page of the 256 MiB guest
-    // once: there is nothing earlier for it to be incremental to.
-    let (phase, start_pages) = &reports[0];
-    assert_eq!(phase, "start");
-    assert_eq!(*start_pages, (256 << 20) / 4096, "{}", run.dump());
+        // The first harvest starts tracking and reports every page of the 256 MiB guest
+        // once: there is nothing earlier for it to be incremental to.
+        let (phase, start_pages) = &reports[0];
+        assert_eq!(phase, "start");
+        assert_eq!(*start_pages, (256 << 20) / 4096, "{}", run.dump());
 
-    // The guest writes RATE_MIB MiB of distinct pages per second (its 32 MiB span is
-    // larger than a second's writes), so each page write it counts was in some interval.
-    let guest_total: u64 = run
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("dirty "))
-        .inspect(|l| assert!(l.ends_with("check=OK"), "guest memory check failed: {l}"))
-        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("pages=")))
-        .map(|n| n.parse::<u64>().unwrap())
-        .max()
-        .unwrap_or_else(|| panic!("the dirty workload printed nothing\n{}", run.dump()));
-    let run_reports: Vec<u64> = reports[1..].iter().map(|(_, p)| *p).collect();
-    let seen: u64 = run_reports.iter().sum();
-    assert!(guest_total >= 4 * RATE_MIB * 256, "the workload barely ran: {guest_total} pages\n{}", run.dump());
-    assert!(seen >= guest_total, "tracked {seen} dirty pages, the guest wrote {guest_total}\n{}", run.dump());
+        // The guest writes RATE_MIB MiB of distinct pages per second (its 32 MiB span is
+        // larger than a second's writes), so each page write it counts was in some interval.
+        let guest_total: u64 = run
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("dirty "))
+            .inspect(|l| assert!(l.ends_with("check=OK"), "guest memory check failed: {l}"))
+            .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("pages=")))
+            .map(|n| n.parse::<u64>().unwrap())
+            .max()
+            .unwrap_or_else(|| panic!("the dirty workload printed nothing\n{}", run.dump()));
+        let run_reports: Vec<u64> = reports[1..].iter().map(|(_, p)| *p).collect();
+        let seen: u64 = run_reports.iter().sum();
+        assert!(guest_total >= 4 * RATE_MIB * 256, "the workload barely ran: {guest_total} pages\n{}", run.dump());
+        assert!(seen >= guest_total, "tracked {seen} dirty pages, the guest wrote {guest_total}\n{}", run.dump());
 
-    // And it is not simply reporting all memory. Boot (the kernel unpacking itself) and
-    // the workload populating its span dirty many pages in their seconds; the typical
-    // second is the steady state, near the asked rate plus the kernel's own writes.
-    let mut sorted = run_reports.clone();
-    sorted.sort_unstable();
-    let median = sorted[sorted.len() / 2];
-    let per_second = RATE_MIB * 256;
-    assert!(
-        median <= 2 * per_second + 1024,
-        "median 1 s interval had {median} dirty pages at {per_second} pages/s asked: {run_reports:?}"
-    );
+        // And it is not simply reporting all memory. Boot (the kernel unpacking itself) and
+        // the workload populating its span dirty many pages in their seconds; the typical
+        // second is the steady state, near the asked rate plus the kernel's own writes.
+        let mut sorted = run_reports.clone();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        let per_second = RATE_MIB * 256;
+        assert!(
+            median <= 2 * per_second + 1024,
+            "median 1 s interval had {median} dirty pages at {per_second} pages/s asked: {run_reports:?}"
+        );
+    });
 }
 
 #[test]
@@ -117,30 +122,37 @@ fn lab_with_files_runs_an_operators_own_kernel_and_returns_the_exit_status() {
     let dir = images();
     let kernel = dir.join("vmlinuz");
     let initrd = dir.join("guest-initrd.cpio");
-    let run = lab(
+    lab(
         &["--with", kernel.to_str().unwrap(), "--with", initrd.to_str().unwrap()],
         &["sh", "-c",
           "tandem run --kernel /with/vmlinuz --initrd /with/guest-initrd.cpio --append tandem.workload=none; \
            echo run-exit=$?; exit 7"],
-    );
-    assert_eq!(run.code, 7, "the lab must return the command's status\n{}", run.dump());
-    assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
-    assert!(run.stdout.contains("run-exit=0"), "{}", run.dump());
+        |run| {
+        assert_eq!(run.code, 7, "the lab must return the command's status\n{}", run.dump());
+        assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
+        assert!(run.stdout.contains("run-exit=0"), "{}", run.dump());
+    });
 }
 
 /// A lab CPU stuck in the lab kernel: the lab's watcher reads the lockup report from the
 /// kernel's log (here a forged one), passes it on and stops the lab with its own
-/// status, which the tests take as a lab fault and retry. A real lockup once held a CI
-/// run's lab until its 400 s timeout, with nothing to say where the CPU was stuck.
+/// status and report. The tests never retry it: no peer run has shown one (see
+/// docs/lab.md). A real lockup once held a CI run's lab until its 400 s timeout, with
+/// nothing to say where the CPU was stuck.
 #[test]
 fn a_lockup_of_the_lab_kernel_stops_the_lab_and_passes_on_its_report() {
     let _lab = lab_ready();
+    let report = std::env::temp_dir().join(format!("tandem-lockup-report-{}", std::process::id()));
     let run = tandem(&[
-        "lab", "--timeout", "150", "--", "sh", "-c",
+        "lab", "--timeout", "150", "--report", report.to_str().unwrap(), "--", "sh", "-c",
         "echo 'watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [forged:1]' >/dev/kmsg; \
          echo 'RIP: 0010:forged_function+0x1/0x2' >/dev/kmsg; echo waiting; sleep 600",
     ]);
     assert_eq!(run.code, 125, "{}", run.dump());
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&report);
+    assert_eq!(json["lab_fault"], "locked_up", "{json}");
+    assert_eq!(json["status"], 125, "{json}");
     assert!(run.says("the lab host's kernel locked up"), "{}", run.dump());
     assert!(run.stdout.contains("waiting"), "{}", run.dump());
     assert!(run.stdout.contains("CPU#1 stuck for 22s! [forged:1]"), "{}", run.dump());
@@ -165,8 +177,9 @@ fn the_micro_guest_tests_pass_on_the_labs_kvm() {
         .unwrap_or_else(|| panic!("no micro_guest test binary in {}: run the tests with cargo test --workspace", deps.display()));
     let binary = newest.path();
     let inside = format!("/with/{}", newest.file_name().to_string_lossy());
-    let run = lab(&["--with", binary.to_str().unwrap()], &[&inside, "--test-threads=1"]);
-    assert_eq!(run.code, 0, "{}", run.dump());
-    assert!(run.stdout.contains("a_paused_vcpu_never_shows_an_io_instruction_half_done ... ok"), "{}", run.dump());
-    assert!(run.stdout.contains("test result: ok."), "{}", run.dump());
+    lab(&["--with", binary.to_str().unwrap()], &[&inside, "--test-threads=1"], |run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        assert!(run.stdout.contains("a_paused_vcpu_never_shows_an_io_instruction_half_done ... ok"), "{}", run.dump());
+        assert!(run.stdout.contains("test result: ok."), "{}", run.dump());
+    });
 }

@@ -25,7 +25,7 @@ const TICKER: &str = "tandem.workload=ticker tandem.ticks=70";
 /// second apart), all while paused, kills the VM with SIGKILL and restores the chain in
 /// a new process. Prints `=== before`, the old VM's console, [`RESTORED`] right after
 /// its last byte (a pause can fall in the middle of a line), then the new VM's console.
-fn snapshot_kill_restore(run_args: &str, append: &str, wait_for: &str, deltas: usize) -> common::Run {
+fn snapshot_kill_restore(run_args: &str, append: &str, wait_for: &str, deltas: usize, check: impl Fn(&common::Run)) {
     let mut script = format!(
         "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --control /tmp/ctl {run_args} \
          --append '{append}' > /tmp/out 2>&1 & pid=$!\n\
@@ -42,7 +42,7 @@ fn snapshot_kill_restore(run_args: &str, append: &str, wait_for: &str, deltas: u
     script.push_str(&format!(
         "kill -9 $pid; wait $pid\necho '=== before'; cat /tmp/out; printf '{RESTORED}'\ntandem restore {chain}\necho; echo restore-exit=$?\n"
     ));
-    lab(&[], &["sh", "-c", &script])
+    lab(&[], &["sh", "-c", &script], check);
 }
 
 fn check_continuity(run: &common::Run) {
@@ -73,19 +73,20 @@ fn check_continuity(run: &common::Run) {
 
 #[test]
 fn a_full_snapshot_restored_in_a_new_process_continues_the_ticks() {
-    check_continuity(&snapshot_kill_restore("", TICKER, "tick 15 ", 0));
+    snapshot_kill_restore("", TICKER, "tick 15 ", 0, check_continuity);
 }
 
 #[test]
 fn a_full_snapshot_and_three_deltas_restore_to_the_last_delta() {
-    check_continuity(&snapshot_kill_restore("", TICKER, "tick 15 ", 3));
+    snapshot_kill_restore("", TICKER, "tick 15 ", 3, check_continuity);
 }
 
 #[test]
 fn a_two_vcpu_guest_restores_and_continues_the_ticks() {
-    let run = common::retry_lab_faults(|| snapshot_kill_restore("--vcpus 2", TICKER, "tick 15 ", 0));
-    assert!(run.stdout.contains("TANDEM-GUEST-CPUS=2"), "{}", run.dump());
-    check_continuity(&run);
+    snapshot_kill_restore("--vcpus 2", TICKER, "tick 15 ", 0, |run| {
+        assert!(run.stdout.contains("TANDEM-GUEST-CPUS=2"), "{}", run.dump());
+        check_continuity(run);
+    });
 }
 
 /// The seconds and memory checks the dirty workload printed, as (second, check passed).
@@ -103,23 +104,26 @@ fn dirty_checks(text: &str) -> Vec<(u64, bool)> {
 fn a_guest_dirtying_memory_finds_all_of_it_intact_after_restore_from_deltas() {
     // 10 MiB/s over a 32 MiB span: every second rewrites a third of it, and every second
     // the guest checks the whole span against what it wrote.
-    let run = snapshot_kill_restore(
+    let check = |run: &common::Run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        let (joined, before, after) = consoles(run);
+        assert!(dirty_checks(&before).last().is_some_and(|(s, _)| *s >= 3), "{}", run.dump());
+        assert!(dirty_checks(&after).last() == Some(&(12, true)), "{}", run.dump());
+        // Across the restore, every second is reported once and every check of the whole
+        // span passed.
+        let all = dirty_checks(&joined);
+        let seconds: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seconds, (1..=12).collect::<Vec<_>>(), "{}", run.dump());
+        assert!(all.iter().all(|(_, ok)| *ok), "memory check failed\n{}", run.dump());
+        assert!(run.stdout.contains("TANDEM-GUEST-DONE rc=0") && run.stdout.contains("restore-exit=0"), "{}", run.dump());
+    };
+    snapshot_kill_restore(
         "",
         "tandem.workload=dirty tandem.dirty_mib=10 tandem.span_mib=32 tandem.seconds=12",
         "dirty 3 ",
         2,
+        check,
     );
-    assert_eq!(run.code, 0, "{}", run.dump());
-    let (joined, before, after) = consoles(&run);
-    assert!(dirty_checks(&before).last().is_some_and(|(s, _)| *s >= 3), "{}", run.dump());
-    assert!(dirty_checks(&after).last() == Some(&(12, true)), "{}", run.dump());
-    // Across the restore, every second is reported once and every check of the whole
-    // span passed.
-    let all = dirty_checks(&joined);
-    let seconds: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
-    assert_eq!(seconds, (1..=12).collect::<Vec<_>>(), "{}", run.dump());
-    assert!(all.iter().all(|(_, ok)| *ok), "memory check failed\n{}", run.dump());
-    assert!(run.stdout.contains("TANDEM-GUEST-DONE rc=0") && run.stdout.contains("restore-exit=0"), "{}", run.dump());
 }
 
 /// Writes `bytes` to a fresh file and asks `tandem restore` to use it.

@@ -57,27 +57,28 @@ fn save_restore_save_gives_the_same_state_and_only_pages_the_guest_wrote_change(
          echo '=== console'; cat /tmp/out2\n",
         restore = restore_paused("--snapshot /tmp/a"),
     );
-    let run = lab(LAB_MEM, &["sh", "-c", &script]);
-    assert_eq!(run.code, 0, "{}", run.dump());
-    // Two captures of one paused VM agree (the capture itself changes nothing) ...
-    assert_identical(&run, "twice while paused");
-    // ... and so does a capture of the restored VM before it runs: every register, MSR,
-    // device and page came back as saved.
-    assert_identical(&run, "restored");
-    // Once it has run, its registers and clock moved on, but memory differs only in the
-    // pages the dirty log says the guest wrote.
-    let after = section(&run, "after running");
-    assert!(!after.iter().any(|l| l.starts_with("differs: memory")), "{after:#?}");
-    assert!(after.iter().any(|l| l.starts_with("differs: vcpu 0 regs")), "{after:#?}");
-    let written: u64 = after
-        .iter()
-        .find_map(|l| l.split(" pages written by the guest").next()?.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{after:#?}"));
-    assert!(written > 0, "{after:#?}");
-    // And the restored guest ticked on after the snapshot's tick.
-    let console = section(&run, "console").join("\n");
-    let ticks = common::ticks(&common::Run { code: 0, stdout: console, stderr: String::new() });
-    assert!(ticks.first().is_some_and(|&t| t >= 10) && ticks.len() >= 5, "{ticks:?}\n{}", run.dump());
+    lab(LAB_MEM, &["sh", "-c", &script], |run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        // Two captures of one paused VM agree (the capture itself changes nothing) ...
+        assert_identical(run, "twice while paused");
+        // ... and so does a capture of the restored VM before it runs: every register, MSR,
+        // device and page came back as saved.
+        assert_identical(run, "restored");
+        // Once it has run, its registers and clock moved on, but memory differs only in the
+        // pages the dirty log says the guest wrote.
+        let after = section(run, "after running");
+        assert!(!after.iter().any(|l| l.starts_with("differs: memory")), "{after:#?}");
+        assert!(after.iter().any(|l| l.starts_with("differs: vcpu 0 regs")), "{after:#?}");
+        let written: u64 = after
+            .iter()
+            .find_map(|l| l.split(" pages written by the guest").next()?.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{after:#?}"));
+        assert!(written > 0, "{after:#?}");
+        // And the restored guest ticked on after the snapshot's tick.
+        let console = section(run, "console").join("\n");
+        let ticks = common::ticks(&common::Run { code: 0, stdout: console, stderr: String::new() });
+        assert!(ticks.first().is_some_and(|&t| t >= 10) && ticks.len() >= 5, "{ticks:?}\n{}", run.dump());
+    });
 }
 
 #[test]
@@ -99,11 +100,12 @@ fn a_full_snapshot_and_three_deltas_restore_to_exactly_the_live_vm() {
          echo '=== console'; cat /tmp/out2\n",
         restore = restore_paused("--snapshot /tmp/s0 --delta /tmp/s1 --delta /tmp/s2 --delta /tmp/s3"),
     );
-    let run = lab(LAB_MEM, &["sh", "-c", &script]);
-    assert_eq!(run.code, 0, "{}", run.dump());
-    assert!(run.stdout.lines().filter(|l| l.contains("kind=delta")).count() == 3, "{}", run.dump());
-    assert_identical(&run, "chain against live");
-    let console = section(&run, "console");
-    assert!(console.iter().any(|l| l.starts_with("dirty ") && l.contains("check=OK")), "{}", run.dump());
-    assert!(!console.iter().any(|l| l.contains("check=BAD")), "{}", run.dump());
+    lab(LAB_MEM, &["sh", "-c", &script], |run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        assert!(run.stdout.lines().filter(|l| l.contains("kind=delta")).count() == 3, "{}", run.dump());
+        assert_identical(run, "chain against live");
+        let console = section(run, "console");
+        assert!(console.iter().any(|l| l.starts_with("dirty ") && l.contains("check=OK")), "{}", run.dump());
+        assert!(!console.iter().any(|l| l.contains("check=BAD")), "{}", run.dump());
+    });
 }

@@ -8,8 +8,9 @@ use std::sync::Mutex;
 
 pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 
-/// Lab runs are serialised: two emulated lab hosts on a 2-core machine would only slow
-/// each other down past their timeouts.
+/// Lab runs are serialised within a test binary, and scripts/test.sh runs the binaries
+/// one after another: two emulated lab hosts on a 2-core machine stall each other for
+/// seconds.
 static LAB: Mutex<()> = Mutex::new(());
 
 pub struct Run {
@@ -85,31 +86,106 @@ pub fn tandem(args: &[&str]) -> Run {
     )
 }
 
-/// What `tandem lab` says when the lab host's kernel locked up under the command.
-const LAB_LOCKED_UP: &str = "the lab host's kernel locked up";
+/// How one lab run went, as `tandem lab --report` (or the drill's verdict) says.
+#[derive(Default)]
+pub struct LabFacts {
+    /// The lab host never ran the command: nothing of tandem ran.
+    pub never_started: bool,
+    /// Guest triple faults the lab kernel counted (KVM's shutdown exit).
+    pub triple_faults: u32,
+    /// For a drill: every failed run carried the triple-fault signature.
+    pub drill_failures_all_triple_faults: bool,
+}
 
-/// Runs `tandem lab [LAB_ARGS] -- COMMAND` and returns what came out.
+/// The fault signatures a test may be retried for, once, and why each is the lab's
+/// and not tandem's (the counts are in docs/lab.md):
+/// - a guest triple fault: a peer, QEMU with KVM in the same lab, stopped and
+///   continued under dirty logging, dies the same way (KVM's shutdown exit while
+///   delivering a #PF after nested page faults on write-protected guest page tables);
+/// - a lab host that never ran the command: no tandem code had run.
 ///
-/// Three kinds of attempt are printed and tried again, up to 3 attempts in all: a lab
-/// host that hangs before it runs the command, or whose own kernel locks up while it
-/// runs (`tandem lab` says so of both), and a command that ran out of time without
-/// printing a single line, not even the guest kernel's first.
-/// The last was seen 3 times in about 60 lab runs. It never reproduced in 36
-/// back-to-back boots in one lab, and its cause is not known. A tandem that hangs every
-/// time still fails all 3 attempts, and so the test.
-pub fn lab(lab_args: &[&str], command: &[&str]) -> Run {
-    let mut run = lab_once(lab_args, command);
-    for attempt in 2..=3 {
-        let never_started = run.says("the lab host never got as far as running the command");
-        let locked_up = run.says(LAB_LOCKED_UP);
-        let silent = run.code == 124 && run.stdout.trim().is_empty();
-        if !never_started && !locked_up && !silent {
-            break;
-        }
-        eprintln!("lab attempt {} lost to the lab, trying again:\n{}", attempt - 1, run.dump());
-        run = lab_once(lab_args, command);
+/// Everything else, a lockup of the lab kernel, a hang or a guest that printed
+/// nothing included, fails the test.
+fn attributed(facts: &LabFacts) -> Option<&'static str> {
+    if facts.never_started {
+        Some("the lab host never ran the command")
+    } else if facts.triple_faults > 0 || facts.drill_failures_all_triple_faults {
+        Some("a guest triple fault, which a QEMU peer in the same lab shows too")
+    } else {
+        None
     }
-    run
+}
+
+/// Where the suite's lab runs and retries are counted, one line each: `run NAME` and
+/// `retry NAME: WHY`. scripts/test.sh sums it up and holds the retries to a budget.
+fn tally_file() -> PathBuf {
+    std::env::var_os("TANDEM_TALLY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lab-tally"))
+}
+
+fn tally(line: &str) {
+    use std::io::Write;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(tally_file());
+    if let Ok(mut f) = file {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+fn test_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_string()
+}
+
+/// The one place that decides retries. Runs `attempt` (one lab run, whose facts it
+/// returns beside what came out) and `check` (the test's assertions) on it. When the
+/// check fails and the run carries an attributed signature (see [`attributed`]), the
+/// failure is printed and counted, and the whole test runs once more; the second
+/// verdict stands. Every lab run is counted.
+pub fn checked(attempt: impl Fn() -> (Run, LabFacts), check: impl Fn(&Run)) -> Run {
+    let name = test_name();
+    for n in 1..=2 {
+        tally(&format!("run {name}"));
+        let (run, facts) = attempt();
+        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&run)));
+        match (verdict, attributed(&facts)) {
+            (Ok(()), _) => return run,
+            (Err(_), Some(why)) if n == 1 => {
+                tally(&format!("retry {name}: {why}"));
+                eprintln!("LAB FAULT RETRIED ({name}): {why}; the failed attempt:\n{}", run.dump());
+            }
+            (Err(panic), _) => std::panic::resume_unwind(panic),
+        }
+    }
+    unreachable!("the second attempt returns or panics")
+}
+
+/// Runs `tandem lab [LAB_ARGS] -- COMMAND` once, with the lab's report.
+pub fn lab_run(lab_args: &[&str], command: &[&str]) -> (Run, LabFacts) {
+    let _one_at_a_time = lab_ready();
+    let report = std::env::temp_dir().join(format!("tandem-lab-report-{}-{}", std::process::id(), test_name()));
+    let _ = std::fs::remove_file(&report);
+    let report_arg = report.display().to_string();
+    let mut args = vec!["lab", "--timeout", "400", "--report", &report_arg];
+    args.extend_from_slice(lab_args);
+    args.push("--");
+    args.extend_from_slice(command);
+    let run = tandem(&args);
+    let json: serde_json::Value = std::fs::read_to_string(&report)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(&report);
+    let facts = LabFacts {
+        never_started: json["lab_fault"] == "never_started",
+        triple_faults: json["guest_triple_faults"].as_u64().unwrap_or(0) as u32,
+        drill_failures_all_triple_faults: false,
+    };
+    (run, facts)
+}
+
+/// One lab run of `COMMAND`, checked by `check` (see [`checked`]).
+pub fn lab(lab_args: &[&str], command: &[&str], check: impl Fn(&Run)) -> Run {
+    checked(|| lab_run(lab_args, command), check)
 }
 
 /// Checks that the lab can run, and holds it for one test's run.
@@ -122,54 +198,16 @@ pub fn lab_ready() -> std::sync::MutexGuard<'static, ()> {
     LAB.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn lab_once(lab_args: &[&str], command: &[&str]) -> Run {
-    let _one_at_a_time = lab_ready();
-    let mut args = vec!["lab", "--timeout", "400"];
-    args.extend_from_slice(lab_args);
-    args.push("--");
-    args.extend_from_slice(command);
-    tandem(&args)
-}
-
 /// `tandem run` inside the lab with the shipped guest (unless `run_args` names another
-/// `--kernel`) and extra kernel arguments.
-pub fn lab_guest(run_args: &[&str], append: &str) -> Run {
+/// `--kernel`) and extra kernel arguments, checked by `check`.
+pub fn lab_guest(run_args: &[&str], append: &str, check: impl Fn(&Run)) -> Run {
     let mut cmd = vec!["tandem", "run", "--initrd", "/images/guest-initrd.cpio"];
     if !run_args.contains(&"--kernel") {
         cmd.extend_from_slice(&["--kernel", "/images/vmlinuz"]);
     }
     cmd.extend_from_slice(run_args);
     cmd.extend_from_slice(&["--append", append]);
-    lab(&[], &cmd)
-}
-
-/// Runs `attempt` (a lab run with a multi-vCPU guest) up to 3 times. The lab's emulated
-/// AMD-V occasionally loses such a guest to a triple fault, or crashes the lab host
-/// itself or locks up its kernel. QEMU's own guest in the lab fails the same way (see
-/// the README), so an attempt that failed like that, and only like that, is tried
-/// again. An attempt that succeeded stands, whatever its logs say: a drill whose
-/// primary's guest triple-faulted, and whose standby took over without losing a line,
-/// passed. Every failed attempt is printed. A tandem that cannot run SMP guests still
-/// fails every attempt, and so the test.
-pub fn retry_lab_faults(attempt: impl Fn() -> Run) -> Run {
-    let mut run = attempt();
-    for n in 2..=3 {
-        let lab_fault = run.code != 0
-            && (run.says("triple fault on vCPU")
-                || run.says("the lab stopped without reporting")
-                || run.says(LAB_LOCKED_UP));
-        if !lab_fault {
-            break;
-        }
-        eprintln!("attempt {} lost to the lab's emulation, trying again:\n{}", n - 1, run.dump());
-        run = attempt();
-    }
-    run
-}
-
-/// Like [`lab_guest`], for guests with several vCPUs (see [`retry_lab_faults`]).
-pub fn lab_guest_smp(run_args: &[&str], append: &str) -> Run {
-    retry_lab_faults(|| lab_guest(run_args, append))
+    lab(&[], &cmd, check)
 }
 
 /// The tick numbers the ticker workload printed, in order.
