@@ -88,7 +88,14 @@ LIBC_VER=$(installed libc6-dev)
 qemu_files() { # the host files that go into lab-qemu.cpio.gz
 	echo "$QEMU_BIN"
 	ldd "$QEMU_BIN" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
-	for f in $QEMU_DATA_FILES; do echo "/usr/share/qemu/$f"; done
+	local f d
+	for f in $QEMU_DATA_FILES; do
+		# QEMU 10's package keeps SeaBIOS's images in /usr/share/seabios (on its
+		# firmware path) where 7.2 linked them into /usr/share/qemu.
+		for d in /usr/share/qemu /usr/share/seabios; do
+			[ -e "$d/$f" ] && { echo "$d/$f"; break; }
+		done
+	done
 }
 
 stamp() {

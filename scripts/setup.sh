@@ -5,6 +5,33 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+
+# The lab runs under QEMU 10 from Debian's own bookworm-backports suite: docs/lab.md
+# has the side-by-side counts against bookworm's 7.2 that chose it. Same archive and
+# keyring as the base system; nothing else is added.
+BACKPORTS=/etc/apt/sources.list.d/tandem-bookworm-backports.sources
+if [ ! -f "$BACKPORTS" ]; then
+	uri=$(sed -n 's/^URIs: *\(.*debian\)\/*$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | grep -v security | head -n1)
+	[ -n "$uri" ] || uri=http://deb.debian.org/debian
+	printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" |
+		$sudo tee "$BACKPORTS" >/dev/null
+	$sudo apt-get update -qq
+fi
+qemu_version() { dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true; }
+case "$(qemu_version)" in
+	1:10.*) ;;
+	*)
+		echo "setup: installing qemu-system-x86 from bookworm-backports" >&2
+		DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+		case "$(qemu_version)" in
+			1:10.*) ;;
+			*) echo "setup: error: qemu-system-x86 from bookworm-backports did not install (have: $(qemu_version))" >&2; exit 1 ;;
+		esac
+		;;
+esac
+
 # The packages guest-images/build.sh declares, plus binutils (strip) for lab boots.
 packages="$(sed -n 's/^REQUIRED_PACKAGES="\(.*\)"/\1/p' "$ROOT/guest-images/build.sh") binutils"
 missing=()
@@ -12,15 +39,12 @@ for p in $packages; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-	sudo=""
-	[ "$(id -u)" = 0 ] || sudo="sudo"
 	echo "setup: installing ${missing[*]}" >&2
 	$sudo apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # apt-get download needs current package lists even when nothing was missing.
 if [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then
-	sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
 	$sudo apt-get update -qq
 fi
 
