@@ -2,7 +2,7 @@
 # Runs inside the lab (busybox sh): a drill with the lab kernel tracing KVM's exits,
 # stopped by the first shutdown exit (a guest's triple fault), and then the last
 # events before it on each lab CPU. For chasing the triple faults of replicated guests
-# (see the README). Usage, from the repository:
+# (see docs/lab.md). Usage, from the repository:
 #   tandem lab --timeout 900 --with scripts/lab-trace-triple-fault.sh -- \
 #       sh /with/lab-trace-triple-fault.sh --kill-at 15000 --runs 12 --lines 30
 T=/sys/kernel/tracing

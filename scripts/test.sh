@@ -7,6 +7,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+# Build outputs are cached beside the images (cargo's fingerprints keep them right
+# for any checkout), so a fresh clone does not compile every dependency again.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${TANDEM_CACHE:-$HOME/.cache/tandem}/target}
 started=$(date +%s)
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 export TANDEM_TALLY

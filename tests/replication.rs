@@ -5,20 +5,21 @@
 
 mod common;
 
-use common::{checked, lab, lab_ready, tandem, LabFacts, Run};
+use common::{checked, lab, lab_ready, tandem_env, LabFacts, Run};
 use serde_json::Value;
 
 /// Runs `tandem drill ARGS --show-consoles` (it starts its own lab), checked by
 /// `check`. The drill never repeats a run itself; its verdict line names each failed
 /// run's fault signature, and only a failure whose every run is a guest triple fault
-/// may be retried (see `common::checked`).
-fn drill(args: &[&str], check: impl Fn(&Run)) {
+/// may be retried (see `common::checked`). `env` goes to the drill and the hosts it
+/// starts: with `RUST_LOG=off` no log is written at all, and the verdict must not care.
+fn drill(env: &[(&str, &str)], args: &[&str], check: impl Fn(&Run)) {
     checked(
         || {
             let _lab = lab_ready();
             let mut all = vec!["drill", "--show-consoles"];
             all.extend_from_slice(args);
-            let run = tandem(&all);
+            let run = tandem_env(env, &all);
             let verdict: Value = run
                 .stdout
                 .lines()
@@ -78,7 +79,7 @@ fn assert_continuity(run: &Run, n: u32, prefix: &str, lines: u32) -> usize {
 /// returns how many ticks each run's primary released.
 fn kills(list: &str, check: impl Fn(&[usize])) {
     let runs = list.split(',').count() as u32;
-    drill(&["--kill-at", list, "--runs", &runs.to_string(), "--lines", "80"], |run| {
+    drill(&[], &["--kill-at", list, "--runs", &runs.to_string(), "--lines", "80"], |run| {
         let from_primary: Vec<usize> = (1..=runs).map(|n| assert_continuity(run, n, "tick ", 80)).collect();
         for n in 1..=runs {
             let took_over = find(&events(run, n, "standby"), "took_over").cloned();
@@ -110,7 +111,7 @@ fn the_console_continues_on_the_standby_when_the_primary_is_killed_while_the_gue
 
 #[test]
 fn a_primary_killed_during_the_initial_sync_is_not_taken_over_and_nothing_is_released() {
-    drill(&["--kill-at", "initial-sync", "--runs", "1"], |run| {
+    drill(&[("RUST_LOG", "off")], &["--kill-at", "initial-sync", "--runs", "1"], |run| {
         assert!(section(run, 1, "primary console").trim().is_empty(), "{}", run.dump());
         assert!(section(run, 1, "standby console").trim().is_empty(), "{}", run.dump());
         let standby = events(run, 1, "standby");
@@ -126,7 +127,7 @@ fn a_dirtying_guest_finds_its_memory_intact_after_takeover_despite_a_corrupted_f
     // 10 MiB/s of writes, checked by the guest every second; epoch 3 has a frame
     // corrupted on the wire, which the standby must catch and drop.
     let args = ["--workload", "dirty", "--dirty-mib", "10", "--lines", "30", "--kill-at", "15000,mid-epoch", "--runs", "2", "--corrupt-epoch", "3"];
-    drill(&args, |run| {
+    drill(&[("RUST_LOG", "off")], &args, |run| {
         for n in 1..=2 {
             assert_continuity(run, n, "dirty ", 30);
             let joined = format!("{}{}", section(run, n, "primary console"), section(run, n, "standby console"));
@@ -140,6 +141,12 @@ fn a_dirtying_guest_finds_its_memory_intact_after_takeover_despite_a_corrupted_f
             assert!(dropped, "run {n}: the corrupt frame went unnoticed\n{}", run.dump());
             let injected = find(&events(run, n, "primary"), "fault_injected").cloned();
             assert_eq!(injected.map(|e| (e["fault"].clone(), e["epoch"].clone())), Some(("corrupt_frame".into(), 3.into())), "run {n}\n{}", run.dump());
+        }
+        // No log was written (only the standby's one-line error), and the verdict
+        // did not need one.
+        for who in ["primary", "standby"] {
+            let log = section(run, 1, &format!("{who} log"));
+            assert!(!log.contains(" INFO ") && !log.contains(" WARN "), "{who}: a log with RUST_LOG=off\n{}", run.dump());
         }
         assert_eq!(run.code, 0, "{}", run.dump());
     });

@@ -13,7 +13,7 @@ pub mod transport;
 use std::time::Duration;
 
 /// How often each side sends a heartbeat, and how long a silent peer is given before
-/// it counts as gone. See the README for why the defaults are what they are.
+/// it counts as gone. See docs/design.md for why the defaults are what they are.
 #[derive(Clone, Copy, Debug)]
 pub struct Heartbeat {
     pub interval: Duration,

@@ -423,6 +423,10 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     stage(&format!("the primary ended ({primary_exit:?})"));
     let standby_exit = standby.wait_exit(Duration::from_secs(180));
     stage(&format!("the standby ended ({standby_exit:?})"));
+    // A wait that ran out is a hang: where each process is goes with the verdict.
+    let hung = (primary_exit.is_none() || standby_exit.is_none()).then(|| {
+        format!("; primary {}; standby {}", threads(&mut primary.child), threads(&mut standby.child))
+    });
 
     let (pcon, scon) = (primary.console(), standby.console());
     let verdict = if kill == Kill::InitialSync {
@@ -438,6 +442,10 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         Err(format!("{SILENT_GUEST} (primary exit {primary_exit:?}, standby exit {standby_exit:?})"))
     } else {
         check(&args.workload, args.lines, &pcon, &scon, standby_exit, primary_exit)
+    };
+    let verdict = match (verdict, hung) {
+        (Err(e), Some(hung)) => Err(format!("{e}{hung}")),
+        (verdict, _) => verdict,
     };
     let outcome = finish(n, &mut primary, &mut standby, verdict, &killed_at);
     stage("both processes reaped");
@@ -500,7 +508,7 @@ fn finish(n: u32, primary: &mut Proc, standby: &mut Proc, verdict: Result<String
 }
 
 /// The verdict of a run whose guest never printed anything, on either host: a guest
-/// stuck early in its boot (the lab's start-up hang, see the README), which the
+/// stuck early in its boot (the lab's start-up hang, see docs/lab.md), which the
 /// standby, rebuilding the same VM, inherits.
 pub const SILENT_GUEST: &str = "the guest printed nothing at all, on either host";
 

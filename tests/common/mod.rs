@@ -77,9 +77,15 @@ pub fn images() -> PathBuf {
 
 /// Runs `tandem ARGS` on the host.
 pub fn tandem(args: &[&str]) -> Run {
+    tandem_env(&[], args)
+}
+
+/// Runs `tandem ARGS` on the host with these environment variables set.
+pub fn tandem_env(env: &[(&str, &str)], args: &[&str]) -> Run {
     Run::from(
         Command::new(TANDEM)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .output()
             .expect("running tandem"),

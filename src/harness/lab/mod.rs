@@ -1,5 +1,5 @@
 //! The lab: a Linux host with real KVM, running under QEMU's emulated AMD-V, so tandem
-//! can boot Linux guests on machines whose own /dev/kvm cannot (see the README).
+//! can boot Linux guests on machines whose own /dev/kvm cannot (see docs/lab.md).
 //!
 //! The lab host boots the cached base initramfs (busybox, kvm modules, guest images)
 //! with a second archive appended for this run: `/lab/run` (the command), the tandem
