@@ -62,7 +62,7 @@ enum Cmd {
     Keygen(keygen::KeygenArgs),
     /// Run COMMAND inside the lab: a Linux host with real KVM under QEMU's emulated AMD-V.
     /// Guest images are at /images, `--with` files at /with/NAME. Exits with COMMAND's
-    /// status, 124 on timeout, 125 if the lab host's kernel locked up.
+    /// status, 124 on timeout, 125 if the lab host itself failed (its kernel locked up or crashed).
     Lab(LabArgs),
     /// Benchmarks, printed as tables beside a peer measured in the same run.
     #[command(subcommand)]

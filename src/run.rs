@@ -10,7 +10,7 @@ use tandem_vmm::memory::PAGE_SIZE;
 use tandem_vmm::output::{OutputSink, Passthrough};
 use tandem_vmm::snapshot::{Kind, Snapshot};
 use tandem_vmm::vcpu::VmExit;
-use tandem_vmm::vm::{check_vcpus, Vm, VmConfig};
+use tandem_vmm::vm::{check_vcpus, is_transient, PauseWork, Vm, VmConfig};
 
 use crate::{control, status};
 use tandem_replication::events::{Event, Events, VmEnd};
@@ -52,6 +52,21 @@ pub struct RunArgs {
     /// (KVM maps tracked memory in 4 KiB pages), so it is off unless asked for.
     #[arg(long, value_name = "MS")]
     pub dirty_stats_ms: Option<u64>,
+    /// For the lab's bisection (docs/lab.md): pause the guest N times a second, as a
+    /// primary's epochs would, doing --debug-pause-work at each pause.
+    #[arg(long, hide = true, value_name = "N")]
+    pub debug_pause_hz: Option<u32>,
+    /// What each --debug-pause-hz pause does: nothing, state, dirty-log or capture.
+    #[arg(long, hide = true, value_enum, default_value_t = DebugPauseWork::Capture)]
+    pub debug_pause_work: DebugPauseWork,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DebugPauseWork {
+    Nothing,
+    State,
+    DirtyLog,
+    Capture,
 }
 
 impl RunArgs {
@@ -108,8 +123,25 @@ fn forward_stdin(vm_input: impl Fn(&[u8]) -> usize + Send + 'static) {
 pub fn run(args: RunArgs) -> Result<u8> {
     let config = args.config()?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
+    let mut role = match args.debug_pause_hz {
+        Some(hz) if (1..=1000).contains(&hz) => Role::Paced(Pacer {
+            every: Duration::from_secs(1) / hz,
+            work: match args.debug_pause_work {
+                DebugPauseWork::Nothing => PauseWork::Nothing,
+                DebugPauseWork::State => PauseWork::State,
+                DebugPauseWork::DirtyLog => PauseWork::DirtyLog,
+                DebugPauseWork::Capture => PauseWork::Capture,
+            },
+            next: Instant::now(),
+        }),
+        Some(hz) => bail!("--debug-pause-hz must be between 1 and 1000, got {hz}"),
+        None => Role::Solo,
+    };
+    if args.dirty_stats_ms.is_some() && matches!(role, Role::Paced(_)) {
+        bail!("--dirty-stats-ms and --debug-pause-hz both take the dirty log; use one");
+    }
     let vm = Vm::boot(config, console())?;
-    supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control, &mut Role::Solo, &Events::none())
+    supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control, &mut role, &Events::none())
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -156,6 +188,14 @@ pub enum Role {
     Primary(Protector),
     /// A standby that took over; the line says how.
     TookOver(String),
+    /// Not replicated, but paused as a primary's epochs would pause it.
+    Paced(Pacer),
+}
+
+pub struct Pacer {
+    every: Duration,
+    work: PauseWork,
+    next: Instant,
 }
 
 /// Stays with a running VM until it stops: forwards stdin, answers control commands,
@@ -179,6 +219,7 @@ pub fn supervise(
     let exit = loop {
         let wait = match role {
             Role::Primary(p) => p.next_wait().min(tick),
+            Role::Paced(p) => p.next.saturating_duration_since(Instant::now()).min(tick),
             _ => tick,
         };
         let exit = vm.wait_timeout(wait);
@@ -193,6 +234,18 @@ pub fn supervise(
         }
         if let Some(exit) = exit {
             break exit;
+        }
+        if let Role::Paced(p) = role {
+            if Instant::now() >= p.next {
+                p.next = Instant::now() + p.every;
+                if let Err(e) = vm.pause_briefly(p.work) {
+                    match vm.wait_timeout(Duration::ZERO) {
+                        Some(exit) => break exit,
+                        None if is_transient(&e) => {}
+                        None => return Err(e.into()),
+                    }
+                }
+            }
         }
         if let Role::Primary(p) = role {
             if let Err(e) = p.poll(&mut vm) {
@@ -240,12 +293,12 @@ fn command(vm: &mut Vm, line: &str, role: &Role) -> Result<String> {
             vm.resume()?;
             Ok("ok running".into())
         }
-        ["status"] if !matches!(role, Role::Solo) => Ok(format!(
+        ["status"] if !matches!(role, Role::Solo | Role::Paced(_)) => Ok(format!(
             "{} state={} vcpus={} mem_mib={}",
             match role {
                 Role::Primary(p) => p.status(),
                 Role::TookOver(how) => how.clone(),
-                Role::Solo => String::new(),
+                Role::Solo | Role::Paced(_) => String::new(),
             },
             if vm.is_paused() { "paused" } else { "running" },
             vm.vcpu_count(),

@@ -91,7 +91,7 @@ fn in_the_lab_with(
     match status {
         0 => Ok(()),
         lab::TIMEOUT_STATUS => bail!("the benchmark ran out of time inside the lab ({timeout:?})"),
-        lab::LAB_FAULT_STATUS => bail!("the benchmark was lost to the lab: {} (run it again)", lab::LOCKED_UP),
+        lab::LAB_FAULT_STATUS => bail!("the benchmark was lost to a fault of the lab host itself (see above; run it again)"),
         _ => bail!("the benchmark failed inside the lab (exit status {status})"),
     }
 }

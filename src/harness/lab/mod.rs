@@ -29,7 +29,8 @@ pub const NEVER_STARTED: &str = "the lab host never got as far as running the co
 const LAB_CPU: &str = "EPYC,+svm,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
 /// Exit status when the lab ran out of time, as timeout(1) uses.
 pub const TIMEOUT_STATUS: i32 = 124;
-/// Exit status when the lab host's own kernel locked up (see [`LOCKUP_WATCH`]).
+/// Exit status when the lab host itself failed: its kernel locked up (see
+/// [`LOCKUP_WATCH`]) or crashed.
 pub const LAB_FAULT_STATUS: i32 = 125;
 /// Printed by `tandem lab` on stderr with [`LAB_FAULT_STATUS`].
 pub const LOCKED_UP: &str = "the lab host's kernel locked up";
@@ -93,6 +94,10 @@ pub enum LabFault {
     NeverStarted,
     /// A lab CPU stuck in the lab's kernel (see [`LOCKUP_WATCH`]).
     LockedUp,
+    /// The lab host stopped in the middle of the command: its /init always reports
+    /// the command's status, so only the lab's kernel (a panic, which reboots and so
+    /// ends QEMU) or QEMU itself can have ended it.
+    Crashed,
 }
 
 /// What the lab needs from the host.
@@ -339,7 +344,13 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         };
         return Ok(Report { status: TIMEOUT_STATUS, lab_fault, guest_triple_faults: shutdowns });
     }
-    let status = status.context("the lab stopped without reporting the command's exit status (see its output above)")?;
+    let Some(status) = status else {
+        eprintln!(
+            "tandem lab: the lab host stopped before the command finished, without its exit status: \
+             the lab's kernel crashed (its report is above) or QEMU ended"
+        );
+        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::Crashed), guest_triple_faults: shutdowns });
+    };
     Ok(Report { status, lab_fault: None, guest_triple_faults: shutdowns })
 }
 

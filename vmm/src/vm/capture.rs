@@ -80,7 +80,38 @@ impl Staging {
     }
 }
 
+/// What a brief pause does, to find out which part of an epoch's work a host cannot
+/// stand (the lab's bisection in docs/lab.md). Replication always does `Capture`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseWork {
+    /// Stop the vCPUs and let them go again.
+    Nothing,
+    /// Also read every device, VM and vCPU state, as a capture does.
+    State,
+    /// Also take (and drop) the dirty log, which write-protects the pages it reports.
+    DirtyLog,
+    /// A whole delta capture, copy included, then dropped.
+    Capture,
+}
+
 impl Vm {
+    /// Pauses the vCPUs as an epoch does, does `work`, and resumes; returns how long
+    /// the guest was stopped. What was read is dropped.
+    pub fn pause_briefly(&mut self, work: PauseWork) -> Result<Duration, VmError> {
+        if work == PauseWork::Capture {
+            return self.capture(Kind::Delta).map(|(_, _, stopped)| stopped);
+        }
+        let start = Instant::now();
+        self.vcpus.pause(super::PAUSE_TIMEOUT)?;
+        let result = match work {
+            PauseWork::State => self.capture_paused(Kind::Delta, None, &mut DirtyPages::default()).map(drop),
+            PauseWork::DirtyLog => self.ram.take_dirty(&self.kvm_vm).map(drop).map_err(VmError::from),
+            _ => Ok(()),
+        };
+        self.vcpus.resume();
+        result.map(|()| start.elapsed())
+    }
+
     /// Captures the whole machine and lets it run on (a VM the operator paused stays
     /// paused). Returns the snapshot, the pages whose dirty bits it consumed (hand them
     /// back with [`Vm::give_back_dirty`] if the snapshot cannot be kept) and how long the

@@ -21,6 +21,7 @@ use crate::output::SharedSink;
 use crate::vcpu::{VcpuError, VcpuSet, VmExit};
 
 mod capture;
+pub use capture::PauseWork;
 
 /// How long a pause waits for every vCPU to stop. A vCPU answers a kick within
 /// microseconds on a real host; an emulated one (the lab) can stall for a second or two.
