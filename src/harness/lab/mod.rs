@@ -71,6 +71,25 @@ else
 	lab_shutdowns() { echo unknown; }
 fi
 "#;
+/// Where everything in the lab is, printed shortly before the lab's time runs out, so
+/// that a hang says where it hangs: every user process with its state and wait channel,
+/// and the kernel stack of each thread of tandem and QEMU. `$1`: seconds to wait.
+const HANG_WATCH: &str = r#"lab_hang_watch() {
+	sleep "$1" || return
+	echo '=== the lab is about to run out of time; where everything is:'
+	for p in /proc/[0-9]*; do
+		# Kernel threads (no command line) are left out.
+		[ -s $p/cmdline ] || continue
+		comm=$(cat $p/comm 2>/dev/null) || continue
+		echo "pid ${p#/proc/} $comm state=$(sed -n 's/^State:\t//p' $p/status) wchan=$(cat $p/wchan 2>/dev/null)"
+		case $comm in
+		tandem|qemu-system-x86|vcpu*)
+			for t in $p/task/*; do echo "  thread ${t##*/} $(cat $t/comm)"; sed 's/^/    /' $t/stack 2>/dev/null; done ;;
+		esac
+	done
+	echo '=== end of where everything is'
+}
+"#;
 /// Printed after the command with the count of [`SHUTDOWN_WATCH`].
 const SHUTDOWNS_MARKER: &str = "@@TANDEM-LAB-SHUTDOWNS=";
 
@@ -204,11 +223,15 @@ fn lab_binary(exe: &Path, scratch: &Path) -> Result<Vec<u8>> {
 }
 
 /// Builds the per-run archive: the command, tandem and its libraries, the `--with` files.
-fn overlay(command: &[String], with: &[PathBuf], scratch: &Path) -> Result<Vec<u8>> {
+fn overlay(command: &[String], with: &[PathBuf], timeout: Duration, scratch: &Path) -> Result<Vec<u8>> {
     let mut archive = cpio::Archive::default();
     let mut script = String::from("#!/bin/sh\n");
     script.push_str(LOCKUP_WATCH);
     script.push_str(SHUTDOWN_WATCH);
+    script.push_str(HANG_WATCH);
+    // Well before the lab is stopped, allowing for its boot and for the listing.
+    let hang_after = timeout.as_secs().saturating_sub(45).max(10);
+    script.push_str(&format!("lab_hang_watch {hang_after} </dev/null &\n"));
     if let Ok(filter) = std::env::var("RUST_LOG") {
         script.push_str(&format!("export RUST_LOG={}\n", shell_quote(&filter)));
     }
@@ -259,7 +282,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
     {
         let mut out = std::fs::File::create(&initrd).context("creating the lab initrd")?;
         out.write_all(&std::fs::read(&base).with_context(|| format!("reading {}", base.display()))?)?;
-        out.write_all(&overlay(command, &opts.with, &scratch.path)?)?;
+        out.write_all(&overlay(command, &opts.with, opts.timeout, &scratch.path)?)?;
         if opts.with_qemu {
             let extra = require_image(&opts.images, "lab-qemu.cpio.gz")?;
             out.write_all(&std::fs::read(&extra)?)?;
