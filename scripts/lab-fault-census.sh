@@ -37,7 +37,12 @@ tandem keygen --out /tmp/pk >/dev/null && tandem keygen --out /tmp/sk >/dev/null
 arm_solo() {
 	b=$(shutdowns)
 	timeout 120 tandem run $G --append "$W" >/tmp/solo.out 2>/tmp/solo.err
-	judge solo $i $b /tmp/solo.out "exit=$?"
+	se=$?
+	judge solo $i $b /tmp/solo.out "exit=$se"
+	if [ "$r" != ok ]; then
+		echo "census: --- console, last 8 lines"; tail -n 8 /tmp/solo.out
+		echo "census: --- stderr"; tail -n 5 /tmp/solo.err
+	fi
 }
 arm_repl() {
 	b=$(shutdowns)
@@ -84,11 +89,20 @@ arm_qemu() {
 		-append "console=ttyS0 quiet reboot=k panic=1 pci=off initcall_blacklist=cmos_init $W" >/tmp/q.qmp 2>&1
 	qe=$?
 	judge $1 $i $b /tmp/q.out "exit=$qe stops=$(grep -c '"STOP"' /tmp/q.qmp) qmp_errors=$(grep -c '"error"' /tmp/q.qmp)"
+	if [ "$r" != ok ]; then
+		echo "census: --- console, last 8 lines"; tail -n 8 /tmp/q.out
+		echo "census: --- QMP events"; grep -v '"return"' /tmp/q.qmp | grep -v '"STOP"\|"RESUME"' | tail -n 5
+	fi
 }
 arm_pace() {
 	b=$(shutdowns)
 	timeout 120 tandem run $G --debug-pause-hz 40 --debug-pause-work ${1#pause-} --append "$W" >/tmp/pace.out 2>/tmp/pace.err
-	judge $1 $i $b /tmp/pace.out "exit=$?"
+	pe=$?
+	judge $1 $i $b /tmp/pace.out "exit=$pe"
+	if [ "$r" != ok ]; then
+		echo "census: --- console, last 8 lines"; tail -n 8 /tmp/pace.out
+		echo "census: --- stderr"; tail -n 5 /tmp/pace.err
+	fi
 }
 i=1
 while [ $i -le $ROUNDS ]; do
