@@ -10,6 +10,7 @@ pub mod cpio;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -89,6 +90,12 @@ const HANG_WATCH: &str = r#"lab_hang_watch() {
 	done
 	echo '=== end of where everything is'
 }
+"#;
+/// Reloads kvm_amd without nested paging, so the lab's KVM shadows its guests' page
+/// tables itself instead of leaning on the nested paging that QEMU's TCG emulates for
+/// the lab's CPU (see [`nested_paging`]).
+const NO_NESTED_PAGING: &str = r#"m=$(grep kvm-amd /lib/modules/order)
+rmmod kvm_amd && insmod "/lib/modules/$m" npt=0 || echo "TANDEM-LAB-ERROR: could not reload kvm_amd with npt=0"
 "#;
 /// Printed after the command with the count of [`SHUTDOWN_WATCH`].
 const SHUTDOWNS_MARKER: &str = "@@TANDEM-LAB-SHUTDOWNS=";
@@ -180,6 +187,14 @@ fn qemu() -> Result<PathBuf> {
     )
 }
 
+/// Whether the lab's KVM uses the nested paging QEMU emulates: only when
+/// `TANDEM_LAB_NPT=1`, for comparisons. With it, replicated guests triple-faulted in
+/// the lab (5 in 25 boots in the census, two in a row in one test); without it, none
+/// in the first 7 (docs/lab.md).
+fn nested_paging() -> bool {
+    std::env::var("TANDEM_LAB_NPT").is_ok_and(|v| v == "1")
+}
+
 /// Quotes one argument for the lab's busybox sh.
 fn shell_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', r"'\''"))
@@ -227,6 +242,9 @@ fn overlay(command: &[String], with: &[PathBuf], timeout: Duration, scratch: &Pa
     let mut archive = cpio::Archive::default();
     let mut script = String::from("#!/bin/sh\n");
     script.push_str(LOCKUP_WATCH);
+    if !nested_paging() {
+        script.push_str(NO_NESTED_PAGING);
+    }
     script.push_str(SHUTDOWN_WATCH);
     script.push_str(HANG_WATCH);
     // Well before the lab is stopped, allowing for its boot and for the listing.
@@ -289,7 +307,22 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         }
     }
 
-    let mut child = Command::new(&qemu)
+    let mut lab = Command::new(&qemu);
+    // A lab whose `tandem lab` was killed must not run on: its emulated CPUs would
+    // take the host's cores from the next lab (seen: one burned a core for half an
+    // hour and starved a test suite's labs into timeouts).
+    // SAFETY: the closure runs in the forked child before exec and only makes one
+    // async-signal-safe system call.
+    unsafe {
+        lab.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = lab
         .args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", LAB_CPU])
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
