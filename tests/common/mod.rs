@@ -167,6 +167,11 @@ pub fn checked(attempt: impl Fn() -> (Run, LabFacts), check: impl Fn(&Run)) -> R
 
 /// Runs `tandem lab [LAB_ARGS] -- COMMAND` once, with the lab's report.
 pub fn lab_run(lab_args: &[&str], command: &[&str]) -> (Run, LabFacts) {
+    lab_run_env(&[], lab_args, command)
+}
+
+/// [`lab_run`] with these environment variables for `tandem lab`.
+pub fn lab_run_env(env: &[(&str, &str)], lab_args: &[&str], command: &[&str]) -> (Run, LabFacts) {
     let _one_at_a_time = lab_ready();
     let report = std::env::temp_dir().join(format!("tandem-lab-report-{}-{}", std::process::id(), test_name()));
     let _ = std::fs::remove_file(&report);
@@ -175,7 +180,7 @@ pub fn lab_run(lab_args: &[&str], command: &[&str]) -> (Run, LabFacts) {
     args.extend_from_slice(lab_args);
     args.push("--");
     args.extend_from_slice(command);
-    let run = tandem(&args);
+    let run = tandem_env(env, &args);
     let json: serde_json::Value = std::fs::read_to_string(&report)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
