@@ -95,7 +95,7 @@ fn kills(list: &str, check: impl Fn(&[usize])) {
 fn the_console_continues_on_the_standby_when_the_primary_is_killed_early() {
     // Right after the first commit, in the middle of a large epoch early in the boot,
     // and while the standby is still catching up with the boot.
-    kills("0,mid-epoch,1000,2000,3000", |from_primary| {
+    kills("0,mid-epoch,2000", |from_primary| {
         assert!(from_primary.iter().all(|&p| p < 80), "{from_primary:?}");
     });
 }
@@ -104,7 +104,7 @@ fn the_console_continues_on_the_standby_when_the_primary_is_killed_early() {
 fn the_console_continues_on_the_standby_when_the_primary_is_killed_while_the_guest_ticks() {
     // Later: while the guest prints, and in the middle of an epoch then.
     // Some of the ticks came from the primary and the rest from the standby.
-    kills("6000,9000,12000,15000,mid-epoch:90", |from_primary| {
+    kills("6000,12000,mid-epoch:90", |from_primary| {
         assert!(from_primary.iter().any(|&p| p > 0), "{from_primary:?}");
     });
 }
