@@ -21,13 +21,21 @@ if [ ! -f "$BACKPORTS" ]; then
 		$sudo tee "$BACKPORTS" >/dev/null
 	$sudo apt-get update -qq
 fi
-qemu_version() { dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true; }
-case "$(qemu_version)" in
-	1:7.2*|"") ;;
+version_of() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -n 's/^install ok installed //p'; }
+case "$(version_of qemu-system-x86)" in
+	1:7.2*) ;;
 	*)
-		echo "setup: qemu-system-x86 $(qemu_version) is installed; the lab runs bookworm's 7.2: installing it" >&2
-		DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends --allow-downgrades \
-			qemu-system-x86/bookworm qemu-system-common/bookworm qemu-system-data/bookworm seabios/bookworm >/dev/null
+		# Pinned to bookworm's suite, whatever else is installed: a base image may hold
+		# backports' qemu-utils 10, which breaks 7.2's qemu-system-common unless it is
+		# brought back to 7.2 too (the lab needs neither version of it).
+		want=(qemu-system-x86/bookworm qemu-system-common/bookworm qemu-system-data/bookworm seabios/bookworm)
+		case "$(version_of qemu-utils)" in
+			""|1:7.2*) ;;
+			*) want+=(qemu-utils/bookworm) ;;
+		esac
+		echo "setup: installing bookworm's QEMU 7.2 for the lab (${want[*]})" >&2
+		$sudo apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends --allow-downgrades "${want[@]}" >/dev/null
 		;;
 esac
 
