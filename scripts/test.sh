@@ -11,6 +11,10 @@ cd "$ROOT"
 # for any checkout), so a fresh clone does not compile every dependency again.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${TANDEM_CACHE:-$HOME/.cache/tandem}/target}
 started=$(date +%s)
+# cargo judges a workspace crate fresh by the mtimes of the files its last build read,
+# which for a shared target directory may be another checkout's: this checkout's own
+# crates are always built again (the dependencies stay cached).
+cargo clean -q -p tandem -p tandem-vmm -p tandem-proto -p tandem-replication
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 export TANDEM_TALLY
 TANDEM_TALLY=$(mktemp /tmp/tandem-tally.XXXXXX)
