@@ -121,7 +121,11 @@ impl Protector {
         let outbox = link::spawn(dial, shared.clone(), release)?;
         let started = Instant::now();
         loop {
-            match lock(&shared).link.clone() {
+            // Bound first: a guard in the match's scrutinee would be held through the
+            // sleep below, and the link thread, waiting for it to record the welcome,
+            // lost the race for the lock for seconds at a time on a loaded host.
+            let link = lock(&shared).link.clone();
+            match link {
                 LinkState::Protecting => break,
                 LinkState::Refused(why) => return Err(ReplicationError::Refused(why)),
                 LinkState::Connecting { why } if started.elapsed() > config.connect_timeout => {
@@ -402,7 +406,9 @@ impl Protector {
         // while on a slow link; a standby that dies meanwhile shows as a lost link.
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            match lock(&self.shared).link {
+            // Bound first, so the lock is not held through the sleep (see `start`).
+            let link = lock(&self.shared).link.clone();
+            match link {
                 LinkState::Left => {
                     let _ = self.gate().commit(u64::MAX);
                     self.events.emit(Event::Goodbye { confirmed: true });
