@@ -1,5 +1,6 @@
 //! `tandem`: run a Linux VM, and (soon) keep it running across the loss of its host.
 
+mod console;
 mod control;
 mod harness;
 mod inspect;
@@ -40,6 +41,9 @@ enum Cmd {
     Primary(Box<replicate::PrimaryArgs>),
     /// Follow a primary, and take its VM over when it falls silent.
     Standby(Box<replicate::StandbyArgs>),
+    /// Show a replicated guest's console from the hosts' --console-listen endpoints:
+    /// each byte exactly once, across a takeover.
+    Console(console::ConsoleArgs),
     /// A failover drill: primary and standby run the ticker guest (in the lab unless
     /// --here), the primary is killed, and the console must continue on the standby
     /// with no line lost or repeated.
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
         Cmd::Drill(args) => harness::drill::run(&args),
         Cmd::Primary(args) => replicate::primary(*args),
         Cmd::Standby(args) => replicate::standby(*args),
+        Cmd::Console(args) => console::run(args),
         Cmd::Ctl { socket, command } => control::send(&socket, &command).map(|reply| {
             println!("{reply}");
             0

@@ -15,8 +15,25 @@ use tandem_replication::transport::primary::Faults;
 use tandem_replication::{generation, tls, Heartbeat};
 use tandem_vmm::vm::{check_vcpus, config_fingerprint, Vm};
 
-use crate::control;
-use crate::run::{console, supervise, Role, RunArgs};
+use std::sync::{Arc, Mutex};
+
+use tandem_vmm::console_log::{ConsoleLog, LogWriter};
+use tandem_vmm::output::Passthrough;
+
+use crate::run::{supervise, Role, RunArgs};
+use crate::{console, control};
+
+/// How long a host whose guest's console ended gives console clients to read the end
+/// before the process exits.
+const CONSOLE_LINGER: Duration = Duration::from_millis(300);
+
+/// Ends the console log and, if clients may be reading it, lets them finish.
+fn close_console(log: &ConsoleLog, served: bool) {
+    log.close();
+    if served {
+        std::thread::sleep(CONSOLE_LINGER);
+    }
+}
 
 /// The keys and the heartbeat, alike on both sides.
 #[derive(clap::Args, Clone, Debug)]
@@ -40,6 +57,11 @@ pub struct LinkArgs {
     /// how the VM ended) to FILE as JSON lines, for tools to follow.
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// Serve the guest's console to `tandem console` clients on ADDR (TCP): as
+    /// released on a primary, and from the takeover on a standby, each byte with its
+    /// offset so a client sees it exactly once across a takeover.
+    #[arg(long, value_name = "ADDR")]
+    console_listen: Option<SocketAddr>,
 }
 
 impl LinkArgs {
@@ -55,6 +77,15 @@ impl LinkArgs {
             Some(path) => Events::to_file(path)?,
             None => Events::none(),
         })
+    }
+
+    /// The console log, served on --console-listen if given.
+    fn console_log(&self, live: bool) -> Result<Arc<ConsoleLog>> {
+        let log = if live { ConsoleLog::live() } else { ConsoleLog::pending() };
+        if let Some(addr) = self.console_listen {
+            console::serve(addr, log.clone())?;
+        }
+        Ok(log)
     }
 
     fn generation(&self) -> Result<u64> {
@@ -122,6 +153,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
     let control = args.vm.control.as_deref().map(control::listen).transpose()?;
     let events = args.link.events()?;
+    let log = args.link.console_log(true)?;
     let (protector, sink) = Protector::start(
         primary::Config {
             standby: args.standby,
@@ -142,7 +174,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
             },
             events: events.clone(),
         },
-        Box::new(std::io::stdout()),
+        Box::new(LogWriter::new(std::io::stdout(), log.clone())),
     )?;
     let vm = Vm::boot(config, sink)?;
     let mut role = Role::Primary(protector);
@@ -154,8 +186,9 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
         };
         // A refusal means another host runs this VM now: no goodbye, nothing more out.
         let refused = result.as_ref().err().and_then(|e| e.downcast_ref::<tandem_replication::ReplicationError>());
-        if !matches!(refused, Some(tandem_replication::ReplicationError::Refused(_))) {
-            protector.finish(&reason);
+        if !matches!(refused, Some(tandem_replication::ReplicationError::Refused(_))) && protector.finish(&reason) {
+            // Everything is out and no standby takes over: the console has ended.
+            close_console(&log, args.link.console_listen.is_some());
         }
     }
     result
@@ -193,6 +226,8 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
     let tls = tls::server_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let events = args.link.events()?;
+    let log = args.link.console_log(false)?;
+    let sink = Arc::new(Mutex::new(Passthrough::new(LogWriter::new(std::io::stdout(), log.clone()))));
     let outcome = standby::follow(
         standby::Config {
             listen: args.listen,
@@ -204,7 +239,8 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
             heartbeat,
             events: events.clone(),
         },
-        console(),
+        sink,
+        log.clone(),
     )
     .context("standby")?;
     match outcome {
@@ -217,7 +253,9 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
             eprintln!("tandem: {report}");
             let how = format!("role=primary generation={} standby=none took_over_from_epoch={}", takeover.generation, takeover.epoch);
             let Takeover { vm, _link, .. } = *takeover;
-            supervise(vm, None, control, &mut Role::TookOver(how), &events)
+            let result = supervise(vm, None, control, &mut Role::TookOver(how), &events);
+            close_console(&log, args.link.console_listen.is_some());
+            result
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One epoch's content, how it is cut into messages, and the checksum both ends compute
 //! over it in the order it was sent.
 
+use crate::pages;
 use crate::message::{Compression, EpochKind, Frame, Message, MAX_BATCH_PAGES, MAX_OUTPUT_BYTES, PAGE_SIZE};
 
 /// What an epoch carries: pages (an address may repeat; the later copy wins) and the
@@ -15,6 +16,10 @@ pub struct Epoch {
     pub state: Vec<u8>,
     /// The guest's console output during the epoch.
     pub output: Vec<u8>,
+    /// Where `output` starts in the console's whole output.
+    pub output_offset: u64,
+    /// Compress pages on the wire where it pays (see [`crate::pages`]).
+    pub compress: bool,
 }
 
 impl Epoch {
@@ -29,17 +34,27 @@ impl Epoch {
         let frame = |message| Frame { generation, message };
         let mut out = vec![frame(Message::EpochBegin { epoch, kind: self.kind.unwrap_or(EpochKind::Delta) })];
         for (batch, data) in self.addresses.chunks(MAX_BATCH_PAGES).zip(self.data.chunks(MAX_BATCH_PAGES * PAGE_SIZE)) {
-            hasher.pages(batch, data);
-            out.push(frame(Message::Pages {
-                epoch,
-                addresses: batch.to_vec(),
-                compression: Compression::None,
-                data: data.to_vec(),
-            }));
+            // Zero pages go ahead of the rest of their batch: only when an address
+            // repeats within it could that change which copy wins.
+            let unique = {
+                let mut sorted = batch.to_vec();
+                sorted.sort_unstable();
+                sorted.windows(2).all(|w| w[0] != w[1])
+            };
+            if !unique {
+                hasher.pages(batch, data);
+                out.push(frame(Message::Pages { epoch, addresses: batch.to_vec(), compression: Compression::None, data: data.to_vec() }));
+                continue;
+            }
+            for message in pages::encode_batch(epoch, batch, data, self.compress, &mut hasher) {
+                out.push(frame(message));
+            }
         }
+        let mut offset = self.output_offset;
         for bytes in self.output.chunks(MAX_OUTPUT_BYTES) {
-            hasher.output(bytes);
-            out.push(frame(Message::Output { epoch, bytes: bytes.to_vec() }));
+            hasher.output(offset, bytes);
+            out.push(frame(Message::Output { epoch, offset, bytes: bytes.to_vec() }));
+            offset += bytes.len() as u64;
         }
         hasher.state(&self.state);
         out.push(frame(Message::State { epoch, state: self.state.clone() }));
@@ -59,6 +74,13 @@ impl EpochHasher {
         Self(h)
     }
 
+    pub fn zero_pages(&mut self, addresses: &[u64]) {
+        self.0.update(b"zero");
+        for a in addresses {
+            self.0.update(&a.to_le_bytes());
+        }
+    }
+
     pub fn pages(&mut self, addresses: &[u64], data: &[u8]) {
         for a in addresses {
             self.0.update(&a.to_le_bytes());
@@ -66,7 +88,8 @@ impl EpochHasher {
         self.0.update(data);
     }
 
-    pub fn output(&mut self, bytes: &[u8]) {
+    pub fn output(&mut self, offset: u64, bytes: &[u8]) {
+        self.0.update(&offset.to_le_bytes());
         self.0.update(&(bytes.len() as u64).to_le_bytes());
         self.0.update(bytes);
     }

@@ -35,6 +35,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Whether no bytes are waiting: nothing partial is left after the last frame.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }

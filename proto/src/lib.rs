@@ -15,6 +15,7 @@ pub mod frame;
 pub mod handshake;
 pub mod liveness;
 pub mod message;
+pub mod pages;
 pub mod primary;
 pub mod standby;
 

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::ProtoError;
 
 /// Bumped on any change to the messages or their encoding; peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Guest page size: every page in a [`Message::Pages`] batch is this long.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one batch (2 MiB), so a frame stays well under the frame limit.
@@ -21,10 +21,12 @@ pub enum Role {
     Standby,
 }
 
-/// How a batch of pages is encoded; room for compression later.
+/// How a batch of pages is encoded (see [`crate::pages`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compression {
     None,
+    /// One LZ4 block of all the batch's pages.
+    Lz4,
 }
 
 /// Whether an epoch carries every page of the guest (the first of an initial sync or
@@ -59,6 +61,8 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Pages of the current epoch that hold only zero bytes.
+    ZeroPages { epoch: u64, addresses: Vec<u64> },
     /// The machine state (vCPUs, VM-wide KVM state, devices) as of the epoch's pause,
     /// encoded by the VMM's own codec.
     State {
@@ -67,10 +71,13 @@ pub enum Message {
         state: Vec<u8>,
     },
     /// Console output the guest produced during the epoch (all of it still unreleased,
-    /// for a full epoch), in order. A standby that takes over prints the output of its
-    /// epochs the primary had not yet released, so none is lost.
+    /// for a full epoch), in order. `offset`: where its first byte stands in the
+    /// console's whole output since the guest started, so that a console client can
+    /// resume on the standby exactly where it stopped. A standby that takes over prints
+    /// the output the primary had not said it released, so none is lost.
     Output {
         epoch: u64,
+        offset: u64,
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
@@ -78,13 +85,21 @@ pub enum Message {
     EpochCommit { epoch: u64, pages: u64, checksum: u32 },
     /// The standby verified and applied the epoch.
     Ack { epoch: u64 },
-    /// The primary is about to release the output of every epoch up to this one;
-    /// sent before it does.
+    /// The primary has released the output of every epoch up to this one: sent after
+    /// the release, so a standby that takes over may print again what was released
+    /// just before the primary died, but never skips what was not.
     Released { epoch: u64 },
     /// Sent on a timer both ways; `seq` lets the receiver see order and loss.
     Heartbeat { seq: u64 },
     /// The sender is leaving on purpose (an operator stop), not dying.
     Goodbye { reason: String },
+}
+
+fn aligned(addresses: &[u64]) -> Result<(), ProtoError> {
+    match addresses.iter().find(|&&a| a % PAGE_SIZE as u64 != 0) {
+        Some(a) => Err(ProtoError::Invalid(format!("unaligned page address {a:#x}"))),
+        None => Ok(()),
+    }
 }
 
 /// One message as it goes on the wire, stamped with its sender's generation, so a peer
@@ -101,17 +116,25 @@ impl Message {
     pub fn validate(&self) -> Result<(), ProtoError> {
         let bad = |why: String| Err(ProtoError::Invalid(why));
         match self {
-            Message::Pages { addresses, data, compression: Compression::None, .. } => {
+            Message::Pages { addresses, data, compression, .. } => {
                 if addresses.is_empty() || addresses.len() > MAX_BATCH_PAGES {
                     return bad(format!("a batch of {} pages", addresses.len()));
                 }
-                if data.len() != addresses.len() * PAGE_SIZE {
-                    return bad(format!("{} bytes of data for {} pages", data.len(), addresses.len()));
+                let raw = addresses.len() * PAGE_SIZE;
+                let fits = match compression {
+                    Compression::None => data.len() == raw,
+                    Compression::Lz4 => !data.is_empty() && data.len() < raw,
+                };
+                if !fits {
+                    return bad(format!("{} bytes of {compression:?} data for {} pages", data.len(), addresses.len()));
                 }
-                if let Some(a) = addresses.iter().find(|&&a| a % PAGE_SIZE as u64 != 0) {
-                    return bad(format!("unaligned page address {a:#x}"));
+                aligned(addresses)
+            }
+            Message::ZeroPages { addresses, .. } => {
+                if addresses.is_empty() || addresses.len() > MAX_BATCH_PAGES {
+                    return bad(format!("a batch of {} zero pages", addresses.len()));
                 }
-                Ok(())
+                aligned(addresses)
             }
             Message::State { state, .. } if state.len() > MAX_STATE_BYTES => {
                 bad(format!("{} bytes of machine state", state.len()))

@@ -4,6 +4,7 @@
 //! lost more than that needs a full re-sync.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::epoch::Epoch;
 use crate::handshake::Identity;
@@ -15,11 +16,13 @@ use crate::ProtoError;
 pub enum Event {
     /// Send this frame to the standby.
     Send(Frame),
+    /// Send these frames (an epoch kept for a reconnection) to the standby.
+    SendEpoch(Arc<Vec<Frame>>),
     /// The standby is following. With `full_sync`, it needs a full epoch before any
     /// delta (it holds nothing, or less than the epochs kept here can make up).
     Connected { full_sync: bool },
     /// The standby holds every epoch up to this one: their output may be released,
-    /// once a [`Message::Released`] saying so is on its way to the standby.
+    /// and a [`Message::Released`] then tells the standby so.
     Released(u64),
     /// The standby said goodbye on purpose.
     PeerLeft(String),
@@ -41,7 +44,40 @@ pub struct Primary {
     phase: Phase,
     next_epoch: u64,
     acked: Option<u64>,
-    in_flight: VecDeque<Epoch>,
+    in_flight: VecDeque<Encoded>,
+    compress: bool,
+}
+
+/// An epoch encoded for the wire: built once, outside any lock the network side needs
+/// (compressing a large epoch takes long on a slow host), sent, and sent again as it is
+/// after a reconnection.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub number: u64,
+    pub kind: EpochKind,
+    pub generation: u64,
+    pub frames: Arc<Vec<Frame>>,
+}
+
+/// What the next epoch's encoding needs from the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub number: u64,
+    pub generation: u64,
+    pub compress: bool,
+}
+
+impl Ticket {
+    /// Encodes the epoch this ticket is for; `output` is the console output it covers
+    /// and where that starts in the whole console.
+    pub fn encode(self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>, (output_offset, output): (u64, Vec<u8>)) -> Result<Encoded, ProtoError> {
+        let epoch = Epoch { number: self.number, kind: Some(kind), addresses, data, state, output, output_offset, compress: self.compress };
+        let frames = epoch.frames(self.generation);
+        for f in &frames {
+            f.message.validate()?;
+        }
+        Ok(Encoded { number: self.number, kind, generation: self.generation, frames: Arc::new(frames) })
+    }
 }
 
 impl Primary {
@@ -53,7 +89,15 @@ impl Primary {
             next_epoch: 1,
             acked: None,
             in_flight: VecDeque::new(),
+            compress: true,
         }
+    }
+
+    /// Whether pages are compressed on the wire where it pays (the default), for
+    /// measurements of what it buys.
+    pub fn with_compression(mut self, compress: bool) -> Self {
+        self.compress = compress;
+        self
     }
 
     /// Starts a connection: send this hello first.
@@ -94,31 +138,37 @@ impl Primary {
         self.identity.generation
     }
 
-    /// Numbers the epoch, keeps it until acknowledged, and returns its frames.
-    pub fn send_epoch(
-        &mut self,
-        kind: EpochKind,
-        addresses: Vec<u64>,
-        data: Vec<u8>,
-        state: Vec<u8>,
-        output: Vec<u8>,
-    ) -> Result<(u64, Vec<Frame>), ProtoError> {
-        let Phase::Protecting { generation } = self.phase else {
-            return Err(ProtoError::OutOfOrder("an epoch while no standby is following".into()));
-        };
-        let epoch = Epoch { number: self.next_epoch, kind: Some(kind), addresses, data, state, output };
-        let frames = epoch.frames(generation);
-        for f in &frames {
-            f.message.validate()?;
+    /// What encoding the next epoch needs; `None` while no standby follows.
+    pub fn ticket(&self) -> Option<Ticket> {
+        match self.phase {
+            Phase::Protecting { generation } => Some(Ticket { number: self.next_epoch, generation, compress: self.compress }),
+            _ => None,
         }
-        if kind == EpochKind::Full {
+    }
+
+    /// Keeps an encoded epoch until acknowledged; the caller sends its frames. Refused
+    /// when it is no longer the epoch due (the standby changed while it was encoded).
+    pub fn queue(&mut self, epoch: Encoded) -> Result<(), ProtoError> {
+        if self.ticket().map(|t| (t.number, t.generation)) != Some((epoch.number, epoch.generation)) {
+            return Err(ProtoError::OutOfOrder(format!("epoch {} encoded for a connection that has changed", epoch.number)));
+        }
+        if epoch.kind == EpochKind::Full {
             // A full epoch makes every earlier one moot.
             self.in_flight.clear();
         }
         self.next_epoch += 1;
-        let number = epoch.number;
         self.in_flight.push_back(epoch);
-        Ok((number, frames))
+        Ok(())
+    }
+
+    /// Encodes, numbers and keeps an epoch: [`Primary::ticket`], [`Ticket::encode`] and
+    /// [`Primary::queue`] at once, for callers that hold no lock.
+    pub fn send_epoch(&mut self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>, output: (u64, Vec<u8>)) -> Result<(u64, Arc<Vec<Frame>>), ProtoError> {
+        let ticket = self.ticket().ok_or_else(|| ProtoError::OutOfOrder("an epoch while no standby is following".into()))?;
+        let encoded = ticket.encode(kind, addresses, data, state, output)?;
+        let frames = encoded.frames.clone();
+        self.queue(encoded)?;
+        Ok((ticket.number, frames))
     }
 
     pub fn handle(&mut self, frame: Frame) -> Vec<Event> {
@@ -193,7 +243,7 @@ impl Primary {
         let continues = match (committed, self.in_flight.front()) {
             (Some(c), Some(first)) => first.number == c + 1,
             (Some(c), None) => self.acked == Some(c),
-            (None, Some(first)) => first.kind == Some(EpochKind::Full),
+            (None, Some(first)) => first.kind == EpochKind::Full,
             (None, None) => false,
         };
         if !continues {
@@ -203,8 +253,15 @@ impl Primary {
         }
         events.push(Event::Connected { full_sync: false });
         for epoch in &self.in_flight {
-            events.extend(epoch.frames(generation).into_iter().map(Event::Send));
+            if epoch.generation != generation {
+                // Encoded for an older generation: the standby needs everything again.
+                self.in_flight.clear();
+                events.retain(|e| !matches!(e, Event::Connected { .. }));
+                events.push(Event::Connected { full_sync: true });
+                return events;
+            }
         }
+        events.extend(self.in_flight.iter().map(|e| Event::SendEpoch(e.frames.clone())));
         events
     }
 }

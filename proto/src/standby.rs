@@ -4,7 +4,8 @@
 
 use crate::epoch::{Epoch, EpochHasher};
 use crate::handshake::Identity;
-use crate::message::{EpochKind, Frame, Message};
+use crate::message::{EpochKind, Frame, Message, PAGE_SIZE};
+use crate::pages;
 use crate::ProtoError;
 
 #[derive(Debug)]
@@ -25,13 +26,53 @@ enum Phase {
     Closed,
 }
 
+/// Released output kept for console clients that lag behind: a client resumes here
+/// from its last offset, and finds it if it is no further behind than this.
+pub const HISTORY_BYTES: usize = 1 << 20;
+
+/// The console output of committed epochs, placed in the console's whole output.
+#[derive(Debug, Default)]
+struct History {
+    /// Offset of the first byte kept.
+    start: u64,
+    bytes: std::collections::VecDeque<u8>,
+    /// Where each committed epoch's output ends, for releases, oldest first.
+    ends: std::collections::VecDeque<(u64, u64)>,
+    /// Everything before this offset the primary said it released.
+    released: u64,
+    /// How many bytes the last committed delta added.
+    last_delta_output: usize,
+}
+
+impl History {
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+
+    fn trim(&mut self) {
+        let excess = self.bytes.len().saturating_sub(HISTORY_BYTES) as u64;
+        let drop = excess.min(self.released.saturating_sub(self.start));
+        self.bytes.drain(..drop as usize);
+        self.start += drop;
+    }
+}
+
+/// What a standby holds of the console when it takes over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Console {
+    /// Offset of `released`'s first byte.
+    pub start: u64,
+    /// Output the primary said it released, kept for clients that resume from it.
+    pub released: Vec<u8>,
+    /// Output committed but not said to be released: printed at takeover, as the
+    /// primary may not have.
+    pub unreleased: Vec<u8>,
+}
+
 pub struct Standby {
     identity: Identity,
     committed: Option<u64>,
-    /// The latest epoch whose output the primary said it releases.
-    released: Option<u64>,
-    /// Output of committed epochs after `released`, oldest first.
-    unreleased: std::collections::VecDeque<(u64, Vec<u8>)>,
+    history: History,
     phase: Phase,
     staging: Option<(Epoch, EpochHasher)>,
 }
@@ -42,8 +83,7 @@ impl Standby {
         Self {
             identity,
             committed,
-            released: None,
-            unreleased: Default::default(),
+            history: History::default(),
             phase: Phase::AwaitingHello,
             staging: None,
         }
@@ -65,18 +105,37 @@ impl Standby {
         matches!(self.phase, Phase::Following { .. })
     }
 
-    /// The output of committed epochs that the primary had not said it released: a
-    /// standby taking over prints it before its VM runs, as the primary never did.
+    /// The console as of the last committed epoch: a standby taking over prints the
+    /// unreleased part before its VM runs, as the primary may never have.
+    pub fn console(&self) -> Console {
+        let h = &self.history;
+        let split = h.released.clamp(h.start, h.end()) - h.start;
+        let (released, unreleased): (Vec<u8>, Vec<u8>) = {
+            let all: Vec<u8> = h.bytes.iter().copied().collect();
+            let (a, b) = all.split_at(split as usize);
+            (a.to_vec(), b.to_vec())
+        };
+        Console { start: h.start, released, unreleased }
+    }
+
+    /// The output of committed epochs that the primary had not said it released.
     pub fn unreleased_output(&self) -> Vec<u8> {
-        self.unreleased.iter().flat_map(|(_, b)| b.iter().copied()).collect()
+        self.console().unreleased
     }
 
     /// Takes back the commit of an epoch the VM side could not apply after all (its
     /// content was not what the checksum could vouch for) and ends the connection:
     /// `committed` is what the image still holds.
     pub fn revert(&mut self, committed: Option<u64>) {
+        // The output of a delta taken back goes; that of a full epoch stays, as
+        // printing output twice at a takeover is better than not at all.
         if self.committed != committed {
-            self.unreleased.pop_back();
+            let h = &mut self.history;
+            if h.ends.back().is_some_and(|&(e, _)| Some(e) == self.committed) {
+                h.ends.pop_back();
+                let keep = h.bytes.len().saturating_sub(h.last_delta_output);
+                h.bytes.truncate(keep);
+            }
         }
         self.committed = committed;
         self.phase = Phase::Closed;
@@ -148,16 +207,29 @@ impl Standby {
                 self.staging = Some((staged, EpochHasher::new(epoch)));
                 Ok(vec![])
             }
-            Message::Pages { epoch, addresses, data, .. } => {
+            Message::Pages { epoch, addresses, compression, data } => {
                 let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
-                hasher.pages(&addresses, &data);
+                let start = staged.data.len();
+                pages::decode_into(addresses.len(), compression, &data, &mut staged.data).map_err(|e| (e, None))?;
+                hasher.pages(&addresses, &staged.data[start..]);
                 staged.addresses.extend_from_slice(&addresses);
-                staged.data.extend_from_slice(&data);
                 Ok(vec![])
             }
-            Message::Output { epoch, bytes } => {
+            Message::ZeroPages { epoch, addresses } => {
                 let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
-                hasher.output(&bytes);
+                hasher.zero_pages(&addresses);
+                staged.addresses.extend_from_slice(&addresses);
+                staged.data.resize(staged.data.len() + addresses.len() * PAGE_SIZE, 0);
+                Ok(vec![])
+            }
+            Message::Output { epoch, offset, bytes } => {
+                let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
+                if staged.output.is_empty() {
+                    staged.output_offset = offset;
+                } else if offset != staged.output_offset + staged.output.len() as u64 {
+                    return Err(out_of_order(format!("output at offset {offset} in epoch {epoch}, not where its last ended")));
+                }
+                hasher.output(offset, &bytes);
                 staged.output.extend_from_slice(&bytes);
                 Ok(vec![])
             }
@@ -165,10 +237,15 @@ impl Standby {
                 if !matches!(self.committed, Some(c) if epoch <= c) {
                     return Err(out_of_order(format!("a release of epoch {epoch}, which is not committed")));
                 }
-                self.released = self.released.max(Some(epoch));
-                while self.unreleased.front().is_some_and(|(e, _)| *e <= epoch) {
-                    self.unreleased.pop_front();
+                let h = &mut self.history;
+                while let Some(&(e, end)) = h.ends.front() {
+                    if e > epoch {
+                        break;
+                    }
+                    h.released = h.released.max(end);
+                    h.ends.pop_front();
                 }
+                h.trim();
                 Ok(vec![])
             }
             Message::State { epoch, state } => {
@@ -193,14 +270,20 @@ impl Standby {
                 if hasher.finish() != checksum {
                     return Err(bad("checksum mismatch".into()));
                 }
-                self.committed = Some(epoch);
+                let h = &mut self.history;
                 if staged.kind == Some(EpochKind::Full) {
-                    // A full epoch carries all output not yet released.
-                    self.unreleased.clear();
+                    // A full epoch carries all output not yet released, from where the
+                    // released output ends.
+                    *h = History { start: staged.output_offset, released: staged.output_offset, ..History::default() };
+                } else if !staged.output.is_empty() && staged.output_offset != h.end() {
+                    return Err(bad(format!("its output starts at offset {}, where {} was due", staged.output_offset, h.end())));
                 }
+                h.last_delta_output = if staged.kind == Some(EpochKind::Full) { 0 } else { staged.output.len() };
                 if !staged.output.is_empty() {
-                    self.unreleased.push_back((epoch, staged.output.clone()));
+                    h.bytes.extend(&staged.output);
+                    h.ends.push_back((epoch, h.end()));
                 }
+                self.committed = Some(epoch);
                 Ok(vec![Event::Apply(staged), Event::Send(Frame { generation, message: Message::Ack { epoch } })])
             }
             Message::Heartbeat { .. } => Ok(vec![]),
@@ -230,6 +313,7 @@ pub(crate) fn name(m: &Message) -> &'static str {
         Message::Refused(_) => "refusal",
         Message::EpochBegin { .. } => "epoch begin",
         Message::Pages { .. } => "pages",
+        Message::ZeroPages { .. } => "zero pages",
         Message::State { .. } => "state",
         Message::EpochCommit { .. } => "epoch commit",
         Message::Ack { .. } => "ack",
@@ -246,7 +330,12 @@ mod tests {
     use crate::message::Role;
 
     fn commit(standby: &mut Standby, number: u64, kind: EpochKind, output: &[u8]) {
-        let epoch = Epoch { number, kind: Some(kind), state: vec![1], output: output.to_vec(), ..Epoch::default() };
+        let output_offset = standby.history.end();
+        commit_at(standby, number, kind, output_offset, output);
+    }
+
+    fn commit_at(standby: &mut Standby, number: u64, kind: EpochKind, output_offset: u64, output: &[u8]) {
+        let epoch = Epoch { number, kind: Some(kind), state: vec![1], output: output.to_vec(), output_offset, ..Epoch::default() };
         for frame in epoch.frames(1) {
             for event in standby.handle(frame) {
                 assert!(!matches!(event, Event::Close(_)), "{event:?}");
@@ -267,9 +356,20 @@ mod tests {
         assert_eq!(standby.unreleased_output(), b"");
         commit(&mut standby, 4, EpochKind::Delta, b"tick 2 ");
         assert_eq!(standby.unreleased_output(), b"tick 2 ");
-        // A full re-sync carries all unreleased output itself.
-        commit(&mut standby, 5, EpochKind::Full, b"tick 2 tick 3 ");
+        // A full re-sync carries all unreleased output itself, from where the released
+        // output ended.
+        commit_at(&mut standby, 5, EpochKind::Full, 12, b"tick 2 tick 3 ");
         assert_eq!(standby.unreleased_output(), b"tick 2 tick 3 ");
+        assert_eq!(standby.console(), Console { start: 12, released: vec![], unreleased: b"tick 2 tick 3 ".to_vec() });
+        standby.handle(Frame { generation: 1, message: Message::Released { epoch: 5 } });
+        commit(&mut standby, 6, EpochKind::Delta, b"tick 4 ");
+        assert_eq!(standby.console(), Console { start: 12, released: b"tick 2 tick 3 ".to_vec(), unreleased: b"tick 4 ".to_vec() });
+        // Output that does not follow on from the last is refused.
+        let out = {
+            let epoch = Epoch { number: 7, kind: Some(EpochKind::Delta), state: vec![1], output: b"x".to_vec(), output_offset: 99, ..Epoch::default() };
+            epoch.frames(1).into_iter().flat_map(|f| standby.handle(f)).collect::<Vec<_>>()
+        };
+        assert!(matches!(out.last(), Some(Event::Close(_))), "{out:?}");
         // A release of an epoch not yet held is a protocol error.
         let out = standby.handle(Frame { generation: 1, message: Message::Released { epoch: 9 } });
         assert!(matches!(out.last(), Some(Event::Close(_))), "{out:?}");

@@ -49,6 +49,8 @@ struct World {
     guest: Vec<u8>,
     dirty: BTreeSet<usize>,
     full_sync_due: bool,
+    /// Where the next epoch's console output starts.
+    console_offset: u64,
     /// What each epoch captured: the guest's memory and state.
     captured: BTreeMap<u64, (Vec<u8>, Vec<u8>)>,
     image: Vec<u8>,
@@ -71,6 +73,7 @@ impl World {
             guest: vec![0; PAGES * PAGE_SIZE],
             dirty: BTreeSet::new(),
             full_sync_due: false,
+            console_offset: 0,
             captured: BTreeMap::new(),
             image: vec![0; PAGES * PAGE_SIZE],
             image_state: Vec::new(),
@@ -141,12 +144,14 @@ impl World {
         let data = pages.iter().flat_map(|&p| self.guest[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].to_vec()).collect();
         let state = format!("cpu state {}", self.rng.next()).into_bytes();
         let output = format!("console of epoch {}\n", self.primary.next_epoch()).into_bytes();
-        let (n, frames) = self.primary.send_epoch(kind, addresses, data, state.clone(), output).unwrap();
+        let offset = self.console_offset;
+        self.console_offset += output.len() as u64;
+        let (n, frames) = self.primary.send_epoch(kind, addresses, data, state.clone(), (offset, output)).unwrap();
         self.captured.insert(n, (self.guest.clone(), state));
         self.dirty.clear();
         self.full_sync_due = false;
-        for f in frames {
-            self.send_to_standby(f);
+        for f in frames.iter() {
+            self.send_to_standby(f.clone());
         }
     }
 
@@ -169,7 +174,7 @@ impl World {
                     }
                     standby::Event::PeerLeft(_) => unreachable!("nobody says goodbye here"),
                     standby::Event::Close(e) => {
-                        assert!(matches!(e, ProtoError::OutOfOrder(_) | ProtoError::BadEpoch { .. }), "{e}");
+                        assert!(matches!(e, ProtoError::OutOfOrder(_) | ProtoError::BadEpoch { .. } | ProtoError::Invalid(_)), "{e}");
                         self.reconnect();
                         return;
                     }
@@ -180,6 +185,7 @@ impl World {
             for event in self.primary.handle(frame) {
                 match event {
                     primary::Event::Send(f) => self.send_to_standby(f),
+                    primary::Event::SendEpoch(frames) => frames.iter().for_each(|f| self.send_to_standby(f.clone())),
                     primary::Event::Connected { full_sync } => self.full_sync_due |= full_sync,
                     primary::Event::Released(e) => {
                         // Output commit: only what the standby holds.

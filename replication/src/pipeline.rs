@@ -219,9 +219,9 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<D
             data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
         }
         let (_, frames) = lock(&machine)
-            .send_epoch(kind, addresses, data, vec![0; 64], Vec::new())
+            .send_epoch(kind, addresses, data, vec![0; 64], (0, Vec::new()))
             .map_err(|e| PipelineError::Failed(e.to_string()))?;
-        for f in &frames {
+        for f in frames.iter() {
             tx.send(f).await?;
         }
     }

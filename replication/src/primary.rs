@@ -283,7 +283,7 @@ impl Protector {
         // The standby gets the output the epoch covers, to print itself should it take
         // over before this primary has released it. A full epoch carries all output
         // not yet released: the standby holds no epoch before it.
-        let output = self.gate().output(if kind == Kind::Full { 0 } else { number }, number);
+        let output = self.gate().output_at(if kind == Kind::Full { 0 } else { number }, number);
         let state = match codec::encode(&snap.state) {
             Ok(state) => state,
             Err(e) => {
@@ -293,22 +293,33 @@ impl Protector {
         };
         let (pages, bytes) = (snap.pages.len(), snap.data.len() + state.len());
         let proto_kind = if kind == Kind::Full { EpochKind::Full } else { EpochKind::Delta };
+        let still = |s: &Shared| s.conn == conn && s.machine.is_protecting() && (kind == Kind::Full || !s.need_full);
+        let ticket = {
+            let s = lock(&self.shared);
+            s.machine.ticket().filter(|t| still(&s) && t.number == number)
+        };
+        let Some(ticket) = ticket else {
+            vm.give_back_dirty(&taken);
+            return Ok(());
+        };
+        // Encoded (compressed) with no lock held: the network thread takes the same lock
+        // for every frame it handles, and must not wait for a large epoch's encoding.
+        let encoded = match ticket.encode(proto_kind, snap.pages, snap.data, state, output) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                vm.give_back_dirty(&taken);
+                return Err(e.into());
+            }
+        };
+        let frames = encoded.frames.clone();
         {
             let mut s = lock(&self.shared);
-            let still = s.conn == conn && s.machine.is_protecting() && (kind == Kind::Full || !s.need_full);
-            if !still {
+            if !still(&s) || s.machine.queue(encoded).is_err() {
                 drop(s);
                 vm.give_back_dirty(&taken);
                 return Ok(());
             }
-            let (sent, frames) = match s.machine.send_epoch(proto_kind, snap.pages, snap.data, state, output) {
-                Ok(sent) => sent,
-                Err(e) => {
-                    drop(s);
-                    vm.give_back_dirty(&taken);
-                    return Err(e.into());
-                }
-            };
+            let sent = number;
             if kind == Kind::Full {
                 s.need_full = false;
             }
@@ -387,11 +398,11 @@ impl Protector {
     /// releases the last output once the standby has the goodbye. Without that
     /// confirmation the output stays unreleased: the standby might still take over and
     /// print it again.
-    pub fn finish(self, reason: &str) {
+    /// Returns whether all output was released.
+    pub fn finish(self, reason: &str) -> bool {
         let protecting = lock(&self.shared).link == LinkState::Protecting;
         if self.mode == Mode::Unprotected {
-            let _ = self.gate().commit(u64::MAX);
-            return;
+            return self.gate().commit(u64::MAX).is_ok();
         }
         if !protecting {
             let held = self.gate().held_bytes();
@@ -399,7 +410,7 @@ impl Protector {
                 tracing::warn!("{held} bytes of the guest's last output were not released: no standby confirmed them");
             }
             self.events.emit(Event::Goodbye { confirmed: false });
-            return;
+            return false;
         }
         self.outbox.send(Outgoing::Goodbye(reason.to_string()));
         // The goodbye goes out after every epoch queued before it, which can take a
@@ -410,9 +421,9 @@ impl Protector {
             let link = lock(&self.shared).link.clone();
             match link {
                 LinkState::Left => {
-                    let _ = self.gate().commit(u64::MAX);
+                    let released = self.gate().commit(u64::MAX).is_ok();
                     self.events.emit(Event::Goodbye { confirmed: true });
-                    return;
+                    return released;
                 }
                 LinkState::Protecting => std::thread::sleep(Duration::from_millis(10)),
                 _ => break,
@@ -420,5 +431,6 @@ impl Protector {
         }
         tracing::warn!("the standby did not confirm the goodbye; the guest's last output stays unreleased");
         self.events.emit(Event::Goodbye { confirmed: false });
+        false
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::Role;
+use tandem_vmm::console_log::ConsoleLog;
 use tandem_vmm::output::SharedSink;
 use tandem_vmm::snapshot::image::Image;
 use tandem_vmm::vm::{config_fingerprint, Vm};
@@ -88,8 +89,9 @@ impl Takeover {
 }
 
 /// Follows the primary until it leaves or falls silent. The console of a VM taken
-/// over goes to `sink`.
-pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationError> {
+/// over goes to `sink`, which writes into `log`: the log starts serving at a takeover,
+/// from where the console stood.
+pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<Outcome, ReplicationError> {
     let mut generation = generation::read(&config.state_dir)?;
     let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
     let image = Arc::new(Mutex::new(Image::new(config.mem_mib)?));
@@ -144,11 +146,14 @@ pub fn follow(config: Config, sink: SharedSink) -> Result<Outcome, ReplicationEr
                     generation += 1;
                     // No frame of the old generation is taken from here on, and the
                     // raise outlives this process, before the VM runs anywhere here.
-                    let unreleased = link.promote(generation);
+                    let console = link.promote(generation);
                     generation::write(&config.state_dir, generation)?;
                     let snapshot = image.lock().unwrap_or_else(|e| e.into_inner()).to_snapshot()?;
+                    log.seed(console.start, &console.released);
+                    let unreleased = console.unreleased;
                     // The output the guest produced up to this epoch that the primary
-                    // never released: the world sees it now, before what follows it.
+                    // did not say it released: the world sees it now, before what
+                    // follows it (and a console client, by its offset, only once).
                     if !unreleased.is_empty() {
                         let mut console = sink.lock().unwrap_or_else(|e| e.into_inner());
                         if let Err(e) = console.emit(&unreleased).and_then(|()| console.flush()) {

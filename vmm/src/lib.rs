@@ -1,5 +1,6 @@
 //! tandem's virtual machine monitor: guest memory, vCPUs, x86 boot and devices.
 pub mod boot;
+pub mod console_log;
 pub mod devices;
 pub mod kvm;
 pub mod memory;

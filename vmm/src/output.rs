@@ -58,6 +58,8 @@ pub struct EpochGate<W: Write + Send> {
     out: W,
     /// Output of epochs not yet committed, oldest first, tagged with their epoch.
     held: VecDeque<(u64, Vec<u8>)>,
+    /// Bytes released so far: where the first held byte stands in the whole output.
+    released: u64,
     current: u64,
     unprotected: bool,
 }
@@ -67,6 +69,7 @@ impl<W: Write + Send> EpochGate<W> {
         Self {
             out,
             held: VecDeque::new(),
+            released: 0,
             current: first_epoch,
             unprotected: false,
         }
@@ -107,11 +110,20 @@ impl<W: Write + Send> EpochGate<W> {
 
     /// A copy of the output held for epochs `from..=through`, in order.
     pub fn output(&self, from: u64, through: u64) -> Vec<u8> {
-        self.held
+        self.output_at(from, through).1
+    }
+
+    /// The output held for epochs `from..=through`, and where its first byte stands in
+    /// the whole output since the guest started.
+    pub fn output_at(&self, from: u64, through: u64) -> (u64, Vec<u8>) {
+        let before: usize = self.held.iter().take_while(|(e, _)| *e < from).map(|(_, b)| b.len()).sum();
+        let bytes = self
+            .held
             .iter()
             .filter(|(e, _)| (from..=through).contains(e))
             .flat_map(|(_, b)| b.iter().copied())
-            .collect()
+            .collect();
+        (self.released + before as u64, bytes)
     }
 
     /// Releases all output of epochs up to and including `epoch`; returns how many
@@ -122,6 +134,7 @@ impl<W: Write + Send> EpochGate<W> {
             if let Some((_, bytes)) = self.held.pop_front() {
                 self.out.write_all(&bytes)?;
                 released += bytes.len();
+                self.released += bytes.len() as u64;
             }
         }
         self.out.flush()?;
@@ -138,6 +151,7 @@ impl<W: Write + Send> OutputSink for EpochGate<W> {
     fn emit(&mut self, bytes: &[u8]) -> io::Result<()> {
         if self.unprotected {
             self.out.write_all(bytes)?;
+            self.released += bytes.len() as u64;
             if bytes.contains(&b'\n') {
                 self.out.flush()?;
             }
@@ -238,11 +252,11 @@ mod tests {
         gate.emit(b"c").unwrap();
         gate.seal(2);
         gate.emit(b"d").unwrap();
-        assert_eq!(gate.output(2, 2), b"bc");
-        assert_eq!(gate.output(0, 2), b"abc");
+        assert_eq!(gate.output_at(2, 2), (1, b"bc".to_vec()));
+        assert_eq!(gate.output_at(0, 2), (0, b"abc".to_vec()));
         gate.commit(2).unwrap();
         assert_eq!(&*cap.0.lock().unwrap(), b"abc");
-        assert_eq!(gate.output(0, 3), b"d");
+        assert_eq!(gate.output_at(0, 3), (3, b"d".to_vec()));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub enum TransportError {
     Stream(String),
     #[error("the endpoint was closed")]
     Closed,
+    #[error("cannot send a heartbeat: {0}")]
+    Heartbeat(String),
     #[error(transparent)]
     Proto(#[from] ProtoError),
 }
@@ -171,8 +173,17 @@ pub struct LinkSender {
 }
 
 impl LinkSender {
+    /// The connection's heartbeat channel, for a task of its own.
+    pub fn pulse(&self) -> Pulse {
+        Pulse { connection: self.connection.clone() }
+    }
+
     pub async fn send(&mut self, frame: &Frame) -> Result<(), TransportError> {
         self.send.write_all(&frame::encode(frame)?).await?;
+        // With windows this large a write rarely waits, so an epoch of many frames
+        // would go out in one poll; QUIC's own task (acknowledgements, heartbeats) and
+        // the reader get their turn between frames instead.
+        tokio::task::yield_now().await;
         Ok(())
     }
 
@@ -221,6 +232,44 @@ impl LinkSender {
     }
 }
 
+/// Heartbeats, and the evidence that the peer is alive, apart from the frame stream: a
+/// heartbeat queued behind a large epoch would reach the peer only after the epoch,
+/// which on a slow link takes longer than the timeout.
+#[derive(Clone)]
+pub struct Pulse {
+    connection: quinn::Connection,
+}
+
+impl Pulse {
+    /// Sends `frame` (a heartbeat) as a datagram: unreliable, so a lost one is simply
+    /// not there, as a late one would not be either.
+    pub fn send(&self, frame: &Frame) -> Result<(), TransportError> {
+        let bytes = frame::encode(frame)?;
+        self.connection.send_datagram(bytes.into()).map_err(|e| match e {
+            quinn::SendDatagramError::ConnectionLost(e) => TransportError::Connection(e),
+            other => TransportError::Heartbeat(other.to_string()),
+        })
+    }
+
+    /// The next datagram frame from the peer.
+    pub async fn recv(&self) -> Result<Frame, TransportError> {
+        let bytes = self.connection.read_datagram().await?;
+        let mut decoder = Decoder::default();
+        decoder.push(&bytes);
+        match decoder.next_frame()? {
+            Some(frame) if decoder.is_empty() => Ok(frame),
+            _ => Err(ProtoError::Invalid("a datagram that is not exactly one frame".into()).into()),
+        }
+    }
+
+    /// How many UDP datagrams this connection has received: any packet from the peer
+    /// (an acknowledgement of this side's data included) shows its host and process are
+    /// alive, however far behind its frames are.
+    pub fn packets_in(&self) -> u64 {
+        self.connection.stats().udp_rx.datagrams
+    }
+}
+
 /// The receiving half of a [`Link`].
 pub struct LinkReceiver {
     recv: quinn::RecvStream,
@@ -231,6 +280,10 @@ pub struct LinkReceiver {
 impl LinkReceiver {
     /// The next frame; `None` once the peer has finished the stream.
     pub async fn recv(&mut self) -> Result<Option<Frame>, TransportError> {
+        // Frames already buffered would otherwise be handed out without a pause, and a
+        // backlog of them checked in one poll, while QUIC's own task waits to
+        // acknowledge the packets and read the heartbeats behind them.
+        tokio::task::yield_now().await;
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
                 return Ok(Some(frame));
@@ -241,6 +294,32 @@ impl LinkReceiver {
             }
         }
     }
+}
+
+/// Reports, at debug level, each time this thread's runtime was kept from running its
+/// tasks for a while: a blocked network thread stops acknowledging and beating, which
+/// the peer takes for this host's death.
+pub async fn watch_stalls(side: &'static str) {
+    const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+    loop {
+        let due = std::time::Instant::now() + TICK;
+        let cpu = thread_cpu();
+        tokio::time::sleep(TICK).await;
+        let late = due.elapsed();
+        if late > std::time::Duration::from_millis(250) {
+            // Busy (this thread ran something long) or starved (it was not scheduled).
+            let busy_ms = (thread_cpu() - cpu).as_millis() as u64;
+            tracing::debug!(side, late_ms = late.as_millis() as u64, busy_ms, "the network thread was held up");
+        }
+    }
+}
+
+/// CPU time this thread has used.
+fn thread_cpu() -> std::time::Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `t` is, and keeps no pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 /// The standby's listening endpoint.
@@ -361,6 +440,48 @@ mod tests {
         assert_eq!(link.recv().await.unwrap().unwrap(), hello);
         link.close("done");
         assert_eq!(standby.await.unwrap(), hello);
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_overtakes_an_epoch_in_flight() {
+        let (a, b) = (keys("a3"), keys("b3"));
+        let listener = server(&b, &a);
+        let addr = listener.local_addr().unwrap();
+        let beat = Frame { generation: 1, message: tandem_proto::message::Message::Heartbeat { seq: 7 } };
+        let standby = tokio::spawn(async move {
+            let link = listener.accept().await.unwrap();
+            let (_tx, rx) = link.split();
+            let pulse = _tx.pulse();
+            // The stream is not read at all: 40 MB wait unread ahead of the beat.
+            let got = tokio::time::timeout(std::time::Duration::from_secs(20), pulse.recv()).await;
+            assert!(pulse.packets_in() > 100, "the epoch's packets count as signs of life");
+            drop(rx);
+            got
+        });
+        let link = connect(addr, client(&a, &b)).await.unwrap();
+        let (mut tx, _rx) = link.split();
+        let page = Frame {
+            generation: 1,
+            message: tandem_proto::message::Message::Pages {
+                epoch: 1,
+                addresses: (0..512).collect(),
+                compression: tandem_proto::message::Compression::None,
+                data: vec![0x5a; 512 * 4096],
+            },
+        };
+        let pulse = tx.pulse();
+        let sender = tokio::spawn(async move {
+            for _ in 0..20 {
+                tx.send(&page).await.unwrap();
+            }
+            tx
+        });
+        // Some of the epoch is on its way before the beat goes.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        pulse.send(&beat).unwrap();
+        let got = standby.await.unwrap().expect("the heartbeat waited behind the epoch").unwrap();
+        assert_eq!(got, beat);
+        drop(sender);
     }
 
     #[tokio::test]

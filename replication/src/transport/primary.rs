@@ -88,7 +88,7 @@ pub struct Faults {
 
 /// What the VM thread hands the link thread.
 pub enum Outgoing {
-    Epoch { conn: u64, number: u64, frames: Vec<Frame> },
+    Epoch { conn: u64, number: u64, frames: Arc<Vec<Frame>> },
     /// Say goodbye, finish the stream and stop.
     Goodbye(String),
 }
@@ -129,7 +129,9 @@ pub fn spawn(dial: Dial, shared: Arc<Mutex<Shared>>, release: Box<dyn Fn(u64) + 
 /// What the reader hands the writer, in order.
 enum Reply {
     Frame(Frame),
-    /// Tell the standby this epoch's output is released, then release it.
+    /// An epoch sent again after a reconnection.
+    Frames(Arc<Vec<Frame>>),
+    /// Release this epoch's output, then tell the standby.
     Release(u64),
 }
 
@@ -141,6 +143,7 @@ enum End {
 }
 
 async fn run(dial: Dial, shared: Arc<Mutex<Shared>>, mut outbox: mpsc::UnboundedReceiver<Outgoing>, release: Box<dyn Fn(u64) + Send>) {
+    tokio::spawn(super::watch_stalls("primary"));
     let mut corrupt = dial.faults.corrupt_epoch;
     loop {
         let end = match connect(dial.addr, dial.tls.clone()).await {
@@ -167,6 +170,12 @@ async fn run(dial: Dial, shared: Arc<Mutex<Shared>>, mut outbox: mpsc::Unbounded
 /// How a transport error ends a connection: a TLS refusal, which no retry can mend,
 /// or a loss.
 fn ended(e: TransportError) -> End {
+    // The standby closes the connection this way once it has read the goodbye, and any
+    // of the connection's readers (the stream, the heartbeats) may be the first to
+    // hear of it.
+    if e.is_goodbye_received() {
+        return End::Left;
+    }
     match e.tls_refusal() {
         Some(r) if r.by_peer => End::Refused(format!("TLS: the standby refused this primary's certificate: {}", r.reason)),
         Some(r) => End::Refused(format!("TLS: this primary refused the standby's certificate: {}", r.reason)),
@@ -219,18 +228,36 @@ async fn session(
     // The standby's silence on this connection counts from when it was opened.
     let opened = Instant::now();
 
+    let pulse = tx.pulse();
     let reader = async {
         // Set when this side itself stalled: the standby's silence is judged only once
         // the frames that waited meanwhile have had a chance to be read.
         let mut grace: Option<Instant> = None;
+        let mut packets = pulse.packets_in();
         loop {
             let heard = lock(shared).last_heard.max(opened);
             let deadline = (heard + timeout).max(grace.unwrap_or(heard));
             let frame = tokio::select! {
                 got = rx.recv() => got,
+                beat = pulse.recv() => {
+                    match beat {
+                        Ok(Frame { message: Message::Heartbeat { .. }, .. }) => lock(shared).last_heard = Instant::now(),
+                        Ok(_) => return End::Lost("the standby sent a datagram that is not a heartbeat".into()),
+                        Err(e) => return ended(e),
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let quiet = lock(shared).last_heard.max(opened).elapsed();
                     if quiet <= timeout {
+                        continue;
+                    }
+                    // Packets still arrive (acknowledgements of the epochs going out,
+                    // at least): the standby lives, its frames are only slow.
+                    let now_in = pulse.packets_in();
+                    if now_in > packets {
+                        packets = now_in;
+                        lock(shared).last_heard = Instant::now();
                         continue;
                     }
                     if grace.is_none() && dial.heartbeat.woke_late(deadline) {
@@ -238,6 +265,7 @@ async fn session(
                         grace = Some(Instant::now() + dial.heartbeat.interval);
                         continue;
                     }
+                    tracing::debug!(packets_in = now_in, "no packet from the standby since the last check");
                     return End::Lost(format!("the standby has been silent for {} ms", quiet.as_millis()));
                 }
             };
@@ -245,7 +273,6 @@ async fn session(
             let frame = match frame {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return End::Lost("the standby closed the connection".into()),
-                Err(e) if e.is_goodbye_received() => return End::Left,
                 Err(e) => return ended(e),
             };
             let mut end = None;
@@ -256,6 +283,9 @@ async fn session(
                     match event {
                         Event::Send(f) => {
                             let _ = replies_tx.send(Reply::Frame(f));
+                        }
+                        Event::SendEpoch(frames) => {
+                            let _ = replies_tx.send(Reply::Frames(frames));
                         }
                         Event::Connected { full_sync } => {
                             s.conn += 1;
@@ -282,8 +312,6 @@ async fn session(
 
     tokio::pin!(reader);
     let writer = async {
-        let mut beat = tokio::time::interval(dial.heartbeat.interval);
-        let mut seq = 0u64;
         loop {
             tokio::select! {
                 biased;
@@ -293,18 +321,22 @@ async fn session(
                             return ended(e);
                         }
                     }
+                    Reply::Frames(frames) => {
+                        for frame in frames.iter() {
+                            if let Err(e) = tx.send(frame).await {
+                                return ended(e);
+                            }
+                        }
+                    }
                     Reply::Release(epoch) => {
-                        // The standby hears of a release before it happens: should this
-                        // host die in between, the standby prints that output itself.
+                        // Released first, the standby told after: should this host die
+                        // in between, the standby prints that output again (a console
+                        // client skips it by its offset), but never misses any.
+                        release(epoch);
                         let generation = lock(shared).machine.generation();
                         if let Err(e) = tx.send(&Frame { generation, message: Message::Released { epoch } }).await {
                             return ended(e);
                         }
-                        // Lets the connection's driver hand the frame to the kernel.
-                        for _ in 0..3 {
-                            tokio::task::yield_now().await;
-                        }
-                        release(epoch);
                     }
                 },
                 out = outbox.recv() => match out {
@@ -323,26 +355,35 @@ async fn session(
                     }
                     None => return End::Left,
                 },
-                _ = beat.tick() => {
-                    let (following, generation) = {
-                        let s = lock(shared);
-                        (s.machine.is_protecting(), s.machine.generation())
-                    };
-                    if following {
-                        seq += 1;
-                        tracing::trace!(seq, "heartbeat out");
-                        if let Err(e) = tx.send(&Frame { generation, message: Message::Heartbeat { seq } }).await {
-                            return ended(e);
-                        }
-                    }
+            }
+        }
+    };
+    // Beats on its own, so that neither an epoch being written nor a goodbye draining
+    // delays a heartbeat.
+    let beater = async {
+        let mut beat = tokio::time::interval(dial.heartbeat.interval);
+        let mut seq = 0u64;
+        loop {
+            beat.tick().await;
+            let (following, generation) = {
+                let s = lock(shared);
+                (s.machine.is_protecting(), s.machine.generation())
+            };
+            if following {
+                seq += 1;
+                tracing::trace!(seq, "heartbeat out");
+                if let Err(e) = pulse.send(&Frame { generation, message: Message::Heartbeat { seq } }) {
+                    return ended(e);
                 }
             }
         }
     };
+    tokio::pin!(beater);
 
     let end = tokio::select! {
         end = &mut reader => end,
         end = writer => end,
+        end = &mut beater => end,
     };
     match end {
         End::Left => {
@@ -354,7 +395,13 @@ async fn session(
             // could cut them off unread, and a standby that never reads the goodbye
             // takes over a guest that has stopped.
             tx.end_stream();
-            let confirmed = tokio::time::timeout(GOODBYE_LIMIT, &mut reader).await;
+            let confirmed = tokio::time::timeout(GOODBYE_LIMIT, async {
+                tokio::select! {
+                    end = &mut reader => end,
+                    end = &mut beater => end,
+                }
+            })
+            .await;
             tx.close("goodbye");
             match confirmed {
                 Ok(End::Left) => End::Left,

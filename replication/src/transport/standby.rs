@@ -16,7 +16,7 @@ use tandem_proto::standby::{Event, Standby};
 use tandem_proto::Frame;
 use tokio::sync::mpsc;
 
-use super::{Link, Listener, TransportError};
+use super::{Link, Listener, Pulse, TransportError};
 use crate::Heartbeat;
 
 /// What the network side tells the VM side, in the order it happened.
@@ -46,6 +46,9 @@ struct State {
     /// An epoch is being laid into the image: frames wait meanwhile, so their absence
     /// is not the primary's silence.
     applying: bool,
+    /// The current connection's evidence of life, and how many packets it had shown
+    /// at the last check.
+    pulse: Option<(Pulse, u64)>,
 }
 
 /// The VM side's handle on the network thread.
@@ -57,13 +60,14 @@ pub struct StandbyLink {
 impl StandbyLink {
     /// From now on this host runs the VM at `generation`: the current primary is cut
     /// off and every primary that comes later is refused.
-    /// Returns the output of committed epochs the primary had not released, for the
-    /// new VM's console to print first.
-    pub fn promote(&self, generation: u64) -> Vec<u8> {
+    /// Returns the console as of the last committed epoch: what the primary said it
+    /// released, for console clients that resume, and what it did not, for the new
+    /// VM's console to print first.
+    pub fn promote(&self, generation: u64) -> tandem_proto::standby::Console {
         let mut s = lock(&self.state);
         s.promoted = Some(generation);
         let _ = self.abort.send(());
-        s.machine.unreleased_output()
+        s.machine.console()
     }
 }
 
@@ -87,6 +91,7 @@ pub fn spawn(
         promoted: None,
         silence_reported: false,
         applying: false,
+        pulse: None,
     }));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -114,6 +119,7 @@ async fn run(
     reports: Sender<Report>,
     mut aborts: mpsc::UnboundedReceiver<()>,
 ) {
+    tokio::spawn(super::watch_stalls("standby"));
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
     let mut check = tokio::time::interval(heartbeat.interval);
     // After a stall, one late tick, not a burst of them ahead of the frames that waited.
@@ -175,8 +181,20 @@ async fn run(
                 if s.promoted.is_some() || s.silence_reported || s.applying {
                     continue;
                 }
+                // Packets still arriving show the primary alive, its frames only slow.
+                if let Some((pulse, seen)) = &mut s.pulse {
+                    let now_in = pulse.packets_in();
+                    if now_in > *seen {
+                        *seen = now_in;
+                        if s.last_heard.is_some() {
+                            s.last_heard = Some(Instant::now());
+                        }
+                        continue;
+                    }
+                }
                 if let Some(quiet) = s.last_heard.map(|t| t.elapsed()).filter(|q| *q > heartbeat.timeout) {
                     s.silence_reported = true;
+                    tracing::debug!(packets_in = s.pulse.as_ref().map(|(p, _)| p.packets_in()), "no packet from the primary since the last check");
                     let _ = reports.send(Report::Silent(quiet));
                 }
             }
@@ -189,11 +207,30 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
     let peer = link.peer().to_string();
     let (mut tx, mut rx) = link.split();
     let (replies_tx, mut replies) = mpsc::unbounded_channel::<Frame>();
+    let pulse = tx.pulse();
+    lock(&state).pulse = Some((pulse.clone(), pulse.packets_in()));
 
     // Ends with the primary's goodbye (Ok, its reason) or why the connection dropped.
     let reader = async {
         loop {
-            let frame = match rx.recv().await {
+            let got = tokio::select! {
+                got = rx.recv() => got,
+                beat = pulse.recv() => {
+                    match beat {
+                        Ok(Frame { message: Message::Heartbeat { .. }, generation }) => {
+                            let mut s = lock(&state);
+                            if s.machine.is_following() && generation == s.machine.generation() {
+                                s.last_heard = Some(Instant::now());
+                                s.silence_reported = false;
+                            }
+                        }
+                        Ok(_) => return Err("the primary sent a datagram that is not a heartbeat".to_string()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    continue;
+                }
+            };
+            let frame = match got {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Err("the primary closed the connection".to_string()),
                 Err(e) => return Err(e.to_string()),
@@ -259,27 +296,26 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
     };
 
     let writer = async {
+        while let Some(frame) = replies.recv().await {
+            if tx.send(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Beats on its own: an acknowledgement being written must not delay a heartbeat.
+    let beater = async {
         let mut beat = tokio::time::interval(heartbeat.interval);
         let mut seq = 0u64;
         loop {
-            tokio::select! {
-                biased;
-                Some(frame) = replies.recv() => {
-                    if tx.send(&frame).await.is_err() {
-                        return;
-                    }
-                }
-                _ = beat.tick() => {
-                    let (following, generation) = {
-                        let s = lock(&state);
-                        (s.machine.is_following(), s.machine.generation())
-                    };
-                    if following {
-                        seq += 1;
-                        if tx.send(&Frame { generation, message: Message::Heartbeat { seq } }).await.is_err() {
-                            return;
-                        }
-                    }
+            beat.tick().await;
+            let (following, generation) = {
+                let s = lock(&state);
+                (s.machine.is_following(), s.machine.generation())
+            };
+            if following {
+                seq += 1;
+                if let Err(e) = pulse.send(&Frame { generation, message: Message::Heartbeat { seq } }) {
+                    return e.to_string();
                 }
             }
         }
@@ -288,7 +324,9 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
     let ended = tokio::select! {
         ended = reader => ended,
         () = writer => Err("the connection failed while sending".to_string()),
+        why = beater => Err(why),
     };
+    lock(&state).pulse = None;
     // What the machine answered last (a refusal, typically) still goes out.
     while let Ok(frame) = replies.try_recv() {
         let _ = tx.send(&frame).await;
