@@ -7,6 +7,7 @@
 //! /init runs `/lab/run`, prints an exit marker on the console and powers off.
 
 pub mod cpio;
+mod freeze;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -120,6 +121,9 @@ pub enum LabFault {
     NeverStarted,
     /// A lab CPU stuck in the lab's kernel (see [`LOCKUP_WATCH`]).
     LockedUp,
+    /// The lab host stopped altogether (see [`freeze`]): not retried, no peer has shown
+    /// it yet.
+    Frozen,
     /// The lab host stopped in the middle of the command: its /init always reports
     /// the command's status, so only the lab's kernel (a panic, which reboots and so
     /// ends QEMU) or QEMU itself can have ended it.
@@ -242,6 +246,7 @@ fn overlay(command: &[String], with: &[PathBuf], timeout: Duration, scratch: &Pa
     let mut archive = cpio::Archive::default();
     let mut script = String::from("#!/bin/sh\n");
     script.push_str(LOCKUP_WATCH);
+    script.push_str(freeze::ALIVE_TICKER);
     if !nested_paging() {
         script.push_str(NO_NESTED_PAGING);
     }
@@ -307,6 +312,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         }
     }
 
+    let monitor = scratch.path.join("monitor.sock");
     let mut lab = Command::new(&qemu);
     // A lab whose `tandem lab` was killed must not run on: its emulated CPUs would
     // take the host's cores from the next lab (seen: one burned a core for half an
@@ -326,6 +332,8 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         .args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", LAB_CPU])
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")
@@ -337,6 +345,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         .with_context(|| format!("starting {}", qemu.display()))?;
 
     let watchdog = crate::harness::watchdog::Watchdog::new(child.id(), opts.timeout);
+    let freeze = freeze::FreezeWatch::new(child.id(), monitor);
     let mut status = None;
     let mut started = false;
     let mut locked_up = None;
@@ -352,6 +361,10 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         }
         let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end_matches(['\n', '\r']).trim_end_matches('\r');
+        freeze.heard(started && status.is_none());
+        if line == freeze::ALIVE_MARKER {
+            continue;
+        }
         if line == START_MARKER {
             started = true;
             continue;
@@ -381,6 +394,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
     }
     // Disarm before reaping, so the watchdogs can never signal a reused pid.
     let timed_out = watchdog.disarm();
+    let frozen = freeze.stop();
     let locked_up = locked_up.map(|w| w.disarm());
     let _ = child.wait();
     if locked_up.is_some() && status.is_none() {
@@ -389,6 +403,10 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
              a fault of the lab's kernel or its emulated CPU; its report is above); the lab was stopped (try again)"
         );
         return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::LockedUp), guest_triple_faults: shutdowns });
+    }
+    if frozen && status.is_none() {
+        eprintln!("tandem lab: the lab host froze while running the command (see above); the lab was stopped");
+        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::Frozen), guest_triple_faults: shutdowns });
     }
     if timed_out {
         let lab_fault = if started {
