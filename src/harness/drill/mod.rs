@@ -11,18 +11,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::harness::lab;
 
+mod check;
+mod client;
+
+use client::Client;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct DrillArgs {
     /// When to kill the primary, per run (a comma-separated list is used in turn):
-    /// MS after the standby first holds a committed epoch; `random` (2 to 16 s after
-    /// it, spanning the guest's boot and its ticking); `mid-epoch[:N]` (in the middle of sending epoch N, by default 8, early
+    /// MS after the standby first holds a committed epoch; `after-output:N` (as soon
+    /// as a console client has received N numbered lines from the primary, in a burst
+    /// of releases); `random` (0 to 6 s after the first numbered line reached the
+    /// client); `mid-epoch[:N]` (in the middle of sending epoch N, by default 8, early
     /// in the guest's boot); `initial-sync` (before the first commit: the standby must
     /// refuse to take over).
     #[arg(long, default_value = "random", value_delimiter = ',')]
@@ -44,6 +51,11 @@ pub struct DrillArgs {
     /// for a second, hence more than the production default.
     #[arg(long, default_value_t = 3000, value_name = "MS")]
     timeout_ms: u64,
+    /// The primary's epoch length. The lab runs guests tens of times slower than a
+    /// real host, so its epochs are longer than the production default (25 ms) in the
+    /// same proportion of the guest's progress.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    epoch_ms: u64,
     /// Seed for `random` kill times (default: the clock).
     #[arg(long)]
     seed: Option<u64>,
@@ -66,6 +78,8 @@ pub struct DrillArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kill {
     After(Duration),
+    /// Once a console client has this many numbered lines, and then after a while.
+    AfterOutput { lines: u64, then: Duration },
     /// In the middle of sending this epoch.
     MidEpoch(u64),
     InitialSync,
@@ -80,13 +94,16 @@ fn parse_kill(text: &str, rng: &mut u64) -> Result<Kill> {
             *rng ^= *rng << 13;
             *rng ^= *rng >> 7;
             *rng ^= *rng << 17;
-            Kill::After(Duration::from_millis(2000 + *rng % 14000))
+            Kill::AfterOutput { lines: 1, then: Duration::from_millis(*rng % 6000) }
         }
         other => {
-            let bad = || format!("--kill-at {other:?}: expected a number of ms, random, mid-epoch[:N] or initial-sync");
-            match other.strip_prefix("mid-epoch:") {
-                Some(n) => Kill::MidEpoch(n.parse().ok().filter(|n| *n > 1).with_context(bad)?),
-                None => Kill::After(Duration::from_millis(other.parse().with_context(bad)?)),
+            let bad = || format!("--kill-at {other:?}: expected a number of ms, after-output:N, random, mid-epoch[:N] or initial-sync");
+            if let Some(n) = other.strip_prefix("mid-epoch:") {
+                Kill::MidEpoch(n.parse().ok().filter(|n| *n > 1).with_context(bad)?)
+            } else if let Some(n) = other.strip_prefix("after-output:") {
+                Kill::AfterOutput { lines: n.parse().ok().filter(|n| *n > 0).with_context(bad)?, then: Duration::ZERO }
+            } else {
+                Kill::After(Duration::from_millis(other.parse().with_context(bad)?))
             }
         }
     })
@@ -131,7 +148,10 @@ pub fn run(args: &DrillArgs) -> Result<u8> {
         }
         println!("{} (worst lab stall {} ms)", outcome.line, stall.as_millis());
         if args.show_consoles {
-            println!("=== run {n} primary console\n{}\n=== run {n} standby console\n{}\n=== run {n} end", outcome.primary, outcome.standby);
+            println!(
+                "=== run {n} primary console\n{}\n=== run {n} standby console\n{}\n=== run {n} client console\n{}\n=== run {n} end",
+                outcome.primary, outcome.standby, outcome.client
+            );
             println!("=== run {n} primary events\n{}\n=== run {n} standby events\n{}\n=== run {n} events end", outcome.primary_events, outcome.standby_events);
         }
         if outcome.ok {
@@ -197,6 +217,7 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
         format!("--dirty-mib={}", args.dirty_mib),
         format!("--lines={}", args.lines),
         format!("--timeout-ms={}", args.timeout_ms),
+        format!("--epoch-ms={}", args.epoch_ms),
         format!("--seed={seed}"),
     ]);
     if args.show_consoles {
@@ -232,6 +253,8 @@ struct Outcome {
     line: String,
     primary: String,
     standby: String,
+    /// What the console client received across the takeover.
+    client: String,
     primary_events: String,
     standby_events: String,
     primary_log: String,
@@ -359,12 +382,14 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     tandem_replication::tls::keygen(&pkeys)?;
     tandem_replication::tls::keygen(&skeys)?;
     let addr = format!("127.0.0.1:{}", 7100 + n);
+    let consoles: [std::net::SocketAddr; 2] = [([127, 0, 0, 1], 7300 + n as u16).into(), ([127, 0, 0, 1], 7500 + n as u16).into()];
     let path = |p: PathBuf| p.display().to_string();
     let timeout = args.timeout_ms.to_string();
     let mut standby_args = vec![
         "standby".to_string(), "--listen".into(), addr.clone(),
         "--key".into(), path(skeys.join("key.pem")), "--peer-cert".into(), path(pkeys.join("cert.pem")),
         "--state-dir".into(), path(dir.join("standby-state")), "--timeout-ms".into(), timeout.clone(),
+        "--console-listen".into(), consoles[1].to_string(),
     ];
     let workload = match args.workload.as_str() {
         "dirty" => format!("tandem.workload=dirty tandem.dirty_mib={} tandem.seconds={}", args.dirty_mib, args.lines),
@@ -373,7 +398,8 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     let mut primary_args = vec![
         "primary".to_string(), "--standby".into(), addr,
         "--key".into(), path(pkeys.join("key.pem")), "--peer-cert".into(), path(skeys.join("cert.pem")),
-        "--timeout-ms".into(), timeout,
+        "--timeout-ms".into(), timeout, "--console-listen".into(), consoles[0].to_string(),
+        "--epoch-ms".into(), args.epoch_ms.to_string(),
         "--kernel".into(), path(images.join("vmlinuz")), "--initrd".into(), path(images.join("guest-initrd.cpio")),
         "--append".into(), workload,
     ];
@@ -398,6 +424,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     }
     stage("the standby is up");
     let mut primary = Proc::start(&primary_args, &dir, "primary")?;
+    let prefix = if args.workload == "dirty" { "dirty " } else { "tick " };
+    // Before the initial sync completes nothing is released, and nothing taken over.
+    let client = (kill != Kill::InitialSync).then(|| Client::start(consoles.to_vec(), prefix));
 
     let ready = match kill {
         Kill::InitialSync => primary.wait_for("standby_follows", Duration::from_secs(60)),
@@ -413,9 +442,31 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
             std::thread::sleep(d);
             format!("{} ms after the first commit", d.as_millis())
         }
+        Kill::AfterOutput { lines, then } => {
+            let client = client.as_ref().expect("a client for every kill after output");
+            if !client.wait_lines(lines, OUTPUT_LIMIT) {
+                // Output still flowing means a guest that is slow to boot; none, a
+                // pipeline that has stopped releasing.
+                let released: Vec<Value> = primary.events().into_iter().filter(|e| e["event"] == "released").collect();
+                let bytes: u64 = released.iter().filter_map(|e| e["bytes"].as_u64()).sum();
+                let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                let last = released.last().and_then(|e| e["t_ms"].as_u64()).map(|t| now_ms.saturating_sub(t) as f64 / 1000.0);
+                let why = format!(
+                    "the primary released {} numbered lines in {} s, not {lines} ({bytes} bytes of console released in all, {}): {}",
+                    client.lines(),
+                    OUTPUT_LIMIT.as_secs(),
+                    last.map(|s| format!("the last {s:.1} s before the limit")).unwrap_or_else(|| "none at all".into()),
+                    if last.is_some_and(|s| s < 5.0) { "the guest is slow to boot, its output released as it comes" } else { "protection is not live" }
+                );
+                return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
+            }
+            std::thread::sleep(then);
+            format!("{} ms after numbered line {lines} reached the console client", then.as_millis())
+        }
         Kill::InitialSync => "during the initial sync".into(),
         Kill::MidEpoch(epoch) => format!("in the middle of sending epoch {epoch}"),
     };
+    let released_before_kill = client.as_ref().map(Client::lines);
     if !matches!(kill, Kill::MidEpoch(_)) {
         let _ = primary.child.kill();
     }
@@ -429,6 +480,13 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     });
 
     let (pcon, scon) = (primary.console(), standby.console());
+    let (ccon, client_end) = match client {
+        Some(client) => {
+            let (text, end) = client.finish(Duration::from_secs(30));
+            (Some(text), end)
+        }
+        None => (None, Ok(0)),
+    };
     let verdict = if kill == Kill::InitialSync {
         let refused = standby_exit == Some(1) && standby.event("not_promoted").is_some();
         let silent = pcon.trim().is_empty() && scon.trim().is_empty();
@@ -441,13 +499,19 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         // Not one byte from the guest on either host, not even the kernel's first line.
         Err(format!("{SILENT_GUEST} (primary exit {primary_exit:?}, standby exit {standby_exit:?})"))
     } else {
-        check(&args.workload, args.lines, &pcon, &scon, standby_exit, primary_exit)
+        let consoles = check::Consoles { primary: &pcon, standby: &scon, client: ccon.as_deref().unwrap_or(""), client_end: &client_end };
+        check::check(prefix, args.lines, &consoles, standby_exit, primary_exit)
     };
     let verdict = match (verdict, hung) {
         (Err(e), Some(hung)) => Err(format!("{e}{hung}")),
         (verdict, _) => verdict,
     };
-    let outcome = finish(n, &mut primary, &mut standby, verdict, &killed_at);
+    let verdict = verdict.map(|v| match released_before_kill {
+        Some(k) => format!("{v}; {k} numbered lines had reached the client when the kill came"),
+        None => v,
+    });
+    let mut outcome = finish(n, &mut primary, &mut standby, verdict, &killed_at);
+    outcome.client = ccon.unwrap_or_default();
     stage("both processes reaped");
     drop((primary, standby));
     let _ = std::fs::remove_dir_all(&dir);
@@ -500,6 +564,7 @@ fn finish(n: u32, primary: &mut Proc, standby: &mut Proc, verdict: Result<String
         line,
         primary: pcon,
         standby: scon,
+        client: String::new(),
         primary_events: read(&primary.events),
         standby_events: read(&standby.events),
         primary_log: primary.log(),
@@ -527,36 +592,6 @@ fn threads(child: &mut Child) -> String {
     out
 }
 
-/// The numbered lines of the two consoles, joined byte for byte (a kill can fall in
-/// the middle of a line, which the standby then finishes), must run 1..=lines, each
-/// once, and the guest must have found its memory intact throughout.
-fn check(workload: &str, lines: u32, primary: &str, standby: &str, standby_exit: Option<i32>, primary_exit: Option<i32>) -> Result<String, String> {
-    let prefix = if workload == "dirty" { "dirty " } else { "tick " };
-    let numbers = |text: &str| -> Vec<u32> {
-        text.lines().filter_map(|l| l.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok()).collect()
-    };
-    let joined = format!("{primary}{standby}");
-    let seen = numbers(&joined);
-    let want: Vec<u32> = (1..=lines).collect();
-    if primary_exit == Some(0) {
-        return Err("the primary was not killed: it ran to the end".into());
-    }
-    if seen != want {
-        let dupes = seen.windows(2).filter(|w| w[1] <= w[0]).count();
-        let gaps = seen.windows(2).filter(|w| w[1] > w[0] + 1).count();
-        return Err(format!(
-            "{} numbered lines, {dupes} repeated, {gaps} gaps, first {:?}, last {:?}",
-            seen.len(),
-            seen.first(),
-            seen.last()
-        ));
-    }
-    if joined.contains("check=BAD") || joined.contains("TANDEM-CLOCK-BACKWARDS") {
-        return Err("the guest found its memory or clock wrong".into());
-    }
-    if standby_exit != Some(0) || !standby.contains("TANDEM-GUEST-DONE rc=0") {
-        return Err(format!("the standby's guest did not finish cleanly (exit {standby_exit:?})"));
-    }
-    let from_primary = numbers(primary).len();
-    Ok(format!("lines 1-{from_primary} from the primary, {}-{lines} from the standby", from_primary + 1))
-}
+
+/// How long a kill after output waits for the primary to release that output.
+const OUTPUT_LIMIT: Duration = Duration::from_secs(180);
