@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 
 pub const ALIVE_MARKER: &str = "@@TANDEM-LAB-ALIVE@@";
 /// Runs in the background of `/lab/run`.
-pub const ALIVE_TICKER: &str = "( while sleep 5; do echo '@@TANDEM-LAB-ALIVE@@'; done ) </dev/null &\n";
+pub const ALIVE_TICKER: &str = "grep -m1 ' _text$' /proc/kallsyms | sed 's/ .*//; s/^/@@TANDEM-LAB-TEXT=/'
+( while sleep 5; do echo '@@TANDEM-LAB-ALIVE@@'; done ) </dev/null &\n";
+/// Where the lab kernel's text starts (it is placed at random each boot), so that the
+/// instruction pointers of a report can be looked up in its System.map later.
+pub const TEXT_MARKER: &str = "@@TANDEM-LAB-TEXT=";
 /// Far longer than any stall the lab has shown with its timers still running (seconds).
 pub const FROZEN_AFTER: Duration = Duration::from_secs(90);
 
@@ -23,6 +27,7 @@ pub const FROZEN_AFTER: Duration = Duration::from_secs(90);
 pub struct FreezeWatch {
     start: Instant,
     last_ms: Arc<AtomicU64>,
+    text: Arc<AtomicU64>,
     armed: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
     fired: Arc<AtomicBool>,
@@ -34,9 +39,10 @@ impl FreezeWatch {
     pub fn new(pid: u32, monitor: PathBuf) -> Self {
         let start = Instant::now();
         let last_ms = Arc::new(AtomicU64::new(0));
+        let text = Arc::new(AtomicU64::new(0));
         let (armed, done, fired) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let thread = {
-            let (last_ms, armed, done, fired) = (last_ms.clone(), armed.clone(), done.clone(), fired.clone());
+            let (last_ms, text, armed, done, fired) = (last_ms.clone(), text.clone(), armed.clone(), done.clone(), fired.clone());
             std::thread::spawn(move || {
                 while !done.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(200));
@@ -46,8 +52,9 @@ impl FreezeWatch {
                     }
                     eprintln!(
                         "tandem lab: nothing at all from the lab host for {} s (its ticker prints every 5 s): it has frozen; \
-                         where its CPUs are:\n{}",
+                         where its CPUs are (its kernel text at {:#x}, _text in System.map):\n{}",
                         quiet.as_secs(),
+                        text.load(Ordering::SeqCst),
                         cpu_registers(&monitor)
                     );
                     fired.store(true, Ordering::SeqCst);
@@ -58,7 +65,21 @@ impl FreezeWatch {
                 }
             })
         };
-        Self { start, last_ms, armed, done, fired, thread: Some(thread) }
+        Self { start, last_ms, text, armed, done, fired, thread: Some(thread) }
+    }
+
+    /// The lab printed this line; true if it was one of this watch's own.
+    pub fn read(&self, line: &str) -> bool {
+        if line == ALIVE_MARKER {
+            return true;
+        }
+        match line.strip_prefix(TEXT_MARKER).map(|a| u64::from_str_radix(a, 16)) {
+            Some(address) => {
+                self.text.store(address.unwrap_or(0), Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
     }
 
     /// A line came from the lab; `started`: the command is running (before that the

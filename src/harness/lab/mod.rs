@@ -362,7 +362,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end_matches(['\n', '\r']).trim_end_matches('\r');
         freeze.heard(started && status.is_none());
-        if line == freeze::ALIVE_MARKER {
+        if freeze.read(line) {
             continue;
         }
         if line == START_MARKER {
