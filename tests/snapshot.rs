@@ -65,6 +65,7 @@ fn check_continuity(run: &common::Run) {
         .filter_map(|l| l.strip_prefix("tick "))
         .filter_map(|l| l.split("mono_ms=").nth(1)?.trim().parse().ok())
         .collect();
+    assert!(mono.len() > 6, "only {} ticks with a clock reading after the restore\n{}", mono.len(), run.dump());
     let steady = &mono[5..];
     let span = steady.last().unwrap() - steady[0];
     let per_tick = span as f64 / (steady.len() - 1) as f64;

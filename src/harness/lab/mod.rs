@@ -313,6 +313,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
     }
 
     let monitor = scratch.path.join("monitor.sock");
+    let ticks = scratch.path.join("ticks");
     let mut lab = Command::new(&qemu);
     // A lab whose `tandem lab` was killed must not run on: its emulated CPUs would
     // take the host's cores from the next lab (seen: one burned a core for half an
@@ -332,6 +333,8 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         .args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", LAB_CPU])
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
+        .arg("-serial")
+        .arg(format!("file:{}", ticks.display()))
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .arg("-kernel")
@@ -345,7 +348,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         .with_context(|| format!("starting {}", qemu.display()))?;
 
     let watchdog = crate::harness::watchdog::Watchdog::new(child.id(), opts.timeout);
-    let freeze = freeze::FreezeWatch::new(child.id(), monitor);
+    let freeze = freeze::FreezeWatch::new(child.id(), ticks, monitor);
     let mut status = None;
     let mut started = false;
     let mut locked_up = None;
@@ -361,12 +364,10 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         }
         let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end_matches(['\n', '\r']).trim_end_matches('\r');
-        freeze.heard(started && status.is_none());
-        if freeze.read(line) {
-            continue;
-        }
+        freeze.arm(started && status.is_none());
         if line == START_MARKER {
             started = true;
+            freeze.arm(true);
             continue;
         }
         if let Some(rest) = line.strip_prefix(SHUTDOWNS_MARKER) {
