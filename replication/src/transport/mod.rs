@@ -448,13 +448,22 @@ mod tests {
         let listener = server(&b, &a);
         let addr = listener.local_addr().unwrap();
         let beat = Frame { generation: 1, message: tandem_proto::message::Message::Heartbeat { seq: 7 } };
+        let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
         let standby = tokio::spawn(async move {
             let link = listener.accept().await.unwrap();
             let (_tx, rx) = link.split();
             let pulse = _tx.pulse();
-            // The stream is not read at all: 40 MB wait unread ahead of the beat.
+            // The stream is not read at all: the epoch waits unread ahead of the beat,
+            // and its packets, counted as they come, are signs of life.
+            let counted = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+                while pulse.packets_in() <= 100 {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            assert!(counted.is_ok(), "the epoch's packets count as signs of life");
+            let _ = arrived_tx.send(());
             let got = tokio::time::timeout(std::time::Duration::from_secs(20), pulse.recv()).await;
-            assert!(pulse.packets_in() > 100, "the epoch's packets count as signs of life");
             drop(rx);
             got
         });
@@ -477,7 +486,7 @@ mod tests {
             tx
         });
         // Some of the epoch is on its way before the beat goes.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        arrived.await.unwrap();
         pulse.send(&beat).unwrap();
         let got = standby.await.unwrap().expect("the heartbeat waited behind the epoch").unwrap();
         assert_eq!(got, beat);
