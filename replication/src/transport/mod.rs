@@ -251,6 +251,24 @@ impl Pulse {
         })
     }
 
+    /// Beats every `interval` for as long as the connection lasts, at the generation
+    /// `current` returns (`None`: not now, as before the handshake); returns why a
+    /// beat could not be sent.
+    pub async fn beat(&self, interval: std::time::Duration, mut current: impl FnMut() -> Option<u64>) -> TransportError {
+        let mut tick = tokio::time::interval(interval);
+        let mut seq = 0u64;
+        loop {
+            tick.tick().await;
+            if let Some(generation) = current() {
+                seq += 1;
+                tracing::trace!(seq, "heartbeat out");
+                if let Err(e) = self.send(&Frame { generation, message: tandem_proto::message::Message::Heartbeat { seq } }) {
+                    return e;
+                }
+            }
+        }
+    }
+
     /// The next datagram frame from the peer.
     pub async fn recv(&self) -> Result<Frame, TransportError> {
         let bytes = self.connection.read_datagram().await?;

@@ -361,22 +361,11 @@ async fn session(
     // Beats on its own, so that neither an epoch being written nor a goodbye draining
     // delays a heartbeat.
     let beater = async {
-        let mut beat = tokio::time::interval(dial.heartbeat.interval);
-        let mut seq = 0u64;
-        loop {
-            beat.tick().await;
-            let (following, generation) = {
-                let s = lock(shared);
-                (s.machine.is_protecting(), s.machine.generation())
-            };
-            if following {
-                seq += 1;
-                tracing::trace!(seq, "heartbeat out");
-                if let Err(e) = pulse.send(&Frame { generation, message: Message::Heartbeat { seq } }) {
-                    return ended(e);
-                }
-            }
-        }
+        let current = || {
+            let s = lock(shared);
+            s.machine.is_protecting().then(|| s.machine.generation())
+        };
+        ended(pulse.beat(dial.heartbeat.interval, current).await)
     };
     tokio::pin!(beater);
 

@@ -304,21 +304,11 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
     };
     // Beats on its own: an acknowledgement being written must not delay a heartbeat.
     let beater = async {
-        let mut beat = tokio::time::interval(heartbeat.interval);
-        let mut seq = 0u64;
-        loop {
-            beat.tick().await;
-            let (following, generation) = {
-                let s = lock(&state);
-                (s.machine.is_following(), s.machine.generation())
-            };
-            if following {
-                seq += 1;
-                if let Err(e) = pulse.send(&Frame { generation, message: Message::Heartbeat { seq } }) {
-                    return e.to_string();
-                }
-            }
-        }
+        let current = || {
+            let s = lock(&state);
+            s.machine.is_following().then(|| s.machine.generation())
+        };
+        pulse.beat(heartbeat.interval, current).await.to_string()
     };
 
     let ended = tokio::select! {
