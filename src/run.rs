@@ -67,6 +67,9 @@ pub enum DebugPauseWork {
     State,
     DirtyLog,
     Capture,
+    VmState,
+    VcpuState,
+    Copy,
 }
 
 impl RunArgs {
@@ -131,6 +134,9 @@ pub fn run(args: RunArgs) -> Result<u8> {
                 DebugPauseWork::State => PauseWork::State,
                 DebugPauseWork::DirtyLog => PauseWork::DirtyLog,
                 DebugPauseWork::Capture => PauseWork::Capture,
+                DebugPauseWork::VmState => PauseWork::VmState,
+                DebugPauseWork::VcpuState => PauseWork::VcpuState,
+                DebugPauseWork::Copy => PauseWork::Copy,
             },
             next: Instant::now(),
         }),

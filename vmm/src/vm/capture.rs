@@ -92,6 +92,12 @@ pub enum PauseWork {
     DirtyLog,
     /// A whole delta capture, copy included, then dropped.
     Capture,
+    /// Only the VM-wide state (clock, PIT, interrupt controllers).
+    VmState,
+    /// Only each vCPU's state, on its own thread.
+    VcpuState,
+    /// The dirty log and a copy of the dirty pages, no machine state.
+    Copy,
 }
 
 impl Vm {
@@ -106,7 +112,17 @@ impl Vm {
         let result = match work {
             PauseWork::State => self.capture_paused(Kind::Delta, None, &mut DirtyPages::default()).map(drop),
             PauseWork::DirtyLog => self.ram.take_dirty(&self.kvm_vm).map(drop).map_err(VmError::from),
-            _ => Ok(()),
+            PauseWork::VmState => VmState::capture(&self.kvm_vm).map(drop).map_err(VmError::from),
+            PauseWork::VcpuState => {
+                let msrs = self.msrs.clone();
+                let states = self.vcpus.on_each_paused(move |_, vcpu| VcpuState::capture(vcpu, &msrs).map(drop))?;
+                states.into_iter().collect::<Result<(), _>>().map_err(VmError::from)
+            }
+            PauseWork::Copy => self.ram.take_dirty(&self.kvm_vm).map_err(VmError::from).and_then(|dirty| {
+                let mut staging = Staging::new(&dirty);
+                staging.copy(&self.ram, &dirty)
+            }),
+            PauseWork::Nothing | PauseWork::Capture => Ok(()),
         };
         self.vcpus.resume();
         result.map(|()| start.elapsed())
