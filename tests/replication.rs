@@ -20,16 +20,19 @@ fn drill(env: &[(&str, &str)], args: &[&str], check: impl Fn(&Run)) {
             let mut all = vec!["drill", "--show-consoles"];
             all.extend_from_slice(args);
             let run = tandem_env(env, &all);
-            let verdict: Value = run
+            let verdicts: Vec<Value> = run
                 .stdout
                 .lines()
-                .find_map(|l| l.strip_prefix("drill-verdict: "))
-                .and_then(|j| serde_json::from_str(j).ok())
-                .unwrap_or_default();
-            let failed = verdict["failed"].as_array().cloned().unwrap_or_default();
+                .filter_map(|l| l.strip_prefix("drill-verdict: "))
+                .filter_map(|j| serde_json::from_str(j).ok())
+                .collect();
+            let last = verdicts.iter().rev().find(|v| v.get("done").is_some()).cloned().unwrap_or_default();
+            let failed = last["failed"].as_array().cloned().unwrap_or_default();
             let facts = LabFacts {
                 drill_failures_all_triple_faults: !failed.is_empty()
                     && failed.iter().all(|f| f["signature"] == "guest_triple_fault"),
+                // Only a freeze with no failed run before it excuses the drill.
+                frozen: failed.is_empty() && verdicts.iter().any(|v| v["lab_fault"] == "frozen"),
                 ..LabFacts::default()
             };
             (run, facts)

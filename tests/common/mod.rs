@@ -101,6 +101,8 @@ pub struct LabFacts {
     pub triple_faults: u32,
     /// For a drill: every failed run carried the triple-fault signature.
     pub drill_failures_all_triple_faults: bool,
+    /// The lab host froze: no tick from it for 90 s (`tandem lab`'s `frozen` fault).
+    pub frozen: bool,
 }
 
 /// The fault signatures a test may be retried for, once, and why each is the lab's
@@ -108,13 +110,18 @@ pub struct LabFacts {
 /// - a guest triple fault: a peer, QEMU with KVM in the same lab, stopped and
 ///   continued under dirty logging, dies the same way (KVM's shutdown exit while
 ///   delivering a #PF after nested page faults on write-protected guest page tables);
-/// - a lab host that never ran the command: no tandem code had run.
+/// - a lab host that never ran the command: no tandem code had run;
+/// - a lab host that froze (both CPUs stopped in its kernel, interrupts off): a peer,
+///   QEMU with KVM in the same lab creating VMs in a loop, freezes it the same way,
+///   at the same instruction of the lab kernel's scheduler.
 ///
 /// Everything else, a lockup of the lab kernel, a hang or a guest that printed
 /// nothing included, fails the test.
 fn attributed(facts: &LabFacts) -> Option<&'static str> {
     if facts.never_started {
         Some("the lab host never ran the command")
+    } else if facts.frozen {
+        Some("the lab host froze, which a QEMU peer creating VMs in the same lab does too")
     } else if facts.triple_faults > 0 || facts.drill_failures_all_triple_faults {
         Some("a guest triple fault, which a QEMU peer in the same lab shows too")
     } else {
@@ -190,6 +197,7 @@ pub fn lab_run_env(env: &[(&str, &str)], lab_args: &[&str], command: &[&str]) ->
         never_started: json["lab_fault"] == "never_started",
         triple_faults: json["guest_triple_faults"].as_u64().unwrap_or(0) as u32,
         drill_failures_all_triple_faults: false,
+        frozen: json["lab_fault"] == "frozen",
     };
     (run, facts)
 }

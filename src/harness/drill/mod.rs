@@ -140,6 +140,7 @@ pub fn run(args: &DrillArgs) -> Result<u8> {
             Err(e) => {
                 println!("run {n}: FAILED: {e:#} (worst lab stall {} ms)", stall.as_millis());
                 failed.push(json!({ "run": n, "signature": null }));
+                verdict(args.runs, n, passed, &failed);
                 continue;
             }
         };
@@ -162,20 +163,28 @@ pub fn run(args: &DrillArgs) -> Result<u8> {
         if !outcome.ok || args.show_consoles {
             println!("=== run {n} primary log\n{}\n=== run {n} standby log\n{}\n=== run {n} logs end", outcome.primary_log, outcome.standby_log);
         }
+        verdict(args.runs, n, passed, &failed);
     }
     println!(
         "drill: {passed}/{} runs kept continuity (no line lost or repeated){}",
         args.runs,
         if passed == args.runs { "" } else { ": FAILED" }
     );
-    // For tools: the same verdict, with each failed run's fault signature (see
-    // `Signature`), from which a harness decides whether the lab, not tandem, failed.
-    println!("{VERDICT_PREFIX}{}", json!({ "runs": args.runs, "passed": passed, "failed": failed }));
     Ok(if passed == args.runs { 0 } else { 1 })
 }
 
-/// Starts the drill's machine-readable verdict line: a JSON object with `runs`,
-/// `passed` and `failed` (each `{run, signature}`).
+/// For tools, after every run: the verdict so far, with each failed run's fault
+/// signature (see `Signature`), from which a harness decides whether the lab, not
+/// tandem, failed. Printed as it goes, so that a lab that dies in a later run still
+/// leaves what the earlier runs showed.
+fn verdict(runs: u32, done: u32, passed: u32, failed: &[serde_json::Value]) {
+    println!("{VERDICT_PREFIX}{}", json!({ "runs": runs, "done": done, "passed": passed, "failed": failed }));
+}
+
+/// Starts the drill's machine-readable verdict line, printed after each run (the last
+/// one stands): a JSON object with `runs`, `done`, `passed` and `failed` (each `{run,
+/// signature}`); or, when the lab itself failed, `lab_fault` (as `tandem lab
+/// --report` names it), after the verdicts of the runs it finished.
 pub const VERDICT_PREFIX: &str = "drill-verdict: ";
 
 /// How long this process's 20 ms sleeps overran at worst since the last reset: the
@@ -237,11 +246,16 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
         cpus: 2,
     };
     let mut stdout = std::io::stdout();
-    let code = lab::run(&opts, &command, &mut |line| {
+    let report = lab::run_with_report(&opts, &command, &mut |line| {
         use std::io::Write;
         let _ = writeln!(stdout, "{line}");
     })?;
-    Ok(code.clamp(0, 255) as u8)
+    // The drill inside never got to its last verdict: this one says why, for a harness
+    // to weigh (see docs/lab.md).
+    if let Some(fault) = report.lab_fault {
+        println!("{VERDICT_PREFIX}{}", json!({ "runs": args.runs, "lab_fault": fault }));
+    }
+    Ok(report.status.clamp(0, 255) as u8)
 }
 
 struct Outcome {

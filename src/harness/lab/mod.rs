@@ -121,8 +121,9 @@ pub enum LabFault {
     NeverStarted,
     /// A lab CPU stuck in the lab's kernel (see [`LOCKUP_WATCH`]).
     LockedUp,
-    /// The lab host stopped altogether (see [`freeze`]): not retried, no peer has shown
-    /// it yet.
+    /// The lab host stopped altogether (see [`freeze`]). A peer shows it too: QEMU
+    /// with KVM in the same lab, creating VMs in a loop, freezes it the same way
+    /// (docs/lab.md).
     Frozen,
     /// The lab host stopped in the middle of the command: its /init always reports
     /// the command's status, so only the lab's kernel (a panic, which reboots and so
