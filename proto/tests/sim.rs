@@ -4,8 +4,11 @@
 //! an epoch exactly as the primary captured it, and the primary releases an epoch's
 //! output only once the standby holds it.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use common::Rng;
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::{EpochKind, Frame, Message, Role, PAGE_SIZE};
 use tandem_proto::primary::{self, Primary};
@@ -14,20 +17,6 @@ use tandem_proto::ProtoError;
 
 const PAGES: usize = 24;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.next() % 1000 < per_mille
-    }
-}
 
 #[derive(Clone, Copy)]
 struct Faults {

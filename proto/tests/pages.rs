@@ -1,0 +1,99 @@
+//! Page batches through the wire encoding and back: every page returns as it went,
+//! zero and compressible pages shrink, and bad compressed data is an error that leaves
+//! nothing behind.
+
+mod common;
+
+use common::Rng;
+use tandem_proto::epoch::EpochHasher;
+use tandem_proto::message::{Compression, Message, MAX_BATCH_PAGES, PAGE_SIZE};
+use tandem_proto::pages::{decode_into, encode_batch};
+
+/// A page of one of the kinds a guest has: zero, text-like, random, or one byte set.
+fn page(rng: &mut Rng) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_SIZE];
+    match rng.next() % 4 {
+        0 => {}
+        1 => p.iter_mut().enumerate().for_each(|(i, b)| *b = b"tick 42 \n"[i % 9]),
+        2 => p.iter_mut().for_each(|b| *b = rng.next() as u8),
+        _ => p[(rng.next() % PAGE_SIZE as u64) as usize] = 1,
+    }
+    p
+}
+
+fn decode(messages: &[Message]) -> (Vec<u64>, Vec<u8>) {
+    let (mut addresses, mut data) = (Vec::new(), Vec::new());
+    for m in messages {
+        m.validate().unwrap();
+        match m {
+            Message::ZeroPages { addresses: a, .. } => {
+                addresses.extend(a);
+                data.resize(data.len() + a.len() * PAGE_SIZE, 0);
+            }
+            Message::Pages { addresses: a, compression, data: d, .. } => {
+                addresses.extend(a);
+                decode_into(a.len(), *compression, d, &mut data).unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    (addresses, data)
+}
+
+#[test]
+fn random_batches_come_back_as_they_went() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..200 {
+        let n = 1 + (rng.next() % MAX_BATCH_PAGES as u64) as usize;
+        let addresses: Vec<u64> = (0..n as u64).map(|i| (i * 7 + round) * PAGE_SIZE as u64).collect();
+        let data: Vec<u8> = (0..n).flat_map(|_| page(&mut rng)).collect();
+        let messages = encode_batch(1, &addresses, &data, round % 3 != 0, &mut EpochHasher::new(1));
+        let (got_addresses, got_data) = decode(&messages);
+        // Zero pages come first; every page comes back with its content.
+        let want: std::collections::BTreeMap<u64, &[u8]> = addresses.iter().copied().zip(data.chunks(PAGE_SIZE)).collect();
+        let got: std::collections::BTreeMap<u64, &[u8]> = got_addresses.iter().copied().zip(got_data.chunks(PAGE_SIZE)).collect();
+        assert_eq!(got, want, "round {round}");
+    }
+}
+
+#[test]
+fn zero_and_compressible_pages_shrink() {
+    let addresses: Vec<u64> = (0..64).map(|i| i * PAGE_SIZE as u64).collect();
+    let data = vec![0u8; 64 * PAGE_SIZE];
+    assert!(matches!(&encode_batch(1, &addresses, &data, true, &mut EpochHasher::new(1))[..], [Message::ZeroPages { .. }]));
+    let text: Vec<u8> = (0..64 * PAGE_SIZE).map(|i| b"tick 42 \n"[i % 9]).collect();
+    match &encode_batch(1, &addresses, &text, true, &mut EpochHasher::new(1))[..] {
+        [Message::Pages { compression: Compression::Lz4, data, .. }] => assert!(data.len() < text.len() / 10),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn garbage_truncated_or_overlong_compressed_data_is_an_error() {
+    let mut rng = Rng(7);
+    let text: Vec<u8> = (0..8 * PAGE_SIZE).map(|i| b"tick 42 \n"[i % 9]).collect();
+    let packed = lz4_flex::block::compress(&text);
+    let mut out = vec![9u8; 3];
+    // Claims of more or fewer pages than the data holds.
+    assert!(decode_into(9, Compression::Lz4, &packed, &mut out).is_err());
+    assert!(decode_into(7, Compression::Lz4, &packed, &mut out).is_err());
+    assert!(decode_into(8, Compression::Lz4, &packed[..packed.len() - 3], &mut out).is_err());
+    for _ in 0..2000 {
+        let len = (rng.next() % 512) as usize;
+        let garbage: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let pages = 1 + (rng.next() % 4) as usize;
+        let _ = decode_into(pages, Compression::Lz4, &garbage, &mut out);
+        assert_eq!(out, vec![9u8; 3], "a failed decode leaves nothing behind");
+    }
+    // Flipped bytes in good data: an error or other bytes, never a panic or more.
+    for i in 0..packed.len() {
+        let mut bad = packed.clone();
+        bad[i] ^= 0xa5;
+        let mut out = Vec::new();
+        if decode_into(8, Compression::Lz4, &bad, &mut out).is_ok() {
+            assert_eq!(out.len(), 8 * PAGE_SIZE);
+        }
+    }
+    decode_into(8, Compression::Lz4, &packed, &mut out).unwrap();
+    assert_eq!(&out[3..], &text[..]);
+}
