@@ -29,6 +29,9 @@ retries=$(grep -c '^retry ' "$TANDEM_TALLY" || true)
 budget=$(( runs * 5 / 100 ))
 [ "$budget" -ge 1 ] || budget=1
 echo
+# Where the suite's time goes, for keeping it under its 15 minutes.
+echo "slowest lab runs (s):"
+grep '^run ' "$TANDEM_TALLY" | awk '{print $3, $2}' | sort -rn | head -8 | sed 's/^/  /' || true
 grep '^retry ' "$TANDEM_TALLY" | sed 's/^retry /retried: /' || true
 echo "lab faults retried: $retries of $runs lab runs (budget $budget); tests took $(( $(date +%s) - started )) s"
 if [ "$retries" -gt "$budget" ]; then

@@ -129,8 +129,9 @@ fn attributed(facts: &LabFacts) -> Option<&'static str> {
     }
 }
 
-/// Where the suite's lab runs and retries are counted, one line each: `run NAME` and
-/// `retry NAME: WHY`. scripts/test.sh sums it up and holds the retries to a budget.
+/// Where the suite's lab runs and retries are counted, one line each: `run NAME SECONDS`
+/// and `retry NAME: WHY`. scripts/test.sh sums it up, lists the slowest runs and holds
+/// the retries to a budget.
 fn tally_file() -> PathBuf {
     std::env::var_os("TANDEM_TALLY")
         .map(PathBuf::from)
@@ -157,8 +158,9 @@ fn test_name() -> String {
 pub fn checked(attempt: impl Fn() -> (Run, LabFacts), check: impl Fn(&Run)) -> Run {
     let name = test_name();
     for n in 1..=2 {
-        tally(&format!("run {name}"));
+        let started = std::time::Instant::now();
         let (run, facts) = attempt();
+        tally(&format!("run {name} {}", started.elapsed().as_secs()));
         let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&run)));
         match (verdict, attributed(&facts)) {
             (Ok(()), _) => return run,
