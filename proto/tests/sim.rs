@@ -17,7 +17,6 @@ use tandem_proto::ProtoError;
 
 const PAGES: usize = 24;
 
-
 #[derive(Clone, Copy)]
 struct Faults {
     loss: u64,

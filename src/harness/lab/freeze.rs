@@ -15,8 +15,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Runs in the background of `/lab/run`. The kernel's text address first: the kernel
-/// is placed at random each boot, and a report's instruction pointers are looked up in
-/// its System.map relative to it.
+/// is placed at random each boot, so a report's instruction pointers are offsets from
+/// it, looked up in any lab's `/proc/kallsyms` (Debian's System.map is a placeholder).
 pub const ALIVE_TICKER: &str = "( grep -m1 ' _text$' /proc/kallsyms; while sleep 5; do echo alive; done ) </dev/null >/dev/ttyS1 2>&1 &\n";
 /// Far longer than any stall the lab has shown with its timers still running.
 pub const FROZEN_AFTER: Duration = Duration::from_secs(90);
@@ -52,7 +52,7 @@ impl FreezeWatch {
                     let text = text.lines().find(|l| l.ends_with(" _text")).and_then(|l| l.split_whitespace().next()).unwrap_or("unknown");
                     eprintln!(
                         "tandem lab: the lab host has not ticked for {} s (it ticks every 5 s): it has frozen; \
-                         where its CPUs are (its kernel text at {text}, _text in System.map):\n{}",
+                         where its CPUs are (its kernel text at {text}: look the offsets up in the lab's /proc/kallsyms):\n{}",
                         changed.elapsed().as_secs(),
                         cpu_registers(&monitor)
                     );
