@@ -177,6 +177,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
         Box::new(LogWriter::new(std::io::stdout(), log.clone())),
     )?;
     let vm = Vm::boot(config, sink)?;
+    protector.attach(vm.waker());
     let mut role = Role::Primary(protector);
     let result = supervise(vm, None, control, &mut role, &events);
     if let Role::Primary(protector) = role {

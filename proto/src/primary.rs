@@ -59,6 +59,23 @@ pub struct Encoded {
     pub frames: Arc<Vec<Frame>>,
 }
 
+impl Encoded {
+    /// The payload bytes its frames carry (pages as sent, addresses, state, output):
+    /// what compression and zero-page markers leave of the epoch on the wire.
+    pub fn wire_bytes(&self) -> usize {
+        self.frames
+            .iter()
+            .map(|f| match &f.message {
+                Message::Pages { addresses, data, .. } => addresses.len() * 8 + data.len(),
+                Message::ZeroPages { addresses, .. } => addresses.len() * 8,
+                Message::State { state, .. } => state.len(),
+                Message::Output { bytes, .. } => bytes.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
 /// What the next epoch's encoding needs from the machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket {

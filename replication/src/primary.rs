@@ -160,8 +160,24 @@ impl Protector {
         Ok((protector, sink))
     }
 
-    /// How long the VM thread may wait before calling [`Protector::poll`] again.
+    /// Lets the link thread end the VM thread's wait as soon as an ack or a change of
+    /// the link arrives, so that waiting for the standby costs no polling.
+    pub fn attach(&self, waker: tandem_vmm::vcpu::Waker) {
+        lock(&self.shared).waker = Some(waker);
+    }
+
+    /// How long the VM thread may wait before calling [`Protector::poll`] again: until
+    /// the next epoch is due if it could go now; else (an ack awaited, no standby) a
+    /// whole epoch, as the link wakes the thread when that changes (see
+    /// [`Protector::attach`]) and only the standby-loss policy's clock is left to watch.
     pub fn next_wait(&self) -> Duration {
+        let ready = {
+            let s = lock(&self.shared);
+            s.link == LinkState::Protecting && (s.need_full || s.machine.can_send())
+        };
+        if !ready {
+            return self.epoch;
+        }
         self.next_due.saturating_duration_since(Instant::now()).min(self.epoch)
     }
 
@@ -312,6 +328,7 @@ impl Protector {
             }
         };
         let frames = encoded.frames.clone();
+        let wire = encoded.wire_bytes();
         {
             let mut s = lock(&self.shared);
             if !still(&s) || s.machine.queue(encoded).is_err() {
@@ -328,7 +345,7 @@ impl Protector {
             // the epoch and tagging it with its connection.
             self.outbox.send(Outgoing::Epoch { conn, number: sent, frames });
         }
-        tracing::debug!(epoch = number, pages, bytes, stopped_us = stopped.as_micros() as u64, "epoch queued");
+        tracing::debug!(epoch = number, pages, bytes, wire, stopped_us = stopped.as_micros() as u64, "epoch queued");
         let stats = &mut self.stats;
         stats.epochs += 1;
         stats.bytes += bytes as u64;

@@ -55,6 +55,30 @@ pub enum VmExit {
     Failed(String),
 }
 
+/// What reaches the thread that waits on a VM: a vCPU's report that the machine
+/// stopped, or a [`Waker`]'s nudge that something outside the VM needs a look.
+pub enum Signal {
+    Exit(VmExit),
+    Wake,
+}
+
+/// Wakes the thread waiting in [`crate::vm::Vm::wait_timeout`] early, so that what
+/// drives the VM from outside (the replication's acknowledgements) is handled as it
+/// happens rather than found by polling.
+#[derive(Clone)]
+pub struct Waker(Sender<Signal>);
+
+impl Waker {
+    pub fn new(tx: Sender<Signal>) -> Self {
+        Self(tx)
+    }
+
+    pub fn wake(&self) {
+        // A VM that is gone needs no waking.
+        let _ = self.0.send(Signal::Wake);
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Want {
     Run,
@@ -116,7 +140,7 @@ impl VcpuSet {
     pub fn start(
         vcpus: Vec<KvmVcpu>,
         bus: Arc<Mutex<PortBus>>,
-        exits: Sender<VmExit>,
+        exits: Sender<Signal>,
         paused: bool,
     ) -> Result<Self, VcpuError> {
         static HANDLER: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
@@ -274,6 +298,12 @@ impl VcpuSet {
     }
 
     /// Ends every vCPU thread and waits for them.
+    /// Whether every vCPU thread has ended (or none was started): with a [`Waker`]
+    /// keeping the channel open, an ended thread that sent nothing shows only here.
+    pub fn all_ended(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+
     pub fn stop(&mut self) {
         self.shared.lock().want = Want::Stop;
         self.shared.changed.notify_all();
@@ -304,7 +334,7 @@ struct Runner {
     /// The last exit was an I/O access that KVM completes at the next `KVM_RUN`.
     io_pending: bool,
     bus: Arc<Mutex<PortBus>>,
-    exits: Sender<VmExit>,
+    exits: Sender<Signal>,
     shared: Arc<Shared>,
 }
 
@@ -321,7 +351,7 @@ impl Runner {
             };
             if let Some(exit) = exit {
                 // Only the first report matters; the VM may already be gone.
-                let _ = self.exits.send(exit);
+                let _ = self.exits.send(Signal::Exit(exit));
                 self.park_until_stopped();
                 break;
             }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::message::Message;
 use tandem_proto::primary::{Event, Primary};
 use tandem_proto::{Frame, ProtoError};
+use tandem_vmm::vcpu::Waker;
 use tokio::sync::mpsc;
 
 use super::{connect, LinkSender, TransportError};
@@ -44,6 +45,9 @@ pub struct Shared {
     pub sent_at: Vec<(u64, Instant)>,
     /// The latest ack latencies, newest last.
     pub ack_latency: Vec<Duration>,
+    /// Wakes the VM thread when what it waits for may have come: an ack (room for the
+    /// next epoch), a new connection, a loss.
+    pub waker: Option<Waker>,
 }
 
 impl Shared {
@@ -56,6 +60,13 @@ impl Shared {
             last_heard: Instant::now(),
             sent_at: Vec::new(),
             ack_latency: Vec::new(),
+            waker: None,
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(w) = &self.waker {
+            w.wake();
         }
     }
 
@@ -159,7 +170,9 @@ async fn run(dial: Dial, shared: Arc<Mutex<Shared>>, mut outbox: mpsc::Unbounded
         // A goodbye queued while no standby was there ends the thread all the same.
         while let Ok(out) = outbox.try_recv() {
             if let Outgoing::Goodbye(_) = out {
-                lock(&shared).link = LinkState::Left;
+                let mut s = lock(&shared);
+                s.link = LinkState::Left;
+                s.wake();
                 return;
             }
         }
@@ -187,6 +200,7 @@ fn ended(e: TransportError) -> End {
 fn settle(shared: &Mutex<Shared>, end: End) -> bool {
     let mut s = lock(shared);
     s.machine.disconnect();
+    s.wake();
     match end {
         End::Lost(why) => {
             if s.link == LinkState::Protecting {
@@ -303,6 +317,7 @@ async fn session(
                         Event::Close(e) => end = Some(End::Lost(e.to_string())),
                     }
                 }
+                s.wake();
             }
             if let Some(end) = end {
                 return end;
@@ -347,6 +362,16 @@ async fn session(
                         if let Err(e) = send_epoch(&mut tx, number, &frames, dial, corrupt).await {
                             return ended(e);
                         }
+                        let path = tx.path_stats();
+                        tracing::debug!(
+                            epoch = number,
+                            rtt_us = path.rtt.as_micros() as u64,
+                            cwnd = path.cwnd,
+                            congestion_events = path.congestion_events,
+                            lost_packets = path.lost_packets,
+                            sent_packets = path.sent_packets,
+                            "epoch written to the stream"
+                        );
                     }
                     Some(Outgoing::Goodbye(reason)) => {
                         let generation = lock(shared).machine.generation();

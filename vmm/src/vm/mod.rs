@@ -18,7 +18,7 @@ use crate::state::{MsrPlan, StateError, VcpuState};
 use crate::time;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::output::SharedSink;
-use crate::vcpu::{VcpuError, VcpuSet, VmExit};
+use crate::vcpu::{Signal, VcpuError, VcpuSet, VmExit, Waker};
 
 mod capture;
 pub use capture::PauseWork;
@@ -149,7 +149,9 @@ pub struct Vm {
     vcpus: VcpuSet,
     bus: Arc<Mutex<PortBus>>,
     sink: SharedSink,
-    exits: Receiver<VmExit>,
+    exits: Receiver<Signal>,
+    /// Keeps a sender for [`Vm::waker`]: the vCPUs hold the others.
+    waker: Waker,
     kvm_vm: VmHandle,
     ram: GuestRam,
     /// The MSRs each capture saves on this host.
@@ -229,12 +231,14 @@ impl Shell {
         let irq = IrqTrigger::new(move || line.pulse().map_err(std::io::Error::other));
         let bus = Arc::new(Mutex::new(bus(irq)?));
         let (exit_tx, exits) = channel();
+        let waker = Waker::new(exit_tx.clone());
         let vcpus = VcpuSet::start(self.vcpus, bus.clone(), exit_tx, frozen.is_some())?;
         Ok(Vm {
             vcpus,
             bus,
             sink,
             exits,
+            waker,
             kvm_vm: self.kvm_vm,
             ram: self.ram,
             msrs: self.msrs,
@@ -337,17 +341,27 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Waits up to `timeout` for the guest to stop the machine (or a vCPU to fail).
+    /// A handle that ends a [`Vm::wait_timeout`] early, from any thread.
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// Waits up to `timeout` for the guest to stop the machine (or a vCPU to fail), or
+    /// for a [`Waker`]'s nudge.
     /// Console output is flushed either way, so partial lines (a shell prompt) are not
     /// held back; once the machine has stopped, the vCPU threads are ended.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<VmExit> {
         let exit = match self.exits.recv_timeout(timeout) {
-            Ok(exit) => exit,
-            Err(RecvTimeoutError::Timeout) => {
+            Ok(Signal::Exit(exit)) => exit,
+            Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) if !self.vcpus.all_ended() => {
                 self.flush_output();
                 return None;
             }
-            Err(RecvTimeoutError::Disconnected) => VmExit::Failed("all vCPU threads ended".into()),
+            // The waker keeps the channel open, so threads that ended without a word
+            // (a panic) show as all ended rather than as a disconnection.
+            Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                VmExit::Failed("all vCPU threads ended".into())
+            }
         };
         self.vcpus.stop();
         self.flush_output();
