@@ -7,7 +7,7 @@ use common::{images, lab, lab_guest, lab_ready, tandem, ticks};
 
 #[test]
 fn one_vcpu_guest_boots_prints_20_ticks_and_powers_off() {
-    lab_guest(&[], "tandem.workload=ticker tandem.ticks=20", |run| {
+    lab_guest(&[], "quiet tandem.workload=ticker tandem.ticks=20", |run| {
         assert_eq!(run.code, 0, "tandem must exit 0 when the guest powers off\n{}", run.dump());
         assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
         assert_eq!(ticks(run), (1..=20).collect::<Vec<_>>(), "{}", run.dump());
@@ -33,7 +33,7 @@ fn a_guest_kernel_panic_resets_through_the_keyboard_controller_and_exits_3() {
 
 #[test]
 fn four_vcpu_guest_reports_four_online_cpus() {
-    lab_guest(&["--vcpus", "4"], "tandem.workload=none", |run| {
+    lab_guest(&["--vcpus", "4"], "quiet tandem.workload=none", |run| {
         assert_eq!(run.code, 0, "{}", run.dump());
         assert!(run.stdout.contains("TANDEM-GUEST-CPUS=4"), "{}", run.dump());
     });
@@ -43,7 +43,7 @@ fn four_vcpu_guest_reports_four_online_cpus() {
 fn elf_vmlinux_boots_through_pvh() {
     lab_guest(
         &["--kernel", "/images/vmlinux", "--vcpus", "2"],
-        "tandem.workload=ticker tandem.ticks=3",
+        "quiet tandem.workload=ticker tandem.ticks=3",
         |run| {
         assert_eq!(run.code, 0, "{}", run.dump());
         assert!(run.stdout.contains("TANDEM-GUEST-CPUS=2"), "{}", run.dump());
@@ -74,7 +74,7 @@ fn dirty_page_api_reports_every_page_first_then_every_page_the_guest_dirties() {
     // console they would otherwise break into the guest's lines mid-line.
     let script = format!(
         "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --dirty-stats-ms 1000 \
-         --append 'tandem.workload=dirty tandem.dirty_mib={RATE_MIB} tandem.span_mib=32 tandem.seconds=6' 2>/tmp/err; \
+         --append 'quiet tandem.workload=dirty tandem.dirty_mib={RATE_MIB} tandem.span_mib=32 tandem.seconds=6' 2>/tmp/err; \
          rc=$?; cat /tmp/err; exit $rc"
     );
     lab(&[], &["sh", "-c", &script], |run| {
@@ -125,7 +125,7 @@ fn lab_with_files_runs_an_operators_own_kernel_and_returns_the_exit_status() {
     lab(
         &["--with", kernel.to_str().unwrap(), "--with", initrd.to_str().unwrap()],
         &["sh", "-c",
-          "tandem run --kernel /with/vmlinuz --initrd /with/guest-initrd.cpio --append tandem.workload=none; \
+          "tandem run --kernel /with/vmlinuz --initrd /with/guest-initrd.cpio --append 'quiet tandem.workload=none'; \
            echo run-exit=$?; exit 7"],
         |run| {
         assert_eq!(run.code, 7, "the lab must return the command's status\n{}", run.dump());

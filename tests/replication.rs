@@ -175,7 +175,7 @@ $S --state-dir /tmp/sa --events /tmp/sa.ev >/dev/null 2>/tmp/sa.err & sa=$!
 wait_for /tmp/sa.ev standing_by 30
 tandem primary --standby 127.0.0.1:7000 --key /tmp/p/key.pem --peer-cert /tmp/s/cert.pem --timeout-ms 3000 \
   --on-standby-loss {policy} --events /tmp/p.ev --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio \
-  --append 'tandem.workload=ticker tandem.ticks=200' >/tmp/p.out 2>/tmp/p.err & p=$!
+  --append 'quiet tandem.workload=ticker tandem.ticks=200' >/tmp/p.out 2>/tmp/p.err & p=$!
 i=0; while ! grep -q '^tick 10 ' /tmp/p.out && kill -0 $p 2>/dev/null && [ $i -lt 1500 ]; do i=$((i+1)); sleep 0.1; done
 kill -9 $sa
 wait_for /tmp/p.ev standby_lost 30 $p

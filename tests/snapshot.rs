@@ -18,7 +18,7 @@ fn consoles(run: &common::Run) -> (String, String, String) {
     (format!("{before}{after}"), before.to_string(), after.to_string())
 }
 
-const TICKER: &str = "tandem.workload=ticker tandem.ticks=70";
+const TICKER: &str = "quiet tandem.workload=ticker tandem.ticks=70";
 
 /// Runs a guest with a control socket and `append`ed kernel arguments; once its output
 /// has a line starting with `wait_for`, takes a full snapshot and `deltas` more (each a
@@ -120,7 +120,7 @@ fn a_guest_dirtying_memory_finds_all_of_it_intact_after_restore_from_deltas() {
     };
     snapshot_kill_restore(
         "",
-        "tandem.workload=dirty tandem.dirty_mib=10 tandem.span_mib=32 tandem.seconds=12",
+        "quiet tandem.workload=dirty tandem.dirty_mib=10 tandem.span_mib=32 tandem.seconds=12",
         "dirty 3 ",
         2,
         check,

@@ -42,7 +42,7 @@ fn assert_identical(run: &common::Run, name: &str) {
 fn save_restore_save_gives_the_same_state_and_only_pages_the_guest_wrote_change() {
     let script = format!(
         "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --control /tmp/ctl \
-         --append 'tandem.workload=ticker tandem.ticks=300' > /tmp/out 2>&1 & pid=$!\n\
+         --append 'quiet tandem.workload=ticker tandem.ticks=300' > /tmp/out 2>&1 & pid=$!\n\
          while ! grep -q '^tick 10 ' /tmp/out; do sleep 0.1; done\n\
          tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/a && tandem ctl /tmp/ctl snapshot /tmp/a2 || exit 1\n\
          echo '=== twice while paused'; tandem inspect /tmp/a2 --against /tmp/a; rm /tmp/a2\n\
@@ -87,7 +87,7 @@ fn a_full_snapshot_and_three_deltas_restore_to_exactly_the_live_vm() {
     // overlap: each page must come back from the last delta that holds it.
     let script = format!(
         "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio --control /tmp/ctl \
-         --append 'tandem.workload=dirty tandem.dirty_mib=10 tandem.span_mib=32' > /tmp/out 2>&1 & pid=$!\n\
+         --append 'quiet tandem.workload=dirty tandem.dirty_mib=10 tandem.span_mib=32' > /tmp/out 2>&1 & pid=$!\n\
          while ! grep -q '^dirty 2 ' /tmp/out; do sleep 0.1; done\n\
          tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/s0 || exit 1\n\
          for i in 1 2 3; do tandem ctl /tmp/ctl resume; sleep 1; tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/s$i --delta || exit 1; done\n\

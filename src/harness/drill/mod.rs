@@ -405,9 +405,11 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         "--state-dir".into(), path(dir.join("standby-state")), "--timeout-ms".into(), timeout.clone(),
         "--console-listen".into(), consoles[1].to_string(),
     ];
+    // `quiet`: each byte on the serial console is an exit, and in the lab the kernel's
+    // boot log alone doubled the time to the first tick (docs/lab.md).
     let workload = match args.workload.as_str() {
-        "dirty" => format!("tandem.workload=dirty tandem.dirty_mib={} tandem.seconds={}", args.dirty_mib, args.lines),
-        _ => format!("tandem.workload=ticker tandem.ticks={}", args.lines),
+        "dirty" => format!("quiet tandem.workload=dirty tandem.dirty_mib={} tandem.seconds={}", args.dirty_mib, args.lines),
+        _ => format!("quiet tandem.workload=ticker tandem.ticks={}", args.lines),
     };
     let mut primary_args = vec![
         "primary".to_string(), "--standby".into(), addr,
