@@ -60,20 +60,25 @@ pub struct Encoded {
 }
 
 impl Encoded {
-    /// The payload bytes its frames carry (pages as sent, addresses, state, output):
-    /// what compression and zero-page markers leave of the epoch on the wire.
+    /// See [`wire_bytes`].
     pub fn wire_bytes(&self) -> usize {
-        self.frames
-            .iter()
-            .map(|f| match &f.message {
-                Message::Pages { addresses, data, .. } => addresses.len() * 8 + data.len(),
-                Message::ZeroPages { addresses, .. } => addresses.len() * 8,
-                Message::State { state, .. } => state.len(),
-                Message::Output { bytes, .. } => bytes.len(),
-                _ => 0,
-            })
-            .sum()
+        wire_bytes(&self.frames)
     }
+}
+
+/// The payload bytes `frames` carry (pages as sent, addresses, state, output): what
+/// compression and zero-page markers leave of an epoch on the wire.
+pub fn wire_bytes(frames: &[Frame]) -> usize {
+    frames
+        .iter()
+        .map(|f| match &f.message {
+            Message::Pages { addresses, data, .. } => addresses.len() * 8 + data.len(),
+            Message::ZeroPages { addresses, .. } => addresses.len() * 8,
+            Message::State { state, .. } => state.len(),
+            Message::Output { bytes, .. } => bytes.len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// What the next epoch's encoding needs from the machine.

@@ -435,6 +435,59 @@ impl TransportError {
 /// Connects to the standby at `addr`; the stream is open once this returns, and the
 /// standby sees it with the first frame sent.
 pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link, TransportError> {
+    let (connection, endpoint) = dial(addr, tls).await?;
+    let (send, recv) = connection.open_bi().await?;
+    Ok(Link::new(connection, send, recv, endpoint))
+}
+
+/// A plain QUIC bulk transfer of `bytes` over loopback with this transport's TLS and
+/// settings and nothing of tandem's on top: one stream, written in 1 MiB chunks and read
+/// to its end. The peer `tandem bench pipeline` measures the pipeline against.
+pub async fn bulk(bytes: u64, server: rustls::ServerConfig, client: rustls::ClientConfig) -> Result<std::time::Duration, TransportError> {
+    let listener = Listener::bind(([127, 0, 0, 1], 0).into(), server)?;
+    let addr = listener.local_addr()?;
+    let receiver = tokio::spawn(async move {
+        let incoming = listener.endpoint.accept().await.ok_or(TransportError::Closed)?;
+        let connection = incoming.await?;
+        let mut recv = connection.accept_uni().await?;
+        let mut got = 0u64;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+            got += chunk.bytes.len() as u64;
+        }
+        Ok::<_, TransportError>((got, connection))
+    });
+    let (connection, _endpoint) = dial(addr, client).await?;
+    // Bytes no cipher or compressor could tell from the pipeline's random pages.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    let mut send = connection.open_uni().await?;
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk.len() as u64) as usize;
+        send.write_all(&chunk[..n]).await?;
+        sent += n as u64;
+    }
+    send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+    let joined = receiver.await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    let (got, _connection) = joined?;
+    let took = start.elapsed();
+    connection.close(0u32.into(), b"done");
+    if got != bytes {
+        return Err(TransportError::Stream(format!("the bulk transfer delivered {got} of {bytes} bytes")));
+    }
+    Ok(took)
+}
+
+/// A connection to `addr` with this transport's settings, and the endpoint it lives on.
+async fn dial(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<(quinn::Connection, quinn::Endpoint), TransportError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let local: SocketAddr = if addr.is_ipv6() { ([0u16; 8], 0).into() } else { ([0, 0, 0, 0], 0).into() };
     let mut endpoint = endpoint(local, None)?;
@@ -448,8 +501,7 @@ pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link
         Ok(done) => done.map_err(|e| TransportError::Connect { addr, why: e.to_string(), tls: tls_failure(&e) })?,
         Err(_) => return Err(failed("no answer".into())),
     };
-    let (send, recv) = connection.open_bi().await?;
-    Ok(Link::new(connection, send, recv, endpoint))
+    Ok((connection, endpoint))
 }
 
 #[cfg(test)]
