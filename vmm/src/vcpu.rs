@@ -297,13 +297,13 @@ impl VcpuSet {
         self.shared.lock().want == Want::Pause
     }
 
-    /// Ends every vCPU thread and waits for them.
     /// Whether every vCPU thread has ended (or none was started): with a [`Waker`]
     /// keeping the channel open, an ended thread that sent nothing shows only here.
     pub fn all_ended(&self) -> bool {
         self.threads.iter().all(|t| t.is_finished())
     }
 
+    /// Ends every vCPU thread and waits for them.
     pub fn stop(&mut self) {
         self.shared.lock().want = Want::Stop;
         self.shared.changed.notify_all();

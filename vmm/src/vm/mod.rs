@@ -351,7 +351,16 @@ impl Vm {
     /// Console output is flushed either way, so partial lines (a shell prompt) are not
     /// held back; once the machine has stopped, the vCPU threads are ended.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<VmExit> {
-        let exit = match self.exits.recv_timeout(timeout) {
+        let mut signal = self.exits.recv_timeout(timeout);
+        // Wakes may be queued ahead of an exit: look past them to what is there now,
+        // so that a caller asking whether the guest just stopped hears that it did.
+        while matches!(signal, Ok(Signal::Wake)) {
+            match self.exits.try_recv() {
+                Ok(next) => signal = Ok(next),
+                Err(_) => break,
+            }
+        }
+        let exit = match signal {
             Ok(Signal::Exit(exit)) => exit,
             Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) if !self.vcpus.all_ended() => {
                 self.flush_output();
