@@ -442,8 +442,9 @@ pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Link
 
 /// A plain QUIC bulk transfer of `bytes` over loopback with this transport's TLS and
 /// settings and nothing of tandem's on top: one stream, written in 1 MiB chunks and read
-/// to its end. The peer `tandem bench pipeline` measures the pipeline against.
-pub async fn bulk(bytes: u64, server: rustls::ServerConfig, client: rustls::ClientConfig) -> Result<std::time::Duration, TransportError> {
+/// to its end, `chunk` (the caller's pages) over and over. The peer `tandem bench
+/// pipeline` measures the pipeline against.
+pub async fn bulk(bytes: u64, chunk: &[u8], server: rustls::ServerConfig, client: rustls::ClientConfig) -> Result<std::time::Duration, TransportError> {
     let listener = Listener::bind(([127, 0, 0, 1], 0).into(), server)?;
     let addr = listener.local_addr()?;
     let receiver = tokio::spawn(async move {
@@ -457,16 +458,6 @@ pub async fn bulk(bytes: u64, server: rustls::ServerConfig, client: rustls::Clie
         Ok::<_, TransportError>((got, connection))
     });
     let (connection, _endpoint) = dial(addr, client).await?;
-    // Bytes no cipher or compressor could tell from the pipeline's random pages.
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    let chunk: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
     let start = std::time::Instant::now();
     let mut send = connection.open_uni().await?;
     let mut sent = 0u64;
