@@ -45,7 +45,7 @@ pub struct DrillArgs {
     #[arg(long, default_value_t = 10)]
     dirty_mib: u32,
     /// Lines the guest prints before it powers off (ticks, or seconds of dirtying).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     lines: u32,
     /// Heartbeat timeout for both sides. The lab is an emulated machine that can stall
     /// for a second, hence more than the production default.
@@ -477,6 +477,16 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
                 return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
             }
             std::thread::sleep(then);
+            // A kill after the guest has ended tests no takeover: the run says so
+            // rather than reporting a console that never ended.
+            if let Some(ended) = primary.event("vm_ended") {
+                let why = format!(
+                    "the guest had ended on the primary ({}) before numbered line {lines} was released: its output lagged \
+                     it by more than its whole run, so this kill tests no takeover (give it more --lines)",
+                    ended["how"].as_str().unwrap_or("?")
+                );
+                return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
+            }
             format!("{} ms after numbered line {lines} reached the console client", then.as_millis())
         }
         Kill::InitialSync => "during the initial sync".into(),
