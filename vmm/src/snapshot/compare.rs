@@ -51,7 +51,12 @@ fn components(state: &MachineState) -> Result<Vec<(String, Vec<u8>)>, codec::Cod
         add(format!("vcpu {i} xsave"), &v.xsave)?;
         add(format!("vcpu {i} xcrs"), &v.xcrs)?;
         add(format!("vcpu {i} debug regs"), &v.debug_regs)?;
-        add(format!("vcpu {i} lapic"), &v.lapic)?;
+        // Register by register, so a difference names the register (0x390 is the
+        // timer's current count, 0x200-0x270 the interrupt request bits).
+        for (offset, reg) in v.lapic.regs.chunks_exact(16).enumerate() {
+            let value = u32::from_le_bytes([reg[0] as u8, reg[1] as u8, reg[2] as u8, reg[3] as u8]);
+            add(format!("vcpu {i} lapic {:#05x}", offset * 16), &u64::from(value))?;
+        }
         add(format!("vcpu {i} events"), &v.events)?;
         add(format!("vcpu {i} mp_state"), &v.mp_state)?;
         add(format!("vcpu {i} tsc khz"), &v.tsc_khz)?;
