@@ -178,7 +178,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     )?;
     let vm = Vm::boot(config, sink)?;
     protector.attach(vm.waker());
-    let mut role = Role::Primary(protector);
+    let mut role = Role::Primary(Box::new(protector));
     let result = supervise(vm, None, control, &mut role, &events);
     if let Role::Primary(protector) = role {
         let reason = match &result {

@@ -191,7 +191,7 @@ pub enum Role {
     /// Not replicated.
     Solo,
     /// Protected by a standby: epochs are taken on this thread.
-    Primary(Protector),
+    Primary(Box<Protector>),
     /// A standby that took over; the line says how.
     TookOver(String),
     /// Not replicated, but paused as a primary's epochs would pause it.

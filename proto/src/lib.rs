@@ -17,6 +17,7 @@ pub mod liveness;
 pub mod message;
 pub mod pages;
 pub mod primary;
+pub mod sent;
 pub mod standby;
 
 pub use message::{Frame, Message, PROTOCOL_VERSION};

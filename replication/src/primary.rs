@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
+use tandem_proto::sent::{Pending, SentPages, Skipped};
 use tandem_vmm::output::{EpochGate, SharedSink};
 use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
@@ -73,6 +74,8 @@ struct Stats {
     stopped: Vec<Duration>,
     /// Epochs that waited because the standby was `window` epochs behind.
     stretched: u64,
+    /// Dirty pages not sent because the standby already held them as they were.
+    unchanged: u64,
 }
 
 pub struct Protector {
@@ -93,6 +96,9 @@ pub struct Protector {
     full_epoch: u64,
     /// Captures given up in a row on a slow vCPU (see `is_transient`).
     skipped: u32,
+    /// What the standby holds, for the connection `sent_conn`.
+    sent: SentPages,
+    sent_conn: u64,
     stats: Stats,
     events: Events,
 }
@@ -154,6 +160,8 @@ impl Protector {
             announced: false,
             full_epoch: 0,
             skipped: 0,
+            sent: SentPages::default(),
+            sent_conn: 0,
             stats: Stats::default(),
             events: config.events,
         };
@@ -307,7 +315,17 @@ impl Protector {
                 return Err(SnapshotError::from(e).into());
             }
         };
-        let (pages, bytes) = (snap.pages.len(), snap.data.len() + state.len());
+        // What the standby holds is known only for the connection it was learnt on.
+        if self.sent_conn != conn {
+            self.sent.forget();
+            self.sent_conn = conn;
+        }
+        let (mut addresses, mut data) = (snap.pages, snap.data);
+        let (unchanged, pending): (Skipped, Pending) = match kind {
+            Kind::Full => (Skipped::default(), SentPages::full(&addresses, &data)),
+            _ => self.sent.skip_unchanged(&mut addresses, &mut data),
+        };
+        let (pages, bytes) = (addresses.len(), data.len() + state.len());
         let proto_kind = if kind == Kind::Full { EpochKind::Full } else { EpochKind::Delta };
         let still = |s: &Shared| s.conn == conn && s.machine.is_protecting() && (kind == Kind::Full || !s.need_full);
         let ticket = {
@@ -320,7 +338,7 @@ impl Protector {
         };
         // Encoded (compressed) with no lock held: the network thread takes the same lock
         // for every frame it handles, and must not wait for a large epoch's encoding.
-        let encoded = match ticket.encode(proto_kind, snap.pages, snap.data, state, output) {
+        let encoded = match ticket.encode(proto_kind, addresses, data, state, output) {
             Ok(encoded) => encoded,
             Err(e) => {
                 vm.give_back_dirty(&taken);
@@ -345,8 +363,10 @@ impl Protector {
             // the epoch and tagging it with its connection.
             self.outbox.send(Outgoing::Epoch { conn, number: sent, frames });
         }
-        tracing::debug!(epoch = number, pages, bytes, wire, stopped_us = stopped.as_micros() as u64, "epoch queued");
+        self.sent.record(pending);
+        tracing::debug!(epoch = number, pages, unchanged = unchanged.pages, bytes, wire, stopped_us = stopped.as_micros() as u64, "epoch queued");
         let stats = &mut self.stats;
+        stats.unchanged += unchanged.pages as u64;
         stats.epochs += 1;
         stats.bytes += bytes as u64;
         stats.last_pages = pages;
@@ -395,7 +415,7 @@ impl Protector {
         format!(
             "role=primary generation={} standby={standby} epoch={} acked={} lag={} stopped_ms={last:.3} \
              stopped_p50_ms={:.3} stopped_p99_ms={:.3} dirty_pages={} bytes={} ack_ms={ack:.3} epochs={} \
-             total_bytes={} stretched={} held_bytes={}",
+             total_bytes={} stretched={} unchanged_pages={} held_bytes={}",
             s.machine.generation(),
             s.machine.next_epoch().saturating_sub(1),
             s.machine.acked().map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
@@ -407,6 +427,7 @@ impl Protector {
             self.stats.epochs,
             self.stats.bytes,
             self.stats.stretched,
+            self.stats.unchanged,
             self.gate().held_bytes(),
         )
     }
