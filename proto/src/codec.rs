@@ -14,9 +14,20 @@ fn config() -> impl bincode::config::Config {
 }
 
 pub fn encode(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(frame, &mut out);
+    out
+}
+
+/// Appends `frame`'s encoding to `out`: a frame goes straight after its header, with
+/// no copy of a large payload from one buffer into another.
+pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
     // Encoding plain data into a Vec cannot fail short of running out of memory; a
     // frame over the limit is caught by the framing, which refuses to send it.
-    bincode::serde::encode_to_vec(frame, config()).unwrap_or_default()
+    let start = out.len();
+    if bincode::serde::encode_into_std_write(frame, out, config()).is_err() {
+        out.truncate(start);
+    }
 }
 
 /// Decodes exactly one frame that must take up all of `bytes`, and validates it.

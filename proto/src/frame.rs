@@ -3,6 +3,8 @@
 //! the payload being one encoded [`Frame`]. The length is checked against the limit
 //! before anything is allocated or awaited.
 
+use bytes::{Buf, Bytes, BytesMut};
+
 use crate::codec;
 use crate::message::Frame;
 use crate::ProtoError;
@@ -15,23 +17,32 @@ pub const MAX_FRAME_BYTES: u64 = 5 << 20;
 
 /// Encodes `frame` with its header, or refuses one over the limit.
 pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
-    let payload = codec::encode(frame);
-    if payload.is_empty() || payload.len() as u64 > MAX_FRAME_BYTES {
-        return Err(ProtoError::TooLarge(payload.len() as u64));
-    }
-    let mut out = Vec::with_capacity(HEADER + payload.len());
+    let mut out = Vec::with_capacity(HEADER + frame.message.size_hint());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&[0; HEADER - 4]);
+    codec::encode_into(frame, &mut out);
+    let len = out.len() - HEADER;
+    if len == 0 || len as u64 > MAX_FRAME_BYTES {
+        return Err(ProtoError::TooLarge(len as u64));
+    }
+    let crc = crc32fast::hash(&out[HEADER..]);
+    out[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    out[8..12].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+/// [`encode`] into shared bytes, as QUIC takes them without a copy.
+pub fn encode_shared(frame: &Frame) -> Result<Bytes, ProtoError> {
+    encode(frame).map(Bytes::from)
 }
 
 /// Collects bytes as they arrive and yields whole frames. After an error the stream is
 /// unusable: the connection must be dropped.
 #[derive(Default)]
 pub struct Decoder {
-    buf: Vec<u8>,
+    /// Bytes received and not yet handed out as frames; a frame taken leaves from the
+    /// front without moving what follows.
+    buf: BytesMut,
 }
 
 impl Decoder {
@@ -71,7 +82,7 @@ impl Decoder {
             return Err(ProtoError::Checksum);
         }
         let frame = codec::decode(payload)?;
-        self.buf.drain(..end);
+        self.buf.advance(end);
         Ok(Some(frame))
     }
 }

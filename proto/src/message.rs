@@ -111,6 +111,17 @@ pub struct Frame {
 }
 
 impl Message {
+    /// About how many bytes the message takes encoded, so its buffer is allocated once.
+    pub fn size_hint(&self) -> usize {
+        64 + match self {
+            Message::Pages { addresses, data, .. } => addresses.len() * 8 + data.len(),
+            Message::ZeroPages { addresses, .. } => addresses.len() * 8,
+            Message::State { state, .. } => state.len(),
+            Message::Output { bytes, .. } => bytes.len(),
+            _ => 0,
+        }
+    }
+
     /// Checks what the encoding cannot: lengths that must agree and stay within the
     /// limits. Decoding calls this, so no invalid message leaves the codec.
     pub fn validate(&self) -> Result<(), ProtoError> {

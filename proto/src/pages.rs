@@ -15,6 +15,20 @@ use crate::ProtoError;
 /// below that the receiver's work is not worth the bytes saved.
 const WORTH_IT_SIXTEENTHS: usize = 14;
 
+/// Whether LZ4 is likely to make a batch's pages (`data`) worth sending compressed,
+/// judged by its first and middle pages alone: random or encrypted data does not
+/// shrink, and compressing a whole batch of it took longer than sending it
+/// (`tandem bench pipeline`, random pages).
+fn worth_compressing(data: &[u8]) -> bool {
+    let pages = data.len() / PAGE_SIZE;
+    if pages <= 2 {
+        return true;
+    }
+    let page = |i: usize| &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+    let packed = lz4_flex::block::compress(page(0)).len() + lz4_flex::block::compress(page(pages / 2)).len();
+    packed * 16 <= 2 * PAGE_SIZE * WORTH_IT_SIXTEENTHS
+}
+
 /// Whether a page holds nothing but zero bytes.
 pub fn is_zero(page: &[u8]) -> bool {
     // Word by word: the common non-zero page fails in its first few words.
@@ -49,7 +63,7 @@ pub fn encode_batch(epoch: u64, addresses: &[u64], data: &[u8], compress: bool, 
     }
     if !rest.is_empty() {
         hasher.pages(&rest, &rest_data);
-        let packed = compress.then(|| lz4_flex::block::compress(&rest_data));
+        let packed = (compress && worth_compressing(&rest_data)).then(|| lz4_flex::block::compress(&rest_data));
         match packed {
             Some(packed) if packed.len() * 16 <= rest_data.len() * WORTH_IT_SIXTEENTHS => {
                 out.push(Message::Pages { epoch, addresses: rest, compression: Compression::Lz4, data: packed });

@@ -6,7 +6,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::epoch::Epoch;
+use crate::frame;
 use crate::handshake::Identity;
 use crate::message::{EpochKind, Frame, Message};
 use crate::standby::name;
@@ -16,8 +19,8 @@ use crate::ProtoError;
 pub enum Event {
     /// Send this frame to the standby.
     Send(Frame),
-    /// Send these frames (an epoch kept for a reconnection) to the standby.
-    SendEpoch(Arc<Vec<Frame>>),
+    /// Send these encoded frames (an epoch kept for a reconnection) to the standby.
+    SendEpoch(Arc<Vec<Bytes>>),
     /// The standby is following. With `full_sync`, it needs a full epoch before any
     /// delta (it holds nothing, or less than the epochs kept here can make up).
     Connected { full_sync: bool },
@@ -48,21 +51,22 @@ pub struct Primary {
     compress: bool,
 }
 
-/// An epoch encoded for the wire: built once, outside any lock the network side needs
-/// (compressing a large epoch takes long on a slow host), sent, and sent again as it is
-/// after a reconnection.
+/// An epoch encoded for the wire, frames with their headers: built once, outside any
+/// lock the network side needs (compressing a large epoch takes long on a slow host),
+/// handed to QUIC without a copy, and sent again as it is after a reconnection.
 #[derive(Clone, Debug)]
 pub struct Encoded {
     pub number: u64,
     pub kind: EpochKind,
     pub generation: u64,
-    pub frames: Arc<Vec<Frame>>,
+    pub frames: Arc<Vec<Bytes>>,
+    /// See [`wire_bytes`].
+    pub wire: usize,
 }
 
 impl Encoded {
-    /// See [`wire_bytes`].
     pub fn wire_bytes(&self) -> usize {
-        wire_bytes(&self.frames)
+        self.wire
     }
 }
 
@@ -98,7 +102,9 @@ impl Ticket {
         for f in &frames {
             f.message.validate()?;
         }
-        Ok(Encoded { number: self.number, kind, generation: self.generation, frames: Arc::new(frames) })
+        let wire = wire_bytes(&frames);
+        let frames = frames.iter().map(frame::encode_shared).collect::<Result<Vec<_>, _>>()?;
+        Ok(Encoded { number: self.number, kind, generation: self.generation, frames: Arc::new(frames), wire })
     }
 }
 
@@ -185,12 +191,11 @@ impl Primary {
 
     /// Encodes, numbers and keeps an epoch: [`Primary::ticket`], [`Ticket::encode`] and
     /// [`Primary::queue`] at once, for callers that hold no lock.
-    pub fn send_epoch(&mut self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>, output: (u64, Vec<u8>)) -> Result<(u64, Arc<Vec<Frame>>), ProtoError> {
+    pub fn send_epoch(&mut self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>, output: (u64, Vec<u8>)) -> Result<Encoded, ProtoError> {
         let ticket = self.ticket().ok_or_else(|| ProtoError::OutOfOrder("an epoch while no standby is following".into()))?;
         let encoded = ticket.encode(kind, addresses, data, state, output)?;
-        let frames = encoded.frames.clone();
-        self.queue(encoded)?;
-        Ok((ticket.number, frames))
+        self.queue(encoded.clone())?;
+        Ok(encoded)
     }
 
     pub fn handle(&mut self, frame: Frame) -> Vec<Event> {

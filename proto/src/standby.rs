@@ -75,6 +75,9 @@ pub struct Standby {
     history: History,
     phase: Phase,
     staging: Option<(Epoch, EpochHasher)>,
+    /// Pages in the last epoch committed: the next one is staged in room for as many,
+    /// rather than grown (and copied) batch by batch.
+    last_pages: usize,
 }
 
 impl Standby {
@@ -86,6 +89,7 @@ impl Standby {
             history: History::default(),
             phase: Phase::AwaitingHello,
             staging: None,
+            last_pages: 0,
         }
     }
 
@@ -203,7 +207,13 @@ impl Standby {
                     }
                     _ => {}
                 }
-                let staged = Epoch { number: epoch, kind: Some(kind), ..Epoch::default() };
+                let staged = Epoch {
+                    number: epoch,
+                    kind: Some(kind),
+                    addresses: Vec::with_capacity(self.last_pages),
+                    data: Vec::with_capacity(self.last_pages * PAGE_SIZE),
+                    ..Epoch::default()
+                };
                 self.staging = Some((staged, EpochHasher::new(epoch)));
                 Ok(vec![])
             }
@@ -284,6 +294,7 @@ impl Standby {
                     h.ends.push_back((epoch, h.end()));
                 }
                 self.committed = Some(epoch);
+                self.last_pages = staged.addresses.len();
                 Ok(vec![Event::Apply(staged), Event::Send(Frame { generation, message: Message::Ack { epoch } })])
             }
             Message::Heartbeat { .. } => Ok(vec![]),

@@ -134,12 +134,12 @@ impl World {
         let output = format!("console of epoch {}\n", self.primary.next_epoch()).into_bytes();
         let offset = self.console_offset;
         self.console_offset += output.len() as u64;
-        let (n, frames) = self.primary.send_epoch(kind, addresses, data, state.clone(), (offset, output)).unwrap();
-        self.captured.insert(n, (self.guest.clone(), state));
+        let encoded = self.primary.send_epoch(kind, addresses, data, state.clone(), (offset, output)).unwrap();
+        self.captured.insert(encoded.number, (self.guest.clone(), state));
         self.dirty.clear();
         self.full_sync_due = false;
-        for f in frames.iter() {
-            self.send_to_standby(f.clone());
+        for f in encoded.frames.iter() {
+            self.send_to_standby(from_wire(f));
         }
     }
 
@@ -173,7 +173,7 @@ impl World {
             for event in self.primary.handle(frame) {
                 match event {
                     primary::Event::Send(f) => self.send_to_standby(f),
-                    primary::Event::SendEpoch(frames) => frames.iter().for_each(|f| self.send_to_standby(f.clone())),
+                    primary::Event::SendEpoch(frames) => frames.iter().for_each(|f| self.send_to_standby(from_wire(f))),
                     primary::Event::Connected { full_sync } => self.full_sync_due |= full_sync,
                     primary::Event::Released(e) => {
                         // Output commit: only what the standby holds.
@@ -212,6 +212,15 @@ impl World {
             self.deliver();
         }
     }
+}
+
+/// The frame an encoded one carries: the simulated link damages frames, not bytes.
+fn from_wire(bytes: &[u8]) -> Frame {
+    let mut decoder = tandem_proto::frame::Decoder::default();
+    decoder.push(bytes);
+    let frame = decoder.next_frame().unwrap().unwrap();
+    assert!(decoder.is_empty());
+    frame
 }
 
 fn run(seed: u64, faults: Faults, steps: usize) -> World {

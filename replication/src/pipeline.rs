@@ -254,12 +254,12 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         for &p in pages {
             data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
         }
-        let (_, frames) = lock(&machine)
+        let encoded = lock(&machine)
             .send_epoch(kind, addresses, data, vec![0; 64], (0, Vec::new()))
             .map_err(|e| PipelineError::Failed(e.to_string()))?;
-        wire += primary::wire_bytes(&frames) as u64;
-        for f in frames.iter() {
-            tx.send(f).await?;
+        wire += encoded.wire_bytes() as u64;
+        for f in encoded.frames.iter() {
+            tx.send_encoded(f.clone()).await?;
         }
     }
     receiver.await.map_err(|e| PipelineError::Failed(e.to_string()))??;

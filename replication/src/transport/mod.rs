@@ -211,7 +211,13 @@ impl LinkSender {
     }
 
     pub async fn send(&mut self, frame: &Frame) -> Result<(), TransportError> {
-        self.send.write_all(&frame::encode(frame)?).await?;
+        self.send_encoded(frame::encode_shared(frame)?).await
+    }
+
+    /// Sends a frame already encoded (with its header), handing QUIC the bytes
+    /// themselves rather than a copy.
+    pub async fn send_encoded(&mut self, bytes: bytes::Bytes) -> Result<(), TransportError> {
+        self.send.write_chunk(bytes).await?;
         // With windows this large a write rarely waits, so an epoch of many frames
         // would go out in one poll; QUIC's own task (acknowledgements, heartbeats) and
         // the reader get their turn between frames instead.
@@ -228,10 +234,10 @@ impl LinkSender {
         self.connection.stats().path
     }
 
-    /// Sends `frame` with one byte of its body flipped after the checksum was computed,
-    /// as a fault on the wire would: for tests of the receiver's checks.
-    pub async fn send_corrupted(&mut self, frame: &Frame) -> Result<(), TransportError> {
-        let mut bytes = frame::encode(frame)?;
+    /// Sends an encoded frame with one byte of its body flipped after the checksum was
+    /// computed, as a fault on the wire would: for tests of the receiver's checks.
+    pub async fn send_corrupted(&mut self, encoded: &[u8]) -> Result<(), TransportError> {
+        let mut bytes = encoded.to_vec();
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0x5a;
         self.send.write_all(&bytes).await?;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tandem_proto::message::Message;
 use tandem_proto::primary::{Event, Primary};
 use tandem_proto::{Frame, ProtoError};
@@ -99,7 +100,7 @@ pub struct Faults {
 
 /// What the VM thread hands the link thread.
 pub enum Outgoing {
-    Epoch { conn: u64, number: u64, frames: Arc<Vec<Frame>> },
+    Epoch { conn: u64, number: u64, frames: Arc<Vec<Bytes>> },
     /// Say goodbye, finish the stream and stop.
     Goodbye(String),
 }
@@ -141,7 +142,7 @@ pub fn spawn(dial: Dial, shared: Arc<Mutex<Shared>>, release: Box<dyn Fn(u64) + 
 enum Reply {
     Frame(Frame),
     /// An epoch sent again after a reconnection.
-    Frames(Arc<Vec<Frame>>),
+    Frames(Arc<Vec<Bytes>>),
     /// Release this epoch's output, then tell the standby.
     Release(u64),
 }
@@ -338,7 +339,7 @@ async fn session(
                     }
                     Reply::Frames(frames) => {
                         for frame in frames.iter() {
-                            if let Err(e) = tx.send(frame).await {
+                            if let Err(e) = tx.send_encoded(frame.clone()).await {
                                 return ended(e);
                             }
                         }
@@ -437,7 +438,7 @@ async fn session(
 /// How long a goodbye may take to reach a standby that is still draining epochs.
 const GOODBYE_LIMIT: Duration = Duration::from_secs(120);
 
-async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Frame], dial: &Dial, corrupt: &mut Option<u64>) -> Result<(), TransportError> {
+async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Bytes], dial: &Dial, corrupt: &mut Option<u64>) -> Result<(), TransportError> {
     let middle = frames.len() / 2;
     for (i, frame) in frames.iter().enumerate() {
         if i == middle && dial.faults.die_mid_epoch == Some(number) {
@@ -452,7 +453,7 @@ async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Frame], dial: &D
             tx.send_corrupted(frame).await?;
             continue;
         }
-        tx.send(frame).await?;
+        tx.send_encoded(frame.clone()).await?;
     }
     Ok(())
 }
