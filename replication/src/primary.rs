@@ -111,10 +111,16 @@ impl Protector {
         let gate: Gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
         let release = {
             let (gate, events) = (gate.clone(), config.events.clone());
-            Box::new(move |epoch: u64| match gate.lock().unwrap_or_else(|e| e.into_inner()).commit(epoch) {
-                Ok(0) => {}
-                Ok(bytes) => events.emit(Event::Released { epoch, bytes }),
-                Err(e) => tracing::warn!("console output: {e}"),
+            Box::new(move |epoch: u64| {
+                let mut gate = gate.lock().unwrap_or_else(|e| e.into_inner());
+                match gate.commit(epoch) {
+                    Ok(0) => {}
+                    Ok(bytes) => {
+                        let lag_ms = gate.last_lag().map_or(0.0, |d| d.as_secs_f64() * 1e3);
+                        events.emit(Event::Released { epoch, bytes, lag_ms })
+                    }
+                    Err(e) => tracing::warn!("console output: {e}"),
+                }
             })
         };
         let dial = Dial {

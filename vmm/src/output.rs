@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Receives guest output.
 pub trait OutputSink: Send {
@@ -62,6 +63,11 @@ pub struct EpochGate<W: Write + Send> {
     released: u64,
     current: u64,
     unprotected: bool,
+    /// When each sealed epoch that holds output was sealed, oldest first.
+    sealed_at: VecDeque<(u64, Instant)>,
+    /// From the seal of the oldest epoch the last commit released to that commit: the
+    /// output lag the world saw.
+    last_lag: Option<Duration>,
 }
 
 impl<W: Write + Send> EpochGate<W> {
@@ -72,6 +78,8 @@ impl<W: Write + Send> EpochGate<W> {
             released: 0,
             current: first_epoch,
             unprotected: false,
+            sealed_at: VecDeque::new(),
+            last_lag: None,
         }
     }
 
@@ -104,6 +112,11 @@ impl<W: Write + Send> EpochGate<W> {
         }
         if !merged.is_empty() {
             self.held.push_back((epoch, merged));
+            // An epoch sealed again (its first capture was dropped) keeps its first
+            // seal: its output has waited since then.
+            if !matches!(self.sealed_at.back(), Some((e, _)) if *e >= epoch) {
+                self.sealed_at.push_back((epoch, Instant::now()));
+            }
         }
         self.current = epoch + 1;
     }
@@ -138,7 +151,19 @@ impl<W: Write + Send> EpochGate<W> {
             }
         }
         self.out.flush()?;
+        let mut oldest = None;
+        while self.sealed_at.front().is_some_and(|(e, _)| *e <= epoch) {
+            let at = self.sealed_at.pop_front().map(|(_, at)| at);
+            oldest = oldest.or(at);
+        }
+        self.last_lag = oldest.filter(|_| released > 0).map(|at| at.elapsed());
         Ok(released)
+    }
+
+    /// How long the output the last commit released had waited since its epoch was
+    /// sealed (the oldest, if it released several); `None` if it released nothing.
+    pub fn last_lag(&self) -> Option<Duration> {
+        self.last_lag
     }
 
     /// Bytes still held back.
@@ -238,6 +263,20 @@ mod tests {
         assert_eq!(gate.held_bytes(), 1);
         gate.commit(3).unwrap();
         assert_eq!(&*cap.0.lock().unwrap(), b"abcd");
+    }
+
+    #[test]
+    fn a_commit_tells_how_long_the_oldest_output_it_released_waited() {
+        let mut gate = EpochGate::new(Capture::default(), 1);
+        gate.emit(b"a").unwrap();
+        gate.seal(1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        gate.seal(2);
+        gate.commit(2).unwrap();
+        assert!(gate.last_lag().is_some_and(|lag| lag >= std::time::Duration::from_millis(20)));
+        gate.seal(3);
+        gate.commit(3).unwrap();
+        assert_eq!(gate.last_lag(), None, "nothing released");
     }
 
     #[test]

@@ -61,9 +61,22 @@ pub fn check(prefix: &str, lines: u32, c: &Consoles, standby_exit: Option<i32>, 
     ))
 }
 
+/// The primary's output lag over a run, from its `released` events: p50 and p99 of the
+/// time from an epoch's seal to the release of its output.
+pub fn output_lag(primary_events: &[serde_json::Value]) -> Option<String> {
+    let mut lags: Vec<f64> = primary_events.iter().filter(|e| e["event"] == "released").filter_map(|e| e["lag_ms"].as_f64()).collect();
+    if lags.is_empty() {
+        return None;
+    }
+    lags.sort_by(f64::total_cmp);
+    let at = |p: f64| lags[((lags.len() - 1) as f64 * p).round() as usize];
+    Some(format!("output lag p50 {:.0} ms, p99 {:.0} ms over {} releases", at(0.5), at(0.99), lags.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const WHOLE: &str = "boot\ntick 1\ntick 2\ntick 3\nTANDEM-GUEST-DONE rc=0\n";
 
@@ -80,5 +93,12 @@ mod tests {
         assert!(judge("boot\ntick 1\n", "tick 3\nTANDEM-GUEST-DONE rc=0\n", WHOLE).unwrap_err().contains("lost"));
         let twice = "boot\ntick 1\ntick 1\ntick 2\ntick 3\nTANDEM-GUEST-DONE rc=0\n";
         assert!(judge("boot\n", "tick 1\ntick 2\ntick 3\nTANDEM-GUEST-DONE rc=0\n", twice).unwrap_err().contains("1 repeated"));
+    }
+
+    #[test]
+    fn the_output_lag_is_read_from_the_release_events() {
+        let events: Vec<_> = (1..=100).map(|i| json!({"event": "released", "lag_ms": i as f64})).collect();
+        assert_eq!(output_lag(&events).unwrap(), "output lag p50 51 ms, p99 99 ms over 100 releases");
+        assert_eq!(output_lag(&[json!({"event": "protected"})]), None);
     }
 }

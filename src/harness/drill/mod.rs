@@ -532,9 +532,16 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         (Err(e), Some(hung)) => Err(format!("{e}{hung}")),
         (verdict, _) => verdict,
     };
-    let verdict = verdict.map(|v| match released_before_kill {
-        Some(k) => format!("{v}; {k} numbered lines had reached the client when the kill came"),
-        None => v,
+    let lag = check::output_lag(&primary.events());
+    let verdict = verdict.map(|v| {
+        let v = match released_before_kill {
+            Some(k) => format!("{v}; {k} numbered lines had reached the client when the kill came"),
+            None => v,
+        };
+        match lag {
+            Some(lag) => format!("{v}; {lag}"),
+            None => v,
+        }
     });
     let mut outcome = finish(n, &mut primary, &mut standby, verdict, &killed_at);
     outcome.client = ccon.unwrap_or_default();
