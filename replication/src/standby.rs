@@ -15,6 +15,7 @@ use tandem_proto::message::Role;
 use tandem_vmm::console_log::ConsoleLog;
 use tandem_vmm::output::SharedSink;
 use tandem_vmm::snapshot::image::Image;
+use tandem_vmm::snapshot::SnapshotError;
 use tandem_vmm::vm::{config_fingerprint, Vm};
 
 use crate::events::{Event, Events};
@@ -94,7 +95,7 @@ impl Takeover {
 pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<Outcome, ReplicationError> {
     let mut generation = generation::read(&config.state_dir)?;
     let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
-    let image = Arc::new(Mutex::new(Image::new(config.mem_mib)?));
+    let image = Arc::new(Mutex::new(Some(Image::new(config.mem_mib)?)));
     let identity = Identity { role: Role::Standby, fingerprint, generation };
     let (reports_tx, reports) = channel();
     let link = link::spawn(config.listen, config.tls, identity, config.heartbeat, image.clone(), reports_tx)?;
@@ -148,7 +149,10 @@ pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<
                     // raise outlives this process, before the VM runs anywhere here.
                     let console = link.promote(generation);
                     generation::write(&config.state_dir, generation)?;
-                    let snapshot = image.lock().unwrap_or_else(|e| e.into_inner()).to_snapshot()?;
+                    let taken = image.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let (ram, state) = taken
+                        .ok_or_else(|| SnapshotError::Corrupt("the image was taken already".into()))?
+                        .into_parts()?;
                     log.seed(console.start, &console.released);
                     let unreleased = console.unreleased;
                     // The output the guest produced up to this epoch that the primary
@@ -160,7 +164,7 @@ pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<
                             tracing::warn!("console output: {e}");
                         }
                     }
-                    let vm = Vm::restore(&[snapshot], &config.kvm_device, false, sink)?;
+                    let vm = Vm::resume_image(ram, &state, &config.kvm_device, sink)?;
                     let takeover = Takeover {
                         vm,
                         generation,

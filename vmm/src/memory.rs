@@ -160,6 +160,19 @@ impl AlignedMapping {
     }
 }
 
+impl AlignedMapping {
+    /// Drops every page of the mapping: the next touch of any finds it zero.
+    fn discard(&self) -> std::io::Result<()> {
+        // SAFETY: the range is exactly the private anonymous mapping this value owns;
+        // MADV_DONTNEED on such memory only replaces its pages with zero pages.
+        let rc = unsafe { libc::madvise(self.addr.cast(), self.size, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 impl Drop for AlignedMapping {
     fn drop(&mut self) {
         // SAFETY: the range was mapped by `new` and is owned by this value alone; the
@@ -227,6 +240,20 @@ impl GuestRam {
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The size this RAM was made with.
+    pub fn mem_mib(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum::<u64>() >> 20
+    }
+
+    /// Makes all of guest RAM zero again, without touching a page: a standby's image
+    /// starting over from a full epoch.
+    pub fn zero(&mut self) -> Result<(), MemoryError> {
+        for mapping in &self._mappings {
+            mapping.discard().map_err(|e| MemoryError::Regions(format!("cannot clear guest memory: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Registers every region with KVM as slot 0, 1, ..., with dirty logging as it

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::message::EpochKind;
 use tandem_vmm::snapshot::image::Image;
+use tandem_vmm::snapshot::SnapshotError;
+
+/// The standby's image, until a takeover hands it to the guest.
+pub type SharedImage = Arc<Mutex<Option<Image>>>;
 use tandem_vmm::snapshot::Kind;
 use tandem_proto::handshake::{Identity, Refusal};
 use tandem_proto::message::Message;
@@ -82,7 +86,7 @@ pub fn spawn(
     tls: rustls::ServerConfig,
     identity: Identity,
     heartbeat: Heartbeat,
-    image: Arc<Mutex<Image>>,
+    image: SharedImage,
     reports: Sender<Report>,
 ) -> Result<StandbyLink, TransportError> {
     let state = Arc::new(Mutex::new(State {
@@ -115,7 +119,7 @@ async fn run(
     listener: Listener,
     state: Arc<Mutex<State>>,
     heartbeat: Heartbeat,
-    image: Arc<Mutex<Image>>,
+    image: SharedImage,
     reports: Sender<Report>,
     mut aborts: mpsc::UnboundedReceiver<()>,
 ) {
@@ -203,7 +207,7 @@ async fn run(
 }
 
 /// One primary's connection.
-async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, image: Arc<Mutex<Image>>, reports: Sender<Report>) {
+async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, image: SharedImage, reports: Sender<Report>) {
     let peer = link.peer().to_string();
     let (mut tx, mut rx) = link.split();
     let (replies_tx, mut replies) = mpsc::unbounded_channel::<Frame>();
@@ -265,8 +269,10 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         lock(&state).applying = true;
                         let applied = tokio::task::spawn_blocking(move || {
                             let kind = if full { Kind::Full } else { Kind::Delta };
-                            let mut image = image.lock().unwrap_or_else(|e| e.into_inner());
-                            image.apply(kind, &epoch.addresses, &epoch.data, &epoch.state)
+                            match image.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                                Some(image) => image.apply(kind, &epoch.addresses, &epoch.data, &epoch.state),
+                                None => Err(SnapshotError::Corrupt("the image already runs as the guest".into())),
+                            }
                         })
                         .await;
                         {

@@ -1,8 +1,11 @@
 //! A whole VM kept up to date capture by capture: every page of guest memory and the
-//! latest machine state. It is what a standby holds, epoch after epoch, and what it
-//! rebuilds the VM from when it takes over ([`Image::to_snapshot`] for `Vm::restore`).
+//! latest machine state. It is what a standby holds, epoch after epoch. Its pages live
+//! in guest RAM as a VM maps it, so a takeover hands that RAM to the new VM as it is
+//! ([`Image::into_parts`] for `Vm::resume_image`): no copy, whatever the guest's size.
 
-use crate::memory::{ram_ranges, MAX_MEM_MIB, MIN_MEM_MIB, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::{ram_ranges, GuestRam, MAX_MEM_MIB, MIN_MEM_MIB, PAGE_SIZE};
 
 use super::{codec, is_zero_page, Kind, MachineState, Snapshot, SnapshotError};
 
@@ -10,9 +13,9 @@ const PAGE: usize = PAGE_SIZE as usize;
 
 pub struct Image {
     mem_mib: u64,
-    /// Guest-physical address of every page, ascending; slot `i` of `data` is page `i`.
+    /// Guest-physical address of every page, ascending.
     addresses: Vec<u64>,
-    data: Vec<u8>,
+    ram: GuestRam,
     state: Option<MachineState>,
 }
 
@@ -27,8 +30,8 @@ impl Image {
             .flat_map(|(base, len)| (0..len as u64 / PAGE_SIZE).map(move |i| base.0 + i * PAGE_SIZE))
             .collect();
         // Allocated lazily by the kernel: pages never written cost nothing.
-        let data = vec![0; addresses.len() * PAGE];
-        Ok(Self { mem_mib, addresses, data, state: None })
+        let ram = GuestRam::new(mem_mib)?;
+        Ok(Self { mem_mib, addresses, ram, state: None })
     }
 
     /// Whether a capture has been applied: an image without one cannot be restored.
@@ -48,38 +51,44 @@ impl Image {
         if state.mem_mib != self.mem_mib {
             return Err(SnapshotError::Corrupt(format!("state of a {} MiB VM for a {} MiB image", state.mem_mib, self.mem_mib)));
         }
-        let slots = addresses
-            .iter()
-            .map(|a| {
-                self.addresses
-                    .binary_search(a)
-                    .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if kind == Kind::Full {
-            // A new zeroed buffer rather than a fill: the kernel provides zeros lazily.
-            self.data = vec![0; self.data.len()];
+        if let Some(a) = addresses.iter().find(|a| self.addresses.binary_search(a).is_err()) {
+            return Err(SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")));
         }
-        for (i, slot) in slots.into_iter().enumerate() {
-            self.data[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(&data[i * PAGE..(i + 1) * PAGE]);
+        if kind == Kind::Full {
+            self.ram.zero()?;
+        }
+        let mem = self.ram.memory();
+        for (i, &a) in addresses.iter().enumerate() {
+            mem.write_slice(&data[i * PAGE..(i + 1) * PAGE], GuestAddress(a))
+                .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))?;
         }
         self.state = Some(state);
         Ok(())
     }
 
-    /// The image as a full snapshot (its zero pages left out), for `Vm::restore`.
+    /// The image as a full snapshot (its zero pages left out).
     pub fn to_snapshot(&self) -> Result<Snapshot, SnapshotError> {
         let state = self.state.clone().ok_or_else(|| SnapshotError::Corrupt("no capture applied yet".into()))?;
         let mut pages = Vec::new();
         let mut data = Vec::new();
-        for (i, &a) in self.addresses.iter().enumerate() {
-            let page = &self.data[i * PAGE..(i + 1) * PAGE];
-            if !is_zero_page(page) {
+        let mut page = vec![0u8; PAGE];
+        for &a in &self.addresses {
+            self.ram
+                .memory()
+                .read_slice(&mut page, GuestAddress(a))
+                .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} cannot be read")))?;
+            if !is_zero_page(&page) {
                 pages.push(a);
-                data.extend_from_slice(page);
+                data.extend_from_slice(&page);
             }
         }
         Ok(Snapshot { kind: Kind::Full, state, pages, data })
+    }
+
+    /// The guest's RAM and machine state, for a VM that takes over from them.
+    pub fn into_parts(self) -> Result<(GuestRam, MachineState), SnapshotError> {
+        let state = self.state.ok_or_else(|| SnapshotError::Corrupt("no capture applied yet".into()))?;
+        Ok((self.ram, state))
     }
 }
 
@@ -129,5 +138,23 @@ mod tests {
         let snap = image.to_snapshot().unwrap();
         assert_eq!(snap.pages, [0x2000], "a page the full capture left out is zeros");
         assert_eq!(snap.page_at(0x2000).unwrap(), &[5u8; PAGE][..]);
+    }
+
+    #[test]
+    fn the_parts_are_the_guests_ram_as_the_last_capture_left_it() {
+        let mut image = Image::new(16).unwrap();
+        assert!(Image::new(16).unwrap().into_parts().is_err(), "nothing to resume yet");
+        image.apply(Kind::Delta, &[0x1000, 0x2000], &[[1u8; PAGE], [2u8; PAGE]].concat(), &state(16, 1)).unwrap();
+        image.apply(Kind::Full, &[0x2000], &[5u8; PAGE], &state(16, 2)).unwrap();
+        image.apply(Kind::Delta, &[0x3000], &[6u8; PAGE], &state(16, 3)).unwrap();
+        let (ram, state) = image.into_parts().unwrap();
+        assert_eq!((ram.mem_mib(), state.vm.clock.clock), (16, 3));
+        let page = |a: u64| {
+            let mut p = vec![0u8; PAGE];
+            ram.memory().read_slice(&mut p, GuestAddress(a)).unwrap();
+            p
+        };
+        assert_eq!(page(0x1000), vec![0u8; PAGE], "cleared by the full capture");
+        assert_eq!((page(0x2000), page(0x3000)), (vec![5u8; PAGE], vec![6u8; PAGE]));
     }
 }

@@ -57,6 +57,8 @@ pub enum SnapshotError {
     Open { path: String, source: std::io::Error },
     #[error("corrupt snapshot: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
 const PAGE: usize = PAGE_SIZE as usize;

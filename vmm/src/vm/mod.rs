@@ -12,8 +12,8 @@ use crate::boot::{acpi, cpuid, loader, msrs, mptable, regs};
 use crate::devices::bus::PortBus;
 use crate::devices::serial::{IrqTrigger, SerialPort, COM1_IRQ};
 use crate::kvm::{Hypervisor, KvmError, KvmVcpu, VmHandle};
-use crate::memory::{DirtyPages, GuestRam, MemoryError};
-use crate::snapshot::{self, Kind, Snapshot};
+use crate::memory::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
+use crate::snapshot::{self, Kind, MachineState, Snapshot};
 use crate::state::{MsrPlan, StateError, VcpuState};
 use crate::time;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -183,6 +183,11 @@ impl Shell {
     /// Boot and restore build the same machine this way: a VM must be restored onto
     /// the CPUID and memory layout it was captured with.
     fn build(kvm_device: &std::path::Path, mem_mib: u64, vcpu_count: u8) -> Result<Self, VmError> {
+        Self::build_with(kvm_device, GuestRam::new(mem_mib)?, vcpu_count)
+    }
+
+    /// The same, around guest RAM that already holds the guest's pages.
+    fn build_with(kvm_device: &std::path::Path, ram: GuestRam, vcpu_count: u8) -> Result<Self, VmError> {
         check_vcpus(u32::from(vcpu_count))?;
         let hypervisor = Hypervisor::open(kvm_device)?;
         if usize::from(vcpu_count) > hypervisor.max_vcpus() {
@@ -191,7 +196,6 @@ impl Shell {
                 max: hypervisor.max_vcpus(),
             });
         }
-        let ram = GuestRam::new(mem_mib)?;
         let kvm_vm = hypervisor.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS)?;
         ram.register(&kvm_vm)?;
         let base_cpuid = hypervisor.supported_cpuid()?;
@@ -304,36 +308,58 @@ impl Vm {
         if chain.iter().any(|s| (s.state.mem_mib, s.state.vcpus) != shape) {
             return Err(VmError::Chain("the snapshots are of differently shaped VMs".into()));
         }
-        let shell = Shell::build(kvm_device, shape.0, shape.1)?;
-        let mem = shell.ram.memory();
+        let ram = GuestRam::new(shape.0)?;
+        let mem = ram.memory();
         for snap in chain {
             for (i, gpa) in snap.pages.iter().enumerate() {
                 mem.write_slice(snapshot::page(&snap.data, i), GuestAddress(*gpa))
                     .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
             }
         }
-        let anchor = last.state.vm.restore(&shell.kvm_vm)?;
-        for (vcpu, state) in shell.vcpus.iter().zip(&last.state.vcpu_states) {
-            state.restore(vcpu)?;
-            if let Some(tsc) = state.tsc() {
+        Self::resume_from(ram, &last.state, kvm_device, paused, sink)
+    }
+
+    /// Takes over from guest RAM that already holds every page of the guest (a
+    /// standby's image) and the machine state that goes with it: the RAM becomes the
+    /// new VM's as it is, so this costs the same whatever the guest's size.
+    pub fn resume_image(ram: GuestRam, state: &MachineState, kvm_device: &std::path::Path, sink: SharedSink) -> Result<Self, VmError> {
+        if ram.mem_mib() != state.mem_mib {
+            return Err(VmError::Chain(format!("state of a {} MiB VM for {} MiB of RAM", state.mem_mib, ram.mem_mib())));
+        }
+        Self::resume_from(ram, state, kvm_device, false, sink)
+    }
+
+    fn resume_from(ram: GuestRam, state: &MachineState, kvm_device: &std::path::Path, paused: bool, sink: SharedSink) -> Result<Self, VmError> {
+        let shape = (state.mem_mib, state.vcpus);
+        let shell = Shell::build_with(kvm_device, ram, shape.1)?;
+        let mem = shell.ram.memory();
+        // Setting the wall-clock MSR makes KVM write its own idea of the guest's boot
+        // time into guest memory. The guest read that page when it booted; a restored
+        // guest finds its memory exactly as it was captured, so the page goes back.
+        let mut wall_clock = Vec::new();
+        for gpa in state.vcpu_states.iter().flat_map(VcpuState::wall_clock_pages) {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            mem.read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
+            wall_clock.push((gpa, page));
+        }
+        let anchor = state.vm.restore(&shell.kvm_vm)?;
+        for (vcpu, vcpu_state) in shell.vcpus.iter().zip(&state.vcpu_states) {
+            vcpu_state.restore(vcpu)?;
+            if let Some(tsc) = vcpu_state.tsc() {
                 time::set_tsc(vcpu, tsc, anchor)?;
             }
         }
-        // Setting the wall-clock MSR made KVM write its own idea of the guest's boot
-        // time into guest memory. The guest read that page when it booted; a restored
-        // guest finds its memory exactly as it was captured, so the page goes back.
-        for gpa in last.state.vcpu_states.iter().flat_map(VcpuState::wall_clock_pages) {
-            if let Some(bytes) = chain.iter().rev().find_map(|s| s.page_at(gpa)) {
-                mem.write_slice(bytes, GuestAddress(gpa))
-                    .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
-            }
+        for (gpa, page) in &wall_clock {
+            mem.write_slice(page, GuestAddress(*gpa))
+                .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
         }
         let frozen = paused.then(|| FrozenTime {
-            clock_ns: last.state.vm.clock.clock,
-            tsc: last.state.vcpu_states.iter().map(VcpuState::tsc).collect(),
+            clock_ns: state.vm.clock.clock,
+            tsc: state.vcpu_states.iter().map(VcpuState::tsc).collect(),
         });
         let serial_sink = sink.clone();
-        let devices = &last.state.devices;
+        let devices = &state.devices;
         let vm = shell.start(frozen, sink, |irq| {
             PortBus::from_state(devices, irq, serial_sink).map_err(|e| VmError::Chain(e.to_string()))
         })?;
