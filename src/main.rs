@@ -71,6 +71,9 @@ enum Cmd {
     /// Benchmarks, printed as tables beside a peer measured in the same run.
     #[command(subcommand)]
     Bench(harness::bench::BenchCmd),
+    /// Inside the lab: hold an idle VM open until killed (see `tandem_vmm::vm::IdleVm`).
+    #[command(hide = true)]
+    LabHoldKvm,
 }
 
 #[derive(clap::Args)]
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Bench(cmd) => harness::bench::run(cmd).map(|()| 0),
+        Cmd::LabHoldKvm => harness::lab::hold_kvm(),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -41,6 +41,23 @@ const FAULT_MARKER: &str = "@@TANDEM-LAB-FAULT@@";
 const FAULT_END_MARKER: &str = "@@TANDEM-LAB-FAULT-END@@";
 /// How long the watcher gets to print the report it has begun.
 const LOCKUP_REPORT_GRACE: Duration = Duration::from_secs(60);
+/// One idle VM held open for the whole lab, so that the lab kernel patches the static
+/// keys KVM flips for the first VM and the first new LAPIC once, not at every VM a test
+/// creates: the lab host froze in those patches (docs/lab.md). Started and waited for
+/// before the command, so the command's own VMs are never the first.
+const HOLD_KVM: &str = "tandem lab-hold-kvm </dev/null >/dev/null 2>&1 &
+while [ ! -e /tmp/.kvm-held ] && kill -0 $! 2>/dev/null; do sleep 0.1; done
+";
+
+/// Inside the lab: holds an idle VM open until the lab powers off.
+pub fn hold_kvm() -> Result<u8> {
+    let _held = tandem_vmm::vm::IdleVm::create(std::path::Path::new("/dev/kvm")).context("holding an idle VM open")?;
+    std::fs::write("/tmp/.kvm-held", b"").context("marking the idle VM held")?;
+    loop {
+        std::thread::park();
+    }
+}
+
 /// Runs in the background of `/lab/run`. A lab CPU stuck in the kernel (a soft lockup
 /// or an RCU stall) never frees itself, and no command can be at fault for one: only
 /// the lab host's kernel or its emulated CPU can. So rather than let the run time out
@@ -253,6 +270,7 @@ fn overlay(command: &[String], with: &[PathBuf], timeout: Duration, scratch: &Pa
     }
     script.push_str(SHUTDOWN_WATCH);
     script.push_str(HANG_WATCH);
+    script.push_str(HOLD_KVM);
     // Well before the lab is stopped, allowing for its boot and for the listing.
     let hang_after = timeout.as_secs().saturating_sub(45).max(10);
     script.push_str(&format!("lab_hang_watch {hang_after} </dev/null &\n"));

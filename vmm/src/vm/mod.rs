@@ -179,6 +179,24 @@ struct Shell {
     msrs: MsrPlan,
 }
 
+/// A VM with one vCPU that never runs, held open for as long as this value lives. In
+/// the lab it keeps the lab kernel from patching its own code at every VM: KVM turns
+/// static keys on when the first VM (preempt notifiers, in the scheduler's context
+/// switch) or the first software-disabled LAPIC appears and off again when the last
+/// goes, and each such patch is where the lab host froze (docs/lab.md).
+pub struct IdleVm {
+    _vcpu: KvmVcpu,
+    _vm: VmHandle,
+}
+
+impl IdleVm {
+    pub fn create(kvm_device: &std::path::Path) -> Result<Self, VmError> {
+        let vm = Hypervisor::open(kvm_device)?.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS)?;
+        let vcpu = vm.create_vcpu(0)?;
+        Ok(Self { _vcpu: vcpu, _vm: vm })
+    }
+}
+
 impl Shell {
     /// Boot and restore build the same machine this way: a VM must be restored onto
     /// the CPUID and memory layout it was captured with.
