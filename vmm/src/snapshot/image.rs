@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::{ram_ranges, GuestRam, MAX_MEM_MIB, MIN_MEM_MIB, PAGE_SIZE};
 
-use super::{codec, is_zero_page, Kind, MachineState, Snapshot, SnapshotError};
+use super::{codec, Kind, MachineState, SnapshotError};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -66,8 +66,10 @@ impl Image {
         Ok(())
     }
 
-    /// The image as a full snapshot (its zero pages left out).
-    pub fn to_snapshot(&self) -> Result<Snapshot, SnapshotError> {
+    /// The image as a full snapshot (its zero pages left out): how the tests read it.
+    /// A takeover uses [`Image::into_parts`] instead, which copies nothing.
+    #[cfg(test)]
+    pub fn to_snapshot(&self) -> Result<super::Snapshot, SnapshotError> {
         let state = self.state.clone().ok_or_else(|| SnapshotError::Corrupt("no capture applied yet".into()))?;
         let mut pages = Vec::new();
         let mut data = Vec::new();
@@ -77,12 +79,12 @@ impl Image {
                 .memory()
                 .read_slice(&mut page, GuestAddress(a))
                 .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} cannot be read")))?;
-            if !is_zero_page(&page) {
+            if !super::is_zero_page(&page) {
                 pages.push(a);
                 data.extend_from_slice(&page);
             }
         }
-        Ok(Snapshot { kind: Kind::Full, state, pages, data })
+        Ok(super::Snapshot { kind: Kind::Full, state, pages, data })
     }
 
     /// The guest's RAM and machine state, for a VM that takes over from them.
