@@ -22,6 +22,9 @@ use crate::harness::lab;
 /// is between the VMMs, not their firmware tables.
 const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1 pci=off initcall_blacklist=cmos_init";
 const GUEST_KERNEL: &str = "/images/vmlinuz";
+/// The same kernel as an ELF booted through PVH: no self-decompression, whose ~50 MB of
+/// writes a replicated guest would send to its standby (docs/lab.md).
+const GUEST_VMLINUX: &str = "/images/vmlinux";
 const GUEST_INITRD: &str = "/images/guest-initrd.cpio";
 
 #[derive(clap::Subcommand)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::{in_the_lab_with, GUEST_INITRD, GUEST_KERNEL};
+use super::{in_the_lab_with, GUEST_INITRD, GUEST_VMLINUX};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ReplicateArgs {
@@ -120,7 +120,7 @@ fn wait(child: &mut Child, limit: Duration) -> Result<()> {
 
 fn alone(tandem: &Path, rate: u32, seconds: u32) -> Result<Option<f64>> {
     let out = Command::new(tandem)
-        .args(["run", "--kernel", GUEST_KERNEL, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
+        .args(["run", "--kernel", GUEST_VMLINUX, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
         .stdin(Stdio::null())
         .output()
         .context("running the guest alone")?;
@@ -149,7 +149,7 @@ fn replicated(tandem: &Path, rate: u32, seconds: u32) -> Result<(Option<f64>, Ha
     let mut primary = Command::new(tandem)
         .args(["primary", "--standby", "127.0.0.1:7200", "--timeout-ms", "3000", "--control", &path(ctl.clone())])
         .args(["--key", &path(p.join("key.pem")), "--peer-cert", &path(s.join("cert.pem"))])
-        .args(["--kernel", GUEST_KERNEL, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
+        .args(["--kernel", GUEST_VMLINUX, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&console)?)
         .stderr(Stdio::null())

@@ -56,6 +56,12 @@ pub struct DrillArgs {
     /// same proportion of the guest's progress.
     #[arg(long, default_value_t = 100, value_name = "MS")]
     epoch_ms: u64,
+    /// The guest's kernel, in the images directory: `vmlinux` (ELF, booted through
+    /// PVH) or `vmlinuz` (the same kernel as a bzImage). A bzImage first decompresses
+    /// itself, writing some 50 MB the pipeline must carry: in the lab that doubles a
+    /// replicated guest's time to its first tick (docs/lab.md).
+    #[arg(long, default_value = "vmlinux")]
+    kernel: String,
     /// Seed for `random` kill times (default: the clock).
     #[arg(long)]
     seed: Option<u64>,
@@ -416,7 +422,7 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         "--key".into(), path(pkeys.join("key.pem")), "--peer-cert".into(), path(skeys.join("cert.pem")),
         "--timeout-ms".into(), timeout, "--console-listen".into(), consoles[0].to_string(),
         "--epoch-ms".into(), args.epoch_ms.to_string(),
-        "--kernel".into(), path(images.join("vmlinuz")), "--initrd".into(), path(images.join("guest-initrd.cpio")),
+        "--kernel".into(), path(images.join(&args.kernel)), "--initrd".into(), path(images.join("guest-initrd.cpio")),
         "--append".into(), workload,
     ];
     if let Kill::MidEpoch(epoch) = kill {
