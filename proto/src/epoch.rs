@@ -1,8 +1,10 @@
 //! One epoch's content, how it is cut into messages, and the checksum both ends compute
 //! over it in the order it was sent.
 
-use crate::pages;
+use bytes::Bytes;
+
 use crate::message::{Compression, EpochKind, Frame, Message, MAX_BATCH_PAGES, MAX_OUTPUT_BYTES, PAGE_SIZE};
+use crate::{frame, pages, ProtoError};
 
 /// What an epoch carries: pages (an address may repeat; the later copy wins) and the
 /// machine state as of the epoch's pause.
@@ -27,12 +29,23 @@ impl Epoch {
         &self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
     }
 
-    /// The epoch as frames of `generation`: begin, page batches, output, state, commit.
-    pub fn frames(&self, generation: u64) -> Vec<Frame> {
+    /// The epoch as encoded frames of `generation` (begin, page batches, output,
+    /// state, commit), as they go on the wire, and the payload bytes they carry
+    /// (pages as sent, addresses, state, output): what compression and zero-page
+    /// markers leave of the epoch.
+    pub fn encode(&self, generation: u64) -> Result<(Vec<Bytes>, usize), ProtoError> {
         let epoch = self.number;
         let mut hasher = EpochHasher::new(epoch);
-        let frame = |message| Frame { generation, message };
-        let mut out = vec![frame(Message::EpochBegin { epoch, kind: self.kind.unwrap_or(EpochKind::Delta) })];
+        // What the encoding cannot check, refused here rather than by the receiver.
+        let frame = |message: Message| {
+            message.validate()?;
+            frame::encode_shared(&Frame { generation, message })
+        };
+        if let Some(a) = self.addresses.iter().find(|&&a| a % PAGE_SIZE as u64 != 0) {
+            return Err(ProtoError::Invalid(format!("unaligned page address {a:#x}")));
+        }
+        let mut pages = pages::BatchEncoder::new(generation, epoch, self.compress);
+        pages.frames.push(frame(Message::EpochBegin { epoch, kind: self.kind.unwrap_or(EpochKind::Delta) })?);
         for (batch, data) in self.addresses.chunks(MAX_BATCH_PAGES).zip(self.data.chunks(MAX_BATCH_PAGES * PAGE_SIZE)) {
             // Zero pages go ahead of the rest of their batch: only when an address
             // repeats within it could that change which copy wins.
@@ -43,23 +56,36 @@ impl Epoch {
             };
             if !unique {
                 hasher.pages(batch, data);
-                out.push(frame(Message::Pages { epoch, addresses: batch.to_vec(), compression: Compression::None, data: data.to_vec() }));
+                pages.wire += batch.len() * 8 + data.len();
+                pages.frames.push(frame(Message::Pages { epoch, addresses: batch.to_vec(), compression: Compression::None, data: data.to_vec() })?);
                 continue;
             }
-            for message in pages::encode_batch(epoch, batch, data, self.compress, &mut hasher) {
-                out.push(frame(message));
-            }
+            pages.batch(batch, data, &mut hasher)?;
         }
+        let (mut out, mut wire) = (pages.frames, pages.wire);
         let mut offset = self.output_offset;
         for bytes in self.output.chunks(MAX_OUTPUT_BYTES) {
             hasher.output(offset, bytes);
-            out.push(frame(Message::Output { epoch, offset, bytes: bytes.to_vec() }));
+            wire += bytes.len();
+            out.push(frame(Message::Output { epoch, offset, bytes: bytes.to_vec() })?);
             offset += bytes.len() as u64;
         }
         hasher.state(&self.state);
-        out.push(frame(Message::State { epoch, state: self.state.clone() }));
-        out.push(frame(Message::EpochCommit { epoch, pages: self.addresses.len() as u64, checksum: hasher.finish() }));
-        out
+        wire += self.state.len();
+        out.push(frame(Message::State { epoch, state: self.state.clone() })?);
+        out.push(frame(Message::EpochCommit { epoch, pages: self.addresses.len() as u64, checksum: hasher.finish() })?);
+        Ok((out, wire))
+    }
+
+    /// The frames [`Epoch::encode`] puts on the wire, decoded as the receiver sees them.
+    pub fn frames(&self, generation: u64) -> Result<Vec<Frame>, ProtoError> {
+        let mut decoder = frame::Decoder::default();
+        let mut frames = Vec::new();
+        for bytes in self.encode(generation)?.0 {
+            decoder.push(&bytes);
+            frames.extend(decoder.next_frame()?);
+        }
+        Ok(frames)
     }
 }
 
@@ -81,10 +107,20 @@ impl EpochHasher {
         }
     }
 
+    /// A batch's addresses and then its pages' data: [`EpochHasher::addresses`] and
+    /// then [`EpochHasher::data`] for each page in turn add up to the same.
     pub fn pages(&mut self, addresses: &[u64], data: &[u8]) {
+        self.addresses(addresses);
+        self.data(data);
+    }
+
+    pub fn addresses(&mut self, addresses: &[u64]) {
         for a in addresses {
             self.0.update(&a.to_le_bytes());
         }
+    }
+
+    pub fn data(&mut self, data: &[u8]) {
         self.0.update(data);
     }
 

@@ -17,10 +17,22 @@ pub const MAX_FRAME_BYTES: u64 = 5 << 20;
 
 /// Encodes `frame` with its header, or refuses one over the limit.
 pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
-    let mut out = Vec::with_capacity(HEADER + frame.message.size_hint());
+    encode_with(frame.message.size_hint(), |out| codec::encode_into(frame, out)).map(Vec::from)
+}
+
+/// [`encode`] into shared bytes, as QUIC takes them without a copy.
+pub fn encode_shared(frame: &Frame) -> Result<Bytes, ProtoError> {
+    encode_with(frame.message.size_hint(), |out| codec::encode_into(frame, out))
+}
+
+/// A frame whose payload `write` appends to the buffer it is given (which holds the
+/// header so far), so a large payload is written once, in place; then the header is
+/// completed, or the frame refused if over the limit.
+pub fn encode_with(size_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Result<Bytes, ProtoError> {
+    let mut out = Vec::with_capacity(HEADER + size_hint);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[0; HEADER - 4]);
-    codec::encode_into(frame, &mut out);
+    write(&mut out);
     let len = out.len() - HEADER;
     if len == 0 || len as u64 > MAX_FRAME_BYTES {
         return Err(ProtoError::TooLarge(len as u64));
@@ -28,12 +40,7 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
     let crc = crc32fast::hash(&out[HEADER..]);
     out[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     out[8..12].copy_from_slice(&crc.to_le_bytes());
-    Ok(out)
-}
-
-/// [`encode`] into shared bytes, as QUIC takes them without a copy.
-pub fn encode_shared(frame: &Frame) -> Result<Bytes, ProtoError> {
-    encode(frame).map(Bytes::from)
+    Ok(Bytes::from(out))
 }
 
 /// Collects bytes as they arrive and yields whole frames. After an error the stream is

@@ -7,9 +7,11 @@
 //! read: garbage, truncated or overlong compressed data is an error, and can never make
 //! it allocate more than the batch's pages.
 
+use bytes::Bytes;
+
 use crate::epoch::EpochHasher;
-use crate::message::{Compression, Message, MAX_BATCH_PAGES, PAGE_SIZE};
-use crate::ProtoError;
+use crate::message::{Compression, Frame, Message, MAX_BATCH_PAGES, PAGE_SIZE};
+use crate::{codec, frame, ProtoError};
 
 /// Compressed data is sent only when at most this share (in 1/16ths) of the raw size:
 /// below that the receiver's work is not worth the bytes saved.
@@ -40,38 +42,84 @@ pub fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// The messages for one batch (at most [`MAX_BATCH_PAGES`] pages, addresses unique),
-/// in the order the receiver must apply them, each added to the epoch's checksum as
-/// the receiver will add it: over the raw pages, so the checksum vouches for the
-/// decompression too.
-pub fn encode_batch(epoch: u64, addresses: &[u64], data: &[u8], compress: bool, hasher: &mut EpochHasher) -> Vec<Message> {
-    debug_assert!(addresses.len() <= MAX_BATCH_PAGES && data.len() == addresses.len() * PAGE_SIZE);
-    let mut zero = Vec::new();
-    let (mut rest, mut rest_data) = (Vec::with_capacity(addresses.len()), Vec::with_capacity(data.len()));
-    for (&address, page) in addresses.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-        if is_zero(page) {
-            zero.push(address);
-        } else {
-            rest.push(address);
-            rest_data.extend_from_slice(page);
-        }
+/// Encodes an epoch's page batches as frames of one generation, straight from where
+/// the pages are.
+pub struct BatchEncoder {
+    generation: u64,
+    epoch: u64,
+    compress: bool,
+    /// Gathers a batch's non-zero pages only when LZ4 needs them in one piece.
+    scratch: Vec<u8>,
+    /// The frames so far, in order.
+    pub frames: Vec<Bytes>,
+    /// The payload bytes they carry (addresses and page data as sent).
+    pub wire: usize,
+}
+
+impl BatchEncoder {
+    pub fn new(generation: u64, epoch: u64, compress: bool) -> Self {
+        Self { generation, epoch, compress, scratch: Vec::new(), frames: Vec::new(), wire: 0 }
     }
-    let mut out = Vec::with_capacity(2);
-    if !zero.is_empty() {
-        hasher.zero_pages(&zero);
-        out.push(Message::ZeroPages { epoch, addresses: zero });
-    }
-    if !rest.is_empty() {
-        hasher.pages(&rest, &rest_data);
-        let packed = (compress && worth_compressing(&rest_data)).then(|| lz4_flex::block::compress(&rest_data));
-        match packed {
-            Some(packed) if packed.len() * 16 <= rest_data.len() * WORTH_IT_SIXTEENTHS => {
-                out.push(Message::Pages { epoch, addresses: rest, compression: Compression::Lz4, data: packed });
+
+    /// One batch (at most [`MAX_BATCH_PAGES`] pages, addresses unique) as frames, in
+    /// the order the receiver must apply them: a `ZeroPages` frame, then one `Pages`
+    /// frame for the rest. Each is added to the epoch's checksum as the receiver will
+    /// add it: over the raw pages, so the checksum vouches for the decompression too.
+    /// Raw pages go from `data` straight into their frame.
+    pub fn batch(&mut self, addresses: &[u64], data: &[u8], hasher: &mut EpochHasher) -> Result<(), ProtoError> {
+        debug_assert!(addresses.len() <= MAX_BATCH_PAGES && data.len() == addresses.len() * PAGE_SIZE);
+        let (generation, epoch) = (self.generation, self.epoch);
+        let (mut zero, mut rest) = (Vec::new(), Vec::with_capacity(addresses.len()));
+        let mut rest_pages = Vec::with_capacity(addresses.len());
+        for (&address, page) in addresses.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            if is_zero(page) {
+                zero.push(address);
+            } else {
+                rest.push(address);
+                rest_pages.push(page);
             }
-            _ => out.push(Message::Pages { epoch, addresses: rest, compression: Compression::None, data: rest_data }),
         }
+        if !zero.is_empty() {
+            hasher.zero_pages(&zero);
+            self.wire += zero.len() * 8;
+            self.frames.push(frame::encode_shared(&Frame { generation, message: Message::ZeroPages { epoch, addresses: zero } })?);
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        hasher.addresses(&rest);
+        for page in &rest_pages {
+            hasher.data(page);
+        }
+        let raw = rest.len() * PAGE_SIZE;
+        let packed = if self.compress {
+            // The pages in one piece: `data` itself when none was left out as zero.
+            let whole: &[u8] = if rest.len() == addresses.len() {
+                data
+            } else {
+                self.scratch.clear();
+                rest_pages.iter().for_each(|p| self.scratch.extend_from_slice(p));
+                &self.scratch
+            };
+            worth_compressing(whole).then(|| lz4_flex::block::compress(whole)).filter(|p| p.len() * 16 <= raw * WORTH_IT_SIXTEENTHS)
+        } else {
+            None
+        };
+        let (compression, len) = match &packed {
+            Some(p) => (Compression::Lz4, p.len()),
+            None => (Compression::None, raw),
+        };
+        self.wire += rest.len() * 8 + len;
+        self.frames.push(frame::encode_with(64 + rest.len() * 8 + len, |buf| {
+            let at = codec::begin_pages(buf, generation, epoch, &rest, compression);
+            match &packed {
+                Some(p) => buf.extend_from_slice(p),
+                None => rest_pages.iter().for_each(|p| buf.extend_from_slice(p)),
+            }
+            codec::end_pages(buf, at);
+        })?);
+        Ok(())
     }
-    out
 }
 
 /// The raw pages of a batch, into `out` (which grows by exactly `pages * PAGE_SIZE`

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::epoch::Epoch;
-use crate::frame;
 use crate::handshake::Identity;
 use crate::message::{EpochKind, Frame, Message};
 use crate::standby::name;
@@ -60,7 +59,8 @@ pub struct Encoded {
     pub kind: EpochKind,
     pub generation: u64,
     pub frames: Arc<Vec<Bytes>>,
-    /// See [`wire_bytes`].
+    /// The payload bytes the frames carry (pages as sent, addresses, state, output):
+    /// what compression and zero-page markers leave of the epoch on the wire.
     pub wire: usize,
 }
 
@@ -68,21 +68,6 @@ impl Encoded {
     pub fn wire_bytes(&self) -> usize {
         self.wire
     }
-}
-
-/// The payload bytes `frames` carry (pages as sent, addresses, state, output): what
-/// compression and zero-page markers leave of an epoch on the wire.
-pub fn wire_bytes(frames: &[Frame]) -> usize {
-    frames
-        .iter()
-        .map(|f| match &f.message {
-            Message::Pages { addresses, data, .. } => addresses.len() * 8 + data.len(),
-            Message::ZeroPages { addresses, .. } => addresses.len() * 8,
-            Message::State { state, .. } => state.len(),
-            Message::Output { bytes, .. } => bytes.len(),
-            _ => 0,
-        })
-        .sum()
 }
 
 /// What the next epoch's encoding needs from the machine.
@@ -94,16 +79,15 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Encodes the epoch this ticket is for; `output` is the console output it covers
-    /// and where that starts in the whole console.
-    pub fn encode(self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>, (output_offset, output): (u64, Vec<u8>)) -> Result<Encoded, ProtoError> {
-        let epoch = Epoch { number: self.number, kind: Some(kind), addresses, data, state, output, output_offset, compress: self.compress };
-        let frames = epoch.frames(self.generation);
-        for f in &frames {
-            f.message.validate()?;
-        }
-        let wire = wire_bytes(&frames);
-        let frames = frames.iter().map(frame::encode_shared).collect::<Result<Vec<_>, _>>()?;
+    /// Encodes `epoch` as the one this ticket is for: its number and whether its pages
+    /// are compressed are the ticket's. The epoch is only read, so its buffers can be
+    /// used again for the next one.
+    pub fn encode(self, epoch: &mut Epoch) -> Result<Encoded, ProtoError> {
+        epoch.number = self.number;
+        epoch.compress = self.compress;
+        let kind = epoch.kind.unwrap_or(EpochKind::Delta);
+        epoch.kind = Some(kind);
+        let (frames, wire) = epoch.encode(self.generation)?;
         Ok(Encoded { number: self.number, kind, generation: self.generation, frames: Arc::new(frames), wire })
     }
 }
@@ -191,9 +175,9 @@ impl Primary {
 
     /// Encodes, numbers and keeps an epoch: [`Primary::ticket`], [`Ticket::encode`] and
     /// [`Primary::queue`] at once, for callers that hold no lock.
-    pub fn send_epoch(&mut self, kind: EpochKind, addresses: Vec<u64>, data: Vec<u8>, state: Vec<u8>, output: (u64, Vec<u8>)) -> Result<Encoded, ProtoError> {
+    pub fn send_epoch(&mut self, epoch: &mut Epoch) -> Result<Encoded, ProtoError> {
         let ticket = self.ticket().ok_or_else(|| ProtoError::OutOfOrder("an epoch while no standby is following".into()))?;
-        let encoded = ticket.encode(kind, addresses, data, state, output)?;
+        let encoded = ticket.encode(epoch)?;
         self.queue(encoded.clone())?;
         Ok(encoded)
     }

@@ -78,6 +78,9 @@ pub struct Standby {
     /// Pages in the last epoch committed: the next one is staged in room for as many,
     /// rather than grown (and copied) batch by batch.
     last_pages: usize,
+    /// Buffers of an applied delta handed back by [`Standby::recycle`], to stage the
+    /// next epoch in memory already mapped instead of faulting in fresh pages.
+    spare: (Vec<u64>, Vec<u8>),
 }
 
 impl Standby {
@@ -90,6 +93,7 @@ impl Standby {
             phase: Phase::AwaitingHello,
             staging: None,
             last_pages: 0,
+            spare: (Vec::new(), Vec::new()),
         }
     }
 
@@ -152,6 +156,14 @@ impl Standby {
         self.staging = None;
     }
 
+    /// Takes back an epoch once applied, to stage a later one in its buffers. Only a
+    /// delta's are kept: a full epoch's hold the whole guest, memory better let go.
+    pub fn recycle(&mut self, epoch: Epoch) {
+        if epoch.kind == Some(EpochKind::Delta) && epoch.data.capacity() > self.spare.1.capacity() {
+            self.spare = (epoch.addresses, epoch.data);
+        }
+    }
+
     pub fn handle(&mut self, frame: Frame) -> Vec<Event> {
         match self.step(frame) {
             Ok(events) => events,
@@ -207,13 +219,12 @@ impl Standby {
                     }
                     _ => {}
                 }
-                let staged = Epoch {
-                    number: epoch,
-                    kind: Some(kind),
-                    addresses: Vec::with_capacity(self.last_pages),
-                    data: Vec::with_capacity(self.last_pages * PAGE_SIZE),
-                    ..Epoch::default()
-                };
+                let (mut addresses, mut data) = std::mem::take(&mut self.spare);
+                addresses.clear();
+                data.clear();
+                addresses.reserve(self.last_pages);
+                data.reserve(self.last_pages * PAGE_SIZE);
+                let staged = Epoch { number: epoch, kind: Some(kind), addresses, data, ..Epoch::default() };
                 self.staging = Some((staged, EpochHasher::new(epoch)));
                 Ok(vec![])
             }
@@ -347,7 +358,7 @@ mod tests {
 
     fn commit_at(standby: &mut Standby, number: u64, kind: EpochKind, output_offset: u64, output: &[u8]) {
         let epoch = Epoch { number, kind: Some(kind), state: vec![1], output: output.to_vec(), output_offset, ..Epoch::default() };
-        for frame in epoch.frames(1) {
+        for frame in epoch.frames(1).unwrap() {
             for event in standby.handle(frame) {
                 assert!(!matches!(event, Event::Close(_)), "{event:?}");
             }
@@ -378,7 +389,7 @@ mod tests {
         // Output that does not follow on from the last is refused.
         let out = {
             let epoch = Epoch { number: 7, kind: Some(EpochKind::Delta), state: vec![1], output: b"x".to_vec(), output_offset: 99, ..Epoch::default() };
-            epoch.frames(1).into_iter().flat_map(|f| standby.handle(f)).collect::<Vec<_>>()
+            epoch.frames(1).unwrap().into_iter().flat_map(|f| standby.handle(f)).collect::<Vec<_>>()
         };
         assert!(matches!(out.last(), Some(Event::Close(_))), "{out:?}");
         // A release of an epoch not yet held is a protocol error.

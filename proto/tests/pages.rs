@@ -6,8 +6,22 @@ mod common;
 
 use common::Rng;
 use tandem_proto::epoch::EpochHasher;
+use tandem_proto::frame::Decoder;
 use tandem_proto::message::{Compression, Message, MAX_BATCH_PAGES, PAGE_SIZE};
-use tandem_proto::pages::{decode_into, encode_batch};
+use tandem_proto::pages::{decode_into, BatchEncoder};
+
+/// One batch's messages, as the receiver decodes them from the frames sent.
+fn encode_batch(epoch: u64, addresses: &[u64], data: &[u8], compress: bool, hasher: &mut EpochHasher) -> Vec<Message> {
+    let mut encoder = BatchEncoder::new(5, epoch, compress);
+    encoder.batch(addresses, data, hasher).unwrap();
+    let mut decoder = Decoder::default();
+    encoder.frames.iter().map(|f| {
+        decoder.push(f);
+        let frame = decoder.next_frame().unwrap().expect("a whole frame");
+        assert_eq!(frame.generation, 5);
+        frame.message
+    }).collect()
+}
 
 /// A page of one of the kinds a guest has: zero, text-like, random, or one byte set.
 fn page(rng: &mut Rng) -> Vec<u8> {

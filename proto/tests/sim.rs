@@ -9,6 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use common::Rng;
+use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::{EpochKind, Frame, Message, Role, PAGE_SIZE};
 use tandem_proto::primary::{self, Primary};
@@ -134,7 +135,8 @@ impl World {
         let output = format!("console of epoch {}\n", self.primary.next_epoch()).into_bytes();
         let offset = self.console_offset;
         self.console_offset += output.len() as u64;
-        let encoded = self.primary.send_epoch(kind, addresses, data, state.clone(), (offset, output)).unwrap();
+        let mut epoch = Epoch { kind: Some(kind), addresses, data, state: state.clone(), output, output_offset: offset, ..Epoch::default() };
+        let encoded = self.primary.send_epoch(&mut epoch).unwrap();
         self.captured.insert(encoded.number, (self.guest.clone(), state));
         self.dirty.clear();
         self.full_sync_due = false;

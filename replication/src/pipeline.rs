@@ -199,7 +199,10 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
             for event in machine.handle(frame) {
                 match event {
                     standby::Event::Send(f) => tx.send(&f).await?,
-                    standby::Event::Apply(epoch) => apply(&mut image, &epoch),
+                    standby::Event::Apply(epoch) => {
+                        apply(&mut image, &epoch);
+                        machine.recycle(epoch);
+                    }
                     standby::Event::PeerLeft(_) => return Ok(image),
                     standby::Event::Close(e) => return Err(TransportError::Proto(e)),
                 }
@@ -242,6 +245,8 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
 
     let start = Instant::now();
     let mut wire = 0u64;
+    // One staging buffer for every delta, as the VM keeps one (`Vm::recycle`).
+    let mut epoch = Epoch::default();
     for (i, pages) in plan.iter().enumerate() {
         // Back-pressure: wait for acks while the window is full (or, for the first
         // epoch, for the standby's welcome).
@@ -249,14 +254,15 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
             acked.notified().await;
         }
         let kind = if i == 0 { EpochKind::Full } else { EpochKind::Delta };
-        let addresses = pages.iter().map(|&p| (p * PAGE_SIZE) as u64).collect();
-        let mut data = Vec::with_capacity(pages.len() * PAGE_SIZE);
+        epoch.kind = Some(kind);
+        epoch.addresses.clear();
+        epoch.addresses.extend(pages.iter().map(|&p| (p * PAGE_SIZE) as u64));
+        epoch.data.clear();
         for &p in pages {
-            data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
+            epoch.data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
         }
-        let encoded = lock(&machine)
-            .send_epoch(kind, addresses, data, vec![0; 64], (0, Vec::new()))
-            .map_err(|e| PipelineError::Failed(e.to_string()))?;
+        epoch.state = vec![0; 64];
+        let encoded = lock(&machine).send_epoch(&mut epoch).map_err(|e| PipelineError::Failed(e.to_string()))?;
         wire += encoded.wire_bytes() as u64;
         for f in encoded.frames.iter() {
             tx.send_encoded(f.clone()).await?;

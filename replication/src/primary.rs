@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
@@ -344,7 +345,13 @@ impl Protector {
         };
         // Encoded (compressed) with no lock held: the network thread takes the same lock
         // for every frame it handles, and must not wait for a large epoch's encoding.
-        let encoded = match ticket.encode(proto_kind, addresses, data, state, output) {
+        let (output_offset, output) = output;
+        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, output, output_offset, ..Epoch::default() };
+        let encoded = ticket.encode(&mut epoch);
+        if kind != Kind::Full {
+            vm.recycle(epoch.data);
+        }
+        let encoded = match encoded {
             Ok(encoded) => encoded,
             Err(e) => {
                 vm.give_back_dirty(&taken);

@@ -269,12 +269,17 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         lock(&state).applying = true;
                         let applied = tokio::task::spawn_blocking(move || {
                             let kind = if full { Kind::Full } else { Kind::Delta };
-                            match image.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                            let applied = match image.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
                                 Some(image) => image.apply(kind, &epoch.addresses, &epoch.data, &epoch.state),
                                 None => Err(SnapshotError::Corrupt("the image already runs as the guest".into())),
-                            }
+                            };
+                            (applied, epoch)
                         })
-                        .await;
+                        .await
+                        .map(|(applied, epoch)| {
+                            lock(&state).machine.recycle(epoch);
+                            applied
+                        });
                         {
                             let mut s = lock(&state);
                             s.applying = false;

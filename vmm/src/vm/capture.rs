@@ -41,6 +41,19 @@ impl Staging {
         }
     }
 
+    /// Like [`Staging::new`], in `buf`'s memory: a buffer that held an earlier delta is
+    /// already mapped, and its bytes are all overwritten by the copy.
+    fn reusing(pages: &DirtyPages, mut buf: Vec<u8>) -> Self {
+        let addresses: Vec<u64> = pages.addresses().map(|a| a.raw_value()).collect();
+        let len = addresses.len() * PAGE;
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
+        Self { data: buf, nonzero: vec![false; addresses.len()], addresses }
+    }
+
     /// Copies the current contents of `pages`, each of which must have a slot.
     fn copy(&mut self, ram: &GuestRam, pages: &DirtyPages) -> Result<(), VmError> {
         let mem = ram.memory();
@@ -126,6 +139,15 @@ impl Vm {
         };
         self.vcpus.resume();
         result.map(|()| start.elapsed())
+    }
+
+    /// Takes back a delta snapshot's page data once it is no longer needed, for the
+    /// next delta to be copied into. A buffer larger than a quarter of the guest's
+    /// memory is let go: deltas that large are rare, and the memory is better free.
+    pub fn recycle(&mut self, data: Vec<u8>) {
+        if data.capacity() as u64 <= (self.memory_mib() << 20) / 4 && data.capacity() > self.spare.capacity() {
+            self.spare = data;
+        }
     }
 
     /// Captures the whole machine and lets it run on (a VM the operator paused stays
@@ -248,7 +270,7 @@ impl Vm {
                 staging
             }
             (Kind::Delta, _) => {
-                let mut staging = Staging::new(&dirty);
+                let mut staging = Staging::reusing(&dirty, std::mem::take(&mut self.spare));
                 staging.copy(&self.ram, &dirty)?;
                 staging
             }

@@ -158,6 +158,10 @@ pub struct Vm {
     msrs: MsrPlan,
     /// The guest's time while the operator holds the VM paused.
     frozen: Option<FrozenTime>,
+    /// A delta's staging buffer handed back by [`Vm::recycle`]: the next delta is
+    /// copied into memory already mapped, rather than faulting a page at a time while
+    /// the guest is stopped.
+    spare: Vec<u8>,
 }
 
 /// The guest's clock and each vCPU's TSC as they were when the operator paused the VM.
@@ -265,6 +269,7 @@ impl Shell {
             ram: self.ram,
             msrs: self.msrs,
             frozen,
+            spare: Vec::new(),
         })
     }
 }
