@@ -1,7 +1,8 @@
 //! `tandem bench replicate`: what replication costs a guest. In the lab, the `dirty`
 //! workload runs at several write rates, once alone (`tandem run`) and once as a
 //! primary protected by a standby; the table gives the guest's write rate each way,
-//! the stopped time per epoch, bytes per epoch and ack latency. Then, natively on this
+//! the stopped time per epoch, bytes per epoch, ack latency, the time to the first
+//! line of output (released, when replicated) each way, and the output lag. Then, natively on this
 //! host, the epoch pipeline's throughput beside memcpy and loopback TCP.
 
 use std::collections::HashMap;
@@ -38,7 +39,8 @@ pub fn via_lab(args: &ReplicateArgs) -> Result<()> {
     let timeout = Duration::from_secs(120 + 200 * args.rates.len() as u64);
     in_the_lab_with(args.images.clone(), timeout, 2048, &command, &mut |line| match line.strip_prefix(ROW_MARKER) {
         Some(row) => rows.push(row.to_string()),
-        None if line.starts_with("bench:") => println!("{line}"),
+        // Progress, and the reason should the benchmark fail inside the lab.
+        None if line.starts_with("bench:") || line.starts_with("tandem:") => println!("{line}"),
         None => {}
     })?;
     if rows.len() != args.rates.len() {
@@ -46,8 +48,9 @@ pub fn via_lab(args: &ReplicateArgs) -> Result<()> {
     }
     println!("replication in the lab (emulated host, loopback QUIC), dirty workload for {} s:", args.seconds);
     println!(
-        "{:>9} {:>11} {:>11} {:>9} {:>12} {:>12} {:>12} {:>10} {:>8}",
-        "rate", "alone", "replicated", "slowdown", "stopped p50", "stopped p99", "bytes/epoch", "ack ms", "epochs"
+        "{:>9} {:>11} {:>11} {:>9} {:>12} {:>12} {:>12} {:>10} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
+        "rate", "alone", "replicated", "slowdown", "stopped p50", "stopped p99", "bytes/epoch", "ack ms", "epochs",
+        "1st alone", "1st repl", "ratio", "lag p50", "lag p99"
     );
     for row in rows {
         println!("{row}");
@@ -60,9 +63,9 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
     let tandem = std::env::current_exe()?;
     for &rate in &args.rates {
         eprintln!("bench: {rate} MiB/s alone");
-        let alone = alone(&tandem, rate, args.seconds)?;
+        let (alone, first_alone) = alone(&tandem, rate, args.seconds)?;
         eprintln!("bench: {rate} MiB/s replicated");
-        let (replicated, status) = replicated(&tandem, rate, args.seconds)?;
+        let Replicated { rate: replicated, status, first_line: first_repl, lag } = replicated(&tandem, rate, args.seconds)?;
         let num = |k: &str| status.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let epochs = num("epochs");
         let per_epoch = if epochs > 0.0 { num("total_bytes") / epochs } else { 0.0 };
@@ -71,8 +74,14 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
             (Some(a), Some(r)) if r > 0.0 => format!("{:.2}x", a / r),
             _ => "-".into(),
         };
+        let secs = |t: Option<Duration>| t.map(|t| format!("{:.1} s", t.as_secs_f64())).unwrap_or_else(|| "-".into());
+        let ratio = match (first_alone, first_repl) {
+            (Some(a), Some(r)) => format!("{:.2}x", r.as_secs_f64() / a.as_secs_f64()),
+            _ => "-".into(),
+        };
+        let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
         println!(
-            "{ROW_MARKER}{:>4} MiB/s {:>11} {:>11} {:>9} {:>9.2} ms {:>9.2} ms {:>12.0} {:>10.2} {:>8.0}",
+            "{ROW_MARKER}{:>4} MiB/s {:>11} {:>11} {:>9} {:>9.2} ms {:>9.2} ms {:>12.0} {:>10.2} {:>8.0} {:>10} {:>10} {:>7} {:>9} {:>9}",
             rate,
             rate_text(alone),
             rate_text(replicated),
@@ -81,7 +90,12 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
             num("stopped_p99_ms"),
             per_epoch,
             num("ack_ms"),
-            epochs
+            epochs,
+            secs(first_alone),
+            secs(first_repl),
+            ratio,
+            ms(lag.map(|l| l.0)),
+            ms(lag.map(|l| l.1)),
         );
     }
     Ok(())
@@ -118,18 +132,48 @@ fn wait(child: &mut Child, limit: Duration) -> Result<()> {
     bail!("a VM ran past {} s", limit.as_secs())
 }
 
-fn alone(tandem: &Path, rate: u32, seconds: u32) -> Result<Option<f64>> {
-    let out = Command::new(tandem)
-        .args(["run", "--kernel", GUEST_VMLINUX, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
-        .stdin(Stdio::null())
-        .output()
-        .context("running the guest alone")?;
-    Ok(guest_rate(&String::from_utf8_lossy(&out.stdout)))
+/// When the first line of the workload (`dirty 1 ...`) is in `console`.
+fn first_line(console: &Path) -> bool {
+    std::fs::read_to_string(console).is_ok_and(|c| c.lines().any(|l| l.starts_with("dirty ")))
 }
 
-/// Runs the guest as a primary with a standby; returns its write rate and the last
-/// status the primary gave while its standby followed.
-fn replicated(tandem: &Path, rate: u32, seconds: u32) -> Result<(Option<f64>, HashMap<String, String>)> {
+/// Runs the guest alone; returns its write rate and the time from start to its first
+/// line.
+fn alone(tandem: &Path, rate: u32, seconds: u32) -> Result<(Option<f64>, Option<Duration>)> {
+    let console = std::env::temp_dir().join(format!("tandem-bench-alone-{rate}"));
+    let start = Instant::now();
+    let mut child = Command::new(tandem)
+        .args(["run", "--kernel", GUEST_VMLINUX, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&console)?)
+        .spawn()
+        .context("running the guest alone")?;
+    let mut first = None;
+    while child.try_wait()?.is_none() && start.elapsed() < Duration::from_secs(180) {
+        if first.is_none() && first_line(&console) {
+            first = Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait(&mut child, Duration::from_secs(10))?;
+    let rate = guest_rate(&std::fs::read_to_string(&console).unwrap_or_default());
+    let _ = std::fs::remove_file(&console);
+    Ok((rate, first))
+}
+
+struct Replicated {
+    /// The guest's write rate.
+    rate: Option<f64>,
+    /// The last status the primary gave while its standby followed.
+    status: HashMap<String, String>,
+    /// From the primary's start to its first released line.
+    first_line: Option<Duration>,
+    /// Output lag p50 and p99 (ms), from the primary's events.
+    lag: Option<(f64, f64)>,
+}
+
+/// Runs the guest as a primary with a standby.
+fn replicated(tandem: &Path, rate: u32, seconds: u32) -> Result<Replicated> {
     let dir = std::env::temp_dir().join(format!("tandem-bench-replicate-{rate}"));
     let _ = std::fs::remove_dir_all(&dir);
     let (p, s) = (dir.join("p"), dir.join("s"));
@@ -146,28 +190,42 @@ fn replicated(tandem: &Path, rate: u32, seconds: u32) -> Result<(Option<f64>, Ha
     std::thread::sleep(Duration::from_secs(1));
     let ctl = dir.join("ctl");
     let console = dir.join("console");
+    let events = dir.join("events");
+    let start = Instant::now();
     let mut primary = Command::new(tandem)
         .args(["primary", "--standby", "127.0.0.1:7200", "--timeout-ms", "3000", "--control", &path(ctl.clone())])
-        .args(["--key", &path(p.join("key.pem")), "--peer-cert", &path(s.join("cert.pem"))])
+        .args(["--key", &path(p.join("key.pem")), "--peer-cert", &path(s.join("cert.pem")), "--events", &path(events.clone())])
         .args(["--kernel", GUEST_VMLINUX, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&console)?)
         .stderr(Stdio::null())
         .spawn()?;
     let mut status = HashMap::new();
-    let start = Instant::now();
+    let mut first = None;
+    let mut asked = Instant::now();
     while primary.try_wait()?.is_none() && start.elapsed() < Duration::from_secs(180) {
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(50));
+        if first.is_none() && first_line(&console) {
+            first = Some(start.elapsed());
+        }
+        if asked.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        asked = Instant::now();
         let Ok(out) = Command::new(tandem).arg("ctl").arg(&ctl).arg("status").output() else { continue };
         let line = String::from_utf8_lossy(&out.stdout).into_owned();
         if line.contains("standby=following") {
             status = line.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
         }
     }
-    wait(&mut primary, Duration::from_secs(10))?;
+    let waited = wait(&mut primary, Duration::from_secs(10)).context("the replicated guest");
     let _ = standby.kill();
     let _ = standby.wait();
+    waited?;
     let rate = guest_rate(&std::fs::read_to_string(&console).unwrap_or_default());
+    let events: Vec<serde_json::Value> =
+        std::fs::read_to_string(&events).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lag = crate::harness::drill::check::lag_percentiles(&events).map(|(p50, p99, _)| (p50, p99));
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((rate, status))
+    Ok(Replicated { rate, status, first_line: first, lag })
 }

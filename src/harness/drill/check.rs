@@ -62,15 +62,21 @@ pub fn check(prefix: &str, lines: u32, c: &Consoles, standby_exit: Option<i32>, 
 }
 
 /// The primary's output lag over a run, from its `released` events: p50 and p99 of the
-/// time from an epoch's seal to the release of its output.
-pub fn output_lag(primary_events: &[serde_json::Value]) -> Option<String> {
+/// time from an epoch's seal to the release of its output, in ms, and how many.
+pub fn lag_percentiles(primary_events: &[serde_json::Value]) -> Option<(f64, f64, usize)> {
     let mut lags: Vec<f64> = primary_events.iter().filter(|e| e["event"] == "released").filter_map(|e| e["lag_ms"].as_f64()).collect();
     if lags.is_empty() {
         return None;
     }
     lags.sort_by(f64::total_cmp);
     let at = |p: f64| lags[((lags.len() - 1) as f64 * p).round() as usize];
-    Some(format!("output lag p50 {:.0} ms, p99 {:.0} ms over {} releases", at(0.5), at(0.99), lags.len()))
+    Some((at(0.5), at(0.99), lags.len()))
+}
+
+/// [`lag_percentiles`] as a drill prints it.
+pub fn output_lag(primary_events: &[serde_json::Value]) -> Option<String> {
+    let (p50, p99, n) = lag_percentiles(primary_events)?;
+    Some(format!("output lag p50 {p50:.0} ms, p99 {p99:.0} ms over {n} releases"))
 }
 
 #[cfg(test)]

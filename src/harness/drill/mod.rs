@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::harness::lab;
 
-mod check;
+pub(crate) mod check;
 mod client;
 
 use client::Client;
