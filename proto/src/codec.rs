@@ -2,8 +2,10 @@
 //! it can be swapped in one place. Decoding runs under a byte limit and validates the
 //! message, so a hostile length cannot make it allocate beyond the frame it came in.
 
+use bytes::Bytes;
+
 use crate::frame::MAX_FRAME_BYTES;
-use crate::message::{Compression, Frame};
+use crate::message::{Compression, Frame, Message, MAX_BATCH_PAGES};
 use crate::ProtoError;
 
 fn config() -> impl bincode::config::Config {
@@ -63,6 +65,46 @@ pub fn end_pages(out: &mut [u8], at: usize) {
     out[at..at + 8].copy_from_slice(&len.to_le_bytes());
 }
 
+/// [`decode`] for a payload held as shared bytes: a `Pages` frame is read by hand and
+/// its data left in place, a slice of `payload`, where bincode would copy it out.
+pub fn decode_shared(payload: Bytes) -> Result<Frame, ProtoError> {
+    if payload.get(8..12) != Some(&PAGES_VARIANT.to_le_bytes()[..]) {
+        return decode(&payload);
+    }
+    let short = || ProtoError::Decode("a pages frame cut short".into());
+    let mut at = 0;
+    let u64_at = |at: &mut usize| -> Result<u64, ProtoError> {
+        let bytes = payload.get(*at..*at + 8).ok_or_else(short)?;
+        *at += 8;
+        Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+    };
+    let generation = u64_at(&mut at)?;
+    at += 4;
+    let epoch = u64_at(&mut at)?;
+    let n = u64_at(&mut at)?;
+    if n > MAX_BATCH_PAGES as u64 {
+        return Err(ProtoError::Invalid(format!("a batch of {n} pages")));
+    }
+    let mut addresses = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        addresses.push(u64_at(&mut at)?);
+    }
+    let compression = match payload.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))) {
+        Some(0) => Compression::None,
+        Some(1) => Compression::Lz4,
+        Some(other) => return Err(ProtoError::Decode(format!("compression {other}"))),
+        None => return Err(short()),
+    };
+    at += 4;
+    let len = u64_at(&mut at)?;
+    if len != (payload.len() - at) as u64 {
+        return Err(ProtoError::Decode(format!("{len} bytes of pages where {} are left", payload.len() - at)));
+    }
+    let frame = Frame { generation, message: Message::Pages { epoch, addresses, compression, data: payload.slice(at..) } };
+    frame.message.validate()?;
+    Ok(frame)
+}
+
 /// Decodes exactly one frame that must take up all of `bytes`, and validates it.
 pub fn decode(bytes: &[u8]) -> Result<Frame, ProtoError> {
     let (frame, used): (Frame, usize) =
@@ -77,7 +119,7 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, ProtoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Message, PAGE_SIZE};
+    use crate::message::PAGE_SIZE;
 
     #[test]
     fn pages_written_by_hand_are_what_bincode_writes() {
@@ -85,13 +127,21 @@ mod tests {
             (vec![0u64], Compression::None, vec![7u8; PAGE_SIZE]),
             (vec![0x1000, 0xfff_f000, 0x2000], Compression::Lz4, vec![1, 2, 3]),
         ] {
-            let frame = Frame { generation: 9, message: Message::Pages { epoch: 77, addresses: addresses.clone(), compression, data: data.clone() } };
+            let frame = Frame { generation: 9, message: Message::Pages { epoch: 77, addresses: addresses.clone(), compression, data: data.clone().into() } };
             let mut by_hand = Vec::new();
             let at = begin_pages(&mut by_hand, 9, 77, &addresses, compression);
             by_hand.extend_from_slice(&data);
             end_pages(&mut by_hand, at);
             assert_eq!(by_hand, encode(&frame));
             assert_eq!(decode(&by_hand).unwrap(), frame);
+            assert_eq!(decode_shared(Bytes::from(by_hand.clone())).unwrap(), frame);
+            // Cut anywhere, or with a byte more: an error, never a panic.
+            for cut in 0..by_hand.len() {
+                assert!(decode_shared(Bytes::copy_from_slice(&by_hand[..cut])).is_err(), "cut at {cut}");
+            }
+            let mut longer = by_hand.clone();
+            longer.push(0);
+            assert!(decode_shared(Bytes::from(longer)).is_err());
         }
     }
 }

@@ -57,7 +57,7 @@ impl Epoch {
             if !unique {
                 hasher.pages(batch, data);
                 pages.wire += batch.len() * 8 + data.len();
-                pages.frames.push(frame(Message::Pages { epoch, addresses: batch.to_vec(), compression: Compression::None, data: data.to_vec() })?);
+                pages.frames.push(frame(Message::Pages { epoch, addresses: batch.to_vec(), compression: Compression::None, data: Bytes::copy_from_slice(data) })?);
                 continue;
             }
             pages.batch(batch, data, &mut hasher)?;

@@ -3,7 +3,7 @@
 //! the payload being one encoded [`Frame`]. The length is checked against the limit
 //! before anything is allocated or awaited.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::codec;
 use crate::message::Frame;
@@ -81,16 +81,19 @@ impl Decoder {
         }
         let end = HEADER + len as usize;
         if self.buf.len() < end {
+            // Room for the whole frame at once: a buffer grown as the bytes come would
+            // copy a large frame several times over.
+            self.buf.reserve(end - self.buf.len());
             return Ok(None);
         }
         let crc = u32::from_le_bytes(self.buf[8..12].try_into().expect("4 bytes"));
-        let payload = &self.buf[HEADER..end];
-        if crc32fast::hash(payload) != crc {
+        if crc32fast::hash(&self.buf[HEADER..end]) != crc {
             return Err(ProtoError::Checksum);
         }
-        let frame = codec::decode(payload)?;
-        self.buf.advance(end);
-        Ok(Some(frame))
+        // The frame's bytes leave the buffer without a copy; a batch of pages keeps
+        // pointing into them.
+        let payload = self.buf.split_to(end).freeze().slice(HEADER..);
+        codec::decode_shared(payload).map(Some)
     }
 }
 
@@ -107,7 +110,7 @@ mod tests {
                 epoch: 7,
                 addresses: vec![0, 0x2000],
                 compression: Compression::None,
-                data: vec![0xab; 2 * PAGE_SIZE],
+                data: vec![0xab; 2 * PAGE_SIZE].into(),
             }),
             f(Message::EpochCommit { epoch: 7, pages: 2, checksum: 9 }),
             f(Message::Heartbeat { seq: 1 }),
@@ -152,7 +155,7 @@ mod tests {
     fn a_well_framed_but_invalid_message_is_refused() {
         let bad = Frame {
             generation: 1,
-            message: Message::Pages { epoch: 1, addresses: vec![0x1001], compression: Compression::None, data: vec![0; PAGE_SIZE] },
+            message: Message::Pages { epoch: 1, addresses: vec![0x1001], compression: Compression::None, data: vec![0; PAGE_SIZE].into() },
         };
         let payload = codec::encode(&bad);
         let mut wire = MAGIC.to_vec();

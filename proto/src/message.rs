@@ -57,9 +57,9 @@ pub enum Message {
         epoch: u64,
         addresses: Vec<u64>,
         compression: Compression,
-        /// As one byte string: encoded byte by byte it would cost more than the copy.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        /// As one byte string (serde's bytes, as `serde_bytes` writes them), shared
+        /// with the received frame rather than copied out of it.
+        data: bytes::Bytes,
     },
     /// Pages of the current epoch that hold only zero bytes.
     ZeroPages { epoch: u64, addresses: Vec<u64> },

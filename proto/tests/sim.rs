@@ -97,7 +97,9 @@ impl World {
         if self.rng.chance(f.corrupt) {
             if let Message::Pages { data, .. } = &mut frame.message {
                 let i = (self.rng.next() as usize) % data.len();
-                data[i] ^= 0x40;
+                let mut flipped = data.to_vec();
+                flipped[i] ^= 0x40;
+                *data = flipped.into();
             }
         }
         if self.rng.chance(f.duplicate) {

@@ -579,7 +579,7 @@ mod tests {
                 epoch: 1,
                 addresses: (0..512).collect(),
                 compression: tandem_proto::message::Compression::None,
-                data: vec![0x5a; 512 * 4096],
+                data: vec![0x5a; 512 * 4096].into(),
             },
         };
         let pulse = tx.pulse();
