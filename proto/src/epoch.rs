@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::message::{Compression, EpochKind, Frame, Message, MAX_BATCH_PAGES, MAX_OUTPUT_BYTES, PAGE_SIZE};
+use crate::message::{EpochKind, Frame, Message, MAX_BATCH_PAGES, MAX_OUTPUT_BYTES, PAGE_SIZE};
 use crate::{frame, pages, ProtoError};
 
 /// What an epoch carries: pages (an address may repeat; the later copy wins) and the
@@ -41,25 +41,10 @@ impl Epoch {
             message.validate()?;
             frame::encode_shared(&Frame { generation, message })
         };
-        if let Some(a) = self.addresses.iter().find(|&&a| a % PAGE_SIZE as u64 != 0) {
-            return Err(ProtoError::Invalid(format!("unaligned page address {a:#x}")));
-        }
+        crate::message::aligned(&self.addresses)?;
         let mut pages = pages::BatchEncoder::new(generation, epoch, self.compress);
         pages.frames.push(frame(Message::EpochBegin { epoch, kind: self.kind.unwrap_or(EpochKind::Delta) })?);
         for (batch, data) in self.addresses.chunks(MAX_BATCH_PAGES).zip(self.data.chunks(MAX_BATCH_PAGES * PAGE_SIZE)) {
-            // Zero pages go ahead of the rest of their batch: only when an address
-            // repeats within it could that change which copy wins.
-            let unique = {
-                let mut sorted = batch.to_vec();
-                sorted.sort_unstable();
-                sorted.windows(2).all(|w| w[0] != w[1])
-            };
-            if !unique {
-                hasher.pages(batch, data);
-                pages.wire += batch.len() * 8 + data.len();
-                pages.frames.push(frame(Message::Pages { epoch, addresses: batch.to_vec(), compression: Compression::None, data: Bytes::copy_from_slice(data) })?);
-                continue;
-            }
             pages.batch(batch, data, &mut hasher)?;
         }
         let (mut out, mut wire) = (pages.frames, pages.wire);

@@ -95,7 +95,7 @@ pub enum Message {
     Goodbye { reason: String },
 }
 
-fn aligned(addresses: &[u64]) -> Result<(), ProtoError> {
+pub(crate) fn aligned(addresses: &[u64]) -> Result<(), ProtoError> {
     match addresses.iter().find(|&&a| a % PAGE_SIZE as u64 != 0) {
         Some(a) => Err(ProtoError::Invalid(format!("unaligned page address {a:#x}"))),
         None => Ok(()),

@@ -61,17 +61,27 @@ impl BatchEncoder {
         Self { generation, epoch, compress, scratch: Vec::new(), frames: Vec::new(), wire: 0 }
     }
 
-    /// One batch (at most [`MAX_BATCH_PAGES`] pages, addresses unique) as frames, in
-    /// the order the receiver must apply them: a `ZeroPages` frame, then one `Pages`
-    /// frame for the rest. Each is added to the epoch's checksum as the receiver will
-    /// add it: over the raw pages, so the checksum vouches for the decompression too.
-    /// Raw pages go from `data` straight into their frame.
+    /// One batch (at most [`MAX_BATCH_PAGES`] pages) as frames, in the order the
+    /// receiver must apply them: a `ZeroPages` frame, then one `Pages` frame for the
+    /// rest. Each is added to the epoch's checksum as the receiver will add it: over the
+    /// raw pages, so the checksum vouches for the decompression too. Raw pages go from
+    /// `data` straight into their frame.
     pub fn batch(&mut self, addresses: &[u64], data: &[u8], hasher: &mut EpochHasher) -> Result<(), ProtoError> {
         debug_assert!(addresses.len() <= MAX_BATCH_PAGES && data.len() == addresses.len() * PAGE_SIZE);
-        let (generation, epoch) = (self.generation, self.epoch);
+        let pages: Vec<&[u8]> = data.chunks_exact(PAGE_SIZE).collect();
+        // Zero pages go ahead of the rest of their batch: only when an address repeats
+        // within it could that change which copy wins, so such a batch goes as it is.
+        let unique = {
+            let mut sorted = addresses.to_vec();
+            sorted.sort_unstable();
+            sorted.windows(2).all(|w| w[0] != w[1])
+        };
+        if !unique {
+            return self.pages(addresses, &pages, false, None, hasher);
+        }
         let (mut zero, mut rest) = (Vec::new(), Vec::with_capacity(addresses.len()));
         let mut rest_pages = Vec::with_capacity(addresses.len());
-        for (&address, page) in addresses.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+        for (&address, page) in addresses.iter().zip(pages) {
             if is_zero(page) {
                 zero.push(address);
             } else {
@@ -82,24 +92,34 @@ impl BatchEncoder {
         if !zero.is_empty() {
             hasher.zero_pages(&zero);
             self.wire += zero.len() * 8;
-            self.frames.push(frame::encode_shared(&Frame { generation, message: Message::ZeroPages { epoch, addresses: zero } })?);
+            let message = Message::ZeroPages { epoch: self.epoch, addresses: zero };
+            self.frames.push(frame::encode_shared(&Frame { generation: self.generation, message })?);
         }
         if rest.is_empty() {
             return Ok(());
         }
-        hasher.addresses(&rest);
-        for page in &rest_pages {
+        // The pages in one piece for LZ4: `data` itself when none was left out as zero.
+        let whole = (rest.len() == addresses.len()).then_some(data);
+        self.pages(&rest, &rest_pages, self.compress, whole, hasher)
+    }
+
+    /// One `Pages` frame of `pages` at `addresses`, LZ4-compressed if `compress` and it
+    /// pays; `whole` is the pages in one piece if they are (else they are gathered).
+    fn pages(&mut self, addresses: &[u64], pages: &[&[u8]], compress: bool, whole: Option<&[u8]>, hasher: &mut EpochHasher) -> Result<(), ProtoError> {
+        let (generation, epoch) = (self.generation, self.epoch);
+        hasher.addresses(addresses);
+        for page in pages {
             hasher.data(page);
         }
-        let raw = rest.len() * PAGE_SIZE;
-        let packed = if self.compress {
-            // The pages in one piece: `data` itself when none was left out as zero.
-            let whole: &[u8] = if rest.len() == addresses.len() {
-                data
-            } else {
-                self.scratch.clear();
-                rest_pages.iter().for_each(|p| self.scratch.extend_from_slice(p));
-                &self.scratch
+        let raw = pages.len() * PAGE_SIZE;
+        let packed = if compress {
+            let whole: &[u8] = match whole {
+                Some(whole) => whole,
+                None => {
+                    self.scratch.clear();
+                    pages.iter().for_each(|p| self.scratch.extend_from_slice(p));
+                    &self.scratch
+                }
             };
             worth_compressing(whole).then(|| lz4_flex::block::compress(whole)).filter(|p| p.len() * 16 <= raw * WORTH_IT_SIXTEENTHS)
         } else {
@@ -109,12 +129,12 @@ impl BatchEncoder {
             Some(p) => (Compression::Lz4, p.len()),
             None => (Compression::None, raw),
         };
-        self.wire += rest.len() * 8 + len;
-        self.frames.push(frame::encode_with(64 + rest.len() * 8 + len, |buf| {
-            let at = codec::begin_pages(buf, generation, epoch, &rest, compression);
+        self.wire += addresses.len() * 8 + len;
+        self.frames.push(frame::encode_with(64 + addresses.len() * 8 + len, |buf| {
+            let at = codec::begin_pages(buf, generation, epoch, addresses, compression);
             match &packed {
                 Some(p) => buf.extend_from_slice(p),
-                None => rest_pages.iter().for_each(|p| buf.extend_from_slice(p)),
+                None => pages.iter().for_each(|p| buf.extend_from_slice(p)),
             }
             codec::end_pages(buf, at);
         })?);

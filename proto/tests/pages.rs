@@ -111,3 +111,18 @@ fn garbage_truncated_or_overlong_compressed_data_is_an_error() {
     decode_into(8, Compression::Lz4, &packed, &mut out).unwrap();
     assert_eq!(&out[3..], &text[..]);
 }
+
+#[test]
+fn a_batch_that_repeats_an_address_goes_as_it_is_in_order() {
+    // The later copy of page 0 must win, so its zero copy may not be moved ahead.
+    let addresses = vec![0, PAGE_SIZE as u64, 0];
+    let mut data = vec![0u8; 3 * PAGE_SIZE];
+    data[PAGE_SIZE..2 * PAGE_SIZE].fill(1);
+    data[..PAGE_SIZE].fill(2);
+    match &encode_batch(1, &addresses, &data, true, &mut EpochHasher::new(1))[..] {
+        [Message::Pages { addresses: a, compression: Compression::None, data: d, .. }] => {
+            assert_eq!((a, &d[..]), (&addresses, &data[..]));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -275,16 +275,16 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                             };
                             (applied, epoch)
                         })
-                        .await
-                        .map(|(applied, epoch)| {
-                            lock(&state).machine.recycle(epoch);
-                            applied
-                        });
-                        {
+                        .await;
+                        let applied = {
                             let mut s = lock(&state);
                             s.applying = false;
                             s.last_heard = Some(Instant::now());
-                        }
+                            applied.map(|(applied, epoch)| {
+                                s.machine.recycle(epoch);
+                                applied
+                            })
+                        };
                         match applied {
                             Ok(Ok(())) => {
                                 let _ = reports.send(Report::Applied { epoch: number, full, pages, bytes });

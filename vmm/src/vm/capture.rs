@@ -32,13 +32,7 @@ struct Staging {
 
 impl Staging {
     fn new(pages: &DirtyPages) -> Self {
-        let addresses: Vec<u64> = pages.addresses().map(|a| a.raw_value()).collect();
-        Self {
-            // Allocated lazily by the kernel: a slot costs memory once written.
-            data: vec![0; addresses.len() * PAGE],
-            nonzero: vec![false; addresses.len()],
-            addresses,
-        }
+        Self::reusing(pages, Vec::new())
     }
 
     /// Like [`Staging::new`], in `buf`'s memory: a buffer that held an earlier delta is
@@ -46,7 +40,10 @@ impl Staging {
     fn reusing(pages: &DirtyPages, mut buf: Vec<u8>) -> Self {
         let addresses: Vec<u64> = pages.addresses().map(|a| a.raw_value()).collect();
         let len = addresses.len() * PAGE;
-        if buf.len() >= len {
+        if buf.capacity() == 0 {
+            // Allocated lazily by the kernel: a slot costs memory once written.
+            buf = vec![0; len];
+        } else if buf.len() >= len {
             buf.truncate(len);
         } else {
             buf.resize(len, 0);
