@@ -10,7 +10,7 @@ use tandem_vmm::memory::PAGE_SIZE;
 use tandem_vmm::output::{OutputSink, Passthrough};
 use tandem_vmm::snapshot::{Kind, Snapshot};
 use tandem_vmm::vcpu::VmExit;
-use tandem_vmm::vm::{check_vcpus, is_transient, PauseWork, Vm, VmConfig};
+use tandem_vmm::vm::{check_vcpus, is_transient, Guest, PauseWork, Vm, VmConfig};
 
 use crate::{control, status};
 use tandem_replication::events::{Event, Events, VmEnd};
@@ -24,8 +24,13 @@ pub const DEFAULT_CMDLINE: &str =
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {
     /// Guest kernel: a bzImage, or an ELF vmlinux (booted through PVH when it supports it).
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "micro_guest")]
+    pub kernel: Option<PathBuf>,
+    /// Boot the built-in micro guest instead of a kernel: a few real-mode instructions
+    /// that print `tick N` ten times a second and dirty a few pages. It runs on any
+    /// KVM, where Linux cannot (a PVM host), to try replication and takeover there.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "append"])]
+    pub micro_guest: bool,
     /// Initramfs to hand the kernel.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -75,8 +80,12 @@ pub enum DebugPauseWork {
 impl RunArgs {
     pub fn config(&self) -> Result<VmConfig> {
         let vcpus = check_vcpus(self.vcpus)?;
+        let shape = |guest| VmConfig { guest, mem_mib: self.mem_mib, vcpus, kvm_device: self.kvm_device.clone() };
+        let Some(kernel) = self.kernel.clone().filter(|_| !self.micro_guest) else {
+            return Ok(shape(Guest::Micro));
+        };
         // Fail on unreadable files before touching KVM, so the message names the file.
-        for (what, path) in [("kernel", Some(&self.kernel)), ("initrd", self.initrd.as_ref())] {
+        for (what, path) in [("kernel", Some(&kernel)), ("initrd", self.initrd.as_ref())] {
             if let Some(path) = path {
                 let meta = std::fs::metadata(path)
                     .with_context(|| format!("cannot open {what} {}", path.display()))?;
@@ -90,14 +99,7 @@ impl RunArgs {
             cmdline.push(' ');
             cmdline.push_str(extra);
         }
-        Ok(VmConfig {
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            cmdline,
-            mem_mib: self.mem_mib,
-            vcpus,
-            kvm_device: self.kvm_device.clone(),
-        })
+        Ok(shape(Guest::Linux { kernel, initrd: self.initrd.clone(), cmdline }))
     }
 }
 

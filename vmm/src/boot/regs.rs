@@ -168,6 +168,16 @@ pub fn boot_regs(mode: EntryMode, entry: u64) -> kvm_regs {
     regs
 }
 
+/// Real mode at `entry` with every segment at base 0: the reset state, moved from the
+/// top of the first megabyte (where firmware would be) to a program in low memory.
+pub fn real_mode_entry(mut sregs: kvm_sregs, entry: u64) -> (kvm_sregs, kvm_regs) {
+    for seg in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.ss, &mut sregs.fs, &mut sregs.gs] {
+        seg.base = 0;
+        seg.selector = 0;
+    }
+    (sregs, kvm_regs { rflags: 0x2, rip: entry, ..Default::default() })
+}
+
 /// x87/SSE state at reset, as the kernel expects it (FCW 0x37f, MXCSR 0x1f80).
 pub fn boot_fpu() -> kvm_fpu {
     kvm_fpu {

@@ -1,16 +1,15 @@
 //! A whole virtual machine: memory, boot, devices and vCPUs, and its life cycle.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::kvm_lapic_state;
 
-use crate::boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
-use crate::boot::{acpi, cpuid, loader, msrs, mptable, regs};
+use crate::boot::{acpi, cpuid, loader, micro, msrs, mptable, regs};
 use crate::devices::bus::PortBus;
-use crate::devices::serial::{IrqTrigger, SerialPort, COM1_IRQ};
+use crate::devices::serial::SerialPort;
 use crate::kvm::{Hypervisor, KvmError, KvmVcpu, VmHandle};
 use crate::memory::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
 use crate::snapshot::{self, Kind, MachineState, Snapshot};
@@ -21,7 +20,10 @@ use crate::output::SharedSink;
 use crate::vcpu::{Signal, VcpuError, VcpuSet, VmExit, Waker};
 
 mod capture;
+mod shell;
 pub use capture::PauseWork;
+pub use shell::{IdleVm, Prepared};
+use shell::Shell;
 
 /// How long a pause waits for every vCPU to stop. A vCPU answers a kick within
 /// microseconds on a real host; an emulated one (the lab) can stall for a second or two.
@@ -41,13 +43,22 @@ pub const MAX_VCPUS: u8 = 32;
 /// Everything needed to boot a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    pub guest: Guest,
     pub mem_mib: u64,
     pub vcpus: u8,
     /// The KVM device, normally `/dev/kvm`.
     pub kvm_device: PathBuf,
+}
+
+/// What the VM boots.
+#[derive(Clone, Debug)]
+pub enum Guest {
+    /// A Linux kernel (a bzImage, or an ELF vmlinux booted through PVH when it can be),
+    /// its initramfs and command line.
+    Linux { kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String },
+    /// The built-in micro guest (`boot::micro`): ticks on a timer, prints numbered lines
+    /// and dirties memory, on any KVM, PVM included.
+    Micro,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,122 +186,27 @@ struct FrozenTime {
     tsc: Vec<Option<u64>>,
 }
 
-/// A VM before its vCPUs run: memory registered, vCPUs created with their CPUID.
-struct Shell {
-    kvm_vm: VmHandle,
-    ram: GuestRam,
-    vcpus: Vec<KvmVcpu>,
-    msrs: MsrPlan,
-}
-
-/// A VM with one vCPU that never runs, held open for as long as this value lives. In
-/// the lab it keeps the lab kernel from patching its own code at every VM: KVM turns
-/// static keys on when the first VM (preempt notifiers, in the scheduler's context
-/// switch) or the first software-disabled LAPIC appears and off again when the last
-/// goes, and each such patch is where the lab host froze (docs/lab.md).
-pub struct IdleVm {
-    _vcpu: KvmVcpu,
-    _vm: VmHandle,
-}
-
-impl IdleVm {
-    pub fn create(kvm_device: &std::path::Path) -> Result<Self, VmError> {
-        let vm = Hypervisor::open(kvm_device)?.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS)?;
-        let vcpu = vm.create_vcpu(0)?;
-        Ok(Self { _vcpu: vcpu, _vm: vm })
-    }
-}
-
-impl Shell {
-    /// Boot and restore build the same machine this way: a VM must be restored onto
-    /// the CPUID and memory layout it was captured with.
-    fn build(kvm_device: &std::path::Path, mem_mib: u64, vcpu_count: u8) -> Result<Self, VmError> {
-        Self::build_with(kvm_device, GuestRam::new(mem_mib)?, vcpu_count)
-    }
-
-    /// The same, around guest RAM that already holds the guest's pages.
-    fn build_with(kvm_device: &std::path::Path, ram: GuestRam, vcpu_count: u8) -> Result<Self, VmError> {
-        check_vcpus(u32::from(vcpu_count))?;
-        let hypervisor = Hypervisor::open(kvm_device)?;
-        if usize::from(vcpu_count) > hypervisor.max_vcpus() {
-            return Err(VmError::HostVcpuLimit {
-                asked: vcpu_count,
-                max: hypervisor.max_vcpus(),
-            });
-        }
-        let kvm_vm = hypervisor.create_vm(KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS)?;
-        ram.register(&kvm_vm)?;
-        let base_cpuid = hypervisor.supported_cpuid()?;
-        let host = cpuid::HostFeatures {
-            tsc_deadline_timer: hypervisor.has_tsc_deadline_timer(),
-        };
-        let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-        for index in 0..vcpu_count {
-            let vcpu = kvm_vm.create_vcpu(index)?;
-            let mut cpuid = base_cpuid.clone();
-            cpuid::configure(&mut cpuid, index, vcpu_count, host);
-            vcpu.set_cpuid(&cpuid)?;
-            vcpus.push(vcpu);
-        }
-        // Which of KVM's MSRs read back depends only on the host and the CPUID just set,
-        // so it is found once here rather than inside every capture's stopped time.
-        let msrs = match vcpus.first() {
-            Some(vcpu) => MsrPlan::probe(vcpu, &hypervisor.msr_index_list()?),
-            None => MsrPlan::default(),
-        };
-        Ok(Self {
-            kvm_vm,
-            ram,
-            vcpus,
-            msrs,
-        })
-    }
-
-    /// Wires the serial interrupt, starts the vCPUs and hands over the running VM.
-    fn start(
-        self,
-        frozen: Option<FrozenTime>,
-        sink: SharedSink,
-        bus: impl FnOnce(IrqTrigger) -> Result<PortBus, VmError>,
-    ) -> Result<Vm, VmError> {
-        let line = self.kvm_vm.irq_line(COM1_IRQ);
-        let irq = IrqTrigger::new(move || line.pulse().map_err(std::io::Error::other));
-        let bus = Arc::new(Mutex::new(bus(irq)?));
-        let (exit_tx, exits) = channel();
-        let waker = Waker::new(exit_tx.clone());
-        let vcpus = VcpuSet::start(self.vcpus, bus.clone(), exit_tx, frozen.is_some())?;
-        Ok(Vm {
-            vcpus,
-            bus,
-            sink,
-            exits,
-            waker,
-            kvm_vm: self.kvm_vm,
-            ram: self.ram,
-            msrs: self.msrs,
-            frozen,
-            spare: Vec::new(),
-        })
-    }
-}
-
 impl Vm {
     /// Builds the VM described by `config`, loads the kernel and starts the vCPUs.
     /// Guest console output goes to `sink`.
     pub fn boot(config: VmConfig, sink: SharedSink) -> Result<Self, VmError> {
         let shell = Shell::build(&config.kvm_device, config.mem_mib, config.vcpus)?;
         let mem = shell.ram.memory();
-        mptable::write_mptable(mem, config.vcpus)?;
-        let rsdp = acpi::write_acpi_tables(mem, config.vcpus)?;
-        let kernel = loader::load_linux(
-            mem,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-            Some(rsdp),
-        )?;
-        tracing::debug!(?kernel, "kernel loaded");
-        for (index, vcpu) in shell.vcpus.iter().enumerate() {
+        let kernel = match &config.guest {
+            Guest::Linux { kernel, initrd, cmdline } => {
+                mptable::write_mptable(mem, config.vcpus)?;
+                let rsdp = acpi::write_acpi_tables(mem, config.vcpus)?;
+                let kernel = loader::load_linux(mem, kernel, initrd.as_deref(), cmdline, Some(rsdp))?;
+                tracing::debug!(?kernel, "kernel loaded");
+                Some(kernel)
+            }
+            Guest::Micro => {
+                mem.write_slice(&micro::PROGRAM, GuestAddress(micro::ENTRY))
+                    .map_err(|_| VmError::Chain("no room for the micro guest".into()))?;
+                None
+            }
+        };
+        for (index, vcpu) in shell.vcpus().iter().enumerate() {
             vcpu.set_msrs(&msrs::boot_msrs())?;
             let mut lapic = vcpu.lapic()?;
             set_lint(&mut lapic);
@@ -299,7 +215,14 @@ impl Vm {
             // Only the boot CPU starts at the kernel; the others wait for the kernel's
             // INIT/SIPI in the in-kernel LAPIC, which resets their registers anyway.
             if index == 0 {
-                set_boot_cpu(vcpu, mem, kernel)?;
+                match kernel {
+                    Some(kernel) => set_boot_cpu(vcpu, mem, kernel)?,
+                    None => {
+                        let (sregs, regs) = regs::real_mode_entry(vcpu.sregs()?, micro::ENTRY);
+                        vcpu.set_sregs(&sregs)?;
+                        vcpu.set_regs(&regs)?;
+                    }
+                }
             }
         }
         let serial_sink = sink.clone();
@@ -339,7 +262,7 @@ impl Vm {
                     .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
             }
         }
-        Self::resume_from(ram, &last.state, kvm_device, paused, sink)
+        Self::resume_from(Shell::build_with(kvm_device, ram, shape.1)?, &last.state, paused, sink)
     }
 
     /// Takes over from guest RAM that already holds every page of the guest (a
@@ -349,12 +272,27 @@ impl Vm {
         if ram.mem_mib() != state.mem_mib {
             return Err(VmError::Chain(format!("state of a {} MiB VM for {} MiB of RAM", state.mem_mib, ram.mem_mib())));
         }
-        Self::resume_from(ram, state, kvm_device, false, sink)
+        Self::resume_from(Shell::build_with(kvm_device, ram, state.vcpus)?, state, false, sink)
     }
 
-    fn resume_from(ram: GuestRam, state: &MachineState, kvm_device: &std::path::Path, paused: bool, sink: SharedSink) -> Result<Self, VmError> {
+    /// The same in a VM built ahead of time around this RAM ([`Prepared`]): what is
+    /// left is setting the machine state and starting the vCPUs, which costs the same
+    /// whatever the guest's size.
+    pub fn resume_prepared(prepared: Prepared, ram: GuestRam, state: &MachineState, sink: SharedSink) -> Result<Self, VmError> {
+        if ram.mem_mib() != state.mem_mib || prepared.vcpus() != usize::from(state.vcpus) {
+            return Err(VmError::Chain(format!(
+                "state of a {} MiB, {} vCPU VM for {} MiB of RAM and {} vCPUs",
+                state.mem_mib,
+                state.vcpus,
+                ram.mem_mib(),
+                prepared.vcpus()
+            )));
+        }
+        Self::resume_from(prepared.into_shell(ram)?, state, false, sink)
+    }
+
+    fn resume_from(shell: Shell, state: &MachineState, paused: bool, sink: SharedSink) -> Result<Self, VmError> {
         let shape = (state.mem_mib, state.vcpus);
-        let shell = Shell::build_with(kvm_device, ram, shape.1)?;
         let mem = shell.ram.memory();
         // Setting the wall-clock MSR makes KVM write its own idea of the guest's boot
         // time into guest memory. The guest read that page when it booted; a restored
@@ -366,8 +304,8 @@ impl Vm {
                 .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
             wall_clock.push((gpa, page));
         }
-        let anchor = state.vm.restore(&shell.kvm_vm)?;
-        for (vcpu, vcpu_state) in shell.vcpus.iter().zip(&state.vcpu_states) {
+        let anchor = state.vm.restore(shell.kvm_vm())?;
+        for (vcpu, vcpu_state) in shell.vcpus().iter().zip(&state.vcpu_states) {
             vcpu_state.restore(vcpu)?;
             if let Some(tsc) = vcpu_state.tsc() {
                 time::set_tsc(vcpu, tsc, anchor)?;
