@@ -39,6 +39,8 @@ pub enum Event {
         unreleased_output_bytes: usize,
         detection_ms: u64,
         resume_ms: f64,
+        /// Of resume_ms, raising the generation on disk.
+        raise_ms: f64,
         epochs_received: u64,
         bytes_received: u64,
     },

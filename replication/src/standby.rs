@@ -16,7 +16,7 @@ use tandem_vmm::console_log::ConsoleLog;
 use tandem_vmm::output::SharedSink;
 use tandem_vmm::snapshot::image::Image;
 use tandem_vmm::snapshot::SnapshotError;
-use tandem_vmm::vm::{config_fingerprint, Vm};
+use tandem_vmm::vm::{config_fingerprint, Prepared, Vm};
 
 use crate::events::{Event, Events};
 use crate::transport::standby::{self as link, Report, StandbyLink};
@@ -52,6 +52,9 @@ pub struct Takeover {
     pub detection: Duration,
     /// From that decision to the VM running.
     pub resume: Duration,
+    /// Of `resume`, raising the generation (written and synced to disk) and shutting
+    /// the old primary out; the rest is setting the machine state and starting the vCPUs.
+    pub raise: Duration,
     pub epochs: u64,
     pub bytes: u64,
     /// Bytes of console output the primary had not released, printed here instead.
@@ -70,6 +73,7 @@ impl Takeover {
             unreleased_output_bytes: self.unreleased,
             detection_ms: self.detection.as_millis() as u64,
             resume_ms: self.resume.as_secs_f64() * 1e3,
+            raise_ms: self.raise.as_secs_f64() * 1e3,
             epochs_received: self.epochs,
             bytes_received: self.bytes,
         }
@@ -77,12 +81,13 @@ impl Takeover {
 
     pub fn report(&self) -> String {
         format!(
-            "took over as primary: generation={} epoch={} unreleased_output_bytes={} detection_ms={} resume_ms={:.1} epochs_received={} bytes_received={}",
+            "took over as primary: generation={} epoch={} unreleased_output_bytes={} detection_ms={} resume_ms={:.2} (raise_ms={:.2}) epochs_received={} bytes_received={}",
             self.generation,
             self.epoch,
             self.unreleased,
             self.detection.as_millis(),
             self.resume.as_secs_f64() * 1e3,
+            self.raise.as_secs_f64() * 1e3,
             self.epochs,
             self.bytes
         )
@@ -95,7 +100,12 @@ impl Takeover {
 pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<Outcome, ReplicationError> {
     let mut generation = generation::read(&config.state_dir)?;
     let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
-    let image = Arc::new(Mutex::new(Some(Image::new(config.mem_mib)?)));
+    let image = Image::new(config.mem_mib)?;
+    // The VM a takeover runs is built now, around the image's RAM, so that deciding to
+    // take over leaves only the machine state to set; and a host that cannot build it
+    // says so before it claims to stand by.
+    let mut prepared = Some(Prepared::new(&config.kvm_device, image.ram(), config.vcpus)?);
+    let image = Arc::new(Mutex::new(Some(image)));
     let identity = Identity { role: Role::Standby, fingerprint, generation };
     let (reports_tx, reports) = channel();
     let link = link::spawn(config.listen, config.tls, identity, config.heartbeat, image.clone(), reports_tx)?;
@@ -149,6 +159,7 @@ pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<
                     // raise outlives this process, before the VM runs anywhere here.
                     let console = link.promote(generation);
                     generation::write(&config.state_dir, generation)?;
+                    let raise = decided.elapsed();
                     let taken = image.lock().unwrap_or_else(|e| e.into_inner()).take();
                     let (ram, state) = taken
                         .ok_or_else(|| SnapshotError::Corrupt("the image was taken already".into()))?
@@ -164,7 +175,10 @@ pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<
                             tracing::warn!("console output: {e}");
                         }
                     }
-                    let vm = Vm::resume_image(ram, &state, &config.kvm_device, sink)?;
+                    let prepared = prepared
+                        .take()
+                        .ok_or_else(|| SnapshotError::Corrupt("the prepared VM was taken already".into()))?;
+                    let vm = Vm::resume_prepared(prepared, ram, &state, sink)?;
                     let takeover = Takeover {
                         vm,
                         generation,
@@ -172,6 +186,7 @@ pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<
                         unreleased: unreleased.len(),
                         detection: quiet,
                         resume: decided.elapsed(),
+                        raise,
                         epochs,
                         bytes,
                         _link: link,

@@ -34,6 +34,11 @@ impl Image {
         Ok(Self { mem_mib, addresses, ram, state: None })
     }
 
+    /// The RAM the image is applied into, which a takeover's VM runs on as it is.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
     /// Whether a capture has been applied: an image without one cannot be restored.
     pub fn is_complete(&self) -> bool {
         self.state.is_some()
