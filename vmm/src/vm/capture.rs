@@ -26,8 +26,12 @@ const PRECOPY_ROUNDS: usize = 6;
 struct Staging {
     addresses: Vec<u64>,
     data: Vec<u8>,
-    /// Per slot: whether it holds anything but zeros.
+    /// Per slot: whether it may hold anything but zeros.
     nonzero: Vec<bool>,
+    /// Whether `data` is fresh from the allocator, its slots zeros that cost nothing
+    /// until written: a zero page then need not be written at all (most of a guest's
+    /// memory, in a full capture).
+    lazy: bool,
 }
 
 impl Staging {
@@ -40,7 +44,8 @@ impl Staging {
     fn reusing(pages: &DirtyPages, mut buf: Vec<u8>) -> Self {
         let addresses: Vec<u64> = pages.addresses().map(|a| a.raw_value()).collect();
         let len = addresses.len() * PAGE;
-        if buf.capacity() == 0 {
+        let lazy = buf.capacity() == 0;
+        if lazy {
             // Allocated lazily by the kernel: a slot costs memory once written.
             buf = vec![0; len];
         } else if buf.len() >= len {
@@ -48,21 +53,38 @@ impl Staging {
         } else {
             buf.resize(len, 0);
         }
-        Self { data: buf, nonzero: vec![false; addresses.len()], addresses }
+        Self { data: buf, nonzero: vec![!lazy; addresses.len()], addresses, lazy }
     }
 
     /// Copies the current contents of `pages`, each of which must have a slot.
     fn copy(&mut self, ram: &GuestRam, pages: &DirtyPages) -> Result<(), VmError> {
         let mem = ram.memory();
+        let mut bounce = [0u8; PAGE];
         for gpa in pages.addresses() {
             let slot = self
                 .addresses
                 .binary_search(&gpa.raw_value())
                 .map_err(|_| VmError::Chain(format!("page {:#x} has no staging slot", gpa.raw_value())))?;
             let chunk = &mut self.data[slot * PAGE..(slot + 1) * PAGE];
-            mem.read_slice(chunk, gpa)
-                .map_err(|e| VmError::Chain(format!("reading guest page {:#x}: {e}", gpa.raw_value())))?;
-            self.nonzero[slot] = !snapshot::is_zero_page(chunk);
+            let read = |to: &mut [u8]| {
+                mem.read_slice(to, gpa)
+                    .map_err(|e| VmError::Chain(format!("reading guest page {:#x}: {e}", gpa.raw_value())))
+            };
+            if !self.lazy {
+                read(chunk)?;
+                self.nonzero[slot] = !snapshot::is_zero_page(chunk);
+                continue;
+            }
+            // Through a page that stays in cache, so that a zero page never touches
+            // its slot: otherwise a full capture of a mostly empty guest would fault in
+            // a staging copy of all its memory to send a few pages.
+            read(&mut bounce)?;
+            if !snapshot::is_zero_page(&bounce) {
+                chunk.copy_from_slice(&bounce);
+                self.nonzero[slot] = true;
+            } else if std::mem::replace(&mut self.nonzero[slot], false) {
+                chunk.fill(0);
+            }
         }
         Ok(())
     }
@@ -321,5 +343,22 @@ mod tests {
         let (pages, data) = all.into_pages(false);
         assert_eq!(pages.len() as u64, every.count());
         assert_eq!(data.len(), pages.len() * PAGE);
+    }
+
+    #[test]
+    fn a_page_that_became_zero_is_zeros_in_its_slot_in_fresh_and_reused_buffers() {
+        let ram = GuestRam::new(16).unwrap();
+        let mem = ram.memory();
+        let every = ram.every_page();
+        for buf in [Vec::new(), vec![7u8; every.count() as usize * PAGE]] {
+            mem.write_slice(&[5; 8], GuestAddress(0x2000)).unwrap();
+            let mut staging = Staging::reusing(&every, buf);
+            staging.copy(&ram, &every).unwrap();
+            mem.write_slice(&[0; 8], GuestAddress(0x2000)).unwrap();
+            staging.copy(&ram, &every).unwrap();
+            let (pages, data) = staging.into_pages(false);
+            assert_eq!(pages.len() as u64, every.count());
+            assert!(data.iter().all(|&b| b == 0), "a slot kept stale bytes");
+        }
     }
 }
