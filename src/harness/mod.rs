@@ -6,4 +6,5 @@
 pub mod bench;
 pub mod drill;
 pub mod lab;
+mod proc;
 mod watchdog;
