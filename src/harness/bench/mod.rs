@@ -1,12 +1,14 @@
 //! `tandem bench`: measurements printed as tables, beside a peer measured in the same
-//! run. Each benchmark runs inside the lab (a hidden `*-in-lab` subcommand), because
-//! only there can Linux guests run.
+//! run. Each benchmark of a Linux guest runs inside the lab (a hidden `*-in-lab`
+//! subcommand), because only there can Linux guests run; the pipeline needs no guest,
+//! and takeover uses the micro guest, so both run on this host.
 
 mod boot;
 mod pipeline;
 mod qmp;
 mod replicate;
 mod snapshot;
+mod takeover;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,6 +55,10 @@ pub enum BenchCmd {
     /// The part of `bench replicate` that runs inside the lab.
     #[command(hide = true)]
     ReplicateInLab(replicate::ReplicateArgs),
+    /// Takeovers on this host with the micro guest on its /dev/kvm, no lab: detection,
+    /// resume (and its parts) and the gap a console reader sees, at several guest
+    /// sizes; beside building the VM after deciding and copying the image.
+    Takeover(takeover::TakeoverArgs),
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -64,6 +70,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Pipeline(args) => pipeline::run(&args),
         BenchCmd::Replicate(args) => replicate::via_lab(&args),
         BenchCmd::ReplicateInLab(args) => replicate::in_lab(&args),
+        BenchCmd::Takeover(args) => takeover::run(&args),
     }
 }
 
