@@ -14,7 +14,8 @@ const PAGE: usize = PAGE_SIZE as usize;
 pub struct Image {
     mem_mib: u64,
     /// Guest-physical address of every page, ascending.
-    addresses: Vec<u64>,
+    /// The guest's RAM ranges, as (start, end): a page must lie in one.
+    ranges: Vec<(u64, u64)>,
     ram: GuestRam,
     state: Option<MachineState>,
 }
@@ -25,13 +26,19 @@ impl Image {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
             return Err(SnapshotError::Corrupt(format!("an image of {mem_mib} MiB")));
         }
-        let addresses: Vec<u64> = ram_ranges(mem_mib << 20)
-            .into_iter()
-            .flat_map(|(base, len)| (0..len as u64 / PAGE_SIZE).map(move |i| base.0 + i * PAGE_SIZE))
-            .collect();
+        let ranges = ram_ranges(mem_mib << 20).into_iter().map(|(base, len)| (base.0, base.0 + len as u64)).collect();
         // Allocated lazily by the kernel: pages never written cost nothing.
         let ram = GuestRam::new(mem_mib)?;
-        Ok(Self { mem_mib, addresses, ram, state: None })
+        Ok(Self { mem_mib, ranges, ram, state: None })
+    }
+
+    fn holds(&self, page: u64) -> bool {
+        page % PAGE_SIZE == 0 && self.ranges.iter().any(|&(start, end)| (start..end).contains(&page))
+    }
+
+    #[cfg(test)]
+    fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges.iter().flat_map(|&(start, end)| (start..end).step_by(PAGE))
     }
 
     /// The RAM the image is applied into, which a takeover's VM runs on as it is.
@@ -56,7 +63,7 @@ impl Image {
         if state.mem_mib != self.mem_mib {
             return Err(SnapshotError::Corrupt(format!("state of a {} MiB VM for a {} MiB image", state.mem_mib, self.mem_mib)));
         }
-        if let Some(a) = addresses.iter().find(|a| self.addresses.binary_search(a).is_err()) {
+        if let Some(a) = addresses.iter().find(|&&a| !self.holds(a)) {
             return Err(SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")));
         }
         if kind == Kind::Full {
@@ -79,7 +86,7 @@ impl Image {
         let mut pages = Vec::new();
         let mut data = Vec::new();
         let mut page = vec![0u8; PAGE];
-        for &a in &self.addresses {
+        for a in self.pages() {
             self.ram
                 .memory()
                 .read_slice(&mut page, GuestAddress(a))
@@ -129,6 +136,7 @@ mod tests {
         image.apply(Kind::Delta, &[0x1000], &[1u8; PAGE], &state(16, 1)).unwrap();
         let outside = 16 << 20;
         assert!(image.apply(Kind::Delta, &[0x1000, outside], &[[9u8; PAGE], [9u8; PAGE]].concat(), &state(16, 2)).is_err());
+        assert!(image.apply(Kind::Delta, &[0x1001], &[9u8; PAGE], &state(16, 2)).is_err(), "a page off its boundary");
         assert!(image.apply(Kind::Delta, &[0x1000], &[9u8; 10], &state(16, 2)).is_err());
         assert!(image.apply(Kind::Delta, &[0x1000], &[9u8; PAGE], &state(32, 2)).is_err());
         assert!(image.apply(Kind::Delta, &[0x1000], &[9u8; PAGE], b"garbage").is_err());

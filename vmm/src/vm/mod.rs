@@ -292,6 +292,7 @@ impl Vm {
     }
 
     fn resume_from(shell: Shell, state: &MachineState, paused: bool, sink: SharedSink) -> Result<Self, VmError> {
+        let began = std::time::Instant::now();
         let shape = (state.mem_mib, state.vcpus);
         let mem = shell.ram.memory();
         // Setting the wall-clock MSR makes KVM write its own idea of the guest's boot
@@ -304,7 +305,9 @@ impl Vm {
                 .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
             wall_clock.push((gpa, page));
         }
+        let read = began.elapsed();
         let anchor = state.vm.restore(shell.kvm_vm())?;
+        let vm_state = began.elapsed();
         for (vcpu, vcpu_state) in shell.vcpus().iter().zip(&state.vcpu_states) {
             vcpu_state.restore(vcpu)?;
             if let Some(tsc) = vcpu_state.tsc() {
@@ -315,6 +318,7 @@ impl Vm {
             mem.write_slice(page, GuestAddress(*gpa))
                 .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
         }
+        let vcpu_state = began.elapsed();
         let frozen = paused.then(|| FrozenTime {
             clock_ns: state.vm.clock.clock,
             tsc: state.vcpu_states.iter().map(VcpuState::tsc).collect(),
@@ -324,7 +328,15 @@ impl Vm {
         let vm = shell.start(frozen, sink, |irq| {
             PortBus::from_state(devices, irq, serial_sink).map_err(|e| VmError::Chain(e.to_string()))
         })?;
-        tracing::info!(vcpus = shape.1, mem_mib = shape.0, "guest restored");
+        tracing::info!(
+            vcpus = shape.1,
+            mem_mib = shape.0,
+            wall_clock_us = read.as_micros() as u64,
+            vm_state_us = (vm_state - read).as_micros() as u64,
+            vcpu_state_us = (vcpu_state - vm_state).as_micros() as u64,
+            start_us = (began.elapsed() - vcpu_state).as_micros() as u64,
+            "guest restored"
+        );
         Ok(vm)
     }
 
