@@ -241,14 +241,14 @@ pub fn supervise(
             last = Instant::now();
         }
         if let Some(exit) = exit {
-            break exit;
+            break Some(exit);
         }
         if let Role::Paced(p) = role {
             if Instant::now() >= p.next {
                 p.next = Instant::now() + p.every;
                 if let Err(e) = vm.pause_briefly(p.work) {
                     match vm.wait_timeout(Duration::ZERO) {
-                        Some(exit) => break exit,
+                        Some(exit) => break Some(exit),
                         None if is_transient(&e) => {}
                         None => return Err(e.into()),
                     }
@@ -260,17 +260,32 @@ pub fn supervise(
                 // An epoch that failed because the guest had just stopped the machine
                 // is not the story: how the guest ended is.
                 match vm.wait_timeout(Duration::ZERO) {
-                    Some(exit) => break exit,
+                    Some(exit) => break Some(exit),
                     None => return Err(e.into()),
                 }
             }
         }
         if let Some(socket) = &control {
+            let mut stop = false;
             while let Ok(request) = socket.requests.try_recv() {
-                let reply = command(&mut vm, &request.line, role).unwrap_or_else(|e| format!("error: {e:#}"));
+                let reply = if request.line.split_whitespace().eq(["stop"]) {
+                    stop = true;
+                    "ok stopping".to_string()
+                } else {
+                    command(&mut vm, &request.line, role).unwrap_or_else(|e| format!("error: {e:#}"))
+                };
                 let _ = request.reply.send(reply);
             }
+            if stop {
+                break None;
+            }
         }
+    };
+    let Some(exit) = exit else {
+        // The vCPUs stop as the VM is dropped; a primary then says goodbye, so its
+        // standby does not take over, and releases the last output once it is confirmed.
+        events.emit(Event::VmEnded { how: VmEnd::Stopped, detail: String::new() });
+        return Ok(0);
     };
     let (how, detail, code) = match exit {
         VmExit::PowerOff => (VmEnd::PowerOff, String::new(), Ok(0)),
@@ -340,6 +355,6 @@ fn command(vm: &mut Vm, line: &str, role: &Role) -> Result<String> {
                 start.elapsed().as_secs_f64() * 1e3
             ))
         }
-        _ => bail!("unknown command {line:?}: expected pause, resume, status, or snapshot FILE [--delta]"),
+        _ => bail!("unknown command {line:?}: expected pause, resume, status, stop, or snapshot FILE [--delta]"),
     }
 }

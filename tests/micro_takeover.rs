@@ -65,9 +65,9 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool, dir: 
     }
 }
 
-#[test]
-fn the_standby_takes_over_the_micro_guest_and_its_console_carries_on() {
-    let dir = std::env::temp_dir().join(format!("tandem-micro-takeover-{}", std::process::id()));
+/// A standby and a primary of the micro guest on this host, in a fresh directory.
+fn pair(name: &str, primary_extra: &[&str]) -> (PathBuf, Side, Side) {
+    let dir = std::env::temp_dir().join(format!("tandem-micro-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     for who in ["primary", "standby"] {
         let run = tandem(&["keygen", "--out", &dir.join(who).display().to_string()]);
@@ -95,8 +95,14 @@ fn the_standby_takes_over_the_micro_guest_and_its_console_carries_on() {
     let standby = Side::start(&dir, "standby", &args);
     let mut args = vec!["primary".to_string(), "--standby".into(), addr, "--micro-guest".into()];
     args.extend(link("primary", "standby"));
-    let mut primary = Side::start(&dir, "primary", &args);
+    args.extend(primary_extra.iter().map(|a| a.to_string()));
+    let primary = Side::start(&dir, "primary", &args);
+    (dir, standby, primary)
+}
 
+#[test]
+fn the_standby_takes_over_the_micro_guest_and_its_console_carries_on() {
+    let (dir, standby, mut primary) = pair("takeover", &[]);
     wait_until("the primary releases 10 lines", Duration::from_secs(60), || primary.ticks().len() >= 10, &dir);
     primary.child.kill().unwrap();
     primary.child.wait().unwrap();
@@ -120,6 +126,33 @@ fn the_standby_takes_over_the_micro_guest_and_its_console_carries_on() {
     let generation = std::fs::read_to_string(dir.join("standby-state/generation")).unwrap();
     assert_eq!(generation.trim(), "2");
     drop(standby);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_primary_stopped_by_its_operator_says_goodbye_and_the_standby_does_not_take_over() {
+    // In the directory `pair` makes afresh before the primary starts.
+    let control = std::env::temp_dir().join(format!("tandem-micro-stop-{}", std::process::id())).join("primary.sock");
+    let control = control.display().to_string();
+    let (dir, mut standby, mut primary) = pair("stop", &["--control", &control]);
+    wait_until("the primary releases 10 lines", Duration::from_secs(60), || primary.ticks().len() >= 10, &dir);
+    let run = tandem(&["ctl", &control, "stop"]);
+    assert_eq!(run.code, 0, "{}", run.dump());
+    assert!(run.stdout.starts_with("ok stopping"), "{}", run.dump());
+    let exited = |side: &mut Side| side.child.wait().unwrap().code();
+    assert_eq!(exited(&mut primary), Some(0), "the primary did not end cleanly");
+    assert_eq!(exited(&mut standby), Some(0), "the standby did not end cleanly");
+    let (pe, se) = (primary.events(), standby.events());
+    let goodbye = pe.iter().find(|e| e["event"] == "goodbye").expect("the primary said no goodbye");
+    assert_eq!(goodbye["confirmed"], true, "{goodbye}");
+    assert!(pe.iter().any(|e| e["event"] == "vm_ended" && e["how"] == "stopped"), "{pe:?}");
+    assert!(se.iter().any(|e| e["event"] == "primary_left"), "{se:?}");
+    assert!(!se.iter().any(|e| e["event"] == "took_over"), "the standby took over a stopped guest: {se:?}");
+    // Everything the guest printed is released once the goodbye is confirmed, and the
+    // standby, which never ran the guest, printed none of it.
+    let released = primary.ticks();
+    assert_eq!(released, (1..=released.len() as u64).collect::<Vec<_>>());
+    assert!(standby.ticks().is_empty(), "{:?}", standby.ticks());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

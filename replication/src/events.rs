@@ -91,6 +91,8 @@ pub enum VmEnd {
     TripleFault,
     /// The VMM stopped it (an error, or a refusal by a newer primary).
     Failed,
+    /// The operator stopped it (`tandem ctl SOCKET stop`).
+    Stopped,
 }
 
 #[derive(Debug, thiserror::Error)]
