@@ -113,6 +113,12 @@ pub struct PrimaryArgs {
     /// its output waits at most, plus the time to the standby and back.
     #[arg(long, default_value_t = 25, value_name = "MS")]
     epoch_ms: u64,
+    /// Epoch length while the guest has written no output since the last epoch (never
+    /// shorter than --epoch-ms): nothing waits on such an epoch, and a longer one costs
+    /// a busy guest fewer write-protection faults and sends a page it keeps rewriting
+    /// once. Output cuts it short, so output still waits at most --epoch-ms.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    quiet_epoch_ms: u64,
     /// Epochs on their way to the standby before the next one waits for an ack.
     #[arg(long, default_value_t = 4)]
     window: usize,
@@ -144,6 +150,9 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     if !(1..=10_000).contains(&args.epoch_ms) {
         bail!("--epoch-ms must be between 1 and 10000, got {}", args.epoch_ms);
     }
+    if !(1..=10_000).contains(&args.quiet_epoch_ms) {
+        bail!("--quiet-epoch-ms must be between 1 and 10000, got {}", args.quiet_epoch_ms);
+    }
     if !(1..=64).contains(&args.window) {
         bail!("--window must be between 1 and 64, got {}", args.window);
     }
@@ -160,6 +169,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
             tls,
             identity: Identity { role: ProtoRole::Primary, fingerprint, generation },
             epoch: Duration::from_millis(args.epoch_ms),
+            quiet_epoch: Duration::from_millis(args.quiet_epoch_ms),
             window: args.window,
             heartbeat,
             on_standby_loss: match args.on_standby_loss {

@@ -37,8 +37,12 @@ pub struct Config {
     pub standby: SocketAddr,
     pub tls: rustls::ClientConfig,
     pub identity: Identity,
-    /// Time between the starts of two epochs.
+    /// Time between the starts of two epochs while the guest has output waiting.
     pub epoch: Duration,
+    /// Time between the starts of two epochs while it has none: no one waits for such
+    /// an epoch, and a longer one sends a page the guest keeps writing once rather than
+    /// at every epoch, and write-protects it less often.
+    pub quiet_epoch: Duration,
     /// Epochs in flight before the next one waits for an ack.
     pub window: usize,
     pub heartbeat: Heartbeat,
@@ -84,11 +88,14 @@ pub struct Protector {
     outbox: Outbox,
     gate: Gate,
     epoch: Duration,
+    quiet_epoch: Duration,
     heartbeat: Heartbeat,
     policy: StandbyLoss,
     standby: SocketAddr,
     mode: Mode,
-    next_due: Instant,
+    /// When the latest epoch began: the next is due `epoch` later if the guest has
+    /// output waiting, else `quiet_epoch` later.
+    last_start: Instant,
     /// Whether the epoch now due is already counted as waiting for the standby.
     waiting: bool,
     /// Whether the standby's first ack after a full sync has been announced.
@@ -158,11 +165,12 @@ impl Protector {
             outbox,
             gate,
             epoch: config.epoch,
+            quiet_epoch: config.quiet_epoch.max(config.epoch),
             heartbeat: config.heartbeat,
             policy: config.on_standby_loss,
             standby: config.standby,
             mode: Mode::Protected,
-            next_due: Instant::now(),
+            last_start: Instant::now(),
             waiting: false,
             announced: false,
             full_epoch: 0,
@@ -193,7 +201,13 @@ impl Protector {
         if !ready {
             return self.epoch;
         }
-        self.next_due.saturating_duration_since(Instant::now()).min(self.epoch)
+        self.next_due().saturating_duration_since(Instant::now()).min(self.epoch)
+    }
+
+    /// Output cuts an epoch short: it is the only thing that waits on one.
+    fn next_due(&self) -> Instant {
+        let waiting = self.gate().waiting_for_epoch();
+        self.last_start + if waiting { self.epoch } else { self.quiet_epoch }
     }
 
     /// Does whatever is due: an epoch, a full sync for a new standby, or the
@@ -230,7 +244,7 @@ impl Protector {
                     tracing::warn!("the standby is back in sync; the guest runs again");
                     self.events.emit(Event::Reprotected);
                 }
-                if Instant::now() < self.next_due {
+                if Instant::now() < self.next_due() {
                     return Ok(());
                 }
                 if !can_send {
@@ -294,7 +308,7 @@ impl Protector {
             (s.machine.next_epoch(), s.conn)
         };
         let started = Instant::now();
-        self.next_due = started + self.epoch;
+        self.last_start = started;
         self.waiting = false;
         let gate = self.gate.clone();
         // Output from here on belongs to the next epoch: this one's state covers what

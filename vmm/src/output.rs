@@ -166,6 +166,12 @@ impl<W: Write + Send> EpochGate<W> {
         self.last_lag
     }
 
+    /// Whether the guest has written output since the last seal: output that waits for
+    /// the next epoch to be cut before it can even start on its way out.
+    pub fn waiting_for_epoch(&self) -> bool {
+        !self.unprotected && self.held.back().is_some_and(|(e, _)| *e >= self.current)
+    }
+
     /// Bytes still held back.
     pub fn held_bytes(&self) -> usize {
         self.held.iter().map(|(_, b)| b.len()).sum()
@@ -263,6 +269,19 @@ mod tests {
         assert_eq!(gate.held_bytes(), 1);
         gate.commit(3).unwrap();
         assert_eq!(&*cap.0.lock().unwrap(), b"abcd");
+    }
+
+    #[test]
+    fn output_waits_for_an_epoch_from_its_first_byte_to_the_next_seal() {
+        let mut gate = EpochGate::new(Capture::default(), 1);
+        assert!(!gate.waiting_for_epoch());
+        gate.emit(b"a").unwrap();
+        assert!(gate.waiting_for_epoch());
+        gate.seal(1);
+        assert!(!gate.waiting_for_epoch(), "sealed output waits for a commit, not an epoch");
+        gate.emit(b"b").unwrap();
+        gate.unprotect().unwrap();
+        assert!(!gate.waiting_for_epoch(), "unprotected output waits for nothing");
     }
 
     #[test]

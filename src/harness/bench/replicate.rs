@@ -22,6 +22,9 @@ pub struct ReplicateArgs {
     /// Seconds each guest writes.
     #[arg(long, default_value_t = 20)]
     seconds: u32,
+    /// The primary's epoch length (its --epoch-ms).
+    #[arg(long, default_value_t = 25)]
+    epoch_ms: u32,
     /// Directory of built images (default: $TANDEM_IMAGES, else ~/.cache/tandem/images).
     #[arg(long)]
     images: Option<PathBuf>,
@@ -30,10 +33,15 @@ pub struct ReplicateArgs {
 const ROW_MARKER: &str = "@@BENCH-ROW ";
 
 pub fn via_lab(args: &ReplicateArgs) -> Result<()> {
-    if args.rates.is_empty() || args.rates.iter().any(|r| *r > 400) || !(8..=120).contains(&args.seconds) {
-        bail!("--rates must be 0..=400 MiB/s each and --seconds 8..=120");
+    if args.rates.is_empty() || args.rates.iter().any(|r| *r > 400) || !(8..=120).contains(&args.seconds) || !(1..=1000).contains(&args.epoch_ms) {
+        bail!("--rates must be 0..=400 MiB/s each, --seconds 8..=120 and --epoch-ms 1..=1000");
     }
-    let mut command = vec!["bench".to_string(), "replicate-in-lab".into(), format!("--seconds={}", args.seconds)];
+    let mut command = vec![
+        "bench".to_string(),
+        "replicate-in-lab".into(),
+        format!("--seconds={}", args.seconds),
+        format!("--epoch-ms={}", args.epoch_ms),
+    ];
     command.push(format!("--rates={}", args.rates.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
     let mut rows = Vec::new();
     let timeout = Duration::from_secs(120 + 200 * args.rates.len() as u64);
@@ -46,11 +54,11 @@ pub fn via_lab(args: &ReplicateArgs) -> Result<()> {
     if rows.len() != args.rates.len() {
         bail!("the lab reported {} of {} rows", rows.len(), args.rates.len());
     }
-    println!("replication in the lab (emulated host, loopback QUIC), dirty workload for {} s:", args.seconds);
+    println!("replication in the lab (emulated host, loopback QUIC), dirty workload for {} s, {} ms epochs:", args.seconds, args.epoch_ms);
     println!(
-        "{:>9} {:>11} {:>11} {:>9} {:>12} {:>12} {:>12} {:>10} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
+        "{:>9} {:>11} {:>11} {:>9} {:>12} {:>12} {:>12} {:>10} {:>8} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9}",
         "rate", "alone", "replicated", "slowdown", "stopped p50", "stopped p99", "bytes/epoch", "ack ms", "epochs",
-        "1st alone", "1st repl", "ratio", "lag p50", "lag p99"
+        "1st alone", "synced", "1st repl", "ratio", "lag p50", "lag p99"
     );
     for row in rows {
         println!("{row}");
@@ -65,7 +73,7 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
         eprintln!("bench: {rate} MiB/s alone");
         let (alone, first_alone) = alone(&tandem, rate, args.seconds)?;
         eprintln!("bench: {rate} MiB/s replicated");
-        let Replicated { rate: replicated, status, first_line: first_repl, lag } = replicated(&tandem, rate, args.seconds)?;
+        let Replicated { rate: replicated, status, first_line: first_repl, synced, lag } = replicated(&tandem, rate, args.seconds, args.epoch_ms)?;
         let num = |k: &str| status.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let epochs = num("epochs");
         let per_epoch = if epochs > 0.0 { num("total_bytes") / epochs } else { 0.0 };
@@ -81,7 +89,7 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
         };
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
         println!(
-            "{ROW_MARKER}{:>4} MiB/s {:>11} {:>11} {:>9} {:>9.2} ms {:>9.2} ms {:>12.0} {:>10.2} {:>8.0} {:>10} {:>10} {:>7} {:>9} {:>9}",
+            "{ROW_MARKER}{:>4} MiB/s {:>11} {:>11} {:>9} {:>9.2} ms {:>9.2} ms {:>12.0} {:>10.2} {:>8.0} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9}",
             rate,
             rate_text(alone),
             rate_text(replicated),
@@ -92,6 +100,7 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
             num("ack_ms"),
             epochs,
             secs(first_alone),
+            secs(synced),
             secs(first_repl),
             ratio,
             ms(lag.map(|l| l.0)),
@@ -168,12 +177,14 @@ struct Replicated {
     status: HashMap<String, String>,
     /// From the primary's start to its first released line.
     first_line: Option<Duration>,
+    /// From the primary's start to the standby holding its first (full) epoch.
+    synced: Option<Duration>,
     /// Output lag p50 and p99 (ms), from the primary's events.
     lag: Option<(f64, f64)>,
 }
 
 /// Runs the guest as a primary with a standby.
-fn replicated(tandem: &Path, rate: u32, seconds: u32) -> Result<Replicated> {
+fn replicated(tandem: &Path, rate: u32, seconds: u32, epoch_ms: u32) -> Result<Replicated> {
     let dir = std::env::temp_dir().join(format!("tandem-bench-replicate-{rate}"));
     let _ = std::fs::remove_dir_all(&dir);
     let (p, s) = (dir.join("p"), dir.join("s"));
@@ -192,8 +203,10 @@ fn replicated(tandem: &Path, rate: u32, seconds: u32) -> Result<Replicated> {
     let console = dir.join("console");
     let events = dir.join("events");
     let start = Instant::now();
+    let start_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
     let mut primary = Command::new(tandem)
         .args(["primary", "--standby", "127.0.0.1:7200", "--timeout-ms", "3000", "--control", &path(ctl.clone())])
+        .arg(format!("--epoch-ms={epoch_ms}"))
         .args(["--key", &path(p.join("key.pem")), "--peer-cert", &path(s.join("cert.pem")), "--events", &path(events.clone())])
         .args(["--kernel", GUEST_VMLINUX, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
         .stdin(Stdio::null())
@@ -226,6 +239,11 @@ fn replicated(tandem: &Path, rate: u32, seconds: u32) -> Result<Replicated> {
     let events: Vec<serde_json::Value> =
         std::fs::read_to_string(&events).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let lag = crate::harness::drill::check::lag_percentiles(&events).map(|(p50, p99, _)| (p50, p99));
+    let synced = events
+        .iter()
+        .find(|e| e["event"] == "protected")
+        .and_then(|e| e["t_ms"].as_u64())
+        .map(|t| Duration::from_millis(t.saturating_sub(start_ms)));
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(Replicated { rate, status, first_line: first, lag })
+    Ok(Replicated { rate, status, first_line: first, synced, lag })
 }
