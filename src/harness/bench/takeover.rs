@@ -174,7 +174,7 @@ fn takeover_in(args: &TakeoverArgs, mib: u64, dir: &Path) -> Result<Sample> {
     // first line the primary had not printed (it may repeat what the primary released
     // last, see README.md) and goes on from there without a gap.
     let after = tick_numbers(&standby.console());
-    if after.first().is_none_or(|&f| f > last + 1) || after.windows(2).any(|w| w[1] != w[0] + 1) {
+    if after.first().map_or(true, |&f| f > last + 1) || after.windows(2).any(|w| w[1] != w[0] + 1) {
         bail!("the console broke at the takeover: the primary printed up to {last}, the standby {after:?}");
     }
     let _ = standby.end();
