@@ -17,6 +17,8 @@ struct Received {
     bytes: Vec<u8>,
     /// Where the last whole line ended.
     scanned: usize,
+    /// When each numbered line arrived.
+    arrivals: Vec<Instant>,
 }
 
 struct Sink {
@@ -33,6 +35,7 @@ impl Write for Sink {
             let line = &r.bytes[r.scanned..r.scanned + nl];
             if line.starts_with(self.prefix.as_bytes()) {
                 self.lines.fetch_add(1, Ordering::Relaxed);
+                r.arrivals.push(Instant::now());
             }
             r.scanned += nl + 1;
         }
@@ -71,6 +74,14 @@ impl Client {
     /// Numbered lines received so far.
     pub fn lines(&self) -> u64 {
         self.lines.load(Ordering::Relaxed)
+    }
+
+    /// The longest wait between two numbered lines that arrived before `until`: how
+    /// live protection looked to a reader while the guest ticked steadily.
+    pub fn longest_gap(&self, until: Instant) -> Option<Duration> {
+        let r = self.received.lock().unwrap_or_else(|e| e.into_inner());
+        let before: Vec<Instant> = r.arrivals.iter().copied().filter(|t| *t <= until).collect();
+        before.windows(2).map(|w| w[1] - w[0]).max()
     }
 
     /// Waits up to `limit` until `n` numbered lines have come; false if they did not.

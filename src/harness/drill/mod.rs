@@ -400,6 +400,7 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         Kill::MidEpoch(epoch) => format!("in the middle of sending epoch {epoch}"),
     };
     let released_before_kill = client.as_ref().map(Client::lines);
+    let longest_gap = client.as_ref().and_then(|c| c.longest_gap(Instant::now()));
     if !matches!(kill, Kill::MidEpoch(_)) {
         let _ = primary.child.kill();
     }
@@ -443,6 +444,10 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     let verdict = verdict.map(|v| {
         let v = match released_before_kill {
             Some(k) => format!("{v}; {k} numbered lines had reached the client when the kill came"),
+            None => v,
+        };
+        let v = match longest_gap {
+            Some(gap) => format!("{v} (at most {} ms apart)", gap.as_millis()),
             None => v,
         };
         match lag {
