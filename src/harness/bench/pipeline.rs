@@ -1,6 +1,6 @@
 //! `tandem bench pipeline`: the replication pipeline's throughput against plain QUIC
 //! with the same TLS and settings, and the physical limits of this host (memcpy,
-//! loopback TCP), measured in one run, for sparse and for random pages.
+//! loopback TCP), measured in one run, for random, zero-heavy and sparse pages.
 
 use anyhow::{bail, Result};
 use tandem_replication::pipeline::{measure, Mix, Params};
@@ -33,7 +33,11 @@ pub fn run(args: &PipelineArgs) -> Result<()> {
     if args.mib == 0 || args.mib > 16 << 10 || args.dirty_percent > 100 || args.window == 0 {
         bail!("--mib must be 1..=16384, --dirty-percent at most 100, --window at least 1");
     }
-    for (mix, what) in [(Mix::Random, "random pages (incompressible)"), (Mix::Sparse, "sparse pages (a number, then zeros)")] {
+    for (mix, what) in [
+        (Mix::Random, "random pages (incompressible)"),
+        (Mix::ZeroHeavy, "zero-heavy pages (3 in 4 all zeros, the rest random)"),
+        (Mix::Sparse, "sparse pages (a number, then zeros)"),
+    ] {
         let params = Params { mib: args.mib, epochs: args.epochs, dirty_percent: args.dirty_percent, window: args.window, mix };
         let f = measure(params)?;
         let gib = f.bytes() as f64 / (1u64 << 30) as f64;
