@@ -13,8 +13,14 @@ pub struct Epoch {
     pub number: u64,
     pub kind: Option<EpochKind>,
     pub addresses: Vec<u64>,
-    /// `addresses.len() * PAGE_SIZE` bytes.
+    /// The pages' bytes, one page after another: every page's, or on a standby, that of
+    /// each page `zero` does not mark.
     pub data: Vec<u8>,
+    /// Per address, on a standby: whether the page came as a zero marker, and so is all
+    /// zeros and has no bytes in `data`. Empty: every page has its bytes there. Staging
+    /// a marker as 4 KiB of zeros cost a fill and a copy per page (most of a booting
+    /// guest's pages).
+    pub zero: Vec<bool>,
     pub state: Vec<u8>,
     /// The guest's console output during the epoch.
     pub output: Vec<u8>,
@@ -25,8 +31,18 @@ pub struct Epoch {
 }
 
 impl Epoch {
-    pub fn page(&self, i: usize) -> &[u8] {
-        &self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    /// Each page's address and bytes in order, `None` for a page that came as a zero
+    /// marker.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
+        let mut next = 0;
+        self.addresses.iter().enumerate().map(move |(i, &a)| {
+            if self.zero.get(i).copied().unwrap_or(false) {
+                return (a, None);
+            }
+            let page = &self.data[next * PAGE_SIZE..(next + 1) * PAGE_SIZE];
+            next += 1;
+            (a, Some(page))
+        })
     }
 
     /// The epoch as encoded frames of `generation` (begin, page batches, output,
@@ -42,6 +58,9 @@ impl Epoch {
             frame::encode_shared(&Frame { generation, message })
         };
         crate::message::aligned(&self.addresses)?;
+        if !self.zero.is_empty() {
+            return Err(ProtoError::Invalid("an epoch with zero markers is a received one; it is not sent again".into()));
+        }
         let mut pages = pages::BatchEncoder::new(generation, epoch, self.compress);
         pages.frames.push(frame(Message::EpochBegin { epoch, kind: self.kind.unwrap_or(EpochKind::Delta) })?);
         for (batch, data) in self.addresses.chunks(MAX_BATCH_PAGES).zip(self.data.chunks(MAX_BATCH_PAGES * PAGE_SIZE)) {

@@ -234,13 +234,14 @@ impl Standby {
                 pages::decode_into(addresses.len(), compression, &data, &mut staged.data).map_err(|e| (e, None))?;
                 hasher.pages(&addresses, &staged.data[start..]);
                 staged.addresses.extend_from_slice(&addresses);
+                staged.zero.resize(staged.addresses.len(), false);
                 Ok(vec![])
             }
             Message::ZeroPages { epoch, addresses } => {
                 let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
                 hasher.zero_pages(&addresses);
                 staged.addresses.extend_from_slice(&addresses);
-                staged.data.resize(staged.data.len() + addresses.len() * PAGE_SIZE, 0);
+                staged.zero.resize(staged.addresses.len(), true);
                 Ok(vec![])
             }
             Message::Output { epoch, offset, bytes } => {

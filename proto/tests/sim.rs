@@ -117,7 +117,12 @@ impl World {
         for _ in 0..(self.rng.next() % 4) {
             let page = (self.rng.next() as usize) % PAGES;
             let byte = (self.rng.next() as usize) % PAGE_SIZE;
-            self.guest[page * PAGE_SIZE + byte] = self.rng.next() as u8;
+            if self.rng.next() % 8 == 0 {
+                // Cleared, as a guest frees and zeroes memory: it goes as a zero marker.
+                self.guest[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill(0);
+            } else {
+                self.guest[page * PAGE_SIZE + byte] = self.rng.next() as u8;
+            }
             self.dirty.insert(page);
         }
     }
@@ -154,9 +159,12 @@ impl World {
                 match event {
                     standby::Event::Send(f) => self.to_primary.push_back(f),
                     standby::Event::Apply(epoch) => {
-                        for (i, &a) in epoch.addresses.iter().enumerate() {
-                            let a = a as usize;
-                            self.image[a..a + PAGE_SIZE].copy_from_slice(epoch.page(i));
+                        for (a, page) in epoch.pages() {
+                            let to = &mut self.image[a as usize..a as usize + PAGE_SIZE];
+                            match page {
+                                Some(page) => to.copy_from_slice(page),
+                                None => to.fill(0),
+                            }
                         }
                         self.image_state = epoch.state.clone();
                         let (memory, state) = &self.captured[&epoch.number];

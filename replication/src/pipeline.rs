@@ -287,9 +287,12 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
 }
 
 fn apply(image: &mut [u8], epoch: &Epoch) {
-    for (i, &a) in epoch.addresses.iter().enumerate() {
-        let a = a as usize;
-        image[a..a + PAGE_SIZE].copy_from_slice(epoch.page(i));
+    for (a, page) in epoch.pages() {
+        let to = &mut image[a as usize..a as usize + PAGE_SIZE];
+        match page {
+            Some(page) => to.copy_from_slice(page),
+            None => to.fill(0),
+        }
     }
 }
 

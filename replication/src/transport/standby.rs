@@ -270,7 +270,7 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         let applied = tokio::task::spawn_blocking(move || {
                             let kind = if full { Kind::Full } else { Kind::Delta };
                             let applied = match image.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                                Some(image) => image.apply(kind, &epoch.addresses, &epoch.data, &epoch.state),
+                                Some(image) => image.apply_marked(kind, &epoch.addresses, &epoch.zero, &epoch.data, &epoch.state),
                                 None => Err(SnapshotError::Corrupt("the image already runs as the guest".into())),
                             };
                             (applied, epoch)

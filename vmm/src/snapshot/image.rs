@@ -56,8 +56,18 @@ impl Image {
     /// whole image: pages it leaves out are zeros. Everything is checked before
     /// anything is written, so a bad capture leaves the image as it was.
     pub fn apply(&mut self, kind: Kind, addresses: &[u64], data: &[u8], state: &[u8]) -> Result<(), SnapshotError> {
-        if data.len() != addresses.len() * PAGE {
-            return Err(SnapshotError::Corrupt(format!("{} bytes for {} pages", data.len(), addresses.len())));
+        self.apply_marked(kind, addresses, &[], data, state)
+    }
+
+    /// The same, where `zero` marks (per address, or not at all when empty) the pages
+    /// that are all zeros and have no bytes in `data`.
+    pub fn apply_marked(&mut self, kind: Kind, addresses: &[u64], zero: &[bool], data: &[u8], state: &[u8]) -> Result<(), SnapshotError> {
+        if !zero.is_empty() && zero.len() != addresses.len() {
+            return Err(SnapshotError::Corrupt(format!("{} zero marks for {} pages", zero.len(), addresses.len())));
+        }
+        let with_bytes = addresses.len() - zero.iter().filter(|&&z| z).count();
+        if data.len() != with_bytes * PAGE {
+            return Err(SnapshotError::Corrupt(format!("{} bytes for {with_bytes} pages", data.len())));
         }
         let state: MachineState = codec::decode(state)?;
         if state.mem_mib != self.mem_mib {
@@ -69,9 +79,21 @@ impl Image {
         if kind == Kind::Full {
             self.ram.zero()?;
         }
+        static ZEROS: [u8; PAGE] = [0; PAGE];
         let mem = self.ram.memory();
+        let mut next = 0;
         for (i, &a) in addresses.iter().enumerate() {
-            mem.write_slice(&data[i * PAGE..(i + 1) * PAGE], GuestAddress(a))
+            let page = if zero.get(i).copied().unwrap_or(false) {
+                // A full capture's image starts cleared.
+                if kind == Kind::Full {
+                    continue;
+                }
+                &ZEROS[..]
+            } else {
+                next += 1;
+                &data[(next - 1) * PAGE..next * PAGE]
+            };
+            mem.write_slice(page, GuestAddress(a))
                 .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))?;
         }
         self.state = Some(state);
@@ -128,6 +150,21 @@ mod tests {
         assert_eq!(snap.page_at(0x3000).unwrap(), &[3u8; PAGE][..]);
         assert_eq!(snap.state.vm.clock.clock, 2);
         assert_eq!(snap.kind, Kind::Full);
+    }
+
+    #[test]
+    fn pages_marked_zero_carry_no_bytes_and_clear_what_the_image_held() {
+        let mut image = Image::new(16).unwrap();
+        image.apply(Kind::Delta, &[0x1000, 0x2000], &[[1u8; PAGE], [2u8; PAGE]].concat(), &state(16, 1)).unwrap();
+        // 0x1000 becomes zero; 0x3000 comes with its bytes after a marked page.
+        image.apply_marked(Kind::Delta, &[0x1000, 0x3000], &[true, false], &[3u8; PAGE], &state(16, 2)).unwrap();
+        let snap = image.to_snapshot().unwrap();
+        assert_eq!(snap.pages, [0x2000, 0x3000]);
+        assert_eq!(snap.page_at(0x3000).unwrap(), &[3u8; PAGE][..]);
+        assert!(image.apply_marked(Kind::Delta, &[0x1000], &[true, true], &[], &state(16, 3)).is_err(), "marks per page");
+        assert!(image.apply_marked(Kind::Delta, &[0x1000], &[true], &[3u8; PAGE], &state(16, 3)).is_err(), "bytes of a zero page");
+        image.apply_marked(Kind::Full, &[0x1000, 0x2000], &[true, false], &[4u8; PAGE], &state(16, 4)).unwrap();
+        assert_eq!(image.to_snapshot().unwrap().pages, [0x2000]);
     }
 
     #[test]
