@@ -52,6 +52,15 @@ fn memory_too_small_for_kernel_and_initrd() {
 }
 
 #[test]
+fn the_micro_guest_with_a_kernel_or_bad_sizes() {
+    let run = tandem(&["run", "--micro-guest", "--kernel", "/bin/sh"]);
+    assert_eq!(run.code, 2, "a guest is a kernel or the micro guest, not both\n{}", run.dump());
+    refused(&["run", "--micro-guest", "--mem-mib", "0"], "guest memory must be between");
+    refused(&["bench", "takeover", "--mem-mib", "256,0"], "--mem-mib must be between 16 and");
+    refused(&["bench", "takeover", "--runs", "0"], "--runs, --lines and --mem-mib need at least one");
+}
+
+#[test]
 fn kvm_device_absent() {
     refused(&["run", "--kernel", "/bin/sh", "--kvm-device", "/nonexistent/kvm"], "/nonexistent/kvm does not exist");
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tandem_vmm::memory::{ram_ranges, GuestRam};
+use tandem_vmm::memory::{ram_ranges, GuestRam, MAX_MEM_MIB, MIN_MEM_MIB};
 use tandem_vmm::vm::Prepared;
 use vm_memory::{Address, Bytes};
 
@@ -48,6 +48,9 @@ struct Sample {
 pub fn run(args: &TakeoverArgs) -> Result<()> {
     if args.runs == 0 || args.mem_mib.is_empty() || args.lines == 0 {
         bail!("--runs, --lines and --mem-mib need at least one");
+    }
+    if let Some(bad) = args.mem_mib.iter().find(|m| !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(*m)) {
+        bail!("--mem-mib must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} for each size, got {bad}");
     }
     if !(100..=60_000).contains(&args.timeout_ms) {
         bail!("--timeout-ms must be between 100 and 60000, got {}", args.timeout_ms);
