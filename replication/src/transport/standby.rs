@@ -125,7 +125,11 @@ async fn run(
 ) {
     tokio::spawn(super::watch_stalls("standby"));
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
-    let mut check = tokio::time::interval(heartbeat.interval);
+    // Four checks per heartbeat interval: silence is measured from the last check that
+    // saw a packet arrive, so the check's period is how far past the timeout a
+    // takeover may begin (and how stale that last sighting may be).
+    let period = heartbeat.interval / 4;
+    let mut check = tokio::time::interval(period);
     // After a stall, one late tick, not a burst of them ahead of the frames that waited.
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut due = tokio::time::Instant::now();
@@ -176,7 +180,7 @@ async fn run(
             }
             _ = check.tick() => {
                 let late = heartbeat.woke_late(due.into_std());
-                due = tokio::time::Instant::now() + heartbeat.interval;
+                due = tokio::time::Instant::now() + period;
                 if late {
                     tracing::debug!("the silence check ran late: this host stalled; judging the primary next time");
                     continue;
