@@ -8,4 +8,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 cargo build --release --quiet
-exec target/release/tandem drill --kill-at random --runs 3 "$@"
+exec target/release/tandem drill --kill-at random --runs 3 --watch "$@"

@@ -25,6 +25,9 @@ struct Sink {
     received: Arc<Mutex<Received>>,
     lines: Arc<AtomicU64>,
     prefix: &'static str,
+    /// Print each numbered line as it comes (`drill --watch`), with the time since
+    /// this instant, so a viewer sees the takeover's pause.
+    watch: Option<Instant>,
 }
 
 impl Write for Sink {
@@ -34,6 +37,9 @@ impl Write for Sink {
         while let Some(nl) = r.bytes[r.scanned..].iter().position(|&b| b == b'\n') {
             let line = &r.bytes[r.scanned..r.scanned + nl];
             if line.starts_with(self.prefix.as_bytes()) {
+                if let Some(start) = self.watch {
+                    println!("    {:>6.2} s  {}", start.elapsed().as_secs_f64(), String::from_utf8_lossy(line));
+                }
                 self.lines.fetch_add(1, Ordering::Relaxed);
                 r.arrivals.push(Instant::now());
             }
@@ -58,12 +64,13 @@ pub struct Client {
 const PATIENCE: Duration = Duration::from_secs(60);
 
 impl Client {
-    /// Follows the console at `hosts`, counting lines that start with `prefix`.
-    pub fn start(hosts: Vec<SocketAddr>, prefix: &'static str) -> Self {
+    /// Follows the console at `hosts`, counting lines that start with `prefix` (and
+    /// printing them if `watch`).
+    pub fn start(hosts: Vec<SocketAddr>, prefix: &'static str, watch: bool) -> Self {
         let received = Arc::new(Mutex::new(Received::default()));
         let lines = Arc::new(AtomicU64::new(0));
         let (tx, done) = channel();
-        let mut sink = Sink { received: received.clone(), lines: lines.clone(), prefix };
+        let mut sink = Sink { received: received.clone(), lines: lines.clone(), prefix, watch: watch.then(Instant::now) };
         std::thread::spawn(move || {
             let result = console::follow(&hosts, 0, &mut sink, PATIENCE, &mut |_| {});
             let _ = tx.send(result.map_err(|e| format!("{e:#}")));

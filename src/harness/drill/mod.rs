@@ -67,6 +67,10 @@ pub struct DrillArgs {
     /// Print each run's two consoles and logs.
     #[arg(long)]
     show_consoles: bool,
+    /// Print each numbered line as the console client receives it, and the moment the
+    /// primary is killed: the takeover as a viewer of the demo follows it.
+    #[arg(long)]
+    watch: bool,
     /// For tests: the primary corrupts a frame of epoch N on the wire, once.
     #[arg(long, hide = true, value_name = "N")]
     corrupt_epoch: Option<u64>,
@@ -237,6 +241,9 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
     if args.show_consoles {
         command.push("--show-consoles".into());
     }
+    if args.watch {
+        command.push("--watch".into());
+    }
     if let Some(n) = args.corrupt_epoch {
         command.push(format!("--corrupt-epoch={n}"));
     }
@@ -349,7 +356,7 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     let mut primary = Proc::start(&primary_args, &dir, "primary")?;
     let prefix = if args.workload == "dirty" { "dirty " } else { "tick " };
     // Before the initial sync completes nothing is released, and nothing taken over.
-    let client = (kill != Kill::InitialSync).then(|| Client::start(consoles.to_vec(), prefix));
+    let client = (kill != Kill::InitialSync).then(|| Client::start(consoles.to_vec(), prefix, args.watch));
 
     let ready = match kill {
         Kill::InitialSync => primary.wait_for("standby_follows", Duration::from_secs(60)),
@@ -403,6 +410,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     let longest_gap = client.as_ref().and_then(|c| c.longest_gap(Instant::now()));
     if !matches!(kill, Kill::MidEpoch(_)) {
         let _ = primary.child.kill();
+        if args.watch {
+            println!("    ======== run {n}: the primary is killed (SIGKILL); the standby takes over ========");
+        }
     }
     let primary_exit = primary.wait_exit(Duration::from_secs(120));
     stage(&format!("the primary ended ({primary_exit:?})"));
