@@ -157,6 +157,18 @@ fn a_primary_stopped_by_its_operator_says_goodbye_and_the_standby_does_not_take_
 }
 
 #[test]
+fn output_cuts_a_quiet_epoch_short() {
+    // Epochs 10 s apart while the guest is silent: its ticks, ten a second, must still
+    // go out a few at a time, each cut into an epoch within 25 ms, not all together
+    // when the quiet epoch ends.
+    let (dir, _standby, primary) = pair("quiet", &["--quiet-epoch-ms", "10000"]);
+    wait_until("the primary releases 10 lines", Duration::from_secs(30), || primary.ticks().len() >= 10, &dir);
+    let releases = primary.events().iter().filter(|e| e["event"] == "released").count();
+    assert!(releases >= 5, "10 ticks went out in {releases} releases");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_micro_guest_runs_alone() {
     let mut child = Command::new(TANDEM)
         .args(["run", "--micro-guest", "--mem-mib", "64"])
