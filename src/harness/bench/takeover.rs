@@ -16,6 +16,7 @@ use tandem_vmm::vm::Prepared;
 use vm_memory::{Address, Bytes};
 
 use super::ms;
+use crate::harness::drill::check::numbers;
 use crate::harness::proc::Proc;
 
 #[derive(clap::Args, Clone)]
@@ -105,8 +106,8 @@ fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn tick_numbers(console: &str) -> Vec<u64> {
-    console.lines().filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok()).collect()
+fn tick_numbers(console: &str) -> Vec<u32> {
+    numbers(console, "tick ")
 }
 
 fn one_takeover(args: &TakeoverArgs, mib: u64, n: u32) -> Result<Sample> {

@@ -12,7 +12,8 @@ pub struct Consoles<'a> {
     pub client_end: &'a Result<u64, String>,
 }
 
-fn numbers(text: &str, prefix: &str) -> Vec<u32> {
+/// The numbers of the lines of `text` that start with `prefix` (`tick 12 ...`), in order.
+pub(crate) fn numbers(text: &str, prefix: &str) -> Vec<u32> {
     text.lines().filter_map(|l| l.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok()).collect()
 }
 

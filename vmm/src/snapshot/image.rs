@@ -1,7 +1,7 @@
 //! A whole VM kept up to date capture by capture: every page of guest memory and the
 //! latest machine state. It is what a standby holds, epoch after epoch. Its pages live
 //! in guest RAM as a VM maps it, so a takeover hands that RAM to the new VM as it is
-//! ([`Image::into_parts`] for `Vm::resume_image`): no copy, whatever the guest's size.
+//! ([`Image::into_parts`] for `Vm::resume_prepared`): no copy, whatever the guest's size.
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -13,7 +13,6 @@ const PAGE: usize = PAGE_SIZE as usize;
 
 pub struct Image {
     mem_mib: u64,
-    /// Guest-physical address of every page, ascending.
     /// The guest's RAM ranges, as (start, end): a page must lie in one.
     ranges: Vec<(u64, u64)>,
     ram: GuestRam,

@@ -266,18 +266,10 @@ impl Vm {
     }
 
     /// Takes over from guest RAM that already holds every page of the guest (a
-    /// standby's image) and the machine state that goes with it: the RAM becomes the
-    /// new VM's as it is, so this costs the same whatever the guest's size.
-    pub fn resume_image(ram: GuestRam, state: &MachineState, kvm_device: &std::path::Path, sink: SharedSink) -> Result<Self, VmError> {
-        if ram.mem_mib() != state.mem_mib {
-            return Err(VmError::Chain(format!("state of a {} MiB VM for {} MiB of RAM", state.mem_mib, ram.mem_mib())));
-        }
-        Self::resume_from(Shell::build_with(kvm_device, ram, state.vcpus)?, state, false, sink)
-    }
-
-    /// The same in a VM built ahead of time around this RAM ([`Prepared`]): what is
-    /// left is setting the machine state and starting the vCPUs, which costs the same
-    /// whatever the guest's size.
+    /// standby's image) and the machine state that goes with it, in a VM built ahead of
+    /// time around that RAM ([`Prepared`]): the RAM becomes the new VM's as it is, and
+    /// what is left is setting the machine state and starting the vCPUs, which costs
+    /// the same whatever the guest's size.
     pub fn resume_prepared(prepared: Prepared, ram: GuestRam, state: &MachineState, sink: SharedSink) -> Result<Self, VmError> {
         if ram.mem_mib() != state.mem_mib || prepared.vcpus() != usize::from(state.vcpus) {
             return Err(VmError::Chain(format!(
