@@ -104,15 +104,17 @@ fn dirty_page_api_reports_every_page_first_then_every_page_the_guest_dirties() {
         assert!(seen >= guest_total, "tracked {seen} dirty pages, the guest wrote {guest_total}\n{}", run.dump());
 
         // And it is not simply reporting all memory. Boot (the kernel unpacking itself) and
-        // the workload populating its span dirty many pages in their seconds; the typical
-        // second is the steady state, near the asked rate plus the kernel's own writes.
-        let mut sorted = run_reports.clone();
-        sorted.sort_unstable();
-        let median = sorted[sorted.len() / 2];
+        // the workload populating its span dirty many pages in their seconds, and a slow lab
+        // stretches the boot over more of them (in one CI run, 7 of 12): so rather than the
+        // median, the workload's steady seconds are counted. Of its 6 seconds, the first
+        // may hold the span's population and the last is cut by the guest's exit; at least
+        // 3 must come near the asked rate plus the kernel's own writes. Were every page
+        // reported, none would.
         let per_second = RATE_MIB * 256;
+        let steady = run_reports.iter().filter(|&&p| p >= per_second / 2 && p <= 2 * per_second + 1024).count();
         assert!(
-            median <= 2 * per_second + 1024,
-            "median 1 s interval had {median} dirty pages at {per_second} pages/s asked: {run_reports:?}"
+            steady >= 3,
+            "{steady} 1 s intervals near {per_second} dirty pages (the asked rate), want at least 3: {run_reports:?}"
         );
     });
 }
