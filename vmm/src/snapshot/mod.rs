@@ -51,10 +51,12 @@ pub enum SnapshotError {
     Format(#[from] format::FormatError),
     #[error(transparent)]
     Codec(#[from] codec::CodecError),
-    #[error("cannot write snapshot {path}: {source}")]
-    Write { path: String, source: std::io::Error },
-    #[error("cannot open snapshot {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    // The cause is in the message and not a `source`: whoever prints the chain would
+    // otherwise show it twice.
+    #[error("cannot write snapshot {path}: {error}")]
+    Write { path: String, error: std::io::Error },
+    #[error("cannot open snapshot {path}: {error}")]
+    Open { path: String, error: std::io::Error },
     #[error("corrupt snapshot: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -70,9 +72,9 @@ impl Snapshot {
     /// Writes the snapshot to `path` through a temporary file renamed into place, so a
     /// crash mid-write never leaves a file that looks like a snapshot.
     pub fn write_to(&self, path: &Path) -> Result<(), SnapshotError> {
-        let err = |source| SnapshotError::Write {
+        let err = |error| SnapshotError::Write {
             path: path.display().to_string(),
-            source,
+            error,
         };
         let state = codec::encode(&self.state)?;
         let index: Vec<u8> = self.pages.iter().flat_map(|gpa| gpa.to_le_bytes()).collect();
@@ -92,9 +94,9 @@ impl Snapshot {
     }
 
     pub fn read_from(path: &Path) -> Result<Self, SnapshotError> {
-        let mut file = std::fs::File::open(path).map_err(|source| SnapshotError::Open {
+        let mut file = std::fs::File::open(path).map_err(|error| SnapshotError::Open {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::read(&mut file)
     }
