@@ -93,15 +93,11 @@ fn dirty_pages(pages: usize, percent: u32, epoch: u32) -> Vec<usize> {
     chosen
 }
 
-pub fn measure(p: Params) -> Result<Figures, PipelineError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(PipelineError::Runtime)?;
-    let pages = p.mib * (1 << 20) / PAGE_SIZE;
+/// `mib` MiB of pages of the given mix, the same on every call.
+pub fn region(mib: usize, mix: Mix) -> Vec<u8> {
+    let pages = mib * (1 << 20) / PAGE_SIZE;
     let mut region = vec![0u8; pages * PAGE_SIZE];
-    match p.mix {
+    match mix {
         Mix::Sparse => {
             for (i, chunk) in region.chunks_mut(PAGE_SIZE).enumerate() {
                 chunk[..8].copy_from_slice(&(i as u64).to_le_bytes());
@@ -110,7 +106,7 @@ pub fn measure(p: Params) -> Result<Figures, PipelineError> {
         Mix::Random | Mix::ZeroHeavy => {
             let mut x = 0x2545_f491_4f6c_dd1d_u64;
             for (i, page) in region.chunks_mut(PAGE_SIZE).enumerate() {
-                if p.mix == Mix::ZeroHeavy && i % 4 != 0 {
+                if mix == Mix::ZeroHeavy && i % 4 != 0 {
                     continue;
                 }
                 for word in page.chunks_mut(8) {
@@ -119,6 +115,17 @@ pub fn measure(p: Params) -> Result<Figures, PipelineError> {
             }
         }
     }
+    region
+}
+
+pub fn measure(p: Params) -> Result<Figures, PipelineError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(PipelineError::Runtime)?;
+    let mut region = region(p.mib, p.mix);
+    let pages = region.len() / PAGE_SIZE;
     let plan: Vec<Vec<usize>> = std::iter::once((0..pages).collect())
         .chain((1..=p.epochs).map(|e| dirty_pages(pages, p.dirty_percent, e)))
         .collect();

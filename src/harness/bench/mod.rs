@@ -4,6 +4,7 @@
 //! and takeover uses the micro guest, so both run on this host.
 
 mod boot;
+mod encoding;
 mod pipeline;
 mod qmp;
 mod replicate;
@@ -48,6 +49,11 @@ pub enum BenchCmd {
     /// dirtied in a memory region, staged, sent as epochs over loopback QUIC with
     /// mutual TLS, verified and applied by a standby; beside memcpy and loopback TCP.
     Pipeline(pipeline::PipelineArgs),
+    /// How pages go on the wire: zero markers, LZ4 and zstd side by side (ratio, speed
+    /// each way, bytes per page, CPU per page with the cipher's share) on synthetic
+    /// mixes and on guests' memory (`--snapshot`, or `--lab` for a Linux guest), beside
+    /// AES-128-GCM and memcpy measured in the same run.
+    Encoding(encoding::EncodingArgs),
     /// What replication costs a guest: the dirty workload at several rates alone and
     /// as a replicated primary (stopped time per epoch, bytes per epoch, ack latency,
     /// slowdown), in the lab; then the pipeline's throughput natively on this host.
@@ -68,6 +74,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Snapshot(args) => snapshot::via_lab(&args),
         BenchCmd::SnapshotInLab(args) => snapshot::in_lab(&args),
         BenchCmd::Pipeline(args) => pipeline::run(&args),
+        BenchCmd::Encoding(args) => encoding::run(&args),
         BenchCmd::Replicate(args) => replicate::via_lab(&args),
         BenchCmd::ReplicateInLab(args) => replicate::in_lab(&args),
         BenchCmd::Takeover(args) => takeover::run(&args),
@@ -97,7 +104,24 @@ fn in_the_lab_with(
     };
     let mut command = vec!["tandem".to_string()];
     command.extend_from_slice(args);
-    let status = lab::run(&opts, &command, on_line)?;
+    lab_status(lab::run(&opts, &command, on_line)?, timeout)
+}
+
+/// Runs a shell script inside a lab (without QEMU), printing its output as it comes.
+fn in_the_lab_sh(script: &str, timeout: Duration) -> Result<()> {
+    let opts = lab::LabOptions {
+        images: lab::default_images_dir(),
+        timeout,
+        with: Vec::new(),
+        with_qemu: false,
+        mem_mib: 2048,
+        cpus: 2,
+    };
+    let command = ["sh".to_string(), "-c".to_string(), script.to_string()];
+    lab_status(lab::run(&opts, &command, &mut |line| println!("{line}"))?, timeout)
+}
+
+fn lab_status(status: i32, timeout: Duration) -> Result<()> {
     match status {
         0 => Ok(()),
         lab::TIMEOUT_STATUS => bail!("the benchmark ran out of time inside the lab ({timeout:?})"),
