@@ -61,10 +61,11 @@ fn the_micro_guest_with_a_kernel_or_bad_sizes() {
 }
 
 #[test]
-fn bench_encoding_with_a_bad_size_or_snapshot() {
+fn bench_encoding_and_pipeline_with_a_bad_size_or_snapshot() {
     refused(&["bench", "encoding", "--mib", "0"], "--mib must be 1..=4096");
     refused(&["bench", "encoding", "--snapshot", "/nonexistent.snap"], "cannot open snapshot /nonexistent.snap");
     refused(&["bench", "encoding", "--snapshot", "/etc/hostname"], "snapshot /etc/hostname: snapshot is truncated");
+    refused(&["bench", "pipeline", "--snapshot", "/nonexistent.snap"], "cannot open snapshot /nonexistent.snap");
 }
 
 #[test]

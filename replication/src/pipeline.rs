@@ -47,6 +47,9 @@ pub struct Params {
 /// What moved and how long each path took to move it.
 #[derive(Clone, Copy, Debug)]
 pub struct Figures {
+    /// Pages in the region (the full epoch).
+    pub pages_in_region: u64,
+    /// Pages sent, all epochs together.
     pub pages: u64,
     /// Payload bytes the pipeline put on the wire for them.
     pub wire: u64,
@@ -119,19 +122,25 @@ pub fn region(mib: usize, mix: Mix) -> Vec<u8> {
 }
 
 pub fn measure(p: Params) -> Result<Figures, PipelineError> {
+    measure_region(region(p.mib, p.mix), p.epochs, p.dirty_percent, p.window)
+}
+
+/// [`measure`] on the pages of `region` (a guest's memory, say): a full epoch of all of
+/// it, then `epochs` deltas each dirtying `dirty_percent` of its pages, content unchanged.
+pub fn measure_region(mut region: Vec<u8>, epochs: u32, dirty_percent: u32, window: usize) -> Result<Figures, PipelineError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(PipelineError::Runtime)?;
-    let mut region = region(p.mib, p.mix);
+    region.truncate(region.len() / PAGE_SIZE * PAGE_SIZE);
     let pages = region.len() / PAGE_SIZE;
     let plan: Vec<Vec<usize>> = std::iter::once((0..pages).collect())
-        .chain((1..=p.epochs).map(|e| dirty_pages(pages, p.dirty_percent, e)))
+        .chain((1..=epochs).map(|e| dirty_pages(pages, dirty_percent, e)))
         .collect();
     let total_pages: u64 = plan.iter().map(|e| e.len() as u64).sum();
 
-    let (pipeline, wire) = runtime.block_on(pipeline(&region, &plan, p.window))?;
+    let (pipeline, wire) = runtime.block_on(pipeline(&region, &plan, window))?;
     let bytes = total_pages * PAGE_SIZE as u64;
     let quinn = runtime.block_on(async {
         let (server, client) = (tls::ephemeral()?, tls::ephemeral()?);
@@ -143,7 +152,7 @@ pub fn measure(p: Params) -> Result<Figures, PipelineError> {
     })?;
     let memcpy = copy_same_bytes(&mut region, total_pages);
     let tcp = runtime.block_on(tcp_same_bytes(bytes))?;
-    Ok(Figures { pages: total_pages, wire, pipeline, quinn, memcpy, tcp })
+    Ok(Figures { pages_in_region: pages as u64, pages: total_pages, wire, pipeline, quinn, memcpy, tcp })
 }
 
 /// memcpy of the same number of pages, page by page out of the region.

@@ -19,7 +19,7 @@ use tandem_proto::message::{MAX_BATCH_PAGES, PAGE_SIZE};
 use tandem_proto::pages::{is_zero, BatchEncoder};
 use tandem_replication::pipeline::{region, Mix};
 
-use super::{in_the_lab_sh, GUEST_INITRD, GUEST_KERNEL};
+use super::{in_the_lab_sh, snapshots_then};
 
 #[derive(clap::Args, Clone)]
 pub struct EncodingArgs {
@@ -88,17 +88,8 @@ pub fn run(args: &EncodingArgs) -> Result<()> {
 /// Boots the test guest in the lab, snapshots it booted and busy, and measures both
 /// there, with the synthetic mixes for scale.
 fn via_lab(args: &EncodingArgs) -> Result<()> {
-    let script = format!(
-        "set -e; cd /tmp; \
-         tandem run --kernel {GUEST_KERNEL} --initrd {GUEST_INITRD} --mem-mib 256 --control ctl.sock \
-           --append 'console=ttyS0 quiet tandem.workload=dirty tandem.dirty_mib=8 tandem.span_mib=64 tandem.seconds=60' > guest.log 2>&1 & \
-         until grep -q '^dirty 1 ' guest.log 2>/dev/null; do sleep 0.5; done; \
-         tandem ctl ctl.sock snapshot booted.snap >/dev/null; \
-         until grep -q '^dirty 12 ' guest.log 2>/dev/null; do sleep 0.5; done; \
-         tandem ctl ctl.sock snapshot busy.snap >/dev/null; kill %1; \
-         tandem bench encoding --mib {} --snapshot booted.snap --snapshot busy.snap",
-        args.mib
-    );
+    let then = format!("tandem bench encoding --mib {} --snapshot booted.snap --snapshot busy.snap", args.mib);
+    let script = snapshots_then(&[("booted", 1), ("busy", 12)], &then);
     in_the_lab_sh(&script, Duration::from_secs(900))
 }
 

@@ -121,6 +121,23 @@ fn in_the_lab_sh(script: &str, timeout: Duration) -> Result<()> {
     lab_status(lab::run(&opts, &command, &mut |line| println!("{line}"))?, timeout)
 }
 
+/// A shell script for the lab: boots the test guest with its dirty workload (8 MiB/s
+/// over 64 MiB), writes a snapshot `NAME.snap` in /tmp once the workload has printed
+/// second N for each `(NAME, N)` of `points`, stops the guest, then runs `then`.
+fn snapshots_then(points: &[(&str, u32)], then: &str) -> String {
+    let mut script = format!(
+        "set -e; cd /tmp; \
+         tandem run --kernel {GUEST_KERNEL} --initrd {GUEST_INITRD} --mem-mib 256 --control ctl.sock \
+           --append 'console=ttyS0 quiet tandem.workload=dirty tandem.dirty_mib=8 tandem.span_mib=64 tandem.seconds=60' > guest.log 2>&1 & "
+    );
+    for (name, second) in points {
+        script += &format!(
+            "until grep -q '^dirty {second} ' guest.log 2>/dev/null; do sleep 0.5; done; tandem ctl ctl.sock snapshot {name}.snap >/dev/null; "
+        );
+    }
+    script + "kill %1; " + then
+}
+
 fn lab_status(status: i32, timeout: Duration) -> Result<()> {
     match status {
         0 => Ok(()),

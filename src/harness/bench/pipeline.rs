@@ -2,10 +2,15 @@
 //! with the same TLS and settings, and the physical limits of this host (memcpy,
 //! loopback TCP), measured in one run, for random, zero-heavy and sparse pages.
 
-use anyhow::{bail, Result};
-use tandem_replication::pipeline::{measure, Mix, Params};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use super::ms;
+use anyhow::{bail, Context, Result};
+use tandem_proto::message::PAGE_SIZE;
+use tandem_replication::pipeline::{measure, measure_region, Figures, Mix, Params};
+use tandem_vmm::snapshot::Snapshot;
+
+use super::{in_the_lab_sh, ms, snapshots_then};
 
 #[derive(clap::Args, Clone)]
 pub struct PipelineArgs {
@@ -21,11 +26,17 @@ pub struct PipelineArgs {
     /// Epochs in flight before the primary waits for acknowledgements.
     #[arg(long, default_value_t = 4)]
     window: usize,
+    /// Also run the pipeline on the guest memory this tandem snapshot holds (repeatable).
+    #[arg(long = "snapshot", value_name = "FILE")]
+    snapshots: Vec<PathBuf>,
+    /// Run inside the lab, adding the memory of a Linux guest snapshotted once booted.
+    #[arg(long)]
+    lab: bool,
 }
 
 impl Default for PipelineArgs {
     fn default() -> Self {
-        Self { mib: 256, epochs: 20, dirty_percent: 25, window: 4 }
+        Self { mib: 256, epochs: 20, dirty_percent: 25, window: 4, snapshots: Vec::new(), lab: false }
     }
 }
 
@@ -33,40 +44,105 @@ pub fn run(args: &PipelineArgs) -> Result<()> {
     if args.mib == 0 || args.mib > 16 << 10 || args.dirty_percent > 100 || args.window == 0 {
         bail!("--mib must be 1..=16384, --dirty-percent at most 100, --window at least 1");
     }
+    if args.lab {
+        return via_lab(args);
+    }
+    // Read before anything is measured, so a bad file fails at once.
+    let memories = args
+        .snapshots
+        .iter()
+        .map(|p| Ok((p, memory_of(p).with_context(|| format!("snapshot {}", p.display()))?)))
+        .collect::<Result<Vec<_>>>()?;
     for (mix, what) in [
         (Mix::Random, "random pages (incompressible)"),
         (Mix::ZeroHeavy, "zero-heavy pages (3 in 4 all zeros, the rest random)"),
         (Mix::Sparse, "sparse pages (a number, then zeros)"),
     ] {
         let params = Params { mib: args.mib, epochs: args.epochs, dirty_percent: args.dirty_percent, window: args.window, mix };
-        let f = measure(params)?;
-        let gib = f.bytes() as f64 / (1u64 << 30) as f64;
-        println!(
-            "pipeline, {what}: {} MiB region, a full epoch then {} deltas dirtying {}% each, window {}: {} pages ({gib:.2} GiB) through each path, same run",
-            args.mib, args.epochs, args.dirty_percent, args.window, f.pages
-        );
-        println!("{:<38} {:>9} {:>8} {:>11} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy");
-        for (name, t) in [
-            ("epoch pipeline (QUIC, mutual TLS)", f.pipeline),
-            ("plain QUIC bulk, same TLS/settings", f.quinn),
-            ("memcpy, one thread", f.memcpy),
-            ("loopback TCP (tokio)", f.tcp),
-        ] {
-            let secs = t.as_secs_f64();
-            println!(
-                "{name:<38} {:>9.1} {:>8.2} {:>11.0} {:>9.3}",
-                ms(t),
-                gib / secs,
-                f.pages as f64 / secs,
-                f.memcpy.as_secs_f64() / secs
-            );
-        }
-        println!(
-            "pipeline/plain QUIC: {:.3}; pipeline/TCP: {:.3}; bytes on the wire per page: {:.0}\n",
-            f.quinn.as_secs_f64() / f.pipeline.as_secs_f64(),
-            f.tcp.as_secs_f64() / f.pipeline.as_secs_f64(),
-            f.wire as f64 / f.pages as f64
-        );
+        print(what, args, &measure(params)?);
+    }
+    for (path, memory) in memories {
+        let what = format!("guest memory from {}", path.display());
+        print(&what, args, &measure_region(memory, args.epochs, args.dirty_percent, args.window)?);
     }
     Ok(())
+}
+
+/// The guest RAM a snapshot holds, as one flat region by guest-physical address (the
+/// pages it leaves out are zero).
+fn memory_of(path: &Path) -> Result<Vec<u8>> {
+    let snapshot = Snapshot::read_from(path)?;
+    let end = snapshot.pages.iter().map(|&a| a as usize + PAGE_SIZE).max().unwrap_or(0);
+    let end = end.max((snapshot.state.mem_mib as usize) << 20).min(64 << 30);
+    let mut memory = vec![0u8; end];
+    for (i, &a) in snapshot.pages.iter().enumerate() {
+        if let Some(to) = memory.get_mut(a as usize..a as usize + PAGE_SIZE) {
+            to.copy_from_slice(&snapshot.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        }
+    }
+    Ok(memory)
+}
+
+/// Boots the test guest in the lab, snapshots it once booted, and runs the pipeline
+/// there on its memory, beside the synthetic mixes (lab figures are ratios).
+fn via_lab(args: &PipelineArgs) -> Result<()> {
+    let then = format!(
+        "tandem bench pipeline --mib {} --epochs {} --dirty-percent {} --window {} --snapshot booted.snap",
+        args.mib, args.epochs, args.dirty_percent, args.window
+    );
+    let script = snapshots_then(&[("booted", 1)], &then);
+    in_the_lab_sh(&script, Duration::from_secs(1800))
+}
+
+fn print(what: &str, args: &PipelineArgs, f: &Figures) {
+    let gib = f.bytes() as f64 / (1u64 << 30) as f64;
+    println!(
+        "pipeline, {what}: {} MiB region, a full epoch then {} deltas dirtying {}% each, window {}: {} pages ({gib:.2} GiB) through each path, same run",
+        (f.pages_in_region * PAGE_SIZE as u64) >> 20, args.epochs, args.dirty_percent, args.window, f.pages
+    );
+    println!("{:<38} {:>9} {:>8} {:>11} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy");
+    for (name, t) in [
+        ("epoch pipeline (QUIC, mutual TLS)", f.pipeline),
+        ("plain QUIC bulk, same TLS/settings", f.quinn),
+        ("memcpy, one thread", f.memcpy),
+        ("loopback TCP (tokio)", f.tcp),
+    ] {
+        let secs = t.as_secs_f64();
+        println!(
+            "{name:<38} {:>9.1} {:>8.2} {:>11.0} {:>9.3}",
+            ms(t),
+            gib / secs,
+            f.pages as f64 / secs,
+            f.memcpy.as_secs_f64() / secs
+        );
+    }
+    println!(
+        "pipeline/plain QUIC: {:.3}; pipeline/TCP: {:.3}; bytes on the wire per page: {:.0}\n",
+        f.quinn.as_secs_f64() / f.pipeline.as_secs_f64(),
+        f.tcp.as_secs_f64() / f.pipeline.as_secs_f64(),
+        f.wire as f64 / f.pages as f64
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_vmm::snapshot::{Kind, MachineState};
+
+    #[test]
+    fn a_snapshots_pages_land_at_their_addresses_and_the_rest_is_zero() {
+        let dir = std::env::temp_dir().join(format!("tandem-pipeline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("guest.snap");
+        let mut data = vec![0x11u8; PAGE_SIZE];
+        data.extend(vec![0x22u8; PAGE_SIZE]);
+        let state = MachineState { mem_mib: 1, vcpus: 1, vcpu_states: vec![Default::default()], ..MachineState::default() };
+        Snapshot { kind: Kind::Full, state, pages: vec![0x3000, 0x1000], data }.write_to(&path).unwrap();
+        let memory = memory_of(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(memory.len(), 1 << 20);
+        let page = |n: usize| &memory[n * PAGE_SIZE..(n + 1) * PAGE_SIZE];
+        assert!(page(3).iter().all(|&b| b == 0x11) && page(1).iter().all(|&b| b == 0x22));
+        assert!([0, 2, 4, 255].iter().all(|&n| page(n).iter().all(|&b| b == 0)));
+    }
 }
