@@ -54,6 +54,10 @@ pub struct Figures {
     /// Payload bytes the pipeline put on the wire for them.
     pub wire: u64,
     pub pipeline: Duration,
+    /// CPU time the whole process (both ends) spent on the pipeline, and on plain QUIC:
+    /// steadier than wall time on a shared host, and what a real pair of hosts pays.
+    pub pipeline_cpu: Duration,
+    pub quinn_cpu: Duration,
     /// Plain QUIC moving the pages' bytes.
     pub quinn: Duration,
     pub memcpy: Duration,
@@ -140,7 +144,10 @@ pub fn measure_region(mut region: Vec<u8>, epochs: u32, dirty_percent: u32, wind
         .collect();
     let total_pages: u64 = plan.iter().map(|e| e.len() as u64).sum();
 
+    let cpu = process_cpu();
     let (pipeline, wire) = runtime.block_on(pipeline(&region, &plan, window))?;
+    let pipeline_cpu = process_cpu() - cpu;
+    let cpu = process_cpu();
     let bytes = total_pages * PAGE_SIZE as u64;
     let quinn = runtime.block_on(async {
         let (server, client) = (tls::ephemeral()?, tls::ephemeral()?);
@@ -150,9 +157,17 @@ pub fn measure_region(mut region: Vec<u8>, epochs: u32, dirty_percent: u32, wind
         let took = transport::bulk(bytes, chunk, tls::server_config(server, client_cert)?, tls::client_config(client, server_cert)?).await?;
         Ok::<_, PipelineError>(took)
     })?;
+    let quinn_cpu = process_cpu() - cpu;
     let memcpy = copy_same_bytes(&mut region, total_pages);
     let tcp = runtime.block_on(tcp_same_bytes(bytes))?;
-    Ok(Figures { pages_in_region: pages as u64, pages: total_pages, wire, pipeline, quinn, memcpy, tcp })
+    Ok(Figures { pages_in_region: pages as u64, pages: total_pages, wire, pipeline, pipeline_cpu, quinn, quinn_cpu, memcpy, tcp })
+}
+
+fn process_cpu() -> Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `t` is, and keeps no pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 /// memcpy of the same number of pages, page by page out of the region.

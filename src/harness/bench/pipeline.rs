@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 use tandem_proto::message::PAGE_SIZE;
 use tandem_replication::pipeline::{measure, measure_region, Figures, Mix, Params};
 use tandem_vmm::snapshot::Snapshot;
@@ -26,6 +27,9 @@ pub struct PipelineArgs {
     /// Epochs in flight before the primary waits for acknowledgements.
     #[arg(long, default_value_t = 4)]
     window: usize,
+    /// The synthetic page mixes to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "random,zero-heavy,sparse")]
+    mixes: Vec<MixArg>,
     /// Also run the pipeline on the guest memory this tandem snapshot holds (repeatable).
     #[arg(long = "snapshot", value_name = "FILE")]
     snapshots: Vec<PathBuf>,
@@ -34,9 +38,34 @@ pub struct PipelineArgs {
     lab: bool,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum MixArg {
+    Random,
+    ZeroHeavy,
+    Sparse,
+}
+
+impl From<MixArg> for Mix {
+    fn from(m: MixArg) -> Self {
+        match m {
+            MixArg::Random => Mix::Random,
+            MixArg::ZeroHeavy => Mix::ZeroHeavy,
+            MixArg::Sparse => Mix::Sparse,
+        }
+    }
+}
+
 impl Default for PipelineArgs {
     fn default() -> Self {
-        Self { mib: 256, epochs: 20, dirty_percent: 25, window: 4, snapshots: Vec::new(), lab: false }
+        Self {
+            mib: 256,
+            epochs: 20,
+            dirty_percent: 25,
+            window: 4,
+            mixes: vec![MixArg::Random, MixArg::ZeroHeavy, MixArg::Sparse],
+            snapshots: Vec::new(),
+            lab: false,
+        }
     }
 }
 
@@ -57,7 +86,10 @@ pub fn run(args: &PipelineArgs) -> Result<()> {
         (Mix::Random, "random pages (incompressible)"),
         (Mix::ZeroHeavy, "zero-heavy pages (3 in 4 all zeros, the rest random)"),
         (Mix::Sparse, "sparse pages (a number, then zeros)"),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(m, _)| args.mixes.iter().any(|&a| Mix::from(a) == *m))
+    {
         let params = Params { mib: args.mib, epochs: args.epochs, dirty_percent: args.dirty_percent, window: args.window, mix };
         print(what, args, &measure(params)?);
     }
@@ -87,8 +119,12 @@ fn memory_of(path: &Path) -> Result<Vec<u8>> {
 /// there on its memory, beside the synthetic mixes (lab figures are ratios).
 fn via_lab(args: &PipelineArgs) -> Result<()> {
     let then = format!(
-        "tandem bench pipeline --mib {} --epochs {} --dirty-percent {} --window {} --snapshot booted.snap",
-        args.mib, args.epochs, args.dirty_percent, args.window
+        "tandem bench pipeline --mib {} --epochs {} --dirty-percent {} --window {} --mixes {} --snapshot booted.snap",
+        args.mib,
+        args.epochs,
+        args.dirty_percent,
+        args.window,
+        args.mixes.iter().map(|m| m.to_possible_value().map_or(String::new(), |v| v.get_name().to_string())).collect::<Vec<_>>().join(",")
     );
     let script = snapshots_then(&[("booted", 1)], &then);
     in_the_lab_sh(&script, Duration::from_secs(1800))
@@ -100,25 +136,27 @@ fn print(what: &str, args: &PipelineArgs, f: &Figures) {
         "pipeline, {what}: {} MiB region, a full epoch then {} deltas dirtying {}% each, window {}: {} pages ({gib:.2} GiB) through each path, same run",
         (f.pages_in_region * PAGE_SIZE as u64) >> 20, args.epochs, args.dirty_percent, args.window, f.pages
     );
-    println!("{:<38} {:>9} {:>8} {:>11} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy");
-    for (name, t) in [
-        ("epoch pipeline (QUIC, mutual TLS)", f.pipeline),
-        ("plain QUIC bulk, same TLS/settings", f.quinn),
-        ("memcpy, one thread", f.memcpy),
-        ("loopback TCP (tokio)", f.tcp),
+    println!("{:<38} {:>9} {:>8} {:>11} {:>9} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy", "CPU ms");
+    for (name, t, cpu) in [
+        ("epoch pipeline (QUIC, mutual TLS)", f.pipeline, Some(f.pipeline_cpu)),
+        ("plain QUIC bulk, same TLS/settings", f.quinn, Some(f.quinn_cpu)),
+        ("memcpy, one thread", f.memcpy, None),
+        ("loopback TCP (tokio)", f.tcp, None),
     ] {
         let secs = t.as_secs_f64();
         println!(
-            "{name:<38} {:>9.1} {:>8.2} {:>11.0} {:>9.3}",
+            "{name:<38} {:>9.1} {:>8.2} {:>11.0} {:>9.3} {:>9}",
             ms(t),
             gib / secs,
             f.pages as f64 / secs,
-            f.memcpy.as_secs_f64() / secs
+            f.memcpy.as_secs_f64() / secs,
+            cpu.map_or("-".into(), |c| format!("{:.0}", ms(c)))
         );
     }
     println!(
-        "pipeline/plain QUIC: {:.3}; pipeline/TCP: {:.3}; bytes on the wire per page: {:.0}\n",
+        "pipeline/plain QUIC: {:.3} in time, {:.3} in CPU; pipeline/TCP: {:.3}; bytes on the wire per page: {:.0}\n",
         f.quinn.as_secs_f64() / f.pipeline.as_secs_f64(),
+        f.quinn_cpu.as_secs_f64() / f.pipeline_cpu.as_secs_f64(),
         f.tcp.as_secs_f64() / f.pipeline.as_secs_f64(),
         f.wire as f64 / f.pages as f64
     );
