@@ -90,9 +90,14 @@ fn tls_failure(e: &quinn::ConnectionError) -> Option<TlsRefusal> {
     Some(TlsRefusal { by_peer, reason })
 }
 
-/// Flow-control windows large enough for a whole epoch in flight: at QUIC's defaults
-/// the sender stalls on the receiver's window long before the link is full (measured
-/// on these hosts, see shared/notes/environment.md).
+/// Flow-control windows of 16 MiB: at QUIC's defaults (about 1 MiB) the sender
+/// stalls on the receiver's window long before the link is full (measured on these
+/// hosts, see shared/notes/environment.md); but larger windows than this let a standby
+/// busy applying an epoch fall behind by more than QUIC buffers cheaply. At 128 MiB
+/// `bench pipeline` (random pages) spent 3.9-5.6 s of CPU where 16 MiB spent 2.8-3.7 s:
+/// quinn's receive buffers, fragmented by the backlog, were copied to defragment them
+/// and their memory faulted in afresh. 16 MiB still covers 13 ms of round trip at
+/// 10 Gb/s, and the epoch window (`--window`) bounds what is in flight anyway.
 ///
 /// On loopback, datagrams of 6000 bytes from the first packet: per-datagram costs bind
 /// QUIC there, five times fewer datagrams move several times the bytes (and in the
@@ -100,7 +105,7 @@ fn tls_failure(e: &quinn::ConnectionError) -> Option<TlsRefusal> {
 /// GSO batches would exceed the kernel's 64 KiB and fall back to 1200-byte packets.
 /// Elsewhere the path MTU is not known in advance, so QUIC starts small and probes.
 fn transport_config(loopback: bool) -> Arc<quinn::TransportConfig> {
-    let window: u32 = 128 << 20;
+    let window: u32 = 16 << 20;
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(window.into())
         .receive_window(window.into())
