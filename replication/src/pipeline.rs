@@ -58,6 +58,10 @@ pub struct Figures {
     /// steadier than wall time on a shared host, and what a real pair of hosts pays.
     pub pipeline_cpu: Duration,
     pub quinn_cpu: Duration,
+    /// Page faults the process took on each: each is a page of memory the allocator
+    /// gave back and took again, dear in the lab.
+    pub pipeline_faults: u64,
+    pub quinn_faults: u64,
     /// Plain QUIC moving the pages' bytes.
     pub quinn: Duration,
     pub memcpy: Duration,
@@ -144,10 +148,10 @@ pub fn measure_region(mut region: Vec<u8>, epochs: u32, dirty_percent: u32, wind
         .collect();
     let total_pages: u64 = plan.iter().map(|e| e.len() as u64).sum();
 
-    let cpu = process_cpu();
+    let (cpu, faults) = (process_cpu(), minor_faults());
     let (pipeline, wire) = runtime.block_on(pipeline(&region, &plan, window))?;
-    let pipeline_cpu = process_cpu() - cpu;
-    let cpu = process_cpu();
+    let (pipeline_cpu, pipeline_faults) = (process_cpu() - cpu, minor_faults() - faults);
+    let (cpu, faults) = (process_cpu(), minor_faults());
     let bytes = total_pages * PAGE_SIZE as u64;
     let quinn = runtime.block_on(async {
         let (server, client) = (tls::ephemeral()?, tls::ephemeral()?);
@@ -157,10 +161,10 @@ pub fn measure_region(mut region: Vec<u8>, epochs: u32, dirty_percent: u32, wind
         let took = transport::bulk(bytes, chunk, tls::server_config(server, client_cert)?, tls::client_config(client, server_cert)?).await?;
         Ok::<_, PipelineError>(took)
     })?;
-    let quinn_cpu = process_cpu() - cpu;
+    let (quinn_cpu, quinn_faults) = (process_cpu() - cpu, minor_faults() - faults);
     let memcpy = copy_same_bytes(&mut region, total_pages);
     let tcp = runtime.block_on(tcp_same_bytes(bytes))?;
-    Ok(Figures { pages_in_region: pages as u64, pages: total_pages, wire, pipeline, pipeline_cpu, quinn, quinn_cpu, memcpy, tcp })
+    Ok(Figures { pages_in_region: pages as u64, pages: total_pages, wire, pipeline, pipeline_cpu, pipeline_faults, quinn, quinn_cpu, quinn_faults, memcpy, tcp })
 }
 
 fn process_cpu() -> Duration {
@@ -168,6 +172,14 @@ fn process_cpu() -> Duration {
     // SAFETY: clock_gettime writes one timespec, which `t` is, and keeps no pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+fn minor_faults() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage, which `u` is, and keeps no pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    u.ru_minflt as u64
 }
 
 /// memcpy of the same number of pages, page by page out of the region.

@@ -136,21 +136,22 @@ fn print(what: &str, args: &PipelineArgs, f: &Figures) {
         "pipeline, {what}: {} MiB region, a full epoch then {} deltas dirtying {}% each, window {}: {} pages ({gib:.2} GiB) through each path, same run",
         (f.pages_in_region * PAGE_SIZE as u64) >> 20, args.epochs, args.dirty_percent, args.window, f.pages
     );
-    println!("{:<38} {:>9} {:>8} {:>11} {:>9} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy", "CPU ms");
+    println!("{:<38} {:>9} {:>8} {:>11} {:>9} {:>9} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy", "CPU ms", "faults");
     for (name, t, cpu) in [
-        ("epoch pipeline (QUIC, mutual TLS)", f.pipeline, Some(f.pipeline_cpu)),
-        ("plain QUIC bulk, same TLS/settings", f.quinn, Some(f.quinn_cpu)),
+        ("epoch pipeline (QUIC, mutual TLS)", f.pipeline, Some((f.pipeline_cpu, f.pipeline_faults))),
+        ("plain QUIC bulk, same TLS/settings", f.quinn, Some((f.quinn_cpu, f.quinn_faults))),
         ("memcpy, one thread", f.memcpy, None),
         ("loopback TCP (tokio)", f.tcp, None),
     ] {
         let secs = t.as_secs_f64();
         println!(
-            "{name:<38} {:>9.1} {:>8.2} {:>11.0} {:>9.3} {:>9}",
+            "{name:<38} {:>9.1} {:>8.2} {:>11.0} {:>9.3} {:>9} {:>9}",
             ms(t),
             gib / secs,
             f.pages as f64 / secs,
             f.memcpy.as_secs_f64() / secs,
-            cpu.map_or("-".into(), |c| format!("{:.0}", ms(c)))
+            cpu.map_or("-".into(), |(c, _)| format!("{:.0}", ms(c))),
+            cpu.map_or("-".into(), |(_, n)| n.to_string())
         );
     }
     println!(
