@@ -4,8 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ProtoError;
 
-/// Bumped on any change to the messages or their encoding; peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Bumped on any change to the messages, their encoding or the machine state they
+/// carry (4: devices as sections); peers must match exactly.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Guest page size: every page in a [`Message::Pages`] batch is this long.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one batch (2 MiB), so a frame stays well under the frame limit.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::devices::bus::{GuestRequest, PortBus};
+use crate::devices::bus::{DeviceBus, GuestRequest};
 use crate::kvm::{Exit, KvmVcpu};
 
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +139,7 @@ impl VcpuSet {
     /// stop the machine goes to `exits`.
     pub fn start(
         vcpus: Vec<KvmVcpu>,
-        bus: Arc<Mutex<PortBus>>,
+        bus: Arc<Mutex<DeviceBus>>,
         exits: Sender<Signal>,
         paused: bool,
     ) -> Result<Self, VcpuError> {
@@ -333,7 +333,7 @@ struct Runner {
     vcpu: KvmVcpu,
     /// The last exit was an I/O access that KVM completes at the next `KVM_RUN`.
     io_pending: bool,
-    bus: Arc<Mutex<PortBus>>,
+    bus: Arc<Mutex<DeviceBus>>,
     exits: Sender<Signal>,
     shared: Arc<Shared>,
 }
@@ -422,17 +422,10 @@ impl Runner {
         let exit = self.vcpu.run();
         self.io_pending = matches!(exit, Exit::IoIn(..) | Exit::IoOut(..) | Exit::MmioRead(..) | Exit::MmioWrite(..));
         match exit {
-            Exit::IoIn(port, data) => lock().read(port, data),
-            Exit::IoOut(port, data) => match lock().write(port, data) {
-                Some(GuestRequest::PowerOff) => return Some(VmExit::PowerOff),
-                Some(GuestRequest::Reset) => {
-                    return Some(VmExit::Reset("reset through the keyboard controller (reboot)".into()))
-                }
-                None => {}
-            },
-            // No MMIO devices yet: reads see nothing there, writes go nowhere.
-            Exit::MmioRead(_, data) => data.fill(0xff),
-            Exit::MmioWrite(..) => {}
+            Exit::IoIn(port, data) => lock().pio_read(port, data),
+            Exit::IoOut(port, data) => return request(lock().pio_write(port, data)),
+            Exit::MmioRead(addr, data) => lock().mmio_read(addr, data),
+            Exit::MmioWrite(addr, data) => return request(lock().mmio_write(addr, data)),
             Exit::Interrupted => self.vcpu.clear_immediate_exit(),
             Exit::Reset => return Some(VmExit::Reset("reset requested".into())),
             Exit::TripleFault => {
@@ -446,5 +439,13 @@ impl Runner {
             Exit::Failed(why) => return Some(VmExit::Failed(format!("vCPU {}: {why}", self.index))),
         }
         None
+    }
+}
+
+/// What a device's request means for the VM.
+fn request(r: Option<GuestRequest>) -> Option<VmExit> {
+    match r? {
+        GuestRequest::PowerOff => Some(VmExit::PowerOff),
+        GuestRequest::Reset => Some(VmExit::Reset("reset through the keyboard controller (reboot)".into())),
     }
 }

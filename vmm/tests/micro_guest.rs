@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_vmm::boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
-use tandem_vmm::devices::bus::PortBus;
+use tandem_vmm::devices::bus::DeviceBus;
 use tandem_vmm::devices::serial::{IrqTrigger, SerialPort};
 use tandem_vmm::kvm::{Hypervisor, VmHandle};
 use tandem_vmm::memory::{GuestRam, PAGE_SIZE};
@@ -42,7 +42,7 @@ struct Micro {
     vcpus: VcpuSet,
     vm: VmHandle,
     ram: GuestRam,
-    bus: Arc<Mutex<PortBus>>,
+    bus: Arc<Mutex<DeviceBus>>,
 }
 
 fn start(n: u8) -> Micro {
@@ -56,7 +56,7 @@ fn start_with(n: u8, code: &[u8]) -> Micro {
     ram.register(&vm).unwrap();
     ram.memory().write_slice(code, GuestAddress(CODE)).unwrap();
     let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
-    let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(
+    let bus = Arc::new(Mutex::new(DeviceBus::new(SerialPort::new(
         IrqTrigger::new(|| Ok(())),
         sink,
     ))));
@@ -120,7 +120,10 @@ fn a_paused_vcpu_never_shows_an_io_instruction_half_done() {
         std::thread::sleep(Duration::from_micros(200));
         m.vcpus.pause(Duration::from_secs(2)).unwrap();
         let regs = m.vcpus.on_each_paused(|_, vcpu| vcpu.regs().unwrap()).unwrap().remove(0);
-        let written = m.bus.lock().unwrap().state().serial.scratch;
+        // The UART's scratch register, which reads back without side effects.
+        let mut scratch = [0u8];
+        m.bus.lock().unwrap().pio_read(0x3f8 + 7, &mut scratch);
+        let written = scratch[0];
         let (ax, bx) = (regs.rax as u8, regs.rbx as u8);
         // Done writes so far, as the guest's registers tell them: bx, plus one if the
         // vCPU stands just after an `out` whose `inc bx` has not run.
@@ -219,7 +222,7 @@ fn state_through_the_codec_into_a_fresh_vm_captures_the_same_and_runs_on() {
     let vcpu = vm.create_vcpu(0).unwrap();
     vcpu_states[0].restore(&vcpu).unwrap();
     let sink: Arc<Mutex<dyn OutputSink>> = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
-    let bus = Arc::new(Mutex::new(PortBus::new(SerialPort::new(IrqTrigger::new(|| Ok(())), sink))));
+    let bus = Arc::new(Mutex::new(DeviceBus::new(SerialPort::new(IrqTrigger::new(|| Ok(())), sink))));
     let (tx, _rx) = channel();
     let restored = Micro {
         vcpus: VcpuSet::start(vec![vcpu], bus.clone(), tx, true).unwrap(),

@@ -2,6 +2,9 @@
 //! enable) and the control block. Their one job is to turn the guest's `\_S5` sleep request
 //! into a power-off; nothing here ever raises an SCI.
 
+use std::ops::Range;
+
+use super::{Device, DeviceError, GuestRequest, Section};
 use crate::boot::layout::{ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_S5_SLP_TYP};
 
 /// What a register write asks the VMM to do.
@@ -127,6 +130,34 @@ impl AcpiPm {
 const _: () = assert!(
     ACPI_PM1A_CNT_PORT >= ACPI_PM1A_EVT_PORT + 4 || ACPI_PM1A_EVT_PORT >= ACPI_PM1A_CNT_PORT + 2
 );
+
+/// Its section (version 1) is the register file as it is.
+impl Device for AcpiPm {
+    fn id(&self) -> &str {
+        "acpi-pm"
+    }
+
+    fn ports(&self) -> Vec<Range<u16>> {
+        vec![ACPI_PM1A_EVT_PORT..ACPI_PM1A_EVT_PORT + 4, ACPI_PM1A_CNT_PORT..ACPI_PM1A_CNT_PORT + 2]
+    }
+
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        self.read(port, data);
+    }
+
+    fn pio_write(&mut self, port: u16, data: &[u8]) -> Option<GuestRequest> {
+        self.write(port, data).map(|PmEvent::PowerOff| GuestRequest::PowerOff)
+    }
+
+    fn save(&self) -> Section {
+        super::section(self.id(), 1, self)
+    }
+
+    fn restore(&mut self, section: &Section) -> Result<(), DeviceError> {
+        *self = super::state_of(section, 1)?;
+        Ok(())
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,145 +1,94 @@
-//! Port I/O dispatch: the legacy devices a Linux guest finds at fixed ports.
+//! Dispatch of port I/O and MMIO to the devices, and their state as snapshot sections.
 
-use super::acpi_pm::{AcpiPm, PmEvent};
-use super::i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
-use super::serial::{IrqTrigger, SerialPort, SerialStateError, COM1_PORT, COM_PORT_LEN};
-use crate::output::SharedSink;
-use vm_superio::serial::SerialState;
+use super::acpi_pm::AcpiPm;
+use super::cmos::Cmos;
+use super::i8042::I8042;
+use super::serial::SerialPort;
+use super::{Device, DeviceError, Section};
 
-/// What a port access asks of the VM as a whole.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestRequest {
-    PowerOff,
-    Reset,
+pub use super::GuestRequest;
+
+/// The VM's devices. The console is held by name, for the host's input; every device,
+/// the console included, is reached through [`Device`].
+pub struct DeviceBus {
+    serial: SerialPort,
+    others: Vec<Box<dyn Device>>,
 }
 
-/// CMOS/RTC index and data ports. Reads return 0 so the "update in progress" bit is
-/// never seen set; the kernel then reads a zero clock instead of spinning on it.
-const CMOS_PORTS: std::ops::RangeInclusive<u16> = 0x70..=0x71;
-
-/// Everything the port devices hold that a restored VM needs. The i8042 has nothing
-/// beyond a reset request, which ends the VM before any snapshot could see it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PortBusState {
-    pub serial: SerialRegisters,
-    pub acpi_pm: AcpiPm,
-}
-
-/// vm-superio's `SerialState`, field for field, in a form the snapshot codec can carry.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SerialRegisters {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialRegisters {
-    fn from(s: SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialRegisters> for SerialState {
-    fn from(r: &SerialRegisters) -> Self {
-        Self {
-            baud_divisor_low: r.baud_divisor_low,
-            baud_divisor_high: r.baud_divisor_high,
-            interrupt_enable: r.interrupt_enable,
-            interrupt_identification: r.interrupt_identification,
-            line_control: r.line_control,
-            line_status: r.line_status,
-            modem_control: r.modem_control,
-            modem_status: r.modem_status,
-            scratch: r.scratch,
-            in_buffer: r.in_buffer.clone(),
-        }
-    }
-}
-
-/// The devices on the port bus.
-pub struct PortBus {
-    pub serial: SerialPort,
-    pub i8042: I8042,
-    pub acpi_pm: AcpiPm,
-}
-
-impl PortBus {
+impl DeviceBus {
+    /// The devices every VM has: the console on COM1, the i8042 (for reset), the ACPI
+    /// PM1a registers (for power-off) and the CMOS ports.
     pub fn new(serial: SerialPort) -> Self {
-        Self {
-            serial,
-            i8042: I8042::default(),
-            acpi_pm: AcpiPm::new(),
+        Self { serial, others: vec![Box::new(I8042::default()), Box::new(AcpiPm::new()), Box::new(Cmos)] }
+    }
+
+    /// Adds a device; its id must be new to the bus.
+    pub fn add(&mut self, device: Box<dyn Device>) -> Result<(), DeviceError> {
+        if self.devices().any(|d| d.id() == device.id()) {
+            return Err(DeviceError::Twice(device.id().to_string()));
         }
+        self.others.push(device);
+        Ok(())
     }
 
-    /// Device state for a snapshot; the vCPUs must be paused so no access is in flight.
-    pub fn state(&self) -> PortBusState {
-        PortBusState {
-            serial: self.serial.state().into(),
-            acpi_pm: self.acpi_pm.clone(),
-        }
+    fn devices(&self) -> impl Iterator<Item = &dyn Device> {
+        std::iter::once(&self.serial as &dyn Device).chain(self.others.iter().map(|d| d.as_ref()))
     }
 
-    /// Rebuilds the devices of a restored VM; the serial port interrupts through `irq`
-    /// and writes to `sink`.
-    pub fn from_state(
-        state: &PortBusState,
-        irq: IrqTrigger,
-        sink: SharedSink,
-    ) -> Result<Self, SerialStateError> {
-        Ok(Self {
-            serial: SerialPort::from_state(&(&state.serial).into(), irq, sink)?,
-            i8042: I8042::default(),
-            acpi_pm: state.acpi_pm.clone(),
-        })
+    fn devices_mut(&mut self) -> impl Iterator<Item = &mut dyn Device> {
+        std::iter::once(&mut self.serial as &mut dyn Device).chain(self.others.iter_mut().map(|d| d.as_mut() as &mut dyn Device))
     }
 
-    pub fn read(&mut self, port: u16, data: &mut [u8]) {
-        match port {
-            p if (COM1_PORT..COM1_PORT + COM_PORT_LEN).contains(&p) => {
-                data[0] = self.serial.read((p - COM1_PORT) as u8);
+    /// Feeds host input to the guest's console; returns how many bytes fit.
+    pub fn console_input(&mut self, bytes: &[u8]) -> usize {
+        self.serial.enqueue_input(bytes)
+    }
+
+    /// Every device's section, for a snapshot; the vCPUs must be paused so no access is
+    /// in flight.
+    pub fn save(&self) -> Vec<Section> {
+        self.devices().map(Device::save).collect()
+    }
+
+    /// Restores every device from its section. Each device must have exactly one, and
+    /// every section a device: a snapshot of another machine is refused, not half used.
+    pub fn restore(&mut self, sections: &[Section]) -> Result<(), DeviceError> {
+        for (i, s) in sections.iter().enumerate() {
+            if sections[..i].iter().any(|earlier| earlier.id == s.id) {
+                return Err(DeviceError::Twice(s.id.clone()));
             }
-            I8042_DATA_PORT | I8042_COMMAND_PORT => data[0] = self.i8042.read(port),
-            p if AcpiPm::handles(p) => self.acpi_pm.read(p, data),
-            p if CMOS_PORTS.contains(&p) => data.fill(0),
+            if !self.devices().any(|d| d.id() == s.id) {
+                return Err(DeviceError::Unknown(s.id.clone()));
+            }
+        }
+        for device in self.devices_mut() {
+            let section = sections.iter().find(|s| s.id == device.id()).ok_or_else(|| DeviceError::Missing(device.id().to_string()))?;
+            device.restore(section)?;
+        }
+        Ok(())
+    }
+
+    pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        match self.devices_mut().find(|d| d.ports().iter().any(|r| r.contains(&port))) {
+            Some(d) => d.pio_read(port, data),
             // Nothing there: an ISA/PCI bus with no device reads all ones.
-            _ => data.fill(0xff),
+            None => data.fill(0xff),
         }
     }
 
-    pub fn write(&mut self, port: u16, data: &[u8]) -> Option<GuestRequest> {
-        match port {
-            p if (COM1_PORT..COM1_PORT + COM_PORT_LEN).contains(&p) => {
-                self.serial.write((p - COM1_PORT) as u8, data[0]);
-                None
-            }
-            I8042_DATA_PORT | I8042_COMMAND_PORT => {
-                self.i8042.write(port, data[0]).then_some(GuestRequest::Reset)
-            }
-            p if AcpiPm::handles(p) => self
-                .acpi_pm
-                .write(p, data)
-                .map(|PmEvent::PowerOff| GuestRequest::PowerOff),
-            _ => None,
+    pub fn pio_write(&mut self, port: u16, data: &[u8]) -> Option<GuestRequest> {
+        self.devices_mut().find(|d| d.ports().iter().any(|r| r.contains(&port)))?.pio_write(port, data)
+    }
+
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        match self.devices_mut().find(|d| d.mmio().is_some_and(|r| r.contains(&addr))) {
+            Some(d) => d.mmio_read(addr, data),
+            None => data.fill(0xff),
         }
+    }
+
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Option<GuestRequest> {
+        self.devices_mut().find(|d| d.mmio().is_some_and(|r| r.contains(&addr)))?.mmio_write(addr, data)
     }
 }
 
@@ -147,43 +96,100 @@ impl PortBus {
 mod tests {
     use super::*;
     use crate::boot::layout::ACPI_PM1A_EVT_PORT;
-    use crate::output::Passthrough;
+    use crate::devices::serial::{IrqTrigger, COM1_PORT};
+    use crate::output::{Passthrough, SharedSink};
+    use std::ops::Range;
     use std::sync::{Arc, Mutex};
 
-    fn sink() -> SharedSink {
-        Arc::new(Mutex::new(Passthrough::new(std::io::sink())))
+    fn bus() -> DeviceBus {
+        let sink: SharedSink = Arc::new(Mutex::new(Passthrough::new(std::io::sink())));
+        DeviceBus::new(SerialPort::new(IrqTrigger::new(|| Ok(())), sink))
     }
 
-    fn irq() -> IrqTrigger {
-        IrqTrigger::new(|| Ok(()))
+    /// A register at an MMIO address, as a NIC's would be.
+    struct Reg {
+        value: u8,
+    }
+
+    impl Device for Reg {
+        fn id(&self) -> &str {
+            "reg"
+        }
+        fn mmio(&self) -> Option<Range<u64>> {
+            Some(0xd000_0000..0xd000_1000)
+        }
+        fn mmio_read(&mut self, _addr: u64, data: &mut [u8]) {
+            data.fill(self.value);
+        }
+        fn mmio_write(&mut self, _addr: u64, data: &[u8]) -> Option<GuestRequest> {
+            self.value = data[0];
+            None
+        }
+        fn save(&self) -> Section {
+            crate::devices::section("reg", 7, &self.value)
+        }
+        fn restore(&mut self, section: &Section) -> Result<(), DeviceError> {
+            self.value = crate::devices::state_of(section, 7)?;
+            Ok(())
+        }
     }
 
     #[test]
-    fn state_round_trips_through_a_new_bus() {
-        let mut bus = PortBus::new(SerialPort::new(irq(), sink()));
-        bus.write(COM1_PORT + 7, &[0x42]);
-        bus.write(ACPI_PM1A_EVT_PORT + 2, &[0x21, 0x00]); // PM1 enable
-        let saved = bus.state();
-        // Through the snapshot codec, as a file would carry it.
+    fn sections_round_trip_through_a_new_bus() {
+        let mut a = bus();
+        a.add(Box::new(Reg { value: 0 })).unwrap();
+        a.pio_write(COM1_PORT + 7, &[0x42]);
+        a.pio_write(ACPI_PM1A_EVT_PORT + 2, &[0x21, 0x00]); // PM1 enable
+        a.mmio_write(0xd000_0010, &[9]);
+        let saved = a.save();
+        // Through the snapshot codec, as a file would carry them.
         let bytes = crate::snapshot::codec::encode(&saved).unwrap();
-        let decoded: PortBusState = crate::snapshot::codec::decode(&bytes).unwrap();
+        let decoded: Vec<Section> = crate::snapshot::codec::decode(&bytes).unwrap();
         assert_eq!(decoded, saved);
-        let mut restored = PortBus::from_state(&decoded, irq(), sink()).unwrap();
-        assert_eq!(restored.state(), saved);
+        let mut b = bus();
+        b.add(Box::new(Reg { value: 0 })).unwrap();
+        b.restore(&decoded).unwrap();
+        assert_eq!(b.save(), saved);
         let mut scratch = [0u8];
-        restored.read(COM1_PORT + 7, &mut scratch);
+        b.pio_read(COM1_PORT + 7, &mut scratch);
         assert_eq!(scratch, [0x42]);
+        b.mmio_read(0xd000_0000, &mut scratch);
+        assert_eq!(scratch, [9]);
     }
 
     #[test]
-    fn absent_ports_read_all_ones_and_cmos_reads_zero() {
-        let mut bus = PortBus::new(SerialPort::new(irq(), sink()));
+    fn a_snapshot_of_another_machine_is_refused_by_device() {
+        let mut with_reg = bus();
+        with_reg.add(Box::new(Reg { value: 1 })).unwrap();
+        let saved = with_reg.save();
+        let err = bus().restore(&saved).unwrap_err();
+        assert!(matches!(&err, DeviceError::Unknown(id) if id == "reg"), "{err}");
+        let mut b = bus();
+        b.add(Box::new(Reg { value: 1 })).unwrap();
+        let err = b.restore(&bus().save()).unwrap_err();
+        assert!(matches!(&err, DeviceError::Missing(id) if id == "reg"), "{err}");
+        let mut newer = saved.clone();
+        newer.iter_mut().find(|s| s.id == "reg").unwrap().version = 8;
+        let err = b.restore(&newer).unwrap_err();
+        assert!(matches!(&err, DeviceError::Version { found: 8, reads: 7, .. }), "{err}");
+        let mut twice = saved.clone();
+        twice.push(saved[0].clone());
+        assert!(matches!(b.restore(&twice).unwrap_err(), DeviceError::Twice(_)));
+        assert!(matches!(b.add(Box::new(Reg { value: 2 })).unwrap_err(), DeviceError::Twice(_)));
+    }
+
+    #[test]
+    fn absent_ports_and_addresses_read_all_ones_and_cmos_reads_zero() {
+        let mut bus = bus();
         let mut data = [0u8; 4];
-        bus.read(0xcfc, &mut data);
+        bus.pio_read(0xcfc, &mut data);
         assert_eq!(data, [0xff; 4]);
+        bus.mmio_read(0xfee0_0000, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        assert_eq!(bus.mmio_write(0xfee0_0000, &[1]), None);
         let mut cmos = [0xffu8];
-        bus.read(0x71, &mut cmos);
+        bus.pio_read(0x71, &mut cmos);
         assert_eq!(cmos, [0]);
-        assert_eq!(bus.write(0x64, &[0xfe]), Some(GuestRequest::Reset));
+        assert_eq!(bus.pio_write(0x64, &[0xfe]), Some(GuestRequest::Reset));
     }
 }

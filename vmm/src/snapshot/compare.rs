@@ -72,7 +72,9 @@ fn components(state: &MachineState) -> Result<Vec<(String, Vec<u8>)>, codec::Cod
             add(format!("vcpu {i} msr {:#x}", m.index), &m.data)?;
         }
     }
-    add("devices".into(), &state.devices)?;
+    for section in &state.devices {
+        add(format!("device {} (version {})", section.id, section.version), &section.bytes)?;
+    }
     Ok(out)
 }
 

@@ -22,7 +22,8 @@ use std::io::{self, Read, Write};
 
 pub const MAGIC: [u8; 8] = *b"TANDEMSS";
 /// 2: XSAVE areas of any size (`KVM_GET_XSAVE2`), where 1 held exactly 4 KiB.
-pub const FORMAT_VERSION: u16 = 2;
+/// 3: each device's state as its own versioned section.
+pub const FORMAT_VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 24;
 
 /// What a snapshot file holds.

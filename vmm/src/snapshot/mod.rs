@@ -20,7 +20,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::bus::PortBusState;
+use crate::devices::Section;
 use crate::memory::{MAX_MEM_MIB, PAGE_SIZE};
 use crate::state::{VcpuState, VmState};
 pub use format::Kind;
@@ -32,7 +32,8 @@ pub struct MachineState {
     pub vcpus: u8,
     pub vm: VmState,
     pub vcpu_states: Vec<VcpuState>,
-    pub devices: PortBusState,
+    /// Each device's own state, in its own versioned section.
+    pub devices: Vec<Section>,
 }
 
 /// One snapshot: the machine state and a set of pages.

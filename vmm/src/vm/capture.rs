@@ -247,7 +247,7 @@ impl Vm {
     ) -> Result<(MachineState, Staging), VmError> {
         let phase = Instant::now();
         // Devices first: their state may still raise interrupts into the vCPU state.
-        let devices = self.bus.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let devices = self.bus.lock().unwrap_or_else(|e| e.into_inner()).save();
         let (mut vm, clock) = VmState::capture(&self.kvm_vm)?;
         let vm_done = phase.elapsed();
         let msrs = self.msrs.clone();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kvm_bindings::kvm_lapic_state;
 
 use crate::boot::{acpi, cpuid, loader, micro, msrs, mptable, regs};
-use crate::devices::bus::PortBus;
+use crate::devices::bus::DeviceBus;
 use crate::devices::serial::SerialPort;
 use crate::kvm::{Hypervisor, KvmError, KvmVcpu, VmHandle};
 use crate::memory::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
@@ -85,6 +85,8 @@ pub enum VmError {
     State(#[from] crate::state::StateError),
     #[error("cannot restore: {0}")]
     Chain(String),
+    #[error("cannot restore the devices: {0}")]
+    Devices(#[from] crate::devices::DeviceError),
 }
 
 /// Checks a requested vCPU count before any resource is taken.
@@ -158,7 +160,7 @@ fn set_lint(lapic: &mut kvm_lapic_state) {
 /// closed, and the VM is closed before the memory it maps is unmapped.
 pub struct Vm {
     vcpus: VcpuSet,
-    bus: Arc<Mutex<PortBus>>,
+    bus: Arc<Mutex<DeviceBus>>,
     sink: SharedSink,
     exits: Receiver<Signal>,
     /// Keeps a sender for [`Vm::waker`]: the vCPUs hold the others.
@@ -226,7 +228,7 @@ impl Vm {
             }
         }
         let serial_sink = sink.clone();
-        let vm = shell.start(None, sink, |irq| Ok(PortBus::new(SerialPort::new(irq, serial_sink))))?;
+        let vm = shell.start(None, sink, |irq| Ok(DeviceBus::new(SerialPort::new(irq, serial_sink))))?;
         tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, "guest started");
         Ok(vm)
     }
@@ -318,7 +320,9 @@ impl Vm {
         let serial_sink = sink.clone();
         let devices = &state.devices;
         let vm = shell.start(frozen, sink, |irq| {
-            PortBus::from_state(devices, irq, serial_sink).map_err(|e| VmError::Chain(e.to_string()))
+            let mut bus = DeviceBus::new(SerialPort::new(irq, serial_sink));
+            bus.restore(devices)?;
+            Ok(bus)
         })?;
         tracing::info!(
             vcpus = shape.1,
@@ -468,7 +472,7 @@ impl Vm {
         let bus = self.bus.clone();
         move |bytes| {
             bus.lock()
-                .map(|mut b| b.serial.enqueue_input(bytes))
+                .map(|mut b| b.console_input(bytes))
                 .unwrap_or(0)
         }
     }

@@ -8,7 +8,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{cpuid, check_vcpus, FrozenTime, Vm, VmError};
 use crate::boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
-use crate::devices::bus::PortBus;
+use crate::devices::bus::DeviceBus;
 use crate::devices::serial::{IrqTrigger, COM1_IRQ};
 use crate::kvm::{Hypervisor, KvmVcpu, VmHandle};
 use crate::memory::GuestRam;
@@ -89,7 +89,7 @@ impl Shell {
         self,
         frozen: Option<FrozenTime>,
         sink: SharedSink,
-        bus: impl FnOnce(IrqTrigger) -> Result<PortBus, VmError>,
+        bus: impl FnOnce(IrqTrigger) -> Result<DeviceBus, VmError>,
     ) -> Result<Vm, VmError> {
         let Self { frame, ram } = self;
         let line = frame.kvm_vm.irq_line(COM1_IRQ);
