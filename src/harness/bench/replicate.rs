@@ -56,10 +56,11 @@ pub fn via_lab(args: &ReplicateArgs) -> Result<()> {
     }
     println!("replication in the lab (emulated host, loopback QUIC), dirty workload for {} s, {} ms epochs:", args.seconds, args.epoch_ms);
     println!(
-        "{:>9} {:>11} {:>11} {:>9} {:>12} {:>12} {:>12} {:>10} {:>8} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9}",
+        "{:>9} {:>11} {:>11} {:>9} {:>12} {:>12} {:>12} {:>10} {:>8} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9} {:>13} {:>11} {:>13}",
         "rate", "alone", "replicated", "slowdown", "stopped p50", "stopped p99", "bytes/epoch", "ack ms", "epochs",
-        "1st alone", "synced", "1st repl", "ratio", "lag p50", "lag p99"
+        "1st alone", "synced", "1st repl", "ratio", "lag p50", "lag p99", "alone cpu/flt", "cpu p+s", "faults p/s"
     );
+    println!("(cpu: seconds of CPU, and faults: minor page faults, each process had taken by its first line: alone, primary + standby)");
     for row in rows {
         println!("{row}");
     }
@@ -71,9 +72,12 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
     let tandem = std::env::current_exe()?;
     for &rate in &args.rates {
         eprintln!("bench: {rate} MiB/s alone");
-        let (alone, first_alone) = alone(&tandem, rate, args.seconds)?;
+        let (alone, first_alone, used_alone) = alone(&tandem, rate, args.seconds)?;
         eprintln!("bench: {rate} MiB/s replicated");
-        let Replicated { rate: replicated, status, first_line: first_repl, synced, lag } = replicated(&tandem, rate, args.seconds, args.epoch_ms)?;
+        let Replicated { rate: replicated, status, first_line: first_repl, synced, lag, used } =
+            replicated(&tandem, rate, args.seconds, args.epoch_ms)?;
+        let cpu = |u: Option<Usage>| u.map(|u| format!("{:.1}", u.cpu.as_secs_f64())).unwrap_or_else(|| "-".into());
+        let faults = |u: Option<Usage>| u.map(|u| format!("{}k", u.faults / 1000)).unwrap_or_else(|| "-".into());
         let num = |k: &str| status.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let epochs = num("epochs");
         let per_epoch = if epochs > 0.0 { num("total_bytes") / epochs } else { 0.0 };
@@ -89,7 +93,7 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
         };
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
         println!(
-            "{ROW_MARKER}{:>4} MiB/s {:>11} {:>11} {:>9} {:>9.2} ms {:>9.2} ms {:>12.0} {:>10.2} {:>8.0} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9}",
+            "{ROW_MARKER}{:>4} MiB/s {:>11} {:>11} {:>9} {:>9.2} ms {:>9.2} ms {:>12.0} {:>10.2} {:>8.0} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9} {:>13} {:>11} {:>13}",
             rate,
             rate_text(alone),
             rate_text(replicated),
@@ -105,6 +109,9 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
             ratio,
             ms(lag.map(|l| l.0)),
             ms(lag.map(|l| l.1)),
+            format!("{}/{}", cpu(used_alone), faults(used_alone)),
+            format!("{}+{}", cpu(used.0), cpu(used.1)),
+            format!("{}/{}", faults(used.0), faults(used.1)),
         );
     }
     Ok(())
@@ -146,9 +153,45 @@ fn first_line(console: &Path) -> bool {
     std::fs::read_to_string(console).is_ok_and(|c| c.lines().any(|l| l.starts_with("dirty ")))
 }
 
-/// Runs the guest alone; returns its write rate and the time from start to its first
-/// line.
-fn alone(tandem: &Path, rate: u32, seconds: u32) -> Result<(Option<f64>, Option<Duration>)> {
+/// CPU time and minor page faults of a process so far.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    faults: u64,
+}
+
+/// What the lab's kernel says process `pid` has used so far.
+fn usage(pid: u32) -> Option<Usage> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Each thread of `pid` that has used a tenth of a second of CPU or more, named, with
+/// that CPU: where a process's time went.
+fn thread_usage(pid: u32) -> String {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        if let Some(u) = parse_stat(&read("stat")).filter(|u| u.cpu >= Duration::from_millis(100)) {
+            out.push(format!("{} {:.1} s", read("comm").trim(), u.cpu.as_secs_f64()));
+        }
+    }
+    out.join(", ")
+}
+
+/// CPU time and minor faults from a `stat` file of proc(5).
+fn parse_stat(stat: &str) -> Option<Usage> {
+    // After the command's name (which may hold spaces), the state is field 3 of
+    // proc(5), so field N is at N - 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&h| h > 0)?;
+    Some(Usage { cpu: Duration::from_millis((field(14)? + field(15)?) * 1000 / hz), faults: field(10)? })
+}
+
+/// Runs the guest alone; returns its write rate, the time from start to its first
+/// line, and what it had used by then.
+fn alone(tandem: &Path, rate: u32, seconds: u32) -> Result<(Option<f64>, Option<Duration>, Option<Usage>)> {
     let console = std::env::temp_dir().join(format!("tandem-bench-alone-{rate}"));
     let start = Instant::now();
     let mut child = Command::new(tandem)
@@ -157,17 +200,19 @@ fn alone(tandem: &Path, rate: u32, seconds: u32) -> Result<(Option<f64>, Option<
         .stdout(std::fs::File::create(&console)?)
         .spawn()
         .context("running the guest alone")?;
-    let mut first = None;
+    let (mut first, mut used) = (None, None);
     while child.try_wait()?.is_none() && start.elapsed() < Duration::from_secs(180) {
         if first.is_none() && first_line(&console) {
             first = Some(start.elapsed());
+            used = usage(child.id());
+            eprintln!("bench: by its first line, the guest alone: {}", thread_usage(child.id()));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     wait(&mut child, Duration::from_secs(10))?;
     let rate = guest_rate(&std::fs::read_to_string(&console).unwrap_or_default());
     let _ = std::fs::remove_file(&console);
-    Ok((rate, first))
+    Ok((rate, first, used))
 }
 
 struct Replicated {
@@ -181,6 +226,8 @@ struct Replicated {
     synced: Option<Duration>,
     /// Output lag p50 and p99 (ms), from the primary's events.
     lag: Option<(f64, f64)>,
+    /// What the primary and the standby had used by the first released line.
+    used: (Option<Usage>, Option<Usage>),
 }
 
 /// Runs the guest as a primary with a standby.
@@ -214,12 +261,15 @@ fn replicated(tandem: &Path, rate: u32, seconds: u32, epoch_ms: u32) -> Result<R
         .stderr(Stdio::null())
         .spawn()?;
     let mut status = HashMap::new();
-    let mut first = None;
+    let (mut first, mut used) = (None, (None, None));
     let mut asked = Instant::now();
     while primary.try_wait()?.is_none() && start.elapsed() < Duration::from_secs(180) {
         std::thread::sleep(Duration::from_millis(50));
         if first.is_none() && first_line(&console) {
             first = Some(start.elapsed());
+            used = (usage(primary.id()), usage(standby.id()));
+            eprintln!("bench: by its first released line, the primary: {}", thread_usage(primary.id()));
+            eprintln!("bench: and the standby: {}", thread_usage(standby.id()));
         }
         if asked.elapsed() < Duration::from_secs(1) {
             continue;
@@ -245,5 +295,5 @@ fn replicated(tandem: &Path, rate: u32, seconds: u32, epoch_ms: u32) -> Result<R
         .and_then(|e| e["t_ms"].as_u64())
         .map(|t| Duration::from_millis(t.saturating_sub(start_ms)));
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(Replicated { rate, status, first_line: first, synced, lag })
+    Ok(Replicated { rate, status, first_line: first, synced, lag, used })
 }
