@@ -7,9 +7,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use tandem_vmm::vcpu::Waker;
 
 /// Longest command line accepted; anything longer is refused unread.
 const MAX_COMMAND: u64 = 4096;
@@ -24,6 +26,16 @@ pub struct Request {
 pub struct ControlSocket {
     path: PathBuf,
     pub requests: Receiver<Request>,
+    /// Nudges the VM's thread when a request comes, so it answers at once rather than
+    /// at its next timer.
+    waker: Arc<Mutex<Option<Waker>>>,
+}
+
+impl ControlSocket {
+    /// Requests from now on wake the thread that waits on `waker`'s VM.
+    pub fn wake_with(&self, waker: Waker) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker);
+    }
 }
 
 impl Drop for ControlSocket {
@@ -45,21 +57,24 @@ pub fn listen(path: &Path) -> Result<ControlSocket> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {} to its owner", path.display()))?;
     let (tx, requests) = channel();
+    let waker: Arc<Mutex<Option<Waker>>> = Arc::default();
+    let wake = waker.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                serve(stream, &tx);
+                serve(stream, &tx, &wake);
             }
         })
         .context("starting the control thread")?;
     Ok(ControlSocket {
         path: path.to_path_buf(),
         requests,
+        waker,
     })
 }
 
-fn serve(stream: UnixStream, to_vm: &Sender<Request>) {
+fn serve(stream: UnixStream, to_vm: &Sender<Request>, waker: &Mutex<Option<Waker>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     let mut reader = BufReader::new((&stream).take(MAX_COMMAND));
@@ -70,7 +85,11 @@ fn serve(stream: UnixStream, to_vm: &Sender<Request>) {
                 line: line.trim().to_string(),
                 reply: tx,
             };
-            match to_vm.send(request).ok().and_then(|()| rx.recv().ok()) {
+            let sent = to_vm.send(request).ok();
+            if let Some(waker) = waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                waker.wake();
+            }
+            match sent.and_then(|()| rx.recv().ok()) {
                 Some(reply) => reply,
                 None => "error: the VM has stopped".into(),
             }

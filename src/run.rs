@@ -217,6 +217,9 @@ pub fn supervise(
     events: &Events,
 ) -> Result<u8> {
     forward_stdin(vm.console_input());
+    if let Some(socket) = &control {
+        socket.wake_with(vm.waker());
+    }
     if stats.is_some() {
         // The first harvest starts tracking and counts every page once.
         let pages = vm.take_dirty()?.count();
