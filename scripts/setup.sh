@@ -39,8 +39,9 @@ case "$(version_of qemu-system-x86)" in
 		;;
 esac
 
-# The packages guest-images/build.sh declares, plus binutils (strip) for lab boots.
-packages="$(sed -n 's/^REQUIRED_PACKAGES="\(.*\)"/\1/p' "$ROOT/guest-images/build.sh") binutils"
+# The packages guest-images/build.sh declares, plus binutils (strip) for lab boots and
+# iproute2 (ip tuntap) for the TAP tests.
+packages="$(sed -n 's/^REQUIRED_PACKAGES="\(.*\)"/\1/p' "$ROOT/guest-images/build.sh") binutils iproute2"
 missing=()
 for p in $packages; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

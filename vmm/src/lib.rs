@@ -4,6 +4,7 @@ pub mod console_log;
 pub mod devices;
 pub mod kvm;
 pub mod memory;
+pub mod net;
 pub mod output;
 pub mod snapshot;
 pub mod state;
