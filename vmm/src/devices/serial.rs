@@ -16,7 +16,7 @@ pub const COM1_IRQ: u32 = 4;
 /// Ports 0x3f8..0x400.
 pub const COM_PORT_LEN: u16 = 8;
 
-/// Raises the UART's guest interrupt (in a VM, a `kvm::IrqLine` pulse).
+/// Raises a device's guest interrupt (in a VM, a `kvm::IrqLine` pulse).
 #[derive(Clone)]
 pub struct IrqTrigger(Arc<dyn Fn() -> io::Result<()> + Send + Sync>);
 
