@@ -73,6 +73,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// Has the device look at queue `index` as a kick would: what an event (a frame
+    /// arriving on a TAP) calls.
+    pub fn process_queue(&mut self, index: usize) {
+        self.notify(index);
+    }
+
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.device.reset();
         self.regs = Registers::default();

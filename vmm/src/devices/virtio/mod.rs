@@ -8,6 +8,7 @@
 //! device is enough for them.
 
 pub mod mmio;
+pub mod net;
 
 use virtio_queue::Queue;
 
