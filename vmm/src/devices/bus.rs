@@ -1,5 +1,7 @@
 //! Dispatch of port I/O and MMIO to the devices, and their state as snapshot sections.
 
+use std::ops::Range;
+
 use super::acpi_pm::AcpiPm;
 use super::cmos::Cmos;
 use super::i8042::I8042;
@@ -13,13 +15,40 @@ pub use super::GuestRequest;
 pub struct DeviceBus {
     serial: SerialPort,
     others: Vec<Box<dyn Device>>,
+    /// Which device answers which ports (0 the console, then `others` in order): built
+    /// once, as every console byte is a port access.
+    ports: Vec<(Range<u16>, usize)>,
 }
 
 impl DeviceBus {
     /// The devices every VM has: the console on COM1, the i8042 (for reset), the ACPI
     /// PM1a registers (for power-off) and the CMOS ports.
     pub fn new(serial: SerialPort) -> Self {
-        Self { serial, others: vec![Box::new(I8042::default()), Box::new(AcpiPm::new()), Box::new(Cmos)] }
+        let mut bus = Self { serial, others: Vec::new(), ports: Vec::new() };
+        bus.index(0);
+        for device in [Box::new(I8042::default()) as Box<dyn Device>, Box::new(AcpiPm::new()), Box::new(Cmos)] {
+            bus.others.push(device);
+            bus.index(bus.others.len());
+        }
+        bus
+    }
+
+    /// Records the ports of device `i`.
+    fn index(&mut self, i: usize) {
+        let ranges = self.device_mut(i).ports();
+        self.ports.extend(ranges.into_iter().map(|r| (r, i)));
+    }
+
+    fn device_mut(&mut self, i: usize) -> &mut dyn Device {
+        match i {
+            0 => &mut self.serial,
+            i => self.others[i - 1].as_mut(),
+        }
+    }
+
+    fn at_port(&mut self, port: u16) -> Option<&mut dyn Device> {
+        let i = self.ports.iter().find(|(r, _)| r.contains(&port))?.1;
+        Some(self.device_mut(i))
     }
 
     /// Adds a device; its id must be new to the bus.
@@ -28,6 +57,7 @@ impl DeviceBus {
             return Err(DeviceError::Twice(device.id().to_string()));
         }
         self.others.push(device);
+        self.index(self.others.len());
         Ok(())
     }
 
@@ -69,7 +99,7 @@ impl DeviceBus {
     }
 
     pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-        match self.devices_mut().find(|d| d.ports().iter().any(|r| r.contains(&port))) {
+        match self.at_port(port) {
             Some(d) => d.pio_read(port, data),
             // Nothing there: an ISA/PCI bus with no device reads all ones.
             None => data.fill(0xff),
@@ -77,7 +107,7 @@ impl DeviceBus {
     }
 
     pub fn pio_write(&mut self, port: u16, data: &[u8]) -> Option<GuestRequest> {
-        self.devices_mut().find(|d| d.ports().iter().any(|r| r.contains(&port)))?.pio_write(port, data)
+        self.at_port(port)?.pio_write(port, data)
     }
 
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
