@@ -4,6 +4,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
+pub mod held;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;
