@@ -75,3 +75,39 @@ fn a_missing_interface_or_one_that_is_not_a_tap_is_refused_by_name() {
     assert!(matches!(&err, TapError::NotTap(n) if *n == tun.name), "{err}");
     assert!(matches!(Tap::open("../etc").err().unwrap(), TapError::Missing(_)));
 }
+
+/// Set in the copy of this test that runs as `nobody`: the TAP it must fail to open.
+const AS_NOBODY: &str = "TANDEM_TEST_TAP_AS_NOBODY";
+
+#[test]
+fn a_tap_this_user_may_not_open_is_refused_with_what_to_do() {
+    if let Ok(name) = std::env::var(AS_NOBODY) {
+        let err = Tap::open(&name).err().expect("nobody opened a TAP");
+        assert!(matches!(&err, TapError::Permission { .. }), "{err}");
+        assert!(err.to_string().starts_with(&format!("no permission to use TAP {name}: ")), "{err}");
+        return;
+    }
+    let made = Made::new("p", "tap");
+    // This test binary, copied where `nobody` may run it, runs just this test as
+    // `nobody` (uid and gid 65534).
+    let dir = std::env::temp_dir().join(format!("tandem-tap-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("tap-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for path in [&dir, &exe] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(&exe)
+        .args(["--exact", "a_tap_this_user_may_not_open_is_refused_with_what_to_do", "--test-threads=1"])
+        .env(AS_NOBODY, &made.name)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "as nobody:\n{said}");
+    assert!(said.contains("1 passed"), "as nobody, the test did not run:\n{said}");
+}
