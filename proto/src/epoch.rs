@@ -45,6 +45,18 @@ impl Epoch {
         })
     }
 
+    /// Writes the epoch's pages into `memory`, a flat image addressed from 0 (a zero
+    /// marker clears its page).
+    pub fn write_into(&self, memory: &mut [u8]) {
+        for (a, page) in self.pages() {
+            let to = &mut memory[a as usize..a as usize + PAGE_SIZE];
+            match page {
+                Some(page) => to.copy_from_slice(page),
+                None => to.fill(0),
+            }
+        }
+    }
+
     /// The epoch as encoded frames of `generation` (begin, page batches, output,
     /// state, commit), as they go on the wire, and the payload bytes they carry
     /// (pages as sent, addresses, state, output): what compression and zero-page

@@ -159,13 +159,7 @@ impl World {
                 match event {
                     standby::Event::Send(f) => self.to_primary.push_back(f),
                     standby::Event::Apply(epoch) => {
-                        for (a, page) in epoch.pages() {
-                            let to = &mut self.image[a as usize..a as usize + PAGE_SIZE];
-                            match page {
-                                Some(page) => to.copy_from_slice(page),
-                                None => to.fill(0),
-                            }
-                        }
+                        epoch.write_into(&mut self.image);
                         self.image_state = epoch.state.clone();
                         let (memory, state) = &self.captured[&epoch.number];
                         assert!(self.image == *memory && self.image_state == *state, "epoch {} applied wrong", epoch.number);

@@ -251,7 +251,7 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
                 match event {
                     standby::Event::Send(f) => tx.send(&f).await?,
                     standby::Event::Apply(epoch) => {
-                        apply(&mut image, &epoch);
+                        epoch.write_into(&mut image);
                         machine.recycle(epoch);
                     }
                     standby::Event::PeerLeft(_) => return Ok(image),
@@ -327,16 +327,6 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         return Err(PipelineError::Failed("the standby's image differs from the region".into()));
     }
     Ok((took, wire))
-}
-
-fn apply(image: &mut [u8], epoch: &Epoch) {
-    for (a, page) in epoch.pages() {
-        let to = &mut image[a as usize..a as usize + PAGE_SIZE];
-        match page {
-            Some(page) => to.copy_from_slice(page),
-            None => to.fill(0),
-        }
-    }
 }
 
 fn lock(m: &Mutex<Primary>) -> std::sync::MutexGuard<'_, Primary> {
