@@ -168,10 +168,7 @@ pub fn measure_region(mut region: Vec<u8>, epochs: u32, dirty_percent: u32, wind
 }
 
 fn process_cpu() -> Duration {
-    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec, which `t` is, and keeps no pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    transport::cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
 fn minor_faults() -> u64 {

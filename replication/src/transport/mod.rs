@@ -372,22 +372,23 @@ pub async fn watch_stalls(side: &'static str) {
     const TICK: std::time::Duration = std::time::Duration::from_millis(50);
     loop {
         let due = std::time::Instant::now() + TICK;
-        let cpu = thread_cpu();
+        let cpu = cpu_time(libc::CLOCK_THREAD_CPUTIME_ID);
         tokio::time::sleep(TICK).await;
         let late = due.elapsed();
         if late > std::time::Duration::from_millis(250) {
             // Busy (this thread ran something long) or starved (it was not scheduled).
-            let busy_ms = (thread_cpu() - cpu).as_millis() as u64;
+            let busy_ms = (cpu_time(libc::CLOCK_THREAD_CPUTIME_ID) - cpu).as_millis() as u64;
             tracing::debug!(side, late_ms = late.as_millis() as u64, busy_ms, "the network thread was held up");
         }
     }
 }
 
-/// CPU time this thread has used.
-fn thread_cpu() -> std::time::Duration {
+/// CPU time used so far, by this thread or this process as `clock` says
+/// (CLOCK_THREAD_CPUTIME_ID, CLOCK_PROCESS_CPUTIME_ID).
+pub(crate) fn cpu_time(clock: libc::clockid_t) -> std::time::Duration {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec, which `t` is, and keeps no pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    unsafe { libc::clock_gettime(clock, &mut t) };
     std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
