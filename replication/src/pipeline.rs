@@ -31,6 +31,19 @@ pub enum Mix {
     ZeroHeavy,
 }
 
+impl Mix {
+    /// In the order the benchmarks show them.
+    pub const ALL: [Mix; 3] = [Mix::Random, Mix::ZeroHeavy, Mix::Sparse];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Mix::Random => "random pages (incompressible)",
+            Mix::ZeroHeavy => "zero-heavy pages (3 in 4 all zeros, the rest random)",
+            Mix::Sparse => "sparse pages (a number, then zeros)",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Params {
     /// Size of the memory region, in MiB.

@@ -19,7 +19,7 @@ use tandem_proto::message::{MAX_BATCH_PAGES, PAGE_SIZE};
 use tandem_proto::pages::{is_zero, BatchEncoder};
 use tandem_replication::pipeline::{region, Mix};
 
-use super::{in_the_lab_sh, snapshots_then};
+use super::{in_the_lab_sh, read_snapshots, snapshots_then};
 
 #[derive(clap::Args, Clone)]
 pub struct EncodingArgs {
@@ -60,24 +60,12 @@ pub fn run(args: &EncodingArgs) -> Result<()> {
     if args.lab {
         return via_lab(args);
     }
-    // Read before anything is measured, so a bad file fails at once.
-    let snapshots = args
-        .snapshots
-        .iter()
-        .map(|p| {
-            let s = tandem_vmm::snapshot::Snapshot::read_from(p).with_context(|| format!("snapshot {}", p.display()))?;
-            Ok((p, s))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let snapshots = read_snapshots(&args.snapshots)?;
     let cipher = cipher_mb_per_s()?;
     let memcpy = memcpy_mb_per_s();
     println!("peers, this run: AES-128-GCM {cipher:.0} MB/s (one core; each byte sent is sealed once and opened once); memcpy {memcpy:.0} MB/s\n");
-    for (mix, what) in [
-        (Mix::Random, "random pages (incompressible)"),
-        (Mix::ZeroHeavy, "zero-heavy pages (3 in 4 all zeros, the rest random)"),
-        (Mix::Sparse, "sparse pages (a number, then zeros)"),
-    ] {
-        table(what, &region(args.mib, mix), cipher)?;
+    for mix in Mix::ALL {
+        table(mix.describe(), &region(args.mib, mix), cipher)?;
     }
     for (path, snapshot) in snapshots {
         table(&format!("guest memory from {}", path.display()), &snapshot.data, cipher)?;

@@ -138,6 +138,14 @@ fn snapshots_then(points: &[(&str, u32)], then: &str) -> String {
     script + "kill %1; " + then
 }
 
+/// Reads every snapshot named before anything is measured, so a bad file fails at once.
+fn read_snapshots(paths: &[PathBuf]) -> Result<Vec<(&PathBuf, tandem_vmm::snapshot::Snapshot)>> {
+    paths
+        .iter()
+        .map(|p| Ok((p, tandem_vmm::snapshot::Snapshot::read_from(p).with_context(|| format!("snapshot {}", p.display()))?)))
+        .collect()
+}
+
 fn lab_status(status: i32, timeout: Duration) -> Result<()> {
     match status {
         0 => Ok(()),

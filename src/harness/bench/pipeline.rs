@@ -2,16 +2,16 @@
 //! with the same TLS and settings, and the physical limits of this host (memcpy,
 //! loopback TCP), measured in one run, for random, zero-heavy and sparse pages.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::ValueEnum;
 use tandem_proto::message::PAGE_SIZE;
 use tandem_replication::pipeline::{measure, measure_region, Figures, Mix, Params};
-use tandem_vmm::snapshot::Snapshot;
+use tandem_vmm::snapshot::{page, Snapshot};
 
-use super::{in_the_lab_sh, ms, snapshots_then};
+use super::{in_the_lab_sh, ms, read_snapshots, snapshots_then};
 
 #[derive(clap::Args, Clone)]
 pub struct PipelineArgs {
@@ -76,43 +76,30 @@ pub fn run(args: &PipelineArgs) -> Result<()> {
     if args.lab {
         return via_lab(args);
     }
-    // Read before anything is measured, so a bad file fails at once.
-    let memories = args
-        .snapshots
-        .iter()
-        .map(|p| Ok((p, memory_of(p).with_context(|| format!("snapshot {}", p.display()))?)))
-        .collect::<Result<Vec<_>>>()?;
-    for (mix, what) in [
-        (Mix::Random, "random pages (incompressible)"),
-        (Mix::ZeroHeavy, "zero-heavy pages (3 in 4 all zeros, the rest random)"),
-        (Mix::Sparse, "sparse pages (a number, then zeros)"),
-    ]
-    .into_iter()
-    .filter(|(m, _)| args.mixes.iter().any(|&a| Mix::from(a) == *m))
-    {
+    let snapshots = read_snapshots(&args.snapshots)?;
+    for mix in Mix::ALL.into_iter().filter(|m| args.mixes.iter().any(|&a| Mix::from(a) == *m)) {
         let params = Params { mib: args.mib, epochs: args.epochs, dirty_percent: args.dirty_percent, window: args.window, mix };
-        print(what, args, &measure(params)?);
+        print(mix.describe(), args, &measure(params)?);
     }
-    for (path, memory) in memories {
+    for (path, snapshot) in snapshots {
         let what = format!("guest memory from {}", path.display());
-        print(&what, args, &measure_region(memory, args.epochs, args.dirty_percent, args.window)?);
+        print(&what, args, &measure_region(memory_of(&snapshot), args.epochs, args.dirty_percent, args.window)?);
     }
     Ok(())
 }
 
 /// The guest RAM a snapshot holds, as one flat region by guest-physical address (the
 /// pages it leaves out are zero).
-fn memory_of(path: &Path) -> Result<Vec<u8>> {
-    let snapshot = Snapshot::read_from(path)?;
+fn memory_of(snapshot: &Snapshot) -> Vec<u8> {
     let end = snapshot.pages.iter().map(|&a| a as usize + PAGE_SIZE).max().unwrap_or(0);
     let end = end.max((snapshot.state.mem_mib as usize) << 20).min(64 << 30);
     let mut memory = vec![0u8; end];
     for (i, &a) in snapshot.pages.iter().enumerate() {
         if let Some(to) = memory.get_mut(a as usize..a as usize + PAGE_SIZE) {
-            to.copy_from_slice(&snapshot.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+            to.copy_from_slice(page(&snapshot.data, i));
         }
     }
-    Ok(memory)
+    memory
 }
 
 /// Boots the test guest in the lab, snapshots it once booted, and runs the pipeline
@@ -177,7 +164,7 @@ mod tests {
         data.extend(vec![0x22u8; PAGE_SIZE]);
         let state = MachineState { mem_mib: 1, vcpus: 1, vcpu_states: vec![Default::default()], ..MachineState::default() };
         Snapshot { kind: Kind::Full, state, pages: vec![0x3000, 0x1000], data }.write_to(&path).unwrap();
-        let memory = memory_of(&path).unwrap();
+        let memory = memory_of(&Snapshot::read_from(&path).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(memory.len(), 1 << 20);
         let page = |n: usize| &memory[n * PAGE_SIZE..(n + 1) * PAGE_SIZE];
