@@ -95,7 +95,7 @@ impl Net {
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
         loop {
-            let frame = match self.waiting.take() {
+            let mut frame = match self.waiting.take() {
                 Some(f) => f,
                 None => match self.tap.receive(&mut self.buf) {
                     Ok(n) => self.buf[..n].to_vec(),
@@ -111,7 +111,7 @@ impl Net {
                 break;
             };
             let head = chain.head_index();
-            match write_frame(&frame, chain.writable().map(|d| (d.addr(), d.len() as usize)), mem) {
+            match write_frame(&mut frame, chain.writable().map(|d| (d.addr(), d.len() as usize)), mem) {
                 Ok(len) => {
                     self.stats.rx_frames += 1;
                     if queue.add_used(mem, head, len as u32).is_err() {
@@ -131,14 +131,13 @@ impl Net {
     }
 }
 
-/// Writes `frame` (header first) across the writable buffers, setting `num_buffers`
-/// to 1; a frame that does not fit is refused whole.
-fn write_frame(frame: &[u8], buffers: impl Iterator<Item = (GuestAddress, usize)>, mem: &GuestMemoryMmap) -> io::Result<usize> {
+/// Writes `frame` (header first) across the writable buffers, setting its header's
+/// `num_buffers` to 1; a frame that does not fit is refused whole.
+fn write_frame(frame: &mut [u8], buffers: impl Iterator<Item = (GuestAddress, usize)>, mem: &GuestMemoryMmap) -> io::Result<usize> {
     let buffers: Vec<_> = buffers.collect();
     if buffers.iter().map(|(_, l)| l).sum::<usize>() < frame.len() || frame.len() < VNET_HDR_LEN {
         return Err(io::Error::new(ErrorKind::InvalidInput, "frame larger than the guest's buffer"));
     }
-    let mut frame = frame.to_vec();
     frame[10..12].copy_from_slice(&1u16.to_le_bytes());
     let mut at = 0;
     for (addr, len) in buffers {
