@@ -27,10 +27,14 @@ impl DeviceBus {
         let mut bus = Self { serial, others: Vec::new(), ports: Vec::new() };
         bus.index(0);
         for device in [Box::new(I8042::default()) as Box<dyn Device>, Box::new(AcpiPm::new()), Box::new(Cmos)] {
-            bus.others.push(device);
-            bus.index(bus.others.len());
+            bus.push(device);
         }
         bus
+    }
+
+    fn push(&mut self, device: Box<dyn Device>) {
+        self.others.push(device);
+        self.index(self.others.len());
     }
 
     /// Records the ports of device `i`.
@@ -56,8 +60,7 @@ impl DeviceBus {
         if self.devices().any(|d| d.id() == device.id()) {
             return Err(DeviceError::Twice(device.id().to_string()));
         }
-        self.others.push(device);
-        self.index(self.others.len());
+        self.push(device);
         Ok(())
     }
 
