@@ -186,6 +186,9 @@ tandem keygen --out /tmp/p >/dev/null && tandem keygen --out /tmp/s >/dev/null |
 S="tandem standby --listen 127.0.0.1:7000 --key /tmp/s/key.pem --peer-cert /tmp/p/cert.pem --timeout-ms 3000"
 $S --state-dir /tmp/sa --events /tmp/sa.ev >/dev/null 2>/tmp/sa.err & sa=$!
 wait_for /tmp/sa.ev standing_by 30
+# Made here, not by the primary's redirection: a background job may open it after
+# wait_ticks first counts, and a count of nothing ended the wait at once.
+: >/tmp/p.out
 tandem primary --standby 127.0.0.1:7000 --key /tmp/p/key.pem --peer-cert /tmp/s/cert.pem --timeout-ms 3000 \
   --on-standby-loss {policy} --events /tmp/p.ev --kernel /images/vmlinux --initrd /images/guest-initrd.cpio \
   --append 'quiet tandem.workload=ticker' >/tmp/p.out 2>/tmp/p.err & p=$!

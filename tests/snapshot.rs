@@ -52,7 +52,9 @@ fn snapshot_kill_restore(run_args: &str, append: &str, wait_for: &str, deltas: u
         ));
         chain.push_str(&format!(" --delta /tmp/s{i}"));
     }
-    script.push_str(&format!("kill -9 $pid; wait $pid\ntandem restore {chain} > /tmp/after 2>&1 & r=$!\n"));
+    // /tmp/after is made before the restore starts: its background job may open it after
+    // the loop below first counts ticks there, and a count of nothing ended the wait.
+    script.push_str(&format!("kill -9 $pid; wait $pid\n: > /tmp/after\ntandem restore {chain} > /tmp/after 2>&1 & r=$!\n"));
     script.push_str(&match until {
         Until::Ticks(n) => format!(
             "i=0; while [ $(grep -c '^tick ' /tmp/after) -le {n} ] && kill -0 $r 2>/dev/null && [ $i -lt 900 ]; do i=$((i+1)); sleep 0.1; done\n\
