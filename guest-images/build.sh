@@ -218,17 +218,9 @@ mkdir -p "$G"
 add_busybox "$G"
 install -m 0755 "$HERE/guest-init" "$G/init"
 install -m 0755 "$TMP/tandem-work" "$G/usr/bin/tandem-work"
-mkcpio "$G" >"$TMP/guest-initrd.cpio"
 
-# ---------------------------------------------------------------- lab initrd
-
-log "lab-initrd.cpio.gz"
-L=$WORK/lab
-mkdir -p "$L/lib/modules" "$L/images"
-add_busybox "$L"
-install -m 0755 "$HERE/lab-init" "$L/init"
-
-# Modules: the three KVM ones plus their dependencies, dependencies first.
+# Modules, each after what it depends on, listed in /lib/modules/order for the
+# /init scripts to insmod: the kernel has them as modules, not built in.
 declare -A MODPATH=() MODDONE=()
 while IFS= read -r -d '' f; do
 	n=$(basename "$f")
@@ -246,12 +238,13 @@ modfile() { # module name (either spelling) -> its file
 moddeps() {
 	tr '\0' '\n' <"$1" | LC_ALL=C grep -a -m1 '^depends=' | cut -d= -f2- | tr ',' ' ' || true
 }
-add_module() {
-	local n=${1//_/-} f dep out
-	[ -z "${MODDONE[$n]:-}" ] || return 0
-	MODDONE[$n]=1
+add_module() { # ROOT MODULE: into ROOT/lib/modules, with its dependencies
+	local root=$1 n=${2//_/-} f dep out
+	[ -z "${MODDONE[$root:$n]:-}" ] || return 0
+	MODDONE[$root:$n]=1
+	mkdir -p "$root/lib/modules"
 	f=$(modfile "$n")
-	out=$L/lib/modules/$n.ko
+	out=$root/lib/modules/$n.ko
 	case "$f" in
 	*.ko) cp "$f" "$out" ;;
 	*.ko.xz) xz -dc "$f" >"$out" ;;
@@ -260,11 +253,23 @@ add_module() {
 	*) die "unknown module format: $f" ;;
 	esac
 	for dep in $(moddeps "$out"); do
-		add_module "$dep"
+		add_module "$root" "$dep"
 	done
-	echo "$n.ko" >>"$L/lib/modules/order"
+	echo "$n.ko" >>"$root/lib/modules/order"
 }
-for m in irqbypass kvm kvm-amd; do add_module "$m"; done
+# The guest's NIC: virtio-mmio (found through the ACPI DSDT) and virtio-net.
+for m in virtio-mmio virtio-net; do add_module "$G" "$m"; done
+mkcpio "$G" >"$TMP/guest-initrd.cpio"
+
+# ---------------------------------------------------------------- lab initrd
+
+log "lab-initrd.cpio.gz"
+L=$WORK/lab
+mkdir -p "$L/lib/modules" "$L/images"
+add_busybox "$L"
+install -m 0755 "$HERE/lab-init" "$L/init"
+# KVM; TAP devices, bridges and veth pairs for the guests' networks.
+for m in irqbypass kvm kvm-amd tun bridge veth; do add_module "$L" "$m"; done
 
 cp "$TMP/vmlinuz" "$TMP/vmlinux" "$TMP/guest-initrd.cpio" "$L/images/"
 mkcpio "$L" | gzip -6n >"$TMP/lab-initrd.cpio.gz"

@@ -13,6 +13,8 @@ use tandem_replication::primary::{self, Protector, StandbyLoss};
 use tandem_replication::standby::{self, Outcome, Takeover};
 use tandem_replication::transport::primary::Faults;
 use tandem_replication::{generation, tls, Heartbeat};
+use tandem_vmm::devices::virtio::nics::Taps;
+use tandem_vmm::net::NetConfig;
 use tandem_vmm::vm::{check_vcpus, config_fingerprint, Vm};
 
 use std::sync::{Arc, Mutex};
@@ -147,6 +149,9 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     if args.vm.dirty_stats_ms.is_some() {
         bail!("--dirty-stats-ms cannot be used with replication: the epochs take the dirty pages");
     }
+    if !args.vm.nets.is_empty() {
+        bail!("--net is not yet replicated: a primary would release the guest's frames before the standby holds them");
+    }
     if !(1..=10_000).contains(&args.epoch_ms) {
         bail!("--epoch-ms must be between 1 and 10000, got {}", args.epoch_ms);
     }
@@ -186,7 +191,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
         },
         Box::new(LogWriter::new(std::io::stdout(), log.clone())),
     )?;
-    let vm = Vm::boot(config, sink)?;
+    let vm = Vm::boot(config, Taps::open(&args.vm.nets)?, sink)?;
     protector.attach(vm.waker());
     let mut role = Role::Primary(Box::new(protector));
     let result = supervise(vm, None, control, &mut role, &events);
@@ -224,6 +229,11 @@ pub struct StandbyArgs {
     /// After a takeover, open a control socket here for `tandem ctl`.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// The NICs the VM takes over on this host, as for `run`: the primary's MACs, on
+    /// this host's TAP devices. Opened now, so that a missing TAP is found before any
+    /// takeover.
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
+    nets: Vec<NetConfig>,
 }
 
 pub fn standby(args: StandbyArgs) -> Result<u8> {
@@ -235,6 +245,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
     // Read now so that a corrupt file is reported before anything starts.
     args.link.generation()?;
     let tls = tls::server_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
+    let taps = Taps::open(&args.nets)?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let events = args.link.events()?;
     let log = args.link.console_log(false)?;
@@ -246,6 +257,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
             mem_mib: args.mem_mib,
             vcpus,
             kvm_device: args.kvm_device.clone(),
+            taps,
             state_dir,
             heartbeat,
             events: events.clone(),

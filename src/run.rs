@@ -10,6 +10,8 @@ use tandem_vmm::memory::PAGE_SIZE;
 use tandem_vmm::output::{OutputSink, Passthrough};
 use tandem_vmm::snapshot::{Kind, Snapshot};
 use tandem_vmm::vcpu::VmExit;
+use tandem_vmm::devices::virtio::nics::Taps;
+use tandem_vmm::net::NetConfig;
 use tandem_vmm::vm::{check_vcpus, is_transient, Guest, PauseWork, Vm, VmConfig};
 
 use crate::{control, status};
@@ -52,6 +54,10 @@ pub struct RunArgs {
     /// Open a control socket here (mode 0600) for `tandem ctl`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// A virtio NIC on the host's TAP device NAME, with Ethernet address MAC
+    /// (repeatable). The TAP must exist: `ip tuntap add NAME mode tap`.
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
+    pub nets: Vec<NetConfig>,
     /// Every N ms, report on stderr how many guest pages were dirtied since the last
     /// report. Tracking starts at boot with a report of every page; it slows the guest
     /// (KVM maps tracked memory in 4 KiB pages), so it is off unless asked for.
@@ -148,7 +154,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
     if args.dirty_stats_ms.is_some() && matches!(role, Role::Paced(_)) {
         bail!("--dirty-stats-ms and --debug-pause-hz both take the dirty log; use one");
     }
-    let vm = Vm::boot(config, console())?;
+    let taps = Taps::open(&args.nets)?;
+    let vm = Vm::boot(config, taps, console())?;
     supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control, &mut role, &Events::none())
 }
 
@@ -170,6 +177,10 @@ pub struct RestoreArgs {
     /// (needs --control).
     #[arg(long, requires = "control")]
     pub paused: bool,
+    /// The restored VM's NICs, as for `run` (the snapshot's NICs, in their order; the
+    /// TAP may be another than the one the VM was captured on).
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
+    pub nets: Vec<NetConfig>,
 }
 
 /// `tandem restore`: rebuilds the VM in this process and carries on as `run` does.
@@ -178,14 +189,24 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     for path in std::iter::once(&args.snapshot).chain(&args.deltas) {
         chain.push(Snapshot::read_from(path).with_context(|| format!("snapshot {}", path.display()))?);
     }
+    let taps = Taps::open(&args.nets)?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
-    let vm = Vm::restore(&chain, &args.kvm_device, args.paused, console())?;
+    let vm = Vm::restore(&chain, &args.kvm_device, taps, args.paused, console())?;
     drop(chain);
     supervise(vm, None, control, &mut Role::Solo, &Events::none())
 }
 
 pub fn console() -> Arc<Mutex<dyn OutputSink>> {
     Arc::new(Mutex::new(Passthrough::new(std::io::stdout())))
+}
+
+/// Each NIC's counts, for `ctl status`: ` net0_tx=N net0_rx=N net0_rx_dropped=N`.
+fn nic_status(vm: &Vm) -> String {
+    vm.net_stats()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!(" net{i}_tx={} net{i}_rx={} net{i}_rx_dropped={}", s.tx_frames, s.rx_frames, s.rx_dropped))
+        .collect()
 }
 
 /// What this VM is to replication.
@@ -320,7 +341,7 @@ fn command(vm: &mut Vm, line: &str, role: &Role) -> Result<String> {
             Ok("ok running".into())
         }
         ["status"] if !matches!(role, Role::Solo | Role::Paced(_)) => Ok(format!(
-            "{} state={} vcpus={} mem_mib={}",
+            "{} state={} vcpus={} mem_mib={}{}",
             match role {
                 Role::Primary(p) => p.status(),
                 Role::TookOver(how) => how.clone(),
@@ -329,16 +350,18 @@ fn command(vm: &mut Vm, line: &str, role: &Role) -> Result<String> {
             if vm.is_paused() { "paused" } else { "running" },
             vm.vcpu_count(),
             vm.memory_mib(),
+            nic_status(vm),
         )),
         ["status"] => Ok(format!(
-            "state={} vcpus={} mem_mib={} dirty_pages={}",
+            "state={} vcpus={} mem_mib={} dirty_pages={}{}",
             if vm.is_paused() { "paused" } else { "running" },
             vm.vcpu_count(),
             vm.memory_mib(),
             match vm.pending_dirty()? {
                 Some(n) => n.to_string(),
                 None => "all (no snapshot yet)".into(),
-            }
+            },
+            nic_status(vm),
         )),
         ["snapshot", path] | ["snapshot", path, "--delta"] => {
             let kind = if words.len() == 3 { Kind::Delta } else { Kind::Full };

@@ -114,3 +114,52 @@ fn keygen_writes_a_private_key_pair_and_never_overwrites_one() {
     assert_eq!(tandem(&["keygen", "--out", out, "--force"]).code, 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A TAP device made for one test with iproute2 (root and /dev/net/tun), removed after.
+struct TestTap(String);
+
+impl TestTap {
+    fn new(tag: &str) -> Self {
+        let name = format!("tndcli{tag}{}", std::process::id() % 10_000);
+        let out = std::process::Command::new("ip").args(["tuntap", "add", &name, "mode", "tap"]).output();
+        assert!(
+            out.as_ref().is_ok_and(|o| o.status.success()),
+            "cannot make TAP {name} with `ip tuntap add` ({out:?}): these tests need root, iproute2 and /dev/net/tun"
+        );
+        Self(name)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["tuntap", "del", &self.0, "mode", "tap"]).status();
+    }
+}
+
+/// `tandem run --micro-guest` with these NIC arguments.
+fn with<'a>(net: &[&'a str]) -> Vec<&'a str> {
+    [&["run", "--micro-guest"][..], net].concat()
+}
+
+#[test]
+fn bad_nics_are_refused_before_the_guest_runs() {
+    refused(&with(&["--net", "tap=tndnosuch0,mac=52:54:00:00:00:01"]), "there is no network interface tndnosuch0");
+    assert_eq!(tandem(&with(&["--net", "tap=tap0,mac=52:54:00:00:01"])).code, 2, "a malformed MAC is a usage error");
+    let run = tandem(&with(&["--net", "tap=tap0,mac=52:54:00:00:01"]));
+    assert!(run.stderr.contains("malformed MAC address"), "{}", run.dump());
+    let run = tandem(&with(&["--net", "tap0"]));
+    assert!(run.stderr.contains("expected tap=NAME,mac=MAC"), "{}", run.dump());
+    refused(&with(&["--net", "tap=lo,mac=52:54:00:00:00:01"]), "lo is not a TAP device");
+
+    let (a, b) = (TestTap::new("a"), TestTap::new("b"));
+    let nic = |tap: &str, mac: &str| format!("tap={tap},mac={mac}");
+    refused(
+        &with(&["--net", &nic(&a.0, "52:54:00:00:00:01"), "--net", &nic(&b.0, "52:54:00:00:00:01")]),
+        "two NICs have the MAC address 52:54:00:00:00:01",
+    );
+    refused(&with(&["--net", &nic(&a.0, "52:54:00:00:00:01"), "--net", &nic(&a.0, "52:54:00:00:00:02")]), "two NICs use the TAP device");
+    // A TAP another process holds.
+    let held = tandem_vmm::net::tap::Tap::open(&a.0).expect("the test opens its TAP");
+    refused(&with(&["--net", &nic(&a.0, "52:54:00:00:00:01")]), "in use");
+    drop(held);
+}

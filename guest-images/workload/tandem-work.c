@@ -14,17 +14,29 @@
  *       second it prints "dirty <sec> pages=<pages written so far> check=OK"
  *       (or "check=BAD page=<i>"). Stops after T seconds (default: never).
  *
+ *   tandem-work net --port P
+ *       A TCP server for the network tests and drills: each line a client sends
+ *       is a number N, and the answer is the line "N <mix64(N) in hex>", so a
+ *       client can check every reply. One process per connection.
+ *
+ *   tandem-work blob --mib M
+ *       Writes M MiB to stdout: mix64(0), mix64(1), ... as little-endian 64-bit
+ *       words. The file httpd serves, whose hash a client computes on its own.
+ *
  * Exit status: 0 on success, 1 if a check failed or a system call failed,
  * 2 on argument errors. Every line is emitted with one write(2), so output is
  * never held in a buffer when the VM is paused, copied or killed.
  *
- * Built with: gcc -static -Os -s (no stdio, no forks).
+ * Built with: gcc -static -Os -s (no stdio).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -86,6 +98,8 @@ static void usage(void)
 {
 	say(2, "usage: tandem-work ticker [--interval-ms MS] [--count N]", NULL);
 	say(2, "       tandem-work dirty --mib-per-sec R --span-mib S [--seconds T]", NULL);
+	say(2, "       tandem-work net --port P", NULL);
+	say(2, "       tandem-work blob --mib M", NULL);
 }
 
 static void die_usage(const char *msg, const char *arg)
@@ -344,6 +358,134 @@ static int cmd_dirty(int argc, char **argv)
 	return bad_seen ? 1 : 0;
 }
 
+/* ---- net ---- */
+
+static int write_all(int fd, const char *buf, size_t len)
+{
+	while (len > 0) {
+		ssize_t w = write(fd, buf, len);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return -1;
+		buf += w;
+		len -= (size_t)w;
+	}
+	return 0;
+}
+
+/* Answers the numbered requests of one connection until the client closes it. */
+static void serve(int fd)
+{
+	char in[4096], out[8192];
+	size_t have = 0;
+	for (;;) {
+		ssize_t r = read(fd, in + have, sizeof(in) - have);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return;
+		have += (size_t)r;
+		size_t start = 0, olen = 0;
+		for (size_t i = 0; i < have; i++) {
+			if (in[i] != '\n')
+				continue;
+			uint64_t n = 0;
+			for (size_t j = start; j < i; j++)
+				if (in[j] >= '0' && in[j] <= '9')
+					n = n * 10 + (uint64_t)(in[j] - '0');
+			struct line l = { .len = 0 };
+			put_u64(&l, n);
+			put_str(&l, " ");
+			uint64_t h = mix64(n);
+			char hex[17];
+			for (int k = 15; k >= 0; k--, h >>= 4)
+				hex[k] = "0123456789abcdef"[h & 15];
+			hex[16] = 0;
+			put_str(&l, hex);
+			l.buf[l.len++] = '\n';
+			if (olen + l.len > sizeof(out)) {
+				if (write_all(fd, out, olen) < 0)
+					return;
+				olen = 0;
+			}
+			memcpy(out + olen, l.buf, l.len);
+			olen += l.len;
+			start = i + 1;
+		}
+		if (olen > 0 && write_all(fd, out, olen) < 0)
+			return;
+		if (start == 0 && have == sizeof(in))
+			return; /* a line longer than the buffer: not a client of ours */
+		memmove(in, in + start, have - start);
+		have -= start;
+	}
+}
+
+static int cmd_net(int argc, char **argv)
+{
+	uint64_t port = 0;
+	for (int i = 0; i < argc; i++) {
+		const char *v;
+		if ((v = opt_value(argc, argv, &i, "--port")))
+			port = parse_num("--port", v, 1, 65535);
+		else
+			die_usage("unknown argument", argv[i]);
+	}
+	if (!port)
+		die_usage("missing --port", NULL);
+	signal(SIGCHLD, SIG_IGN); /* no zombies: nobody waits for the children */
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	if (s < 0)
+		die_sys("socket");
+	int one = 1;
+	setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+	if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) < 0)
+		die_sys("bind");
+	if (listen(s, 16) < 0)
+		die_sys("listen");
+	say(1, "TANDEM-NET-LISTENING", NULL);
+	for (;;) {
+		int c = accept(s, NULL, NULL);
+		if (c < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			die_sys("accept");
+		}
+		pid_t pid = fork();
+		if (pid == 0) {
+			close(s);
+			serve(c);
+			_exit(0);
+		}
+		close(c);
+	}
+}
+
+static int cmd_blob(int argc, char **argv)
+{
+	uint64_t mib = 0;
+	for (int i = 0; i < argc; i++) {
+		const char *v;
+		if ((v = opt_value(argc, argv, &i, "--mib")))
+			mib = parse_num("--mib", v, 1, 4096);
+		else
+			die_usage("unknown argument", argv[i]);
+	}
+	if (!mib)
+		die_usage("missing --mib", NULL);
+	static uint64_t words[8192];
+	uint64_t next = 0;
+	for (uint64_t chunk = 0; chunk < mib * 16; chunk++) {
+		for (size_t i = 0; i < 8192; i++)
+			words[i] = mix64(next++); /* x86 is little-endian, as promised */
+		if (write_all(1, (const char *)words, sizeof(words)) < 0)
+			die_sys("write");
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2)
@@ -352,6 +494,10 @@ int main(int argc, char **argv)
 		return cmd_ticker(argc - 2, argv + 2);
 	if (strcmp(argv[1], "dirty") == 0)
 		return cmd_dirty(argc - 2, argv + 2);
+	if (strcmp(argv[1], "net") == 0)
+		return cmd_net(argc - 2, argv + 2);
+	if (strcmp(argv[1], "blob") == 0)
+		return cmd_blob(argc - 2, argv + 2);
 	if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
 		usage();
 		return 0;

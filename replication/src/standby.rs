@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::Role;
 use tandem_vmm::console_log::ConsoleLog;
+use tandem_vmm::devices::virtio::nics::Taps;
 use tandem_vmm::output::SharedSink;
 use tandem_vmm::snapshot::image::Image;
 use tandem_vmm::snapshot::SnapshotError;
@@ -29,6 +30,8 @@ pub struct Config {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub kvm_device: PathBuf,
+    /// The NICs the VM gets at takeover.
+    pub taps: Taps,
     /// Where the generation number is kept.
     pub state_dir: PathBuf,
     pub heartbeat: Heartbeat,
@@ -97,7 +100,7 @@ impl Takeover {
 /// Follows the primary until it leaves or falls silent. The console of a VM taken
 /// over goes to `sink`, which writes into `log`: the log starts serving at a takeover,
 /// from where the console stood.
-pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<Outcome, ReplicationError> {
+pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<Outcome, ReplicationError> {
     let mut generation = generation::read(&config.state_dir)?;
     let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
     let image = Image::new(config.mem_mib)?;
@@ -178,7 +181,8 @@ pub fn follow(config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<
                     let prepared = prepared
                         .take()
                         .ok_or_else(|| SnapshotError::Corrupt("the prepared VM was taken already".into()))?;
-                    let vm = Vm::resume_prepared(prepared, ram, &state, sink)?;
+                    let taps = std::mem::replace(&mut config.taps, Taps::none());
+                    let vm = Vm::resume_prepared(prepared, ram, &state, taps, sink)?;
                     let takeover = Takeover {
                         vm,
                         generation,

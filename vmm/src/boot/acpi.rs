@@ -13,6 +13,7 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
+use super::aml::{self, MmioSlot};
 use super::layout;
 use super::tables::{checksum, put_u16, put_u32, put_u64};
 use crate::memory::GuestMemoryMmap;
@@ -116,7 +117,7 @@ const S5_AML: [u8; 13] = [
 
 /// Writes all the tables for `num_cpus` vCPUs and returns the RSDP's address (for
 /// `boot_params.acpi_rsdp_addr`; Linux also finds it by scanning).
-pub fn write_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAddress, AcpiError> {
+pub fn write_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8, virtio: &[MmioSlot]) -> Result<GuestAddress, AcpiError> {
     if num_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
@@ -124,7 +125,7 @@ pub fn write_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAdd
         return Err(AcpiError::TooManyCpus(num_cpus));
     }
 
-    let dsdt = build_dsdt();
+    let dsdt = build_dsdt(virtio);
     let madt = build_madt(num_cpus);
     let facs = build_facs();
 
@@ -266,9 +267,10 @@ fn build_fadt(facs_addr: u64, dsdt_addr: u64) -> Vec<u8> {
     finish(t)
 }
 
-fn build_dsdt() -> Vec<u8> {
+fn build_dsdt(virtio: &[MmioSlot]) -> Vec<u8> {
     let mut t = header(b"DSDT", DSDT_REVISION);
     t.extend_from_slice(&S5_AML);
+    t.extend(aml::virtio_mmio_devices(virtio));
     finish(t)
 }
 
@@ -368,7 +370,7 @@ mod tests {
 
     fn walk(num_cpus: u8) -> Tables {
         let mem = mem();
-        let rsdp_addr = write_acpi_tables(&mem, num_cpus).unwrap();
+        let rsdp_addr = write_acpi_tables(&mem, num_cpus, &[]).unwrap();
         assert_eq!(rsdp_addr.0, layout::ACPI_START);
         assert_eq!(rsdp_addr.0 % 16, 0);
 
@@ -491,8 +493,8 @@ mod tests {
     #[test]
     fn only_madt_moves_with_cpu_count() {
         let (a, b) = (mem(), mem());
-        write_acpi_tables(&a, 1).unwrap();
-        write_acpi_tables(&b, MAX_CPUS).unwrap();
+        write_acpi_tables(&a, 1, &[]).unwrap();
+        write_acpi_tables(&b, MAX_CPUS, &[]).unwrap();
         // Everything before the MADT is byte-identical: the MADT is last and nothing
         // records its length but itself.
         let xsdt = table(
@@ -511,11 +513,11 @@ mod tests {
     #[test]
     fn rejects_bad_cpu_counts() {
         assert!(matches!(
-            write_acpi_tables(&mem(), 0),
+            write_acpi_tables(&mem(), 0, &[]),
             Err(AcpiError::NoCpus)
         ));
         assert!(matches!(
-            write_acpi_tables(&mem(), 255),
+            write_acpi_tables(&mem(), 255, &[]),
             Err(AcpiError::TooManyCpus(255))
         ));
     }
@@ -524,7 +526,7 @@ mod tests {
     fn reports_unbacked_memory() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0xa0000)]).unwrap();
         assert!(matches!(
-            write_acpi_tables(&mem, 1),
+            write_acpi_tables(&mem, 1, &[]),
             Err(AcpiError::Write(_))
         ));
     }

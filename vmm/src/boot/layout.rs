@@ -37,6 +37,11 @@ pub const HIMEM_START: u64 = 0x100000;
 /// 32-bit MMIO hole below 4 GiB: RAM beyond this continues at 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The virtio-mmio windows, one 4 KiB page each, in the MMIO gap.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Their interrupts: IOAPIC pins 16-23, which no ISA device claims.
+pub const VIRTIO_GSI_START: u32 = 16;
+pub const VIRTIO_SLOTS: usize = 8;
 /// The local APIC and IOAPIC, at their architectural addresses inside the MMIO gap.
 pub const APIC_START: u64 = 0xfee0_0000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;

@@ -1,6 +1,7 @@
 //! Everything needed to put a guest (a Linux kernel, or the built-in micro guest) into
 //! guest memory and the boot CPU at its entry.
 pub mod acpi;
+pub mod aml;
 pub mod cpuid;
 pub mod layout;
 pub mod loader;

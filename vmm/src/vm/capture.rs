@@ -140,7 +140,7 @@ impl Vm {
             return self.capture(Kind::Delta).map(|(_, _, stopped)| stopped);
         }
         let start = Instant::now();
-        self.vcpus.pause(super::PAUSE_TIMEOUT)?;
+        self.stop_guest()?;
         let result = match work {
             PauseWork::State => self.capture_paused(Kind::Delta, None, &mut DirtyPages::default()).map(drop),
             PauseWork::DirtyLog => self.ram.take_dirty(&self.kvm_vm).map(drop).map_err(VmError::from),
@@ -156,7 +156,7 @@ impl Vm {
             }),
             PauseWork::Nothing | PauseWork::Capture => Ok(()),
         };
-        self.vcpus.resume();
+        self.run_guest();
         result.map(|()| start.elapsed())
     }
 
@@ -204,13 +204,13 @@ impl Vm {
             _ => None,
         };
         let start = Instant::now();
-        self.vcpus.pause(super::PAUSE_TIMEOUT)?;
+        self.stop_guest()?;
         fence();
         let result = self.capture_paused(kind, staging, taken);
         // Only a pause of our own is undone. It is brief and leaves the guest clock
         // running, unlike an operator's.
         if !was_paused {
-            self.vcpus.resume();
+            self.run_guest();
         }
         let stopped = start.elapsed();
         tracing::debug!(stopped_us = stopped.as_micros() as u64, "capture");

@@ -9,7 +9,7 @@ use kvm_bindings::kvm_lapic_state;
 
 use crate::boot::{acpi, cpuid, loader, micro, msrs, mptable, regs};
 use crate::devices::bus::DeviceBus;
-use crate::devices::serial::SerialPort;
+use crate::devices::virtio::nics::{Nics, Taps};
 use crate::kvm::{Hypervisor, KvmError, KvmVcpu, VmHandle};
 use crate::memory::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
 use crate::snapshot::{self, Kind, MachineState, Snapshot};
@@ -87,6 +87,8 @@ pub enum VmError {
     Chain(String),
     #[error("cannot restore the devices: {0}")]
     Devices(#[from] crate::devices::DeviceError),
+    #[error(transparent)]
+    Nic(#[from] crate::devices::virtio::nics::NicError),
 }
 
 /// Checks a requested vCPU count before any resource is taken.
@@ -159,6 +161,8 @@ fn set_lint(lapic: &mut kvm_lapic_state) {
 /// A booted VM. Field order is drop order: the vCPU threads end before the KVM VM is
 /// closed, and the VM is closed before the memory it maps is unmapped.
 pub struct Vm {
+    /// First to go: its thread writes into guest memory.
+    nics: Nics,
     vcpus: VcpuSet,
     bus: Arc<Mutex<DeviceBus>>,
     sink: SharedSink,
@@ -191,13 +195,13 @@ struct FrozenTime {
 impl Vm {
     /// Builds the VM described by `config`, loads the kernel and starts the vCPUs.
     /// Guest console output goes to `sink`.
-    pub fn boot(config: VmConfig, sink: SharedSink) -> Result<Self, VmError> {
+    pub fn boot(config: VmConfig, taps: Taps, sink: SharedSink) -> Result<Self, VmError> {
         let shell = Shell::build(&config.kvm_device, config.mem_mib, config.vcpus)?;
         let mem = shell.ram.memory();
         let kernel = match &config.guest {
             Guest::Linux { kernel, initrd, cmdline } => {
                 mptable::write_mptable(mem, config.vcpus)?;
-                let rsdp = acpi::write_acpi_tables(mem, config.vcpus)?;
+                let rsdp = acpi::write_acpi_tables(mem, config.vcpus, &taps.slots())?;
                 let kernel = loader::load_linux(mem, kernel, initrd.as_deref(), cmdline, Some(rsdp))?;
                 tracing::debug!(?kernel, "kernel loaded");
                 Some(kernel)
@@ -227,8 +231,7 @@ impl Vm {
                 }
             }
         }
-        let serial_sink = sink.clone();
-        let vm = shell.start(None, sink, |irq| Ok(DeviceBus::new(SerialPort::new(irq, serial_sink))))?;
+        let vm = shell.start(None, sink, taps, None)?;
         tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, "guest started");
         Ok(vm)
     }
@@ -242,6 +245,7 @@ impl Vm {
     pub fn restore(
         chain: &[Snapshot],
         kvm_device: &std::path::Path,
+        taps: Taps,
         paused: bool,
         sink: SharedSink,
     ) -> Result<Self, VmError> {
@@ -264,7 +268,7 @@ impl Vm {
                     .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
             }
         }
-        Self::resume_from(Shell::build_with(kvm_device, ram, shape.1)?, &last.state, paused, sink)
+        Self::resume_from(Shell::build_with(kvm_device, ram, shape.1)?, &last.state, taps, paused, sink)
     }
 
     /// Takes over from guest RAM that already holds every page of the guest (a
@@ -272,7 +276,7 @@ impl Vm {
     /// time around that RAM ([`Prepared`]): the RAM becomes the new VM's as it is, and
     /// what is left is setting the machine state and starting the vCPUs, which costs
     /// the same whatever the guest's size.
-    pub fn resume_prepared(prepared: Prepared, ram: GuestRam, state: &MachineState, sink: SharedSink) -> Result<Self, VmError> {
+    pub fn resume_prepared(prepared: Prepared, ram: GuestRam, state: &MachineState, taps: Taps, sink: SharedSink) -> Result<Self, VmError> {
         if ram.mem_mib() != state.mem_mib || prepared.vcpus() != usize::from(state.vcpus) {
             return Err(VmError::Chain(format!(
                 "state of a {} MiB, {} vCPU VM for {} MiB of RAM and {} vCPUs",
@@ -282,10 +286,10 @@ impl Vm {
                 prepared.vcpus()
             )));
         }
-        Self::resume_from(prepared.into_shell(ram)?, state, false, sink)
+        Self::resume_from(prepared.into_shell(ram)?, state, taps, false, sink)
     }
 
-    fn resume_from(shell: Shell, state: &MachineState, paused: bool, sink: SharedSink) -> Result<Self, VmError> {
+    fn resume_from(shell: Shell, state: &MachineState, taps: Taps, paused: bool, sink: SharedSink) -> Result<Self, VmError> {
         let began = std::time::Instant::now();
         let shape = (state.mem_mib, state.vcpus);
         let mem = shell.ram.memory();
@@ -317,13 +321,7 @@ impl Vm {
             clock_ns: state.vm.clock.clock,
             tsc: state.vcpu_states.iter().map(VcpuState::tsc).collect(),
         });
-        let serial_sink = sink.clone();
-        let devices = &state.devices;
-        let vm = shell.start(frozen, sink, |irq| {
-            let mut bus = DeviceBus::new(SerialPort::new(irq, serial_sink));
-            bus.restore(devices)?;
-            Ok(bus)
-        })?;
+        let vm = shell.start(frozen, sink, taps, Some(&state.devices))?;
         tracing::info!(
             vcpus = shape.1,
             mem_mib = shape.0,
@@ -383,12 +381,12 @@ impl Vm {
     /// Stops all vCPUs (see [`VcpuSet::pause`]) and the guest's clock with them, as an
     /// operator expects of a paused machine; returns how long stopping took.
     pub fn pause(&mut self) -> Result<Duration, VmError> {
-        let took = self.vcpus.pause(PAUSE_TIMEOUT)?;
+        let took = self.stop_guest()?;
         if self.frozen.is_none() {
             match self.read_time() {
                 Ok(time) => self.frozen = Some(time),
                 Err(e) => {
-                    self.vcpus.resume();
+                    self.run_guest();
                     return Err(e);
                 }
             }
@@ -418,8 +416,26 @@ impl Vm {
                 tracing::warn!("guest time not set back on resume: {e}");
             }
         }
-        self.vcpus.resume();
+        self.run_guest();
         Ok(())
+    }
+
+    /// Stops the vCPUs, then the NICs' deliveries into guest memory: from here until
+    /// [`Vm::run_guest`] nothing changes the guest.
+    fn stop_guest(&mut self) -> Result<Duration, VmError> {
+        let took = self.vcpus.pause(PAUSE_TIMEOUT)?;
+        self.nics.pause();
+        Ok(took)
+    }
+
+    fn run_guest(&mut self) {
+        self.nics.resume();
+        self.vcpus.resume();
+    }
+
+    /// Each NIC's frame counts, in the order the NICs were given.
+    pub fn net_stats(&self) -> Vec<crate::devices::virtio::net::NetStats> {
+        self.nics.stats()
     }
 
     fn set_time(&self, time: FrozenTime) -> Result<(), VmError> {

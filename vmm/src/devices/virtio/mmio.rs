@@ -73,6 +73,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// Has the device look at queue `index` as a kick would: what an event (a frame
     /// arriving on a TAP) calls.
     pub fn process_queue(&mut self, index: usize) {

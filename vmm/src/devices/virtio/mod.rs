@@ -9,6 +9,7 @@
 
 pub mod mmio;
 pub mod net;
+pub mod nics;
 
 use virtio_queue::Queue;
 

@@ -45,11 +45,13 @@ pub struct Net {
     waiting: Option<Vec<u8>>,
     buf: Vec<u8>,
     stats: NetStats,
+    /// The VM is paused: nothing is written into the guest.
+    paused: bool,
 }
 
 impl Net {
     pub fn new(id: &str, mac: MacAddr, tap: Tap) -> Self {
-        Self { id: id.to_string(), mac, tap, waiting: None, buf: vec![0; MAX_FRAME], stats: NetStats::default() }
+        Self { id: id.to_string(), mac, tap, waiting: None, buf: vec![0; MAX_FRAME], stats: NetStats::default(), paused: false }
     }
 
     pub fn stats(&self) -> NetStats {
@@ -58,6 +60,10 @@ impl Net {
 
     pub fn tap(&self) -> &Tap {
         &self.tap
+    }
+
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
     }
 
     /// Sends every frame the guest has made available on the transmit queue.
@@ -94,6 +100,9 @@ impl Net {
     /// Hands the guest what the TAP has, while it has buffers for it.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
+        if self.paused {
+            return false;
+        }
         loop {
             let mut frame = match self.waiting.take() {
                 Some(f) => f,

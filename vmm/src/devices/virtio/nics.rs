@@ -1,0 +1,201 @@
+//! A VM's NICs together: each a virtio-net device in its own virtio-mmio window, and
+//! one thread that waits on every TAP at once (epoll) and hands what arrives to the
+//! guest, so a frame reaches the guest when it arrives rather than at the next poll.
+//!
+//! The thread never touches the guest while the VM is paused: a capture must see the
+//! guest's memory and its devices as of one instant, and the operator's pause stops
+//! the NIC as it stops the vCPUs. Frames that arrive meanwhile wait in the TAP.
+
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::mmio::{MmioTransport, WINDOW};
+use super::net::{Net, NetStats, RX};
+use crate::boot::aml::MmioSlot;
+use crate::boot::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START, VIRTIO_SLOTS};
+use crate::devices::serial::IrqTrigger;
+use crate::devices::{Device, DeviceError, GuestRequest, Section};
+use crate::kvm::VmHandle;
+use crate::memory::GuestMemoryMmap;
+use crate::net::tap::{Tap, TapError};
+use crate::net::{check_distinct, MacAddr, NetConfig, NetConfigError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NicError {
+    #[error(transparent)]
+    Config(#[from] NetConfigError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("{0} NICs asked for; a VM has room for {VIRTIO_SLOTS} virtio devices")]
+    TooMany(usize),
+    #[error("cannot watch the TAP devices: {0}")]
+    Watch(std::io::Error),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+/// The TAP devices of a VM's NICs, opened (and so checked) before the VM is built.
+pub struct Taps(Vec<(MacAddr, Tap)>);
+
+impl Taps {
+    pub fn none() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn open(nics: &[NetConfig]) -> Result<Self, NicError> {
+        if nics.len() > VIRTIO_SLOTS {
+            return Err(NicError::TooMany(nics.len()));
+        }
+        check_distinct(nics)?;
+        let taps = nics.iter().map(|n| Ok((n.mac, Tap::open(&n.tap)?))).collect::<Result<_, NicError>>()?;
+        Ok(Self(taps))
+    }
+
+    /// The windows the guest must be told of, in the DSDT.
+    pub fn slots(&self) -> Vec<MmioSlot> {
+        (0..self.0.len()).map(slot).collect()
+    }
+
+    /// Puts each NIC on its window and starts the thread that feeds them.
+    pub(crate) fn attach(self, vm: &VmHandle, mem: &GuestMemoryMmap) -> Result<(Nics, Vec<Box<dyn Device>>), NicError> {
+        let mut nics = Vec::new();
+        let mut devices: Vec<Box<dyn Device>> = Vec::new();
+        for (i, (mac, tap)) in self.0.into_iter().enumerate() {
+            let slot = slot(i);
+            let line = vm.irq_line(slot.gsi);
+            let irq = IrqTrigger::new(move || line.pulse().map_err(std::io::Error::other));
+            let transport = MmioTransport::new(Net::new(&format!("net{i}"), mac, tap), slot.base, irq, mem.clone())?;
+            let nic = Arc::new(Mutex::new(transport));
+            devices.push(Box::new(Shared { id: format!("net{i}"), window: slot.base..slot.base + slot.len, nic: nic.clone() }));
+            nics.push(nic);
+        }
+        let rx = if nics.is_empty() { None } else { Some(RxThread::start(nics.clone()).map_err(NicError::Watch)?) };
+        Ok((Nics { nics, _rx: rx }, devices))
+    }
+}
+
+fn slot(i: usize) -> MmioSlot {
+    MmioSlot { base: VIRTIO_MMIO_START + i as u64 * WINDOW, len: WINDOW, gsi: VIRTIO_GSI_START + i as u32 }
+}
+
+type Nic = Arc<Mutex<MmioTransport<Net>>>;
+
+fn lock(nic: &Nic) -> MutexGuard<'_, MmioTransport<Net>> {
+    nic.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The attached NICs. Dropping it stops the receiving thread.
+pub struct Nics {
+    nics: Vec<Nic>,
+    _rx: Option<RxThread>,
+}
+
+impl Nics {
+    /// Stops handing frames to the guest; returns once no frame is being handed.
+    pub fn pause(&self) {
+        for nic in &self.nics {
+            lock(nic).device_mut().set_paused(true);
+        }
+    }
+
+    /// Hands the guest what arrived while paused, and what arrives from now on.
+    pub fn resume(&self) {
+        for nic in &self.nics {
+            let mut nic = lock(nic);
+            nic.device_mut().set_paused(false);
+            nic.process_queue(RX);
+        }
+    }
+
+    pub fn stats(&self) -> Vec<NetStats> {
+        self.nics.iter().map(|nic| lock(nic).device().stats()).collect()
+    }
+}
+
+/// A NIC on the bus: the vCPUs reach it here, the receiving thread through its own
+/// handle.
+struct Shared {
+    id: String,
+    window: Range<u64>,
+    nic: Nic,
+}
+
+impl Device for Shared {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn mmio(&self) -> Option<Range<u64>> {
+        Some(self.window.clone())
+    }
+
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        lock(&self.nic).mmio_read(addr, data)
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Option<GuestRequest> {
+        lock(&self.nic).mmio_write(addr, data)
+    }
+
+    fn save(&self) -> Section {
+        lock(&self.nic).save()
+    }
+
+    fn restore(&mut self, section: &Section) -> Result<(), DeviceError> {
+        lock(&self.nic).restore(section)
+    }
+}
+
+struct RxThread {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RxThread {
+    fn start(nics: Vec<Nic>) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        // Edge-triggered: a TAP stays readable while the guest has no buffer for what
+        // waits in it, and the guest's kick for more buffers drains it, not this thread.
+        for (i, nic) in nics.iter().enumerate() {
+            let fd = lock(nic).device().tap().as_raw_fd();
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, i as u64))?;
+        }
+        let stop_token = nics.len() as u64;
+        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
+        let thread = std::thread::Builder::new().name("net-rx".into()).spawn(move || {
+            let mut events = vec![EpollEvent::default(); nics.len() + 1];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::error!("the NICs' receive loop failed: {e}");
+                        return;
+                    }
+                };
+                for event in &events[..n] {
+                    match nics.get(event.data() as usize) {
+                        Some(nic) => lock(nic).process_queue(RX),
+                        None => return,
+                    }
+                }
+            }
+        })?;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for RxThread {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
