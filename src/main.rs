@@ -48,6 +48,11 @@ enum Cmd {
     /// --here), the primary is killed, and the console must continue on the standby
     /// with no line lost or repeated.
     Drill(Box<harness::drill::DrillArgs>),
+    /// The network drill's client: hold one TCP connection to the guest's
+    /// numbered-request server (tandem.workload=net), send a request every interval,
+    /// and check every reply. Exits 0 when the connection was kept, with no reply lost,
+    /// repeated or out of order.
+    NetClient(harness::drill::net_client::NetClientArgs),
     /// Rebuild a VM from a snapshot (and deltas) in this process and carry on running it.
     Restore(run::RestoreArgs),
     /// Drive a running VM through its control socket: pause, resume, status,
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::run(args),
         Cmd::Restore(args) => run::restore(args),
         Cmd::Drill(args) => harness::drill::run(&args),
+        Cmd::NetClient(args) => harness::drill::net_client::run(&args),
         Cmd::Primary(args) => replicate::primary(*args),
         Cmd::Standby(args) => replicate::standby(*args),
         Cmd::Console(args) => console::run(args),

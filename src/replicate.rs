@@ -149,9 +149,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     if args.vm.dirty_stats_ms.is_some() {
         bail!("--dirty-stats-ms cannot be used with replication: the epochs take the dirty pages");
     }
-    if !args.vm.nets.is_empty() {
-        bail!("--net is not yet replicated: a primary would release the guest's frames before the standby holds them");
-    }
+
     if !(1..=10_000).contains(&args.epoch_ms) {
         bail!("--epoch-ms must be between 1 and 10000, got {}", args.epoch_ms);
     }
@@ -165,6 +163,8 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     let generation = args.link.generation()?;
     let tls = tls::client_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
     let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
+    // Held from the first epoch: no frame leaves before a standby holds its epoch.
+    let taps = Taps::open(&args.vm.nets)?.held_from(1);
     let control = args.vm.control.as_deref().map(control::listen).transpose()?;
     let events = args.link.events()?;
     let log = args.link.console_log(true)?;
@@ -191,8 +191,8 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
         },
         Box::new(LogWriter::new(std::io::stdout(), log.clone())),
     )?;
-    let vm = Vm::boot(config, Taps::open(&args.vm.nets)?, sink)?;
-    protector.attach(vm.waker());
+    let vm = Vm::boot(config, taps, sink)?;
+    protector.attach(vm.waker(), vm.frame_output());
     let mut role = Role::Primary(Box::new(protector));
     let result = supervise(vm, None, control, &mut role, &events);
     if let Role::Primary(protector) = role {

@@ -200,12 +200,18 @@ pub fn console() -> Arc<Mutex<dyn OutputSink>> {
     Arc::new(Mutex::new(Passthrough::new(std::io::stdout())))
 }
 
-/// Each NIC's counts, for `ctl status`: ` net0_tx=N net0_rx=N net0_rx_dropped=N`.
+/// Each NIC's counts, for `ctl status`: ` net0_tx=N net0_rx=N ...`; `tx_dropped` counts
+/// frames a full hold dropped.
 fn nic_status(vm: &Vm) -> String {
     vm.net_stats()
         .iter()
         .enumerate()
-        .map(|(i, s)| format!(" net{i}_tx={} net{i}_rx={} net{i}_rx_dropped={}", s.tx_frames, s.rx_frames, s.rx_dropped))
+        .map(|(i, s)| {
+            format!(
+                " net{i}_tx={} net{i}_rx={} net{i}_rx_dropped={} net{i}_tx_dropped={} net{i}_held_bytes={}",
+                s.tx_frames, s.rx_frames, s.rx_dropped, s.tx_dropped, s.held_bytes
+            )
+        })
         .collect()
 }
 

@@ -26,6 +26,8 @@ pub struct Epoch {
     pub output: Vec<u8>,
     /// Where `output` starts in the console's whole output.
     pub output_offset: u64,
+    /// The frames the guest's NICs sent during the epoch, each with its NIC's index.
+    pub frames: Vec<(u8, Vec<u8>)>,
     /// Compress pages on the wire where it pays (see [`crate::pages`]).
     pub compress: bool,
 }
@@ -86,6 +88,11 @@ impl Epoch {
             out.push(frame(Message::Output { epoch, offset, bytes: bytes.to_vec() })?);
             offset += bytes.len() as u64;
         }
+        for (nic, bytes) in &self.frames {
+            hasher.frame(*nic, bytes);
+            wire += bytes.len();
+            out.push(frame(Message::Frame { epoch, nic: *nic, bytes: bytes.clone() })?);
+        }
         hasher.state(&self.state);
         wire += self.state.len();
         out.push(frame(Message::State { epoch, state: self.state.clone() })?);
@@ -142,6 +149,13 @@ impl EpochHasher {
 
     pub fn output(&mut self, offset: u64, bytes: &[u8]) {
         self.0.update(&offset.to_le_bytes());
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    pub fn frame(&mut self, nic: u8, bytes: &[u8]) {
+        self.0.update(b"frame");
+        self.0.update(&[nic]);
         self.0.update(&(bytes.len() as u64).to_le_bytes());
         self.0.update(bytes);
     }

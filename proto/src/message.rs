@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::ProtoError;
 
 /// Bumped on any change to the messages, their encoding or the machine state they
-/// carry (4: devices as sections); peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// carry (4: devices as sections; 5: NIC frames); peers must match exactly.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Guest page size: every page in a [`Message::Pages`] batch is this long.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one batch (2 MiB), so a frame stays well under the frame limit.
@@ -15,6 +15,8 @@ pub const MAX_BATCH_PAGES: usize = 512;
 pub const MAX_STATE_BYTES: usize = 4 << 20;
 /// Most bytes of console output in one message; an epoch's output may take several.
 pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
+/// Most bytes of one NIC frame with its virtio-net header (a 64 KiB frame and more).
+pub const MAX_FRAME_BYTES: usize = 65_562;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -82,6 +84,17 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// A frame NIC `nic` sent during the epoch (all frames still unreleased, for a full
+    /// epoch), led by its virtio-net header. A standby that takes over sends the frames
+    /// of its committed epochs the primary had not said it released: a peer may see
+    /// one twice, as a network may show it, and never misses one the guest was told
+    /// went.
+    Frame {
+        epoch: u64,
+        nic: u8,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
     /// Ends the epoch: how many pages it carried and a CRC-32 over all of it.
     EpochCommit { epoch: u64, pages: u64, checksum: u32 },
     /// The standby verified and applied the epoch.
@@ -118,7 +131,7 @@ impl Message {
             Message::Pages { addresses, data, .. } => addresses.len() * 8 + data.len(),
             Message::ZeroPages { addresses, .. } => addresses.len() * 8,
             Message::State { state, .. } => state.len(),
-            Message::Output { bytes, .. } => bytes.len(),
+            Message::Output { bytes, .. } | Message::Frame { bytes, .. } => bytes.len(),
             _ => 0,
         }
     }
@@ -153,6 +166,9 @@ impl Message {
             }
             Message::Output { bytes, .. } if bytes.is_empty() || bytes.len() > MAX_OUTPUT_BYTES => {
                 bad(format!("{} bytes of output in one message", bytes.len()))
+            }
+            Message::Frame { bytes, .. } if bytes.is_empty() || bytes.len() > MAX_FRAME_BYTES => {
+                bad(format!("a frame of {} bytes", bytes.len()))
             }
             Message::Goodbye { reason } if reason.len() > 1024 => bad("an overlong goodbye".into()),
             _ => Ok(()),

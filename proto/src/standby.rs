@@ -73,6 +73,9 @@ pub struct Standby {
     identity: Identity,
     committed: Option<u64>,
     history: History,
+    /// The frames of committed epochs the primary has not said it released, each with
+    /// its epoch and NIC, oldest first.
+    frames: std::collections::VecDeque<(u64, u8, Vec<u8>)>,
     phase: Phase,
     staging: Option<(Epoch, EpochHasher)>,
     /// Pages in the last epoch committed: the next one is staged in room for as many,
@@ -90,6 +93,7 @@ impl Standby {
             identity,
             committed,
             history: History::default(),
+            frames: std::collections::VecDeque::new(),
             phase: Phase::AwaitingHello,
             staging: None,
             last_pages: 0,
@@ -131,12 +135,21 @@ impl Standby {
         self.console().unreleased
     }
 
+    /// The frames of committed epochs that the primary had not said it released, each
+    /// with its NIC, in the order the guest sent them: sent at takeover, before the VM
+    /// runs.
+    pub fn unreleased_frames(&self) -> Vec<(u8, Vec<u8>)> {
+        self.frames.iter().map(|(_, nic, f)| (*nic, f.clone())).collect()
+    }
+
     /// Takes back the commit of an epoch the VM side could not apply after all (its
     /// content was not what the checksum could vouch for) and ends the connection:
     /// `committed` is what the image still holds.
     pub fn revert(&mut self, committed: Option<u64>) {
         // The output of a delta taken back goes; that of a full epoch stays, as
-        // printing output twice at a takeover is better than not at all.
+        // printing output twice at a takeover is better than not at all. Its frames
+        // stay: it was acknowledged, so the primary may have sent them already, and a
+        // network shows a frame twice more harmlessly than a console a line.
         if self.committed != committed {
             let h = &mut self.history;
             if h.ends.back().is_some_and(|&(e, _)| Some(e) == self.committed) {
@@ -255,6 +268,12 @@ impl Standby {
                 staged.output.extend_from_slice(&bytes);
                 Ok(vec![])
             }
+            Message::Frame { epoch, nic, bytes } => {
+                let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
+                hasher.frame(nic, &bytes);
+                staged.frames.push((nic, bytes));
+                Ok(vec![])
+            }
             Message::Released { epoch } => {
                 if !matches!(self.committed, Some(c) if epoch <= c) {
                     return Err(out_of_order(format!("a release of epoch {epoch}, which is not committed")));
@@ -268,6 +287,9 @@ impl Standby {
                     h.ends.pop_front();
                 }
                 h.trim();
+                while self.frames.front().is_some_and(|(e, ..)| *e <= epoch) {
+                    self.frames.pop_front();
+                }
                 Ok(vec![])
             }
             Message::State { epoch, state } => {
@@ -281,7 +303,7 @@ impl Standby {
             }
             Message::EpochCommit { epoch, pages, checksum } => {
                 self.staged(epoch).map_err(|e| (e, None))?;
-                let (staged, hasher) = self.staging.take().expect("checked just above");
+                let (mut staged, hasher) = self.staging.take().expect("checked just above");
                 let bad = |why: String| (ProtoError::BadEpoch { epoch, why }, None);
                 if staged.state.is_empty() {
                     return Err(bad("no machine state".into()));
@@ -297,6 +319,8 @@ impl Standby {
                     // A full epoch carries all output not yet released, from where the
                     // released output ends.
                     *h = History { start: staged.output_offset, released: staged.output_offset, ..History::default() };
+                    // And all frames not yet released.
+                    self.frames.clear();
                 } else if !staged.output.is_empty() && staged.output_offset != h.end() {
                     return Err(bad(format!("its output starts at offset {}, where {} was due", staged.output_offset, h.end())));
                 }
@@ -305,6 +329,7 @@ impl Standby {
                     h.bytes.extend(&staged.output);
                     h.ends.push_back((epoch, h.end()));
                 }
+                self.frames.extend(staged.frames.drain(..).map(|(nic, f)| (epoch, nic, f)));
                 self.committed = Some(epoch);
                 self.last_pages = staged.addresses.len();
                 Ok(vec![Event::Apply(staged), Event::Send(Frame { generation, message: Message::Ack { epoch } })])
@@ -341,6 +366,7 @@ pub(crate) fn name(m: &Message) -> &'static str {
         Message::EpochCommit { .. } => "epoch commit",
         Message::Ack { .. } => "ack",
         Message::Output { .. } => "output",
+        Message::Frame { .. } => "frame",
         Message::Released { .. } => "release",
         Message::Heartbeat { .. } => "heartbeat",
         Message::Goodbye { .. } => "goodbye",
@@ -396,5 +422,42 @@ mod tests {
         // A release of an epoch not yet held is a protocol error.
         let out = standby.handle(Frame { generation: 1, message: Message::Released { epoch: 9 } });
         assert!(matches!(out.last(), Some(Event::Close(_))), "{out:?}");
+    }
+
+    fn commit_frames(standby: &mut Standby, number: u64, kind: EpochKind, frames: &[(u8, &[u8])]) {
+        let frames = frames.iter().map(|(nic, f)| (*nic, f.to_vec())).collect();
+        let epoch = Epoch { number, kind: Some(kind), state: vec![1], frames, ..Epoch::default() };
+        for frame in epoch.frames(1).unwrap() {
+            for event in standby.handle(frame) {
+                assert!(!matches!(event, Event::Close(_)), "{event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn frames_the_primary_has_not_released_are_kept_until_it_says_so() {
+        let primary = Identity { role: Role::Primary, fingerprint: 3, generation: 1 };
+        let mut standby = Standby::new(Identity { role: Role::Standby, ..primary }, None);
+        standby.handle(primary.hello());
+        commit_frames(&mut standby, 1, EpochKind::Full, &[(0, b"a")]);
+        commit_frames(&mut standby, 2, EpochKind::Delta, &[(1, b"b"), (0, b"c")]);
+        commit_frames(&mut standby, 3, EpochKind::Delta, &[]);
+        let frames = |s: &Standby| s.unreleased_frames().into_iter().map(|(n, f)| (n, f[0])).collect::<Vec<_>>();
+        assert_eq!(frames(&standby), [(0, b'a'), (1, b'b'), (0, b'c')]);
+        standby.handle(Frame { generation: 1, message: Message::Released { epoch: 1 } });
+        assert_eq!(frames(&standby), [(1, b'b'), (0, b'c')]);
+        // A frame of an epoch whose commit never came is never sent.
+        let partial = Epoch { number: 4, kind: Some(EpochKind::Delta), state: vec![1], frames: vec![(0, b"d".to_vec())], ..Epoch::default() };
+        let mut wire = partial.frames(1).unwrap();
+        wire.pop();
+        wire.into_iter().for_each(|f| drop(standby.handle(f)));
+        assert_eq!(frames(&standby), [(1, b'b'), (0, b'c')]);
+        // A full re-sync carries every unreleased frame itself.
+        standby.reconnect();
+        standby.handle(primary.hello());
+        commit_frames(&mut standby, 5, EpochKind::Full, &[(0, b"c"), (0, b"d")]);
+        assert_eq!(frames(&standby), [(0, b'c'), (0, b'd')]);
+        standby.handle(Frame { generation: 1, message: Message::Released { epoch: 5 } });
+        assert!(standby.unreleased_frames().is_empty());
     }
 }

@@ -37,6 +37,7 @@ pub enum Event {
         generation: u64,
         epoch: u64,
         unreleased_output_bytes: usize,
+        unreleased_frames: usize,
         detection_ms: u64,
         resume_ms: f64,
         /// Of resume_ms, raising the generation on disk.

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tandem_proto::epoch::Epoch;
@@ -15,6 +15,7 @@ use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
 use tandem_proto::sent::{Pending, SentPages, Skipped};
+use tandem_vmm::devices::virtio::nics::FrameOutput;
 use tandem_vmm::output::{EpochGate, SharedSink};
 use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
@@ -67,6 +68,7 @@ enum Mode {
 const MAX_SKIPPED_IN_A_ROW: u32 = 20;
 
 type Gate = Arc<Mutex<EpochGate<Box<dyn Write + Send>>>>;
+type Frames = Arc<OnceLock<FrameOutput>>;
 
 /// Figures for `tandem ctl status` and the logs.
 #[derive(Default)]
@@ -87,6 +89,9 @@ pub struct Protector {
     shared: Arc<Mutex<Shared>>,
     outbox: Outbox,
     gate: Gate,
+    /// The VM's NIC frames, held per epoch as the console's output is; set by
+    /// [`Protector::attach`] once the VM exists.
+    frames: Frames,
     epoch: Duration,
     quiet_epoch: Duration,
     heartbeat: Heartbeat,
@@ -117,9 +122,13 @@ impl Protector {
     pub fn start(config: Config, out: Box<dyn Write + Send>) -> Result<(Self, SharedSink), ReplicationError> {
         let shared = Arc::new(Mutex::new(Shared::new(Primary::new(config.identity, config.window))));
         let gate: Gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
+        let frames: Frames = Arc::new(OnceLock::new());
         let release = {
-            let (gate, events) = (gate.clone(), config.events.clone());
+            let (gate, events, frames) = (gate.clone(), config.events.clone(), frames.clone());
             Box::new(move |epoch: u64| {
+                if let Some(frames) = frames.get() {
+                    frames.commit(epoch);
+                }
                 let mut gate = gate.lock().unwrap_or_else(|e| e.into_inner());
                 match gate.commit(epoch) {
                     Ok(0) => {}
@@ -164,6 +173,7 @@ impl Protector {
             shared,
             outbox,
             gate,
+            frames,
             epoch: config.epoch,
             quiet_epoch: config.quiet_epoch.max(config.epoch),
             heartbeat: config.heartbeat,
@@ -185,8 +195,11 @@ impl Protector {
 
     /// Lets the link thread end the VM thread's wait as soon as an ack or a change of
     /// the link arrives, so that waiting for the standby costs no polling.
-    pub fn attach(&self, waker: tandem_vmm::vcpu::Waker) {
+    pub fn attach(&self, waker: tandem_vmm::vcpu::Waker, frames: FrameOutput) {
         lock(&self.shared).waker = Some(waker);
+        frames.protect(lock(&self.shared).machine.next_epoch());
+        // Set once: a second attach would be a second VM, which a protector never has.
+        let _ = self.frames.set(frames);
     }
 
     /// How long the VM thread may wait before calling [`Protector::poll`] again: until
@@ -206,7 +219,7 @@ impl Protector {
 
     /// Output cuts an epoch short: it is the only thing that waits on one.
     fn next_due(&self) -> Instant {
-        let waiting = self.gate().waiting_for_epoch();
+        let waiting = self.gate().waiting_for_epoch() || self.frames.get().is_some_and(FrameOutput::waiting_for_epoch);
         self.last_start + if waiting { self.epoch } else { self.quiet_epoch }
     }
 
@@ -230,6 +243,9 @@ impl Protector {
                 if self.mode == Mode::Unprotected {
                     let next = lock(&self.shared).machine.next_epoch();
                     self.gate().protect(next);
+                    if let Some(frames) = self.frames.get() {
+                        frames.protect(next);
+                    }
                     self.mode = Mode::Protected;
                     tracing::warn!("a standby follows again at {}: output is protected once more", self.standby);
                     self.events.emit(Event::Reprotected);
@@ -284,6 +300,9 @@ impl Protector {
             }
             StandbyLoss::Continue => {
                 self.gate().unprotect().map_err(|e| ReplicationError::NoStandby(format!("console output: {e}")))?;
+                if let Some(frames) = self.frames.get() {
+                    frames.unprotect();
+                }
                 self.mode = Mode::Unprotected;
                 tracing::error!(
                     "lost the standby ({why}; silent for {} ms): the guest runs UNPROTECTED and its \
@@ -310,10 +329,15 @@ impl Protector {
         let started = Instant::now();
         self.last_start = started;
         self.waiting = false;
-        let gate = self.gate.clone();
+        let (gate, frames) = (self.gate.clone(), self.frames.clone());
         // Output from here on belongs to the next epoch: this one's state covers what
-        // the guest printed until now.
-        let mut fence = || gate.lock().unwrap_or_else(|e| e.into_inner()).seal(number);
+        // the guest printed and sent until now.
+        let mut fence = || {
+            gate.lock().unwrap_or_else(|e| e.into_inner()).seal(number);
+            if let Some(frames) = frames.get() {
+                frames.seal(number);
+            }
+        };
         let (snap, taken, stopped) = match vm.capture_fenced(kind, &mut fence) {
             Ok(captured) => captured,
             // The guest ran on and nothing was taken: the next epoch tries again.
@@ -328,7 +352,9 @@ impl Protector {
         // The standby gets the output the epoch covers, to print itself should it take
         // over before this primary has released it. A full epoch carries all output
         // not yet released: the standby holds no epoch before it.
-        let output = self.gate().output_at(if kind == Kind::Full { 0 } else { number }, number);
+        let from = if kind == Kind::Full { 0 } else { number };
+        let output = self.gate().output_at(from, number);
+        let held_frames = self.frames.get().map(|f| f.held(from, number)).unwrap_or_default();
         let state = match codec::encode(&snap.state) {
             Ok(state) => state,
             Err(e) => {
@@ -360,7 +386,7 @@ impl Protector {
         // Encoded (compressed) with no lock held: the network thread takes the same lock
         // for every frame it handles, and must not wait for a large epoch's encoding.
         let (output_offset, output) = output;
-        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, output, output_offset, ..Epoch::default() };
+        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, output, output_offset, frames: held_frames, ..Epoch::default() };
         let encoded = ticket.encode(&mut epoch);
         if kind != Kind::Full {
             vm.recycle(epoch.data);
@@ -467,6 +493,9 @@ impl Protector {
     pub fn finish(self, reason: &str) -> bool {
         let protecting = lock(&self.shared).link == LinkState::Protecting;
         if self.mode == Mode::Unprotected {
+            if let Some(frames) = self.frames.get() {
+                frames.commit(u64::MAX);
+            }
             return self.gate().commit(u64::MAX).is_ok();
         }
         if !protecting {

@@ -62,6 +62,8 @@ pub struct Takeover {
     pub bytes: u64,
     /// Bytes of console output the primary had not released, printed here instead.
     pub unreleased: usize,
+    /// NIC frames the primary had not released, sent here before the VM ran.
+    pub unreleased_frames: usize,
     /// Keep it as long as the VM runs: a primary that comes back is told it has been
     /// replaced.
     pub _link: StandbyLink,
@@ -74,6 +76,7 @@ impl Takeover {
             generation: self.generation,
             epoch: self.epoch,
             unreleased_output_bytes: self.unreleased,
+            unreleased_frames: self.unreleased_frames,
             detection_ms: self.detection.as_millis() as u64,
             resume_ms: self.resume.as_secs_f64() * 1e3,
             raise_ms: self.raise.as_secs_f64() * 1e3,
@@ -84,10 +87,11 @@ impl Takeover {
 
     pub fn report(&self) -> String {
         format!(
-            "took over as primary: generation={} epoch={} unreleased_output_bytes={} detection_ms={} resume_ms={:.2} (raise_ms={:.2}) epochs_received={} bytes_received={}",
+            "took over as primary: generation={} epoch={} unreleased_output_bytes={} unreleased_frames={} detection_ms={} resume_ms={:.2} (raise_ms={:.2}) epochs_received={} bytes_received={}",
             self.generation,
             self.epoch,
             self.unreleased,
+            self.unreleased_frames,
             self.detection.as_millis(),
             self.resume.as_secs_f64() * 1e3,
             self.raise.as_secs_f64() * 1e3,
@@ -160,7 +164,7 @@ pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Res
                     generation += 1;
                     // No frame of the old generation is taken from here on, and the
                     // raise outlives this process, before the VM runs anywhere here.
-                    let console = link.promote(generation);
+                    let (console, frames) = link.promote(generation);
                     generation::write(&config.state_dir, generation)?;
                     let raise = decided.elapsed();
                     let taken = image.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -178,16 +182,25 @@ pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Res
                             tracing::warn!("console output: {e}");
                         }
                     }
+                    // Likewise the frames, and then the announcement that the guest's
+                    // MACs are behind this host's TAPs now, before the guest sends more.
+                    let taps = std::mem::replace(&mut config.taps, Taps::none());
+                    for (nic, frame) in &frames {
+                        if let Err(e) = taps.send(*nic, frame) {
+                            tracing::warn!("a frame the primary had not released: {e}");
+                        }
+                    }
+                    taps.announce();
                     let prepared = prepared
                         .take()
                         .ok_or_else(|| SnapshotError::Corrupt("the prepared VM was taken already".into()))?;
-                    let taps = std::mem::replace(&mut config.taps, Taps::none());
                     let vm = Vm::resume_prepared(prepared, ram, &state, taps, sink)?;
                     let takeover = Takeover {
                         vm,
                         generation,
                         epoch,
                         unreleased: unreleased.len(),
+                        unreleased_frames: frames.len(),
                         detection: quiet,
                         resume: decided.elapsed(),
                         raise,

@@ -66,12 +66,13 @@ impl StandbyLink {
     /// off and every primary that comes later is refused.
     /// Returns the console as of the last committed epoch: what the primary said it
     /// released, for console clients that resume, and what it did not, for the new
-    /// VM's console to print first.
-    pub fn promote(&self, generation: u64) -> tandem_proto::standby::Console {
+    /// VM's console to print first; and the NIC frames the primary did not say it
+    /// released, for the new VM's NICs to send first.
+    pub fn promote(&self, generation: u64) -> (tandem_proto::standby::Console, Vec<(u8, Vec<u8>)>) {
         let mut s = lock(&self.state);
         s.promoted = Some(generation);
         let _ = self.abort.send(());
-        s.machine.console()
+        (s.machine.console(), s.machine.unreleased_frames())
     }
 }
 

@@ -19,6 +19,7 @@ use crate::harness::proc::{threads, Proc, REAP_LIMIT};
 
 pub(crate) mod check;
 mod client;
+pub mod net_client;
 
 use client::Client;
 

@@ -433,6 +433,11 @@ impl Vm {
         self.vcpus.resume();
     }
 
+    /// The frames the NICs hold per epoch, for replication.
+    pub fn frame_output(&self) -> crate::devices::virtio::nics::FrameOutput {
+        self.nics.output()
+    }
+
     /// Each NIC's frame counts, in the order the NICs were given.
     pub fn net_stats(&self) -> Vec<crate::devices::virtio::net::NetStats> {
         self.nics.stats()

@@ -3,8 +3,8 @@
 //! `virtio_net_hdr_v1`, which the TAP (IFF_VNET_HDR) speaks too, so headers pass as
 //! they are. No offloads are offered, so the header is all zeros but for `num_buffers`.
 //!
-//! Frames go out as the guest sends them: holding them per epoch for a replicated guest
-//! is the next step of issue 11, on the device interface.
+//! Frames the guest sends go through an [`EpochHold`]: out at once for a VM no standby
+//! protects, held until the standby has acknowledged their epoch for one it does.
 
 use std::io::{self, ErrorKind};
 
@@ -13,6 +13,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::held::{EpochHold, Pushed};
 use crate::devices::{DeviceError, Section};
 use crate::memory::GuestMemoryMmap;
 use crate::net::tap::{Tap, VNET_HDR_LEN};
@@ -28,6 +29,11 @@ const LINK_UP: u16 = 1;
 /// offered) and the header, with room to spare.
 const MAX_FRAME: usize = 65562;
 
+/// Most bytes of frames held for epochs not yet acknowledged, per NIC: at 25 ms epochs
+/// and a few epochs in flight, room for a gigabit's worth; past it frames are dropped
+/// and counted, as sch_plug does, and TCP sends them again.
+pub const HOLD_LIMIT: usize = 16 << 20;
+
 /// Frames counted, for `ctl status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetStats {
@@ -35,6 +41,13 @@ pub struct NetStats {
     pub rx_frames: u64,
     /// Frames from the host dropped because they did not fit the guest's buffer.
     pub rx_dropped: u64,
+    /// Frames from the guest dropped because the hold for unacknowledged epochs was
+    /// full.
+    #[serde(skip)]
+    pub tx_dropped: u64,
+    /// Bytes held now, waiting for their epoch to be acknowledged.
+    #[serde(skip)]
+    pub held_bytes: u64,
 }
 
 pub struct Net {
@@ -47,15 +60,69 @@ pub struct Net {
     stats: NetStats,
     /// The VM is paused: nothing is written into the guest.
     paused: bool,
+    /// Frames the guest sent, until they may go out.
+    hold: EpochHold<Vec<u8>>,
 }
 
 impl Net {
+    /// A NIC whose frames go out as sent, until [`Net::protect`].
     pub fn new(id: &str, mac: MacAddr, tap: Tap) -> Self {
-        Self { id: id.to_string(), mac, tap, waiting: None, buf: vec![0; MAX_FRAME], stats: NetStats::default(), paused: false }
+        let mut hold = EpochHold::new(0, HOLD_LIMIT);
+        hold.unprotect();
+        Self { id: id.to_string(), mac, tap, waiting: None, buf: vec![0; MAX_FRAME], stats: NetStats::default(), paused: false, hold }
     }
 
     pub fn stats(&self) -> NetStats {
-        self.stats
+        NetStats { tx_dropped: self.hold.dropped(), held_bytes: self.hold.held_bytes() as u64, ..self.stats }
+    }
+
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// Holds frames from now on, as part of `epoch` onwards.
+    pub fn protect(&mut self, epoch: u64) {
+        self.hold.protect(epoch);
+    }
+
+    /// Sends what is held and every frame from now on at once.
+    pub fn unprotect(&mut self) {
+        for frame in self.hold.unprotect() {
+            self.send(&frame);
+        }
+    }
+
+    /// Ends `epoch` at the VM's pause: frames from now on are the next epoch's.
+    pub fn seal(&mut self, epoch: u64) {
+        self.hold.seal(epoch);
+    }
+
+    /// Sends the frames of epochs up to `epoch`, which the standby holds; returns how
+    /// many.
+    pub fn commit(&mut self, epoch: u64) -> usize {
+        let frames = self.hold.commit(epoch);
+        for frame in &frames {
+            self.send(frame);
+        }
+        frames.len()
+    }
+
+    /// The frames held for epochs `from..=through`, for the standby to send should it
+    /// take over.
+    pub fn held(&self, from: u64, through: u64) -> Vec<Vec<u8>> {
+        self.hold.items(from, through).cloned().collect()
+    }
+
+    pub fn waiting_for_epoch(&self) -> bool {
+        self.hold.waiting_for_epoch()
+    }
+
+    fn send(&mut self, frame: &[u8]) {
+        match self.tap.send(frame) {
+            Ok(_) => self.stats.tx_frames += 1,
+            // A TAP that is down or full drops the frame, as a wire would.
+            Err(e) => tracing::debug!("{}: a frame was not sent: {e}", self.id),
+        }
     }
 
     pub fn tap(&self) -> &Tap {
@@ -83,10 +150,10 @@ impl Net {
             // A frame shorter than its header, or not in guest memory, is the driver's
             // error: it is used (so the driver gets its buffer back) and not sent.
             if len > VNET_HDR_LEN {
-                match self.tap.send(&self.buf[..len]) {
-                    Ok(_) => self.stats.tx_frames += 1,
-                    // A TAP that is down or full drops the frame, as a wire would.
-                    Err(e) => tracing::debug!("{}: a frame was not sent: {e}", self.id),
+                // Completed to the guest now either way: holding it is the host's
+                // business, and a full hold is a lost frame, as on a wire.
+                if let Pushed::Through(frame) = self.hold.push(self.buf[..len].to_vec()) {
+                    self.send(&frame);
                 }
             }
             if queue.add_used(mem, head, 0).is_err() {

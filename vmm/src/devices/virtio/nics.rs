@@ -37,14 +37,24 @@ pub enum NicError {
     Watch(std::io::Error),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("there is no NIC {0}")]
+    NoSuchNic(u8),
+    #[error("sending on TAP {0}: {1}")]
+    Send(String, std::io::Error),
 }
 
 /// The TAP devices of a VM's NICs, opened (and so checked) before the VM is built.
-pub struct Taps(Vec<(MacAddr, Tap)>);
+pub struct Taps(Vec<(MacAddr, Tap)>, Option<u64>);
 
 impl Taps {
     pub fn none() -> Self {
-        Self(Vec::new())
+        Self(Vec::new(), None)
+    }
+
+    /// The NICs hold the guest's frames from the start, as part of `epoch` onwards:
+    /// a replicated VM's, so not one frame goes out before a standby holds it.
+    pub fn held_from(self, epoch: u64) -> Self {
+        Self(self.0, Some(epoch))
     }
 
     pub fn open(nics: &[NetConfig]) -> Result<Self, NicError> {
@@ -53,7 +63,7 @@ impl Taps {
         }
         check_distinct(nics)?;
         let taps = nics.iter().map(|n| Ok((n.mac, Tap::open(&n.tap)?))).collect::<Result<_, NicError>>()?;
-        Ok(Self(taps))
+        Ok(Self(taps, None))
     }
 
     /// The windows the guest must be told of, in the DSDT.
@@ -69,13 +79,17 @@ impl Taps {
             let slot = slot(i);
             let line = vm.irq_line(slot.gsi);
             let irq = IrqTrigger::new(move || line.pulse().map_err(std::io::Error::other));
-            let transport = MmioTransport::new(Net::new(&format!("net{i}"), mac, tap), slot.base, irq, mem.clone())?;
+            let mut net = Net::new(&format!("net{i}"), mac, tap);
+            if let Some(epoch) = self.1 {
+                net.protect(epoch);
+            }
+            let transport = MmioTransport::new(net, slot.base, irq, mem.clone())?;
             let nic = Arc::new(Mutex::new(transport));
             devices.push(Box::new(Shared { id: format!("net{i}"), window: slot.base..slot.base + slot.len, nic: nic.clone() }));
             nics.push(nic);
         }
         let rx = if nics.is_empty() { None } else { Some(RxThread::start(nics.clone()).map_err(NicError::Watch)?) };
-        Ok((Nics { nics, _rx: rx }, devices))
+        Ok((Nics { nics: Arc::from(nics), _rx: rx }, devices))
     }
 }
 
@@ -91,21 +105,21 @@ fn lock(nic: &Nic) -> MutexGuard<'_, MmioTransport<Net>> {
 
 /// The attached NICs. Dropping it stops the receiving thread.
 pub struct Nics {
-    nics: Vec<Nic>,
+    nics: Arc<[Nic]>,
     _rx: Option<RxThread>,
 }
 
 impl Nics {
     /// Stops handing frames to the guest; returns once no frame is being handed.
     pub fn pause(&self) {
-        for nic in &self.nics {
+        for nic in self.nics.iter() {
             lock(nic).device_mut().set_paused(true);
         }
     }
 
     /// Hands the guest what arrived while paused, and what arrives from now on.
     pub fn resume(&self) {
-        for nic in &self.nics {
+        for nic in self.nics.iter() {
             let mut nic = lock(nic);
             nic.device_mut().set_paused(false);
             nic.process_queue(RX);
@@ -115,6 +129,88 @@ impl Nics {
     pub fn stats(&self) -> Vec<NetStats> {
         self.nics.iter().map(|nic| lock(nic).device().stats()).collect()
     }
+
+    pub fn output(&self) -> FrameOutput {
+        FrameOutput(self.nics.clone())
+    }
+}
+
+/// The frames every NIC holds per epoch, for replication: the same calls as the
+/// console's gate, from the threads replication runs on (the VM's at the pause, the
+/// link's on an acknowledgement).
+#[derive(Clone)]
+pub struct FrameOutput(Arc<[Nic]>);
+
+impl FrameOutput {
+    /// Holds frames from now on, as part of `epoch` onwards.
+    pub fn protect(&self, epoch: u64) {
+        self.0.iter().for_each(|nic| lock(nic).device_mut().protect(epoch));
+    }
+
+    /// Sends everything held, and every frame from now on at once.
+    pub fn unprotect(&self) {
+        self.0.iter().for_each(|nic| lock(nic).device_mut().unprotect());
+    }
+
+    pub fn seal(&self, epoch: u64) {
+        self.0.iter().for_each(|nic| lock(nic).device_mut().seal(epoch));
+    }
+
+    /// Sends the frames of epochs up to `epoch`; returns how many went.
+    pub fn commit(&self, epoch: u64) -> usize {
+        self.0.iter().map(|nic| lock(nic).device_mut().commit(epoch)).sum()
+    }
+
+    /// The frames held for epochs `from..=through`, each with its NIC's index.
+    pub fn held(&self, from: u64, through: u64) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (i, nic) in self.0.iter().enumerate() {
+            out.extend(lock(nic).device().held(from, through).into_iter().map(|f| (i as u8, f)));
+        }
+        out
+    }
+
+    /// Whether frames wait for the next epoch to be cut before they can go.
+    pub fn waiting_for_epoch(&self) -> bool {
+        self.0.iter().any(|nic| lock(nic).device().waiting_for_epoch())
+    }
+}
+
+impl Taps {
+    /// Sends `frame` (led by its virtio-net header) on NIC `nic`'s TAP before the VM
+    /// runs: a standby taking over sends the frames the primary may not have.
+    pub fn send(&self, nic: u8, frame: &[u8]) -> Result<(), NicError> {
+        let (_, tap) = self.0.get(usize::from(nic)).ok_or(NicError::NoSuchNic(nic))?;
+        tap.send(frame).map(drop).map_err(|e| NicError::Send(tap.name().to_string(), e))
+    }
+
+    /// Tells the network that each NIC's MAC is behind this host's TAP now: a RARP
+    /// broadcast from the MAC, as QEMU announces a migrated guest, which switches and
+    /// bridges learn the new port from.
+    pub fn announce(&self) {
+        for (mac, tap) in &self.0 {
+            if let Err(e) = tap.send(&rarp(*mac)) {
+                tracing::warn!("announcing {mac} on {}: {e}", tap.name());
+            }
+        }
+    }
+}
+
+/// A RARP request ("who has this MAC?") broadcast from `mac`, led by an empty
+/// virtio-net header and padded to Ethernet's 60-byte minimum.
+fn rarp(mac: MacAddr) -> Vec<u8> {
+    let mut f = vec![0u8; crate::net::tap::VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&0x8035u16.to_be_bytes());
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, op 3 (reverse request).
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 3]);
+    for _ in 0..2 {
+        f.extend_from_slice(&mac.0);
+        f.extend_from_slice(&[0; 4]);
+    }
+    f.resize(crate::net::tap::VNET_HDR_LEN + 60, 0);
+    f
 }
 
 /// A NIC on the bus: the vCPUs reach it here, the receiving thread through its own
