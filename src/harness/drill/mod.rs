@@ -19,6 +19,7 @@ use crate::harness::proc::{threads, Proc, REAP_LIMIT};
 
 pub(crate) mod check;
 mod client;
+mod net;
 pub mod net_client;
 
 use client::Client;
@@ -37,8 +38,10 @@ pub struct DrillArgs {
     /// Number of runs.
     #[arg(long, default_value_t = 1)]
     runs: u32,
-    /// The guest's workload: `ticker` (a numbered line every 100 ms) or `dirty`
-    /// (writes memory at --dirty-mib MiB/s and checks it every second).
+    /// The guest's workload: `ticker` (a numbered line every 100 ms), `dirty`
+    /// (writes memory at --dirty-mib MiB/s and checks it every second) or `net` (a
+    /// client holds a TCP connection to the guest through its NIC; --kill-at then
+    /// takes MS, random, download, after-release or idle).
     #[arg(long, default_value = "ticker")]
     workload: String,
     /// For the dirty workload: MiB written per second.
@@ -120,8 +123,8 @@ fn parse_kill(text: &str, rng: &mut u64) -> Result<Kill> {
 }
 
 pub fn run(args: &DrillArgs) -> Result<u8> {
-    if !["ticker", "dirty"].contains(&args.workload.as_str()) {
-        bail!("--workload must be ticker or dirty, got {:?}", args.workload);
+    if !["ticker", "dirty", "net"].contains(&args.workload.as_str()) {
+        bail!("--workload must be ticker, dirty or net, got {:?}", args.workload);
     }
     if args.runs == 0 || args.runs > 100 {
         bail!("--runs must be between 1 and 100, got {}", args.runs);
@@ -131,7 +134,11 @@ pub fn run(args: &DrillArgs) -> Result<u8> {
     }) | 1;
     // Checked before anything starts, so a typo fails at once.
     for k in &args.kill_at {
-        parse_kill(k, &mut rng.clone())?;
+        if args.workload == "net" {
+            net::parse(k, &mut rng.clone())?;
+        } else {
+            parse_kill(k, &mut rng.clone())?;
+        }
     }
     if !args.here {
         return in_lab(args, rng);
@@ -141,9 +148,13 @@ pub fn run(args: &DrillArgs) -> Result<u8> {
     let mut passed = 0;
     let mut failed = Vec::new();
     for n in 1..=args.runs {
-        let kill = parse_kill(&args.kill_at[(n as usize - 1) % args.kill_at.len()], &mut rng)?;
+        let kill_at = &args.kill_at[(n as usize - 1) % args.kill_at.len()];
         stalls.reset();
-        let result = one_run(args, &images, n, kill);
+        let result = if args.workload == "net" {
+            net::parse(kill_at, &mut rng).and_then(|kill| net::one_run(args, &images, n, kill))
+        } else {
+            parse_kill(kill_at, &mut rng).and_then(|kill| one_run(args, &images, n, kill))
+        };
         let stall = stalls.worst();
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -176,8 +187,9 @@ pub fn run(args: &DrillArgs) -> Result<u8> {
         verdict(args.runs, n, passed, &failed);
     }
     println!(
-        "drill: {passed}/{} runs kept continuity (no line lost or repeated){}",
+        "drill: {passed}/{} runs kept {}{}",
         args.runs,
+        if args.workload == "net" { "the connection (no reply lost, repeated or out of order, no reset)" } else { "continuity (no line lost or repeated)" },
         if passed == args.runs { "" } else { ": FAILED" }
     );
     Ok(if passed == args.runs { 0 } else { 1 })
@@ -496,8 +508,8 @@ fn finish(n: u32, primary: &mut Proc, standby: &mut Proc, verdict: Result<String
     };
     let takeover = standby.event("took_over").map(|e| {
         format!(
-            "took over as primary: generation={} epoch={} unreleased_output_bytes={} detection_ms={} resume_ms={:.1}",
-            e["generation"], e["epoch"], e["unreleased_output_bytes"], e["detection_ms"], e["resume_ms"].as_f64().unwrap_or(0.0)
+            "took over as primary: generation={} epoch={} unreleased_output_bytes={} unreleased_frames={} detection_ms={} resume_ms={:.1}",
+            e["generation"], e["epoch"], e["unreleased_output_bytes"], e["unreleased_frames"], e["detection_ms"], e["resume_ms"].as_f64().unwrap_or(0.0)
         )
     });
     let line = format!(

@@ -1,0 +1,254 @@
+//! The network drill (`tandem drill --workload net`): the guest serves numbered
+//! requests and a file over TCP through its NIC, a client on the host holds one
+//! connection to it, and the primary is killed. The verdict requires the same
+//! connection to carry on on the standby with no reply lost, repeated or out of order
+//! and no reset; with `download`, an HTTP download that spans the takeover must
+//! arrive whole, its hash the one the client computes itself.
+//!
+//! Primary and standby each have their own TAP, both on one host bridge that carries
+//! the client's address: the two hosts' ports on one network segment. (Network
+//! namespaces for each host and the client, and the replication link across them,
+//! are still to come: the lab's busybox cannot make veth pairs.)
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::net_client::{self, NetClientArgs};
+use super::{finish, DrillArgs, Outcome};
+use crate::harness::proc::{threads, Proc};
+
+const BRIDGE: &str = "tdbr0";
+const HOST_IP: &str = "10.77.0.1/24";
+const GUEST_IP: &str = "10.77.0.2";
+const MAC: &str = "52:54:00:77:00:02";
+const SERVER_PORT: u16 = 7000;
+/// The size of the guest's /blob (tandem-work blob --mib 8).
+const BLOB_MIB: u64 = 8;
+
+/// When the primary dies, for the network workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NetKill {
+    /// This long after the client's first request.
+    After(Duration),
+    /// A second into an HTTP download of the guest's blob.
+    Download,
+    /// Right after the primary released an epoch's output (a commit).
+    AfterRelease,
+    /// Between two requests a second apart: nothing in flight either way.
+    Idle,
+}
+
+pub(super) fn parse(text: &str, rng: &mut u64) -> Result<NetKill> {
+    Ok(match text {
+        "random" => {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            NetKill::After(Duration::from_millis(*rng % 6000))
+        }
+        "download" => NetKill::Download,
+        "after-release" => NetKill::AfterRelease,
+        "idle" => NetKill::Idle,
+        other => NetKill::After(Duration::from_millis(other.parse().with_context(|| {
+            format!("--kill-at {other:?}: for the net workload, expected a number of ms, random, download, after-release or idle")
+        })?)),
+    })
+}
+
+/// Runs `cmd`, or when its program is missing or fails, `fallback` (busybox spells
+/// some of iproute2's commands differently).
+fn sh(cmd: &[&str], fallback: Option<&[&str]>) -> Result<()> {
+    let run = |c: &[&str]| Command::new(c[0]).args(&c[1..]).output().ok().filter(|o| o.status.success());
+    if run(cmd).is_some() || fallback.is_some_and(|f| run(f).is_some()) {
+        return Ok(());
+    }
+    bail!("cannot set up the drill's network: `{}` failed (the drill needs root and iproute2 or busybox)", cmd.join(" "))
+}
+
+/// The host bridge the two hosts' TAPs join, with the client's address.
+fn bridge() -> Result<()> {
+    if Path::new("/sys/class/net").join(BRIDGE).exists() {
+        return Ok(());
+    }
+    sh(&["ip", "link", "add", BRIDGE, "type", "bridge"], Some(&["brctl", "addbr", BRIDGE]))?;
+    sh(&["ip", "addr", "add", HOST_IP, "dev", BRIDGE], None)?;
+    sh(&["ip", "link", "set", BRIDGE, "up"], None)
+}
+
+/// A TAP on the bridge, removed when dropped.
+struct Port(String);
+
+impl Port {
+    fn new(name: String) -> Result<Self> {
+        sh(&["ip", "tuntap", "add", &name, "mode", "tap"], Some(&["tunctl", "-t", &name]))?;
+        let port = Self(name);
+        sh(&["ip", "link", "set", &port.0, "master", BRIDGE], Some(&["brctl", "addif", BRIDGE, &port.0]))?;
+        sh(&["ip", "link", "set", &port.0, "up"], None)?;
+        Ok(port)
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "tuntap", "del", &self.0, "mode", "tap"], Some(&["tunctl", "-d", &self.0]));
+    }
+}
+
+/// Downloads the guest's blob over HTTP; returns its SHA-256 and how long it took.
+fn download(to: SocketAddr) -> Result<(String, Duration)> {
+    let began = Instant::now();
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(b"GET /blob HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).context("reading the download")?;
+    let body = all.windows(4).position(|w| w == b"\r\n\r\n").map(|i| &all[i + 4..]).context("no HTTP header in the download")?;
+    Ok((sha256(body), began.elapsed()))
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of what `tandem-work blob` writes, computed here.
+fn blob_sha256() -> String {
+    let words = BLOB_MIB * 1024 * 1024 / 8;
+    let bytes: Vec<u8> = (0..words).flat_map(|i| splitmix(i).to_le_bytes()).collect();
+    sha256(&bytes)
+}
+
+fn splitmix(n: u64) -> u64 {
+    let mut x = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) -> Result<Outcome> {
+    bridge()?;
+    let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (pkeys, skeys) = (dir.join("primary-keys"), dir.join("standby-keys"));
+    tandem_replication::tls::keygen(&pkeys)?;
+    tandem_replication::tls::keygen(&skeys)?;
+    let (port_a, port_b) = (Port::new(format!("tda{n}"))?, Port::new(format!("tdb{n}"))?);
+    let addr = format!("127.0.0.1:{}", 7100 + n);
+    let path = |p: PathBuf| p.display().to_string();
+    let timeout = args.timeout_ms.to_string();
+    let standby_args = vec![
+        "standby".to_string(), "--listen".into(), addr.clone(),
+        "--key".into(), path(skeys.join("key.pem")), "--peer-cert".into(), path(pkeys.join("cert.pem")),
+        "--state-dir".into(), path(dir.join("standby-state")), "--timeout-ms".into(), timeout.clone(),
+        "--mem-mib=256".into(), "--net".into(), format!("tap={},mac={MAC}", port_b.0),
+    ];
+    let primary_args = vec![
+        "primary".to_string(), "--standby".into(), addr,
+        "--key".into(), path(pkeys.join("key.pem")), "--peer-cert".into(), path(skeys.join("cert.pem")),
+        "--timeout-ms".into(), timeout, "--epoch-ms".into(), args.epoch_ms.to_string(),
+        "--kernel".into(), path(images.join(&args.kernel)), "--initrd".into(), path(images.join("guest-initrd.cpio")),
+        "--net".into(), format!("tap={},mac={MAC}", port_a.0),
+        "--append".into(), format!("quiet tandem.workload=net tandem.ip={GUEST_IP}/24"),
+    ];
+    let mut standby = Proc::start(&standby_args, &dir, "standby")?;
+    if !standby.wait_for("standing_by", Duration::from_secs(30)) {
+        bail!("the standby did not start:\n{}", standby.log());
+    }
+    let mut primary = Proc::start(&primary_args, &dir, "primary")?;
+    let listening = Instant::now() + Duration::from_secs(240);
+    let ready = primary.wait_for("protected", Duration::from_secs(120)) && loop {
+        if primary.console().contains("TANDEM-NET-LISTENING") {
+            break true;
+        }
+        if Instant::now() > listening || primary.event("vm_ended").is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if !ready {
+        let why = format!("the guest's server never listened behind a protected primary{}", threads(&mut primary.child));
+        return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
+    }
+    let server: SocketAddr = format!("{GUEST_IP}:{SERVER_PORT}").parse()?;
+    let client_args = NetClientArgs {
+        to: server,
+        every_ms: if kill == NetKill::Idle { 1000 } else { 50 },
+        // Long enough to go on well past the takeover.
+        seconds: 8 + 2 * args.timeout_ms.div_ceil(1000),
+        reply_timeout_s: 60,
+    };
+    let client = std::thread::spawn(move || net_client::hold(&client_args));
+    let began = Instant::now();
+    let fetch = (kill == NetKill::Download).then(|| {
+        let server: SocketAddr = format!("{GUEST_IP}:80").parse().expect("a literal address");
+        std::thread::spawn(move || download(server))
+    });
+    let killed_at = match kill {
+        NetKill::After(d) => {
+            std::thread::sleep(d);
+            format!("{} ms into the connection", d.as_millis())
+        }
+        NetKill::Download => {
+            std::thread::sleep(Duration::from_secs(1));
+            "a second into an HTTP download of the 8 MiB blob".to_string()
+        }
+        NetKill::Idle => {
+            std::thread::sleep(Duration::from_millis(2500));
+            "between two requests a second apart".to_string()
+        }
+        NetKill::AfterRelease => {
+            std::thread::sleep(Duration::from_millis(1500));
+            let seen = primary.events().iter().filter(|e| e["event"] == "released").count();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while primary.events().iter().filter(|e| e["event"] == "released").count() == seen && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            "right after a release".to_string()
+        }
+    };
+    let _ = primary.child.kill();
+    let fetched_before_kill = fetch.as_ref().map(|f| f.is_finished());
+    let took_over = standby.wait_for("took_over", Duration::from_secs(60));
+    let verdict = client.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+    let mut result = if !took_over {
+        Err(format!("no takeover; the client saw: {verdict}"))
+    } else if !verdict.kept() {
+        Err(format!("the connection did not survive: {verdict}"))
+    } else {
+        Ok(format!("the connection survived: {verdict} (the client's longest wait, the takeover's gap)"))
+    };
+    if let Some(fetch) = fetch {
+        let got = fetch.join().map_err(|_| anyhow::anyhow!("the download thread panicked"))?;
+        result = match (result, got) {
+            (Ok(v), Ok((hash, took))) if hash == blob_sha256() => Ok(format!(
+                "{v}; the download across the takeover arrived whole in {:.1} s{}",
+                took.as_secs_f64(),
+                if fetched_before_kill == Some(true) { " (but it had ended before the kill)" } else { "" }
+            )),
+            (Ok(_), Ok((hash, _))) => Err(format!("the download arrived with hash {hash}, not the blob's")),
+            (Ok(_), Err(e)) => Err(format!("the download failed: {e:#}")),
+            (Err(e), _) => Err(e),
+        };
+    }
+    tracing::debug!(elapsed_ms = began.elapsed().as_millis() as u64, "network drill run judged");
+    let outcome = finish(n, &mut primary, &mut standby, result, &killed_at);
+    drop((primary, standby, port_a, port_b));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_blob_hash_is_the_guests() {
+        // What `tandem-work blob --mib 8 | sha256sum` printed in the lab.
+        assert_eq!(blob_sha256(), "476b47ea0a054241a97dd829c6aaf2f71927325a8c4fc8777c5456cc7a519049");
+    }
+}
