@@ -130,3 +130,20 @@ fn a_vm_with_a_nic_restores_identically_and_keeps_its_connection() {
         assert_eq!(section(run, "new connection"), [reply(4)], "{}", run.dump());
     });
 }
+
+/// `tandem drill --workload net` at eight kill points: the client's one TCP connection
+/// to the guest goes on on the standby with every reply in order, and an HTTP download
+/// cut by the kill arrives whole.
+#[test]
+fn a_clients_connection_survives_the_primarys_death_at_eight_kill_points() {
+    let kills = "500,download,after-release,idle,2500,download,after-release,random";
+    common::drill(&[], &["--workload", "net", "--runs", "8", "--kill-at", kills, "--seed", "7"], |run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        let kept: Vec<&str> = run.lines().filter(|l| l.starts_with("run ") && l.contains("the connection survived")).collect();
+        assert_eq!(kept.len(), 8, "{}", run.dump());
+        // Every kill came after the guest's server had answered, and a takeover followed.
+        assert!(kept.iter().all(|l| l.contains("took over as primary")), "{}", run.dump());
+        assert_eq!(kept.iter().filter(|l| l.contains("the download across the takeover arrived whole")).count(), 2, "{}", run.dump());
+        assert!(run.says("drill: 8/8 runs kept the connection"), "{}", run.dump());
+    });
+}

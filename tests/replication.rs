@@ -5,41 +5,8 @@
 
 mod common;
 
-use common::{checked, lab, lab_ready, tandem_env, LabFacts, Run};
+use common::{drill, lab, Run};
 use serde_json::Value;
-
-/// Runs `tandem drill ARGS --show-consoles` (it starts its own lab), checked by
-/// `check`. The drill never repeats a run itself; its verdict line names each failed
-/// run's fault signature, and only a failure whose every run is a guest triple fault
-/// may be retried (see `common::checked`). `env` goes to the drill and the hosts it
-/// starts: with `RUST_LOG=off` no log is written at all, and the verdict must not care.
-fn drill(env: &[(&str, &str)], args: &[&str], check: impl Fn(&Run)) {
-    checked(
-        || {
-            let _lab = lab_ready();
-            let mut all = vec!["drill", "--show-consoles"];
-            all.extend_from_slice(args);
-            let run = tandem_env(env, &all);
-            let verdicts: Vec<Value> = run
-                .stdout
-                .lines()
-                .filter_map(|l| l.strip_prefix("drill-verdict: "))
-                .filter_map(|j| serde_json::from_str(j).ok())
-                .collect();
-            let last = verdicts.iter().rev().find(|v| v.get("done").is_some()).cloned().unwrap_or_default();
-            let failed = last["failed"].as_array().cloned().unwrap_or_default();
-            let facts = LabFacts {
-                drill_failures_all_triple_faults: !failed.is_empty()
-                    && failed.iter().all(|f| f["signature"] == "guest_triple_fault"),
-                // Only a freeze with no failed run before it excuses the drill.
-                frozen: failed.is_empty() && verdicts.iter().any(|v| v["lab_fault"] == "frozen"),
-                ..LabFacts::default()
-            };
-            (run, facts)
-        },
-        check,
-    );
-}
 
 /// The events one host of run `n` wrote (`who`: primary or standby).
 fn events(run: &Run, n: u32, who: &str) -> Vec<Value> {

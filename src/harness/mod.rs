@@ -6,5 +6,6 @@
 pub mod bench;
 pub mod drill;
 pub mod lab;
+mod netlab;
 mod proc;
 mod watchdog;

@@ -5,6 +5,7 @@
 
 mod boot;
 mod encoding;
+mod net;
 mod pipeline;
 mod qmp;
 mod replicate;
@@ -61,6 +62,13 @@ pub enum BenchCmd {
     /// The part of `bench replicate` that runs inside the lab.
     #[command(hide = true)]
     ReplicateInLab(replicate::ReplicateArgs),
+    /// A guest's network as its clients see it: round-trip time (p50, p99) on one TCP
+    /// connection and HTTP download throughput, for QEMU microvm (-netdev tap), tandem
+    /// and a replicated tandem primary, in one lab run.
+    Net(net::NetArgs),
+    /// The part of `bench net` that runs inside the lab.
+    #[command(hide = true)]
+    NetInLab(net::NetArgs),
     /// Takeovers on this host with the micro guest on its /dev/kvm, no lab: detection,
     /// resume (and its parts) and the gap a console reader sees, at several guest
     /// sizes; beside building the VM after deciding and copying the image.
@@ -78,6 +86,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Replicate(args) => replicate::via_lab(&args),
         BenchCmd::ReplicateInLab(args) => replicate::in_lab(&args),
         BenchCmd::Takeover(args) => takeover::run(&args),
+        BenchCmd::Net(args) => net::via_lab(&args),
+        BenchCmd::NetInLab(args) => net::in_lab(&args),
     }
 }
 

@@ -10,25 +10,16 @@
 //! namespaces for each host and the client, and the replication link across them,
 //! are still to come: the lab's busybox cannot make veth pairs.)
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::net_client::{self, NetClientArgs};
+use super::net_client::{self, blob_sha256, download, NetClientArgs};
 use super::{finish, DrillArgs, Outcome};
+use crate::harness::netlab::{bridge, Port, GUEST_IP, MAC, SERVER_PORT};
 use crate::harness::proc::{threads, Proc};
-
-const BRIDGE: &str = "tdbr0";
-const HOST_IP: &str = "10.77.0.1/24";
-const GUEST_IP: &str = "10.77.0.2";
-const MAC: &str = "52:54:00:77:00:02";
-const SERVER_PORT: u16 = 7000;
-/// The size of the guest's /blob (tandem-work blob --mib 8).
-const BLOB_MIB: u64 = 8;
 
 /// When the primary dies, for the network workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,75 +49,6 @@ pub(super) fn parse(text: &str, rng: &mut u64) -> Result<NetKill> {
             format!("--kill-at {other:?}: for the net workload, expected a number of ms, random, download, after-release or idle")
         })?)),
     })
-}
-
-/// Runs `cmd`, or when its program is missing or fails, `fallback` (busybox spells
-/// some of iproute2's commands differently).
-fn sh(cmd: &[&str], fallback: Option<&[&str]>) -> Result<()> {
-    let run = |c: &[&str]| Command::new(c[0]).args(&c[1..]).output().ok().filter(|o| o.status.success());
-    if run(cmd).is_some() || fallback.is_some_and(|f| run(f).is_some()) {
-        return Ok(());
-    }
-    bail!("cannot set up the drill's network: `{}` failed (the drill needs root and iproute2 or busybox)", cmd.join(" "))
-}
-
-/// The host bridge the two hosts' TAPs join, with the client's address.
-fn bridge() -> Result<()> {
-    if Path::new("/sys/class/net").join(BRIDGE).exists() {
-        return Ok(());
-    }
-    sh(&["ip", "link", "add", BRIDGE, "type", "bridge"], Some(&["brctl", "addbr", BRIDGE]))?;
-    sh(&["ip", "addr", "add", HOST_IP, "dev", BRIDGE], None)?;
-    sh(&["ip", "link", "set", BRIDGE, "up"], None)
-}
-
-/// A TAP on the bridge, removed when dropped.
-struct Port(String);
-
-impl Port {
-    fn new(name: String) -> Result<Self> {
-        sh(&["ip", "tuntap", "add", &name, "mode", "tap"], Some(&["tunctl", "-t", &name]))?;
-        let port = Self(name);
-        sh(&["ip", "link", "set", &port.0, "master", BRIDGE], Some(&["brctl", "addif", BRIDGE, &port.0]))?;
-        sh(&["ip", "link", "set", &port.0, "up"], None)?;
-        Ok(port)
-    }
-}
-
-impl Drop for Port {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "tuntap", "del", &self.0, "mode", "tap"], Some(&["tunctl", "-d", &self.0]));
-    }
-}
-
-/// Downloads the guest's blob over HTTP; returns its SHA-256 and how long it took.
-fn download(to: SocketAddr) -> Result<(String, Duration)> {
-    let began = Instant::now();
-    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    s.write_all(b"GET /blob HTTP/1.0\r\nHost: guest\r\n\r\n")?;
-    let mut all = Vec::new();
-    s.read_to_end(&mut all).context("reading the download")?;
-    let body = all.windows(4).position(|w| w == b"\r\n\r\n").map(|i| &all[i + 4..]).context("no HTTP header in the download")?;
-    Ok((sha256(body), began.elapsed()))
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The SHA-256 of what `tandem-work blob` writes, computed here.
-fn blob_sha256() -> String {
-    let words = BLOB_MIB * 1024 * 1024 / 8;
-    let bytes: Vec<u8> = (0..words).flat_map(|i| splitmix(i).to_le_bytes()).collect();
-    sha256(&bytes)
-}
-
-fn splitmix(n: u64) -> u64 {
-    let mut x = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) -> Result<Outcome> {
@@ -247,8 +169,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_blob_hash_is_the_guests() {
-        // What `tandem-work blob --mib 8 | sha256sum` printed in the lab.
-        assert_eq!(blob_sha256(), "476b47ea0a054241a97dd829c6aaf2f71927325a8c4fc8777c5456cc7a519049");
+    fn kill_points_parse() {
+        let mut rng = 7;
+        assert_eq!(parse("download", &mut rng).unwrap(), NetKill::Download);
+        assert_eq!(parse("250", &mut rng).unwrap(), NetKill::After(Duration::from_millis(250)));
+        assert!(matches!(parse("random", &mut rng).unwrap(), NetKill::After(d) if d < Duration::from_secs(6)));
+        assert!(parse("mid-epoch", &mut rng).is_err());
     }
 }

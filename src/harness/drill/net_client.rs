@@ -4,7 +4,7 @@
 //! outlived what happened to the guest's host, with no reply lost, repeated, out of
 //! order or wrong, and no reset; and the longest the client waited between replies.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -27,13 +27,68 @@ pub struct NetClientArgs {
     pub reply_timeout_s: u64,
 }
 
-/// What the guest's server answers to request `n`: tandem-work's splitmix64 finaliser.
-pub fn reply(n: u64) -> String {
+/// The size of the guest's /blob (tandem-work blob --mib 8).
+const BLOB_MIB: u64 = 8;
+
+/// tandem-work's splitmix64 finaliser.
+fn mix64(n: u64) -> u64 {
     let mut x = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    format!("{n} {:016x}", x ^ (x >> 31))
+    x ^ (x >> 31)
 }
+
+/// What the guest's server answers to request `n`.
+pub fn reply(n: u64) -> String {
+    format!("{n} {:016x}", mix64(n))
+}
+
+/// Sends `count` requests on one connection, each after the last one's reply: the
+/// round-trip times.
+pub fn round_trips(to: SocketAddr, count: u32) -> Result<Vec<Duration>> {
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(10)).with_context(|| format!("connecting to {to}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut times = Vec::with_capacity(count as usize);
+    let mut line = String::new();
+    for n in 1..=u64::from(count) {
+        let sent = Instant::now();
+        writer.write_all(format!("{n}\n").as_bytes())?;
+        line.clear();
+        reader.read_line(&mut line)?;
+        if line.trim_end() != reply(n) {
+            bail!("request {n} was answered {:?}", line.trim_end());
+        }
+        times.push(sent.elapsed());
+    }
+    Ok(times)
+}
+
+/// Downloads the guest's blob over HTTP; returns its SHA-256 and how long it took.
+pub fn download(to: SocketAddr) -> Result<(String, Duration)> {
+    let began = Instant::now();
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(b"GET /blob HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).context("reading the download")?;
+    let body = all.windows(4).position(|w| w == b"\r\n\r\n").map(|i| &all[i + 4..]).context("no HTTP header in the download")?;
+    Ok((sha256(body), began.elapsed()))
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of what `tandem-work blob` writes, computed here.
+pub fn blob_sha256() -> String {
+    let words = BLOB_MIB * 1024 * 1024 / 8;
+    let bytes: Vec<u8> = (0..words).flat_map(|i| mix64(i).to_le_bytes()).collect();
+    sha256(&bytes)
+}
+
 
 /// How the replies compare with the requests.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -168,5 +223,11 @@ mod tests {
         let v = Verdict::of(2, &[r(1, 0), r(2, 1)], Some("reset".into()));
         assert!(!v.kept());
         assert_eq!(reply(1), "1 910a2dec89025cc1");
+    }
+
+    #[test]
+    fn the_blob_hash_is_the_guests() {
+        // What `tandem-work blob --mib 8 | sha256sum` printed in the lab.
+        assert_eq!(blob_sha256(), "476b47ea0a054241a97dd829c6aaf2f71927325a8c4fc8777c5456cc7a519049");
     }
 }
