@@ -53,3 +53,17 @@ impl Drop for Port {
     }
 }
 
+
+/// The bridge port (its TAP's name) where the bridge last saw frames from `mac`: its
+/// forwarding database, as /sys gives it (`struct __fdb_entry`, 16 bytes each).
+pub(crate) fn port_of(mac: &str) -> Option<String> {
+    let mac: Vec<u8> = mac.split(':').map(|b| u8::from_str_radix(b, 16).ok()).collect::<Option<_>>()?;
+    let fdb = std::fs::read(Path::new("/sys/class/net").join(BRIDGE).join("brforward")).ok()?;
+    let entry = fdb.chunks_exact(16).find(|e| e[..6] == mac[..] && e[7] == 0)?;
+    let port = u16::from(entry[12]) << 8 | u16::from(entry[6]);
+    let ports = std::fs::read_dir(Path::new("/sys/class/net").join(BRIDGE).join("brif")).ok()?;
+    ports.flatten().find_map(|p| {
+        let no = std::fs::read_to_string(p.path().join("port_no")).ok()?;
+        (u16::from_str_radix(no.trim().trim_start_matches("0x"), 16).ok()? == port).then(|| p.file_name().to_string_lossy().into_owned())
+    })
+}

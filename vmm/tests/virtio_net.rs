@@ -196,3 +196,58 @@ fn a_frame_sent_to_the_tap_lands_in_the_guests_buffer() {
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
     assert!(t.device().stats().rx_frames >= 1);
 }
+
+/// The frames of `ETHERTYPE` that reach the host's end within `wait`, by their last
+/// byte.
+fn frames_out(host: &OwnedFd, wait: Duration) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 2048];
+    let start = Instant::now();
+    while start.elapsed() < wait {
+        // SAFETY: recv writes at most buf.len() bytes into buf, during the call only.
+        let n = unsafe { libc::recv(host.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 14 && buf[12..14] == ETHERTYPE {
+            seen.push(buf[n as usize - 1]);
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_protected_nic_holds_each_frame_until_its_epoch_is_committed() {
+    let tap = MadeTap::new("h");
+    let host = packet_socket(&tap.0);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+    let mut t = transport(&tap, &mem);
+    t.device_mut().protect(1);
+    let send = |t: &mut MmioTransport<Net>, nth: u16| {
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&GUEST_MAC);
+        frame.extend_from_slice(&ETHERTYPE);
+        frame.extend_from_slice(&[b'x'; 40]);
+        frame.push(nth as u8);
+        let at = 0x80000 + 0x1000 * u64::from(nth);
+        mem.write_slice(&frame, GuestAddress(at)).unwrap();
+        offer(&mem, TX as u64, nth, at, frame.len() as u32, false);
+        t.mmio_write(BASE + 0x050, &(TX as u32).to_le_bytes());
+    };
+    send(&mut t, 0);
+    send(&mut t, 1);
+    // Completed to the guest at once, but not on the wire.
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(0x20000 + 0x2002)).unwrap(), 2);
+    assert!(t.device().waiting_for_epoch());
+    t.device_mut().seal(1);
+    send(&mut t, 2);
+    assert_eq!(t.device().held(1, 1).len(), 2, "epoch 1's frames go to the standby with it");
+    assert!(frames_out(&host, Duration::from_millis(200)).is_empty(), "nothing before the standby has epoch 1");
+    assert_eq!(t.device_mut().commit(1), 2);
+    assert_eq!(frames_out(&host, Duration::from_millis(500)), [0, 1], "epoch 1's frames, in order");
+    // Frame 2 is epoch 2's; unprotected (the standby lost), it and later frames go.
+    t.device_mut().unprotect();
+    send(&mut t, 3);
+    assert_eq!(frames_out(&host, Duration::from_millis(500)), [2, 3]);
+    assert_eq!(t.device().stats().held_bytes, 0);
+}

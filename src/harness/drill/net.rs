@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 
 use super::net_client::{self, blob_sha256, download, NetClientArgs};
 use super::{finish, DrillArgs, Outcome};
-use crate::harness::netlab::{bridge, Port, GUEST_IP, MAC, SERVER_PORT};
+use crate::harness::netlab::{bridge, port_of, Port, GUEST_IP, MAC, SERVER_PORT};
 use crate::harness::proc::{threads, Proc};
 
 /// When the primary dies, for the network workload.
@@ -157,6 +157,13 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
             (Err(e), _) => Err(e),
         };
     }
+    // The network followed the move: the bridge sends the guest's frames to the
+    // standby's port now (the RARP it sent at takeover, and the guest's own frames).
+    result = match (result, port_of(MAC)) {
+        (Ok(v), Some(port)) if port == port_b.0 => Ok(format!("{v}; the bridge found {MAC} on the standby's {port}")),
+        (Ok(_), found) => Err(format!("after the takeover the bridge has {MAC} on {found:?}, not on the standby's {}", port_b.0)),
+        (Err(e), _) => Err(e),
+    };
     tracing::debug!(elapsed_ms = began.elapsed().as_millis() as u64, "network drill run judged");
     let outcome = finish(n, &mut primary, &mut standby, result, &killed_at);
     drop((primary, standby, port_a, port_b));
