@@ -386,6 +386,7 @@ impl Protector {
         // Encoded (compressed) with no lock held: the network thread takes the same lock
         // for every frame it handles, and must not wait for a large epoch's encoding.
         let (output_offset, output) = output;
+        let frame_count = held_frames.len();
         let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, output, output_offset, frames: held_frames, ..Epoch::default() };
         let encoded = ticket.encode(&mut epoch);
         if kind != Kind::Full {
@@ -417,7 +418,7 @@ impl Protector {
             self.outbox.send(Outgoing::Epoch { conn, number: sent, frames });
         }
         self.sent.record(pending);
-        tracing::debug!(epoch = number, pages, unchanged = unchanged.pages, bytes, wire, stopped_us = stopped.as_micros() as u64, "epoch queued");
+        tracing::debug!(epoch = number, pages, unchanged = unchanged.pages, frames = frame_count, bytes, wire, stopped_us = stopped.as_micros() as u64, "epoch queued");
         let stats = &mut self.stats;
         stats.unchanged += unchanged.pages as u64;
         stats.epochs += 1;

@@ -157,7 +157,10 @@ pub fn hold(args: &NetClientArgs) -> Result<Verdict> {
     if args.every_ms == 0 {
         bail!("--every-ms must be at least 1");
     }
-    let stream = TcpStream::connect_timeout(&args.to, Duration::from_secs(10)).with_context(|| format!("connecting to {}", args.to))?;
+    // A connection made after a kill waits out the takeover in its handshake: the gap
+    // counts from here.
+    let connecting = Instant::now();
+    let stream = TcpStream::connect_timeout(&args.to, Duration::from_secs(30)).with_context(|| format!("connecting to {}", args.to))?;
     stream.set_nodelay(true)?;
     let reader = BufReader::new(stream.try_clone()?);
     let (tx, rx) = channel();
@@ -196,7 +199,11 @@ pub fn hold(args: &NetClientArgs) -> Result<Verdict> {
     while broken.is_none() && (replies.len() as u64) < sent && Instant::now() < deadline {
         collect((Instant::now() + Duration::from_millis(100)).min(deadline), &mut replies, &mut broken);
     }
-    Ok(Verdict::of(sent, &replies, broken))
+    let mut verdict = Verdict::of(sent, &replies, broken);
+    if let Some((_, first)) = replies.first() {
+        verdict.gap = verdict.gap.max(*first - connecting);
+    }
+    Ok(verdict)
 }
 
 pub fn run(args: &NetClientArgs) -> Result<u8> {
