@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::lab;
+use common::{lab, section};
 
 const MAC: &str = "52:54:00:00:00:02";
 const GUEST_IP: &str = "10.0.0.2";
@@ -53,16 +53,6 @@ fn blob_sha256() -> String {
     }
     ctx.update(&chunk);
     ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The lines of `stdout` after the line `=== name` and before the next `===` line.
-fn section<'a>(run: &'a common::Run, name: &str) -> Vec<&'a str> {
-    run.stdout
-        .lines()
-        .skip_while(|l| l.trim() != format!("=== {name}"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("==="))
-        .collect()
 }
 
 #[test]

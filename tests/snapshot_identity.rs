@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::lab;
+use common::{lab, section};
 
 /// Lab memory for runs that hold several full 256 MiB snapshots in the lab's RAM disk.
 const LAB_MEM: &[&str] = &["--lab-mem-mib", "3072"];
@@ -16,16 +16,6 @@ fn restore_paused(chain: &str) -> String {
         "tandem restore --paused {chain} --control /tmp/ctl2 > /tmp/out2 2>&1 & pid=$!\n\
          n=0; while ! tandem ctl /tmp/ctl2 status >/dev/null 2>&1; do sleep 0.05; n=$((n+1)); [ $n -lt 1200 ] || exit 1; done\n"
     )
-}
-
-/// The lines of `stdout` after the line `=== name` and before the next `===` line.
-fn section<'a>(run: &'a common::Run, name: &str) -> Vec<&'a str> {
-    run.stdout
-        .lines()
-        .skip_while(|l| l.trim() != format!("=== {name}"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("==="))
-        .collect()
 }
 
 /// Asserts `tandem inspect --against` found the two snapshots identical.

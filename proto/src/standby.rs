@@ -384,7 +384,11 @@ mod tests {
     }
 
     fn commit_at(standby: &mut Standby, number: u64, kind: EpochKind, output_offset: u64, output: &[u8]) {
-        let epoch = Epoch { number, kind: Some(kind), state: vec![1], output: output.to_vec(), output_offset, ..Epoch::default() };
+        feed(standby, Epoch { number, kind: Some(kind), state: vec![1], output: output.to_vec(), output_offset, ..Epoch::default() });
+    }
+
+    /// Hands the standby every message of `epoch`, none of which may end the connection.
+    fn feed(standby: &mut Standby, epoch: Epoch) {
         for frame in epoch.frames(1).unwrap() {
             for event in standby.handle(frame) {
                 assert!(!matches!(event, Event::Close(_)), "{event:?}");
@@ -426,12 +430,7 @@ mod tests {
 
     fn commit_frames(standby: &mut Standby, number: u64, kind: EpochKind, frames: &[(u8, &[u8])]) {
         let frames = frames.iter().map(|(nic, f)| (*nic, f.to_vec())).collect();
-        let epoch = Epoch { number, kind: Some(kind), state: vec![1], frames, ..Epoch::default() };
-        for frame in epoch.frames(1).unwrap() {
-            for event in standby.handle(frame) {
-                assert!(!matches!(event, Event::Close(_)), "{event:?}");
-            }
-        }
+        feed(standby, Epoch { number, kind: Some(kind), state: vec![1], frames, ..Epoch::default() });
     }
 
     #[test]

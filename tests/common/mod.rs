@@ -280,3 +280,13 @@ pub fn drill(env: &[(&str, &str)], args: &[&str], check: impl Fn(&Run)) {
         check,
     );
 }
+
+/// The lines of `stdout` after the line `=== name` and before the next `===` line.
+pub fn section<'a>(run: &'a Run, name: &str) -> Vec<&'a str> {
+    run.stdout
+        .lines()
+        .skip_while(|l| l.trim() != format!("=== {name}"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("==="))
+        .collect()
+}

@@ -313,15 +313,21 @@ enum Signature {
     StuckProcess,
 }
 
-fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcome> {
-    // Each run its own port and directory: a process stuck in the kernel by an
-    // earlier one may still hold them.
+/// Run `n`'s own directory, with a key pair for each host in it: (the directory, the
+/// primary's keys, the standby's). Each run its own directory and ports: a process
+/// stuck in the kernel by an earlier run may still hold them.
+fn run_dir(n: u32) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let (pkeys, skeys) = (dir.join("primary-keys"), dir.join("standby-keys"));
     tandem_replication::tls::keygen(&pkeys)?;
     tandem_replication::tls::keygen(&skeys)?;
+    Ok((dir, pkeys, skeys))
+}
+
+fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcome> {
+    let (dir, pkeys, skeys) = run_dir(n)?;
     let addr = format!("127.0.0.1:{}", 7100 + n);
     let consoles: [std::net::SocketAddr; 2] = [([127, 0, 0, 1], 7300 + n as u16).into(), ([127, 0, 0, 1], 7500 + n as u16).into()];
     let path = |p: PathBuf| p.display().to_string();

@@ -53,12 +53,7 @@ pub(super) fn parse(text: &str, rng: &mut u64) -> Result<NetKill> {
 
 pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) -> Result<Outcome> {
     bridge()?;
-    let dir = std::env::temp_dir().join(format!("tandem-drill-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let (pkeys, skeys) = (dir.join("primary-keys"), dir.join("standby-keys"));
-    tandem_replication::tls::keygen(&pkeys)?;
-    tandem_replication::tls::keygen(&skeys)?;
+    let (dir, pkeys, skeys) = super::run_dir(n)?;
     let (port_a, port_b) = (Port::new(format!("tda{n}"))?, Port::new(format!("tdb{n}"))?);
     let addr = format!("127.0.0.1:{}", 7100 + n);
     let path = |p: PathBuf| p.display().to_string();
