@@ -195,6 +195,9 @@ pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Res
                         .take()
                         .ok_or_else(|| SnapshotError::Corrupt("the prepared VM was taken already".into()))?;
                     let vm = Vm::resume_prepared(prepared, ram, &state, taps, sink)?;
+                    // The guest's own gratuitous ARP, for peers that keep the address
+                    // and not just the port.
+                    vm.announce_nics();
                     let takeover = Takeover {
                         vm,
                         generation,

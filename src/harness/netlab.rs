@@ -67,3 +67,57 @@ pub(crate) fn port_of(mac: &str) -> Option<String> {
         (u16::from_str_radix(no.trim().trim_start_matches("0x"), 16).ok()? == port).then(|| p.file_name().to_string_lossy().into_owned())
     })
 }
+
+/// A raw socket on the bridge that sees its ARP traffic: how the drill knows the guest
+/// announced itself after a takeover.
+pub(crate) struct ArpWatch(std::os::fd::OwnedFd);
+
+impl ArpWatch {
+    pub(crate) fn open() -> Result<Self> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let index: i32 = std::fs::read_to_string(Path::new("/sys/class/net").join(BRIDGE).join("ifindex"))?.trim().parse()?;
+        let protocol = (libc::ETH_P_ARP as u16).to_be();
+        // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, i32::from(protocol)) };
+        if fd < 0 {
+            bail!("a packet socket on {BRIDGE}: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by socket(2) and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields used are set below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = protocol;
+        addr.sll_ifindex = index;
+        // SAFETY: bind reads one sockaddr_ll of the given size, during the call only.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) };
+        if rc != 0 {
+            bail!("binding a packet socket to {BRIDGE}: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self(fd))
+    }
+
+    /// Whether a gratuitous ARP (sender and target address both `ip`) from `mac` came
+    /// within `wait`.
+    pub(crate) fn saw_gratuitous(&self, mac: &str, ip: &str, wait: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let mac: Vec<u8> = mac.split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+        let Ok(ip) = ip.parse::<std::net::Ipv4Addr>() else { return false };
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 128];
+        while start.elapsed() < wait {
+            // SAFETY: recv writes at most buf.len() bytes into buf, during the call only.
+            let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 42 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+            // Ethernet (14 bytes), then ARP: sender MAC at 22, sender IP at 28, target IP at 38.
+            let arp = &buf[..n as usize];
+            if arp[12..14] == [0x08, 0x06] && arp[22..28] == mac[..] && arp[28..32] == ip.octets() && arp[38..42] == ip.octets() {
+                return true;
+            }
+        }
+        false
+    }
+}

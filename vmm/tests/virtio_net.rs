@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tandem_vmm::devices::serial::IrqTrigger;
 use tandem_vmm::devices::virtio::mmio::MmioTransport;
-use tandem_vmm::devices::virtio::net::{Net, RX, TX};
+use tandem_vmm::devices::virtio::net::{Net, CTRL, RX, TX};
 use tandem_vmm::devices::Device;
 use tandem_vmm::memory::GuestMemoryMmap;
 use tandem_vmm::net::tap::{Tap, VNET_HDR_LEN};
@@ -250,4 +250,81 @@ fn a_protected_nic_holds_each_frame_until_its_epoch_is_committed() {
     send(&mut t, 3);
     assert_eq!(frames_out(&host, Duration::from_millis(500)), [2, 3]);
     assert_eq!(t.device().stats().held_bytes, 0);
+}
+
+/// Puts a command on the control queue (queue 2, at 0x30000) as its `nth` entry: a
+/// readable descriptor with `command` at `data`, chained to a writable byte for the
+/// answer at `data + 0x100`.
+fn command(mem: &GuestMemoryMmap, nth: u16, data: u64, command: [u8; 2]) {
+    let base = 0x30000;
+    mem.write_slice(&command, GuestAddress(data)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(data + 0x100)).unwrap();
+    let (first, second) = (2 * nth % 8, 2 * nth % 8 + 1);
+    for (slot, addr, len, flags, next) in [(first, data, 2u32, 1u16, second), (second, data + 0x100, 1, 2, 0)] {
+        let desc = base + 16 * u64::from(slot);
+        mem.write_obj(addr, GuestAddress(desc)).unwrap();
+        mem.write_obj(len, GuestAddress(desc + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(desc + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(desc + 14)).unwrap();
+    }
+    mem.write_obj(first, GuestAddress(base + 0x1004 + 2 * u64::from(nth % 8))).unwrap();
+    mem.write_obj(nth.wrapping_add(1), GuestAddress(base + 0x1002)).unwrap();
+}
+
+#[test]
+fn after_a_takeover_the_driver_is_asked_to_announce_until_it_acknowledges() {
+    let tap = MadeTap::new("c");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+    let net = Net::new("net0", "52:54:00:12:34:56".parse().unwrap(), Tap::open(&tap.0).unwrap());
+    let mut t = MmioTransport::new(net, BASE, IrqTrigger::new(|| Ok(())), mem.clone()).unwrap();
+    let write = |t: &mut MmioTransport<Net>, offset: u64, value: u32| t.mmio_write(BASE + offset, &value.to_le_bytes());
+    let read = |t: &mut MmioTransport<Net>, offset: u64| {
+        let mut v = [0u8; 4];
+        t.mmio_read(BASE + offset, &mut v);
+        u32::from_le_bytes(v)
+    };
+    // MAC, STATUS, CTRL_VQ, GUEST_ANNOUNCE; VERSION_1.
+    write(&mut t, 0x070, 1 | 2);
+    for (sel, half) in [(0, (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21)), (1, 1)] {
+        write(&mut t, 0x024, sel);
+        write(&mut t, 0x020, half);
+    }
+    write(&mut t, 0x070, 1 | 2 | 8);
+    assert_eq!(read(&mut t, 0x070) & 8, 8, "the features are accepted");
+    for q in 0..3u32 {
+        let at = 0x10000 * (q + 1);
+        write(&mut t, 0x030, q);
+        write(&mut t, 0x038, 8);
+        for (reg, offset) in [(0x080, 0), (0x090, 0x1000), (0x0a0, 0x2000)] {
+            write(&mut t, reg, at + offset);
+            write(&mut t, reg + 4, 0);
+        }
+        write(&mut t, 0x044, 1);
+    }
+    write(&mut t, 0x070, 1 | 2 | 8 | 4);
+    let status = |t: &mut MmioTransport<Net>| {
+        let mut s = [0u8; 2];
+        t.mmio_read(BASE + 0x100 + 6, &mut s);
+        u16::from_le_bytes(s)
+    };
+    assert_eq!(status(&mut t), 1, "link up, nothing to announce");
+
+    let generation = read(&mut t, 0x0fc);
+    t.device_mut().announce();
+    t.config_changed();
+    assert_eq!(read(&mut t, 0x060) & 2, 2, "a configuration-change interrupt");
+    assert_ne!(read(&mut t, 0x0fc), generation);
+    assert_eq!(status(&mut t), 1 | 2, "link up, announce");
+
+    // A command the device does not offer is refused, and changes nothing.
+    command(&mem, 0, 0x90000, [0, 0]);
+    write(&mut t, 0x050, CTRL as u32);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x90100)).unwrap(), 1, "VIRTIO_NET_ERR");
+    assert_eq!(status(&mut t), 1 | 2);
+    // The acknowledgement ends the announcement.
+    command(&mem, 1, 0x90000, [3, 0]);
+    write(&mut t, 0x050, CTRL as u32);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x90100)).unwrap(), 0, "VIRTIO_NET_OK");
+    assert_eq!(status(&mut t), 1);
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(0x30000 + 0x2002)).unwrap(), 2, "both commands were used");
 }

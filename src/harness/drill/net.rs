@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 
 use super::net_client::{self, blob_sha256, download, NetClientArgs};
 use super::{finish, DrillArgs, Outcome};
-use crate::harness::netlab::{bridge, port_of, Port, GUEST_IP, MAC, SERVER_PORT};
+use crate::harness::netlab::{bridge, port_of, ArpWatch, Port, GUEST_IP, MAC, SERVER_PORT};
 use crate::harness::proc::{threads, Proc};
 
 /// When the primary dies, for the network workload.
@@ -128,9 +128,11 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
             "right after a release".to_string()
         }
     };
+    let arp = ArpWatch::open()?;
     let _ = primary.child.kill();
     let fetched_before_kill = fetch.as_ref().map(|f| f.is_finished());
     let took_over = standby.wait_for("took_over", Duration::from_secs(60));
+    let announced = took_over && arp.saw_gratuitous(MAC, GUEST_IP, Duration::from_secs(10));
     let verdict = client.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
     let mut result = if !took_over {
         Err(format!("no takeover; the client saw: {verdict}"))
@@ -155,7 +157,10 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
     // The network followed the move: the bridge sends the guest's frames to the
     // standby's port now (the RARP it sent at takeover, and the guest's own frames).
     result = match (result, port_of(MAC)) {
-        (Ok(v), Some(port)) if port == port_b.0 => Ok(format!("{v}; the bridge found {MAC} on the standby's {port}")),
+        (Ok(_), _) if !announced => Err(format!("the guest sent no gratuitous ARP for {GUEST_IP} after the takeover")),
+        (Ok(v), Some(port)) if port == port_b.0 => {
+            Ok(format!("{v}; the guest announced {GUEST_IP} and the bridge found {MAC} on the standby's {port}"))
+        }
         (Ok(_), found) => Err(format!("after the takeover the bridge has {MAC} on {found:?}, not on the standby's {}", port_b.0)),
         (Err(e), _) => Err(e),
     };

@@ -433,6 +433,11 @@ impl Vm {
         self.vcpus.resume();
     }
 
+    /// Has the guest announce itself on every NIC: a VM that now runs on another host.
+    pub fn announce_nics(&self) {
+        self.nics.announce();
+    }
+
     /// The frames the NICs hold per epoch, for replication.
     pub fn frame_output(&self) -> crate::devices::virtio::nics::FrameOutput {
         self.nics.output()

@@ -26,6 +26,8 @@ const RING_EVENT_IDX: u64 = 1 << 29;
 const STATUS_FEATURES_OK: u32 = 8;
 /// InterruptStatus: the device used buffers.
 const INT_USED: u32 = 1;
+/// InterruptStatus: the device's configuration changed.
+const INT_CONFIG: u32 = 2;
 
 /// What the transport keeps, saved as the first part of the device's section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,7 +207,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Tells the driver the device used buffers (the device's own events, a frame
     /// received, come through here too).
     pub fn interrupt(&mut self) {
-        self.regs.interrupt_status |= INT_USED;
+        self.raise(INT_USED);
+    }
+
+    /// Tells the driver the device's configuration changed (a NIC's status).
+    pub fn config_changed(&mut self) {
+        self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&mut self, why: u32) {
+        self.regs.interrupt_status |= why;
         if let Err(e) = self.irq.trigger() {
             tracing::warn!("virtio interrupt: {e}");
         }

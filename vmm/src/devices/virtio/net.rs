@@ -1,5 +1,8 @@
 //! virtio-net over a TAP device: queue 0 takes frames from the host to the guest,
-//! queue 1 from the guest to the host. Each frame on either side is led by the 12-byte
+//! queue 1 from the guest to the host, and queue 2 the driver's commands, of which
+//! the only one offered is the acknowledgement of an announcement: after a takeover
+//! the device sets VIRTIO_NET_S_ANNOUNCE, and the driver sends a gratuitous ARP (and
+//! IPv6 neighbour advertisements) for each of its addresses, then acknowledges. Each frame on either side is led by the 12-byte
 //! `virtio_net_hdr_v1`, which the TAP (IFF_VNET_HDR) speaks too, so headers pass as
 //! they are. No offloads are offered, so the header is all zeros but for `num_buffers`.
 //!
@@ -21,10 +24,19 @@ use crate::net::MacAddr;
 
 pub const RX: usize = 0;
 pub const TX: usize = 1;
+pub const CTRL: usize = 2;
 const QUEUE_SIZE: u16 = 256;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
 const LINK_UP: u16 = 1;
+const STATUS_ANNOUNCE: u16 = 2;
+/// The one command class and command answered: VIRTIO_NET_CTRL_ANNOUNCE_ACK.
+const CTRL_ANNOUNCE: u8 = 3;
+const CTRL_ANNOUNCE_ACK: u8 = 0;
+const CTRL_OK: u8 = 0;
+const CTRL_ERR: u8 = 1;
 /// The largest frame with its header: 1514 bytes of Ethernet (no jumbo frames are
 /// offered) and the header, with room to spare.
 const MAX_FRAME: usize = 65562;
@@ -62,6 +74,15 @@ pub struct Net {
     paused: bool,
     /// Frames the guest sent, until they may go out.
     hold: EpochHold<Vec<u8>>,
+    /// VIRTIO_NET_S_ANNOUNCE is set: the driver is to announce the guest's addresses.
+    announcing: bool,
+}
+
+/// The device's own state in a snapshot.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    stats: NetStats,
+    announcing: bool,
 }
 
 impl Net {
@@ -69,7 +90,7 @@ impl Net {
     pub fn new(id: &str, mac: MacAddr, tap: Tap) -> Self {
         let mut hold = EpochHold::new(0, HOLD_LIMIT);
         hold.unprotect();
-        Self { id: id.to_string(), mac, tap, waiting: None, buf: vec![0; MAX_FRAME], stats: NetStats::default(), paused: false, hold }
+        Self { id: id.to_string(), mac, tap, waiting: None, buf: vec![0; MAX_FRAME], stats: NetStats::default(), paused: false, hold, announcing: false }
     }
 
     pub fn stats(&self) -> NetStats {
@@ -115,6 +136,46 @@ impl Net {
 
     pub fn waiting_for_epoch(&self) -> bool {
         self.hold.waiting_for_epoch()
+    }
+
+    /// Asks the driver to announce the guest's addresses; the transport then tells it
+    /// the configuration changed.
+    pub fn announce(&mut self) {
+        self.announcing = true;
+    }
+
+    /// Answers the driver's commands: the acknowledgement of an announcement, and an
+    /// error for anything else (no other command's feature is offered).
+    fn control(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut command = [0u8; 2];
+            let mut ack = None;
+            let mut read = 0;
+            for desc in chain {
+                if desc.is_write_only() {
+                    ack = Some(desc.addr());
+                } else if read < 2 {
+                    let n = (desc.len() as usize).min(2 - read);
+                    if mem.read_slice(&mut command[read..read + n], desc.addr()).is_ok() {
+                        read += n;
+                    }
+                }
+            }
+            let status = if read == 2 && command == [CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK] {
+                self.announcing = false;
+                CTRL_OK
+            } else {
+                CTRL_ERR
+            };
+            let written = ack.is_some_and(|at| mem.write_obj(status, at).is_ok());
+            if queue.add_used(mem, head, u32::from(written)).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
     }
 
     fn send(&mut self, frame: &[u8]) {
@@ -237,18 +298,20 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_GUEST_ANNOUNCE
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &[QUEUE_SIZE, QUEUE_SIZE, 64]
     }
 
-    /// `struct virtio_net_config`: the MAC, then the link status (always up).
+    /// `struct virtio_net_config`: the MAC, then the status (link always up; announce
+    /// while asked to).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac.0);
-        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        let status = LINK_UP | if self.announcing { STATUS_ANNOUNCE } else { 0 };
+        config[6..8].copy_from_slice(&status.to_le_bytes());
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = config.get(offset as usize + i).copied().unwrap_or(0);
         }
@@ -260,21 +323,26 @@ impl VirtioDevice for Net {
         match (index, queues) {
             (RX, [rx, ..]) => self.receive(rx, mem),
             (TX, [_, tx, ..]) => self.transmit(tx, mem),
+            (CTRL, [_, _, ctrl, ..]) => self.control(ctrl, mem),
             _ => false,
         }
     }
 
     fn reset(&mut self) {
         self.waiting = None;
+        self.announcing = false;
     }
 
-    /// The counters only: a frame waiting for a buffer is one the wire could have lost.
+    /// The counters and a pending announcement: a frame waiting for a buffer is one
+    /// the wire could have lost, and held frames go with the epochs, not the state.
     fn save(&self) -> Section {
-        crate::devices::section(&self.id, 1, &self.stats)
+        crate::devices::section(&self.id, 2, &Saved { stats: self.stats, announcing: self.announcing })
     }
 
     fn restore(&mut self, section: &Section) -> Result<(), DeviceError> {
-        self.stats = crate::devices::state_of(section, 1)?;
+        let saved: Saved = crate::devices::state_of(section, 2)?;
+        self.stats = saved.stats;
+        self.announcing = saved.announcing;
         Ok(())
     }
 }

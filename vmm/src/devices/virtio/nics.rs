@@ -15,7 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{MmioTransport, WINDOW};
-use super::net::{Net, NetStats, RX};
+use super::net::{Net, NetStats, RX, TX};
 use crate::boot::aml::MmioSlot;
 use crate::boot::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START, VIRTIO_SLOTS};
 use crate::devices::serial::IrqTrigger;
@@ -122,6 +122,19 @@ impl Nics {
         for nic in self.nics.iter() {
             let mut nic = lock(nic);
             nic.device_mut().set_paused(false);
+            nic.process_queue(RX);
+        }
+    }
+
+    /// After a takeover: has each NIC's driver announce the guest's addresses, and
+    /// looks at every queue, as the guest may have queued buffers the dead host never
+    /// took.
+    pub fn announce(&self) {
+        for nic in self.nics.iter() {
+            let mut nic = lock(nic);
+            nic.device_mut().announce();
+            nic.config_changed();
+            nic.process_queue(TX);
             nic.process_queue(RX);
         }
     }
