@@ -20,7 +20,7 @@
 # default: what linux-image-cloud-amd64 depends on), TANDEM_FORCE=1 (rebuild).
 #
 # Packages this script needs (a set-up script apt-get installs them):
-REQUIRED_PACKAGES="qemu-system-x86 busybox-static lz4 cpio gzip gcc libc6-dev"
+REQUIRED_PACKAGES="qemu-system-x86 busybox-static lz4 cpio gzip gcc libc6-dev iproute2"
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -85,6 +85,14 @@ QEMU_VER=$(installed qemu-system-x86)
 GCC_VER=$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion)
 LIBC_VER=$(installed libc6-dev)
 
+# iproute2's ip, for the lab's network namespaces and veth pairs (busybox's ip has
+# neither), with the libraries it links.
+IP_BIN=/usr/sbin/ip
+ip_files() {
+	echo "$IP_BIN"
+	ldd "$IP_BIN" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+}
+
 qemu_files() { # the host files that go into lab-qemu.cpio.gz
 	echo "$QEMU_BIN"
 	ldd "$QEMU_BIN" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
@@ -107,6 +115,7 @@ stamp() {
 		echo "gcc $GCC_VER libc6-dev $LIBC_VER"
 		(cd "$HERE" && sha256sum $STAMP_INPUTS)
 		qemu_files | xargs sha256sum
+		ip_files | xargs sha256sum
 	} | sha256sum | cut -d' ' -f1
 }
 STAMP=$(stamp)
@@ -270,6 +279,15 @@ add_busybox "$L"
 install -m 0755 "$HERE/lab-init" "$L/init"
 # KVM; TAP devices, bridges and veth pairs for the guests' networks.
 for m in irqbypass kvm kvm-amd tun bridge veth; do add_module "$L" "$m"; done
+# iproute2's ip in place of busybox's, at the path busybox gave it.
+rm -f "$L/sbin/ip" "$L/bin/ip"
+for f in $(ip_files); do
+	[ -e "$f" ] || die "$f missing (iproute2 installed?)"
+	case "$f" in
+	"$IP_BIN") cp -L "$f" "$L/sbin/ip" ;;
+	*) mkdir -p "$L$(dirname "$f")" && cp -L "$f" "$L$f" ;;
+	esac
+done
 
 cp "$TMP/vmlinuz" "$TMP/vmlinux" "$TMP/guest-initrd.cpio" "$L/images/"
 mkcpio "$L" | gzip -6n >"$TMP/lab-initrd.cpio.gz"

@@ -1,6 +1,12 @@
-//! The host side of a guest network for the drill and the benchmarks: one bridge that
-//! carries the client's address, and a TAP on it for each VM (QEMU's too). Made with
-//! iproute2 where it is, with busybox's spellings in the lab.
+//! The host side of a guest network for the drill and the benchmarks.
+//!
+//! The benchmarks use one bridge that carries the client's address, and a TAP on it for
+//! each VM (QEMU's too). The drill builds two hosts and a client ([`Hosts`]): network
+//! namespaces `tnd-a`, `tnd-b` and `tnd-c`, each host with its own bridge holding its
+//! TAPs, all joined by veth pairs to one bridge (the guest's segment) in the root
+//! namespace; and the hosts joined again on a second bridge, the replication link.
+//! Made with iproute2 (the lab image carries it: busybox's ip has no namespaces or
+//! veths), with busybox's spellings as a fallback for the single bridge.
 
 use std::path::Path;
 use std::process::Command;
@@ -119,5 +125,78 @@ impl ArpWatch {
             }
         }
         false
+    }
+}
+
+/// The drill's two hosts and client, each a network namespace.
+pub(crate) struct Hosts;
+
+/// The replication link's addresses of host a (the first primary) and host b.
+pub(crate) const LINK_IPS: [&str; 2] = ["10.77.1.1", "10.77.1.2"];
+pub(crate) const HOSTS: [&str; 2] = ["tnd-a", "tnd-b"];
+pub(crate) const CLIENT: &str = "tnd-c";
+const CLIENT_IP: &str = "10.77.0.100/24";
+const LINK_BRIDGE: &str = "tdbr1";
+
+impl Hosts {
+    /// Makes the namespaces and their links, once per lab host (later calls find them).
+    pub(crate) fn make() -> Result<Self> {
+        if Path::new("/run/netns").join(CLIENT).exists() {
+            return Ok(Self);
+        }
+        let ip = |args: &str| sh(&args.split(' ').collect::<Vec<_>>(), None);
+        // What a set-up that failed halfway left, gone first (each may well be absent).
+        for leftover in [format!("ip link del {BRIDGE}"), format!("ip link del {LINK_BRIDGE}")]
+            .into_iter()
+            .chain(HOSTS.iter().chain([&CLIENT]).map(|ns| format!("ip netns del {ns}")))
+        {
+            let _ = ip(&leftover);
+        }
+        for br in [BRIDGE, LINK_BRIDGE] {
+            ip(&format!("ip link add {br} type bridge"))?;
+            ip(&format!("ip link set {br} up"))?;
+        }
+        for (i, ns) in HOSTS.iter().enumerate() {
+            let x = &ns[4..];
+            ip(&format!("ip netns add {ns}"))?;
+            ip(&format!("ip -n {ns} link set lo up"))?;
+            // The guest's segment: the host's bridge, joined to the shared one.
+            ip(&format!("ip -n {ns} link add br0 type bridge"))?;
+            ip(&format!("ip link add tdg-{x} type veth peer name seg netns {ns}"))?;
+            ip(&format!("ip link set tdg-{x} master {BRIDGE} up"))?;
+            ip(&format!("ip -n {ns} link set seg master br0 up"))?;
+            ip(&format!("ip -n {ns} link set br0 up"))?;
+            // The replication link.
+            ip(&format!("ip link add tdr-{x} type veth peer name repl netns {ns}"))?;
+            ip(&format!("ip link set tdr-{x} master {LINK_BRIDGE} up"))?;
+            ip(&format!("ip -n {ns} addr add {}/24 dev repl", LINK_IPS[i]))?;
+            ip(&format!("ip -n {ns} link set repl up"))?;
+        }
+        ip(&format!("ip netns add {CLIENT}"))?;
+        ip(&format!("ip -n {CLIENT} link set lo up"))?;
+        ip(&format!("ip link add tdg-c type veth peer name eth0 netns {CLIENT}"))?;
+        ip(&format!("ip link set tdg-c master {BRIDGE} up"))?;
+        ip(&format!("ip -n {CLIENT} addr add {CLIENT_IP} dev eth0"))?;
+        ip(&format!("ip -n {CLIENT} link set eth0 up"))?;
+        Ok(Self)
+    }
+
+    /// A TAP on host `ns`'s bridge, removed when dropped.
+    pub(crate) fn tap(&self, ns: &'static str, name: String) -> Result<HostTap> {
+        sh(&["ip", "netns", "exec", ns, "ip", "tuntap", "add", &name, "mode", "tap"], None)?;
+        let tap = HostTap { ns, name };
+        sh(&["ip", "-n", ns, "link", "set", &tap.name, "master", "br0", "up"], None)?;
+        Ok(tap)
+    }
+}
+
+pub(crate) struct HostTap {
+    ns: &'static str,
+    pub(crate) name: String,
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "exec", self.ns, "ip", "tuntap", "del", &self.name, "mode", "tap"], None);
     }
 }

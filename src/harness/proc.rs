@@ -25,9 +25,23 @@ pub(crate) const REAP_LIMIT: Duration = Duration::from_secs(30);
 impl Proc {
     /// Starts `tandem ARGS --events FILE`, its output and events in files in `dir`.
     pub(crate) fn start(args: &[String], dir: &Path, name: &str) -> Result<Self> {
+        Self::start_in(None, args, dir, name)
+    }
+
+    /// The same in network namespace `netns` (`ip netns exec`, which execs tandem: the
+    /// child is tandem itself, for signals).
+    pub(crate) fn start_in(netns: Option<&str>, args: &[String], dir: &Path, name: &str) -> Result<Self> {
         let (out, err) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
         let events = dir.join(format!("{name}.events"));
-        let child = Command::new(std::env::current_exe()?)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(std::env::current_exe()?);
+                c
+            }
+            None => Command::new(std::env::current_exe()?),
+        };
+        let child = command
             .args(args)
             .arg("--events")
             .arg(&events)

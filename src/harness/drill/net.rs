@@ -5,21 +5,38 @@
 //! and no reset; with `download`, an HTTP download that spans the takeover must
 //! arrive whole, its hash the one the client computes itself.
 //!
-//! Primary and standby each have their own TAP, both on one host bridge that carries
-//! the client's address: the two hosts' ports on one network segment. (Network
-//! namespaces for each host and the client, and the replication link across them,
-//! are still to come: the lab's busybox cannot make veth pairs.)
+//! Primary, standby and client each live in a network namespace of their own (see
+//! `netlab::Hosts`): each host's TAP on its own bridge, the hosts' bridges and the
+//! client on one segment, and the replication link on another.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::net_client::{self, blob_sha256, download, NetClientArgs};
 use super::{finish, DrillArgs, Outcome};
-use crate::harness::netlab::{bridge, port_of, ArpWatch, Port, GUEST_IP, MAC, SERVER_PORT};
+use crate::harness::netlab::{port_of, ArpWatch, Hosts, CLIENT, GUEST_IP, HOSTS, LINK_IPS, MAC, SERVER_PORT};
 use crate::harness::proc::{threads, Proc};
+
+/// `tandem net-client ARGS` in the client's namespace: its exit status and its verdict
+/// line.
+fn client(args: Vec<String>) -> JoinHandle<Result<(bool, String)>> {
+    std::thread::spawn(move || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", CLIENT])
+            .arg(std::env::current_exe()?)
+            .arg("net-client")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running the net client")?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let line = text.lines().find_map(|l| l.strip_prefix("net-client: ")).unwrap_or(text.trim()).to_string();
+        Ok((out.status.success(), line))
+    })
+}
 
 /// When the primary dies, for the network workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,31 +69,31 @@ pub(super) fn parse(text: &str, rng: &mut u64) -> Result<NetKill> {
 }
 
 pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) -> Result<Outcome> {
-    bridge()?;
+    let hosts = Hosts::make()?;
     let (dir, pkeys, skeys) = super::run_dir(n)?;
-    let (port_a, port_b) = (Port::new(format!("tda{n}"))?, Port::new(format!("tdb{n}"))?);
-    let addr = format!("127.0.0.1:{}", 7100 + n);
+    let (port_a, port_b) = (hosts.tap(HOSTS[0], format!("tda{n}"))?, hosts.tap(HOSTS[1], format!("tdb{n}"))?);
+    let addr = format!("{}:{}", LINK_IPS[1], 7100 + n);
     let path = |p: PathBuf| p.display().to_string();
     let timeout = args.timeout_ms.to_string();
     let standby_args = vec![
         "standby".to_string(), "--listen".into(), addr.clone(),
         "--key".into(), path(skeys.join("key.pem")), "--peer-cert".into(), path(pkeys.join("cert.pem")),
         "--state-dir".into(), path(dir.join("standby-state")), "--timeout-ms".into(), timeout.clone(),
-        "--mem-mib=256".into(), "--net".into(), format!("tap={},mac={MAC}", port_b.0),
+        "--mem-mib=256".into(), "--net".into(), format!("tap={},mac={MAC}", port_b.name),
     ];
     let primary_args = vec![
         "primary".to_string(), "--standby".into(), addr,
         "--key".into(), path(pkeys.join("key.pem")), "--peer-cert".into(), path(skeys.join("cert.pem")),
         "--timeout-ms".into(), timeout, "--epoch-ms".into(), args.epoch_ms.to_string(),
         "--kernel".into(), path(images.join(&args.kernel)), "--initrd".into(), path(images.join("guest-initrd.cpio")),
-        "--net".into(), format!("tap={},mac={MAC}", port_a.0),
+        "--net".into(), format!("tap={},mac={MAC}", port_a.name),
         "--append".into(), format!("quiet tandem.workload=net tandem.ip={GUEST_IP}/24"),
     ];
-    let mut standby = Proc::start(&standby_args, &dir, "standby")?;
+    let mut standby = Proc::start_in(Some(HOSTS[1]), &standby_args, &dir, "standby")?;
     if !standby.wait_for("standing_by", Duration::from_secs(30)) {
         bail!("the standby did not start:\n{}", standby.log());
     }
-    let mut primary = Proc::start(&primary_args, &dir, "primary")?;
+    let mut primary = Proc::start_in(Some(HOSTS[0]), &primary_args, &dir, "primary")?;
     let listening = Instant::now() + Duration::from_secs(240);
     let ready = primary.wait_for("protected", Duration::from_secs(120)) && loop {
         if primary.console().contains("TANDEM-NET-LISTENING") {
@@ -91,20 +108,15 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
         let why = format!("the guest's server never listened behind a protected primary{}", threads(&mut primary.child));
         return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
     }
-    let server: SocketAddr = format!("{GUEST_IP}:{SERVER_PORT}").parse()?;
-    let client_args = NetClientArgs {
-        to: server,
-        every_ms: if kill == NetKill::Idle { 1000 } else { 50 },
+    let held = client(vec![
+        format!("--to={GUEST_IP}:{SERVER_PORT}"),
+        format!("--every-ms={}", if kill == NetKill::Idle { 1000 } else { 50 }),
         // Long enough to go on well past the takeover.
-        seconds: 8 + 2 * args.timeout_ms.div_ceil(1000),
-        reply_timeout_s: 60,
-    };
-    let client = std::thread::spawn(move || net_client::hold(&client_args));
+        format!("--seconds={}", 8 + 2 * args.timeout_ms.div_ceil(1000)),
+        "--reply-timeout-s=60".into(),
+    ]);
     let began = Instant::now();
-    let fetch = (kill == NetKill::Download).then(|| {
-        let server: SocketAddr = format!("{GUEST_IP}:80").parse().expect("a literal address");
-        std::thread::spawn(move || download(server))
-    });
+    let fetch = (kill == NetKill::Download).then(|| client(vec![format!("--to={GUEST_IP}:80"), "--download".into()]));
     let killed_at = match kill {
         NetKill::After(d) => {
             std::thread::sleep(d);
@@ -133,10 +145,10 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
     let fetched_before_kill = fetch.as_ref().map(|f| f.is_finished());
     let took_over = standby.wait_for("took_over", Duration::from_secs(60));
     let announced = took_over && arp.saw_gratuitous(MAC, GUEST_IP, Duration::from_secs(10));
-    let verdict = client.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+    let (kept, verdict) = held.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
     let mut result = if !took_over {
         Err(format!("no takeover; the client saw: {verdict}"))
-    } else if !verdict.kept() {
+    } else if !kept {
         Err(format!("the connection did not survive: {verdict}"))
     } else {
         Ok(format!("the connection survived: {verdict} (the client's longest wait, the takeover's gap)"))
@@ -144,24 +156,28 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
     if let Some(fetch) = fetch {
         let got = fetch.join().map_err(|_| anyhow::anyhow!("the download thread panicked"))?;
         result = match (result, got) {
-            (Ok(v), Ok((hash, took))) if hash == blob_sha256() => Ok(format!(
-                "{v}; the download across the takeover arrived whole in {:.1} s{}",
-                took.as_secs_f64(),
+            (Ok(v), Ok((true, line))) => Ok(format!(
+                "{v}; the download across the takeover arrived {} s{}",
+                line.trim_start_matches("download=").replace(" seconds=", " in "),
                 if fetched_before_kill == Some(true) { " (but it had ended before the kill)" } else { "" }
             )),
-            (Ok(_), Ok((hash, _))) => Err(format!("the download arrived with hash {hash}, not the blob's")),
+            (Ok(_), Ok((false, line))) => Err(format!("the download across the takeover failed: {line}")),
             (Ok(_), Err(e)) => Err(format!("the download failed: {e:#}")),
             (Err(e), _) => Err(e),
         };
     }
     // The network followed the move: the bridge sends the guest's frames to the
-    // standby's port now (the RARP it sent at takeover, and the guest's own frames).
+    // standby's port now (the RARP it sent at takeover, and the guest's own frames),
+    // and the client's neighbour table has the guest's address at its MAC.
+    let neigh = Command::new("ip").args(["-n", CLIENT, "neigh", "show", GUEST_IP]).output().map(|o| String::from_utf8_lossy(&o.stdout).to_string());
+    let client_knows = neigh.as_deref().is_ok_and(|n| n.contains(MAC) && !n.contains("FAILED"));
     result = match (result, port_of(MAC)) {
+        (Ok(_), _) if !client_knows => Err(format!("after the takeover the client's neighbour table has {neigh:?} for {GUEST_IP}")),
         (Ok(_), _) if !announced => Err(format!("the guest sent no gratuitous ARP for {GUEST_IP} after the takeover")),
-        (Ok(v), Some(port)) if port == port_b.0 => {
-            Ok(format!("{v}; the guest announced {GUEST_IP} and the bridge found {MAC} on the standby's {port}"))
+        (Ok(v), Some(port)) if port == "tdg-b" => {
+            Ok(format!("{v}; the guest announced {GUEST_IP}, the bridge found {MAC} on the standby's {port} and the client has it for {GUEST_IP}"))
         }
-        (Ok(_), found) => Err(format!("after the takeover the bridge has {MAC} on {found:?}, not on the standby's {}", port_b.0)),
+        (Ok(_), found) => Err(format!("after the takeover the bridge has {MAC} on {found:?}, not on the standby host's tdg-b")),
         (Err(e), _) => Err(e),
     };
     tracing::debug!(elapsed_ms = began.elapsed().as_millis() as u64, "network drill run judged");

@@ -25,6 +25,10 @@ pub struct NetClientArgs {
     /// After the last request, wait this long for the replies still due.
     #[arg(long, default_value_t = 60, value_name = "S")]
     pub reply_timeout_s: u64,
+    /// Instead: download the guest's /blob over HTTP from --to (port 80) and check its
+    /// hash.
+    #[arg(long)]
+    pub download: bool,
 }
 
 /// The size of the guest's /blob (tandem-work blob --mib 8).
@@ -207,6 +211,12 @@ pub fn hold(args: &NetClientArgs) -> Result<Verdict> {
 }
 
 pub fn run(args: &NetClientArgs) -> Result<u8> {
+    if args.download {
+        let (hash, took) = download(args.to)?;
+        let whole = hash == blob_sha256();
+        println!("net-client: download={} seconds={:.1}{}", if whole { "whole" } else { "WRONG" }, took.as_secs_f64(), if whole { String::new() } else { format!(" sha256={hash}") });
+        return Ok(if whole { 0 } else { 1 });
+    }
     let verdict = hold(args)?;
     println!("net-client: {verdict}");
     Ok(if verdict.kept() { 0 } else { 1 })
