@@ -2,9 +2,15 @@
 //! queue 1 from the guest to the host, and queue 2 the driver's commands, of which
 //! the only one offered is the acknowledgement of an announcement: after a takeover
 //! the device sets VIRTIO_NET_S_ANNOUNCE, and the driver sends a gratuitous ARP (and
-//! IPv6 neighbour advertisements) for each of its addresses, then acknowledges. Each frame on either side is led by the 12-byte
-//! `virtio_net_hdr_v1`, which the TAP (IFF_VNET_HDR) speaks too, so headers pass as
-//! they are. No offloads are offered, so the header is all zeros but for `num_buffers`.
+//! IPv6 neighbour advertisements) for each of its addresses, then acknowledges.
+//!
+//! Each frame on either side is led by the 12-byte `virtio_net_hdr_v1`, which the TAP
+//! (IFF_VNET_HDR) speaks too, so headers pass as they are. The guest may hand over
+//! frames with their checksum left to do and TCP segments of up to 64 KiB (CSUM,
+//! HOST_TSO4/6): the header says so and the TAP, taking such a frame, finishes the
+//! checksum or cuts the segment where the host's network needs it. What the TAP gives
+//! the guest is always whole (no GUEST_ offloads: they would need receive buffers of
+//! 64 KiB or mergeable ones), so that header is zeros but for `num_buffers`.
 //!
 //! Frames the guest sends go through an [`EpochHold`]: out at once for a VM no standby
 //! protects, held until the standby has acknowledged their epoch for one it does.
@@ -26,7 +32,10 @@ pub const RX: usize = 0;
 pub const TX: usize = 1;
 pub const CTRL: usize = 2;
 const QUEUE_SIZE: u16 = 256;
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
 const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
@@ -37,8 +46,8 @@ const CTRL_ANNOUNCE: u8 = 3;
 const CTRL_ANNOUNCE_ACK: u8 = 0;
 const CTRL_OK: u8 = 0;
 const CTRL_ERR: u8 = 1;
-/// The largest frame with its header: 1514 bytes of Ethernet (no jumbo frames are
-/// offered) and the header, with room to spare.
+/// The largest frame with its header: a TSO segment (an IP packet of up to 64 KiB) in
+/// an Ethernet frame, and the header.
 const MAX_FRAME: usize = 65562;
 
 /// Most bytes of frames held for epochs not yet acknowledged, per NIC: at 25 ms epochs
@@ -298,7 +307,14 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_GUEST_ANNOUNCE
+        VIRTIO_F_VERSION_1
+            | VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_CTRL_VQ
+            | VIRTIO_NET_F_GUEST_ANNOUNCE
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
