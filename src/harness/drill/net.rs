@@ -108,11 +108,18 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
         let why = format!("the guest's server never listened behind a protected primary{}", threads(&mut primary.child));
         return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
     }
+    // The client sends until a few seconds past the takeover: the kill, the
+    // detection, and then requests the new primary must answer.
+    let kill_after = match kill {
+        NetKill::After(d) => d.as_secs(),
+        NetKill::Download => 1,
+        NetKill::Idle => 3,
+        NetKill::AfterRelease => 5,
+    };
     let held = client(vec![
         format!("--to={GUEST_IP}:{SERVER_PORT}"),
         format!("--every-ms={}", if kill == NetKill::Idle { 1000 } else { 50 }),
-        // Long enough to go on well past the takeover.
-        format!("--seconds={}", 8 + 2 * args.timeout_ms.div_ceil(1000)),
+        format!("--seconds={}", kill_after + args.timeout_ms.div_ceil(1000) + 4),
         "--reply-timeout-s=60".into(),
     ]);
     let began = Instant::now();
