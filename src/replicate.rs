@@ -134,6 +134,10 @@ pub struct PrimaryArgs {
     /// Fault injection for tests: SIGKILL this process halfway through sending epoch N.
     #[arg(long, hide = true, value_name = "N")]
     debug_die_mid_epoch: Option<u64>,
+    /// Fault injection for tests: SIGKILL this process halfway through sending the Nth
+    /// epoch that carries frames from the guest's NICs.
+    #[arg(long, hide = true, value_name = "N")]
+    debug_die_mid_frames_epoch: Option<u64>,
     /// Fault injection for tests: corrupt a frame of epoch N on its first sending.
     #[arg(long, hide = true, value_name = "N")]
     debug_corrupt_epoch: Option<u64>,
@@ -184,6 +188,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
             connect_timeout: Duration::from_secs(args.connect_timeout_s),
             faults: Faults {
                 die_mid_epoch: args.debug_die_mid_epoch,
+                die_mid_frames_epoch: args.debug_die_mid_frames_epoch,
                 corrupt_epoch: args.debug_corrupt_epoch,
                 protocol_version: args.debug_protocol_version,
             },

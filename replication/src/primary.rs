@@ -114,6 +114,10 @@ pub struct Protector {
     sent_conn: u64,
     stats: Stats,
     events: Events,
+    /// Epochs sent that carried NIC frames, and the one to die in the middle of (a
+    /// fault injected for tests).
+    frame_epochs: u64,
+    die_mid_frames_epoch: Option<u64>,
 }
 
 impl Protector {
@@ -189,6 +193,8 @@ impl Protector {
             sent_conn: 0,
             stats: Stats::default(),
             events: config.events,
+            frame_epochs: 0,
+            die_mid_frames_epoch: config.faults.die_mid_frames_epoch,
         };
         Ok((protector, sink))
     }
@@ -413,9 +419,13 @@ impl Protector {
                 s.need_full = false;
             }
             s.sent_at.push((sent, Instant::now()));
+            if frame_count > 0 {
+                self.frame_epochs += 1;
+            }
+            let die_mid = frame_count > 0 && self.die_mid_frames_epoch == Some(self.frame_epochs);
             // Queued under the lock, so a reconnection cannot slip between numbering
             // the epoch and tagging it with its connection.
-            self.outbox.send(Outgoing::Epoch { conn, number: sent, frames });
+            self.outbox.send(Outgoing::Epoch { conn, number: sent, frames, die_mid });
         }
         self.sent.record(pending);
         tracing::debug!(epoch = number, pages, unchanged = unchanged.pages, frames = frame_count, bytes, wire, stopped_us = stopped.as_micros() as u64, "epoch queued");

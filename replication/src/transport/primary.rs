@@ -92,6 +92,9 @@ pub fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 pub struct Faults {
     /// SIGKILL this process halfway through sending this epoch.
     pub die_mid_epoch: Option<u64>,
+    /// The same, in the Nth epoch that carries frames from the guest's NICs: a kill
+    /// mid-epoch while the guest's network is busy.
+    pub die_mid_frames_epoch: Option<u64>,
     /// Flip a byte in the middle of this epoch's frames, the first time it is sent.
     pub corrupt_epoch: Option<u64>,
     /// Claim this protocol version in the hello.
@@ -100,7 +103,8 @@ pub struct Faults {
 
 /// What the VM thread hands the link thread.
 pub enum Outgoing {
-    Epoch { conn: u64, number: u64, frames: Arc<Vec<Bytes>> },
+    /// `die_mid`: a fault to inject, SIGKILL halfway through sending it.
+    Epoch { conn: u64, number: u64, frames: Arc<Vec<Bytes>>, die_mid: bool },
     /// Say goodbye, finish the stream and stop.
     Goodbye(String),
 }
@@ -356,11 +360,11 @@ async fn session(
                     }
                 },
                 out = outbox.recv() => match out {
-                    Some(Outgoing::Epoch { conn, number, frames }) => {
+                    Some(Outgoing::Epoch { conn, number, frames, die_mid }) => {
                         if conn != lock(shared).conn {
                             continue;
                         }
-                        if let Err(e) = send_epoch(&mut tx, number, &frames, dial, corrupt).await {
+                        if let Err(e) = send_epoch(&mut tx, number, &frames, dial, corrupt, die_mid).await {
                             return ended(e);
                         }
                         let path = tx.path_stats();
@@ -438,10 +442,10 @@ async fn session(
 /// How long a goodbye may take to reach a standby that is still draining epochs.
 const GOODBYE_LIMIT: Duration = Duration::from_secs(120);
 
-async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Bytes], dial: &Dial, corrupt: &mut Option<u64>) -> Result<(), TransportError> {
+async fn send_epoch(tx: &mut LinkSender, number: u64, frames: &[Bytes], dial: &Dial, corrupt: &mut Option<u64>, die_mid: bool) -> Result<(), TransportError> {
     let middle = frames.len() / 2;
     for (i, frame) in frames.iter().enumerate() {
-        if i == middle && dial.faults.die_mid_epoch == Some(number) {
+        if i == middle && (die_mid || dial.faults.die_mid_epoch == Some(number)) {
             tracing::warn!(epoch = number, "fault injection: dying in the middle of the epoch");
             dial.events.emit(ev::Event::FaultInjected { fault: ev::Fault::DieMidEpoch, epoch: number });
             die();

@@ -41,7 +41,7 @@ pub struct DrillArgs {
     /// The guest's workload: `ticker` (a numbered line every 100 ms), `dirty`
     /// (writes memory at --dirty-mib MiB/s and checks it every second) or `net` (a
     /// client holds a TCP connection to the guest through its NIC; --kill-at then
-    /// takes MS, random, download, after-release or idle).
+    /// takes MS, random, download, after-release, idle or mid-epoch).
     #[arg(long, default_value = "ticker")]
     workload: String,
     /// For the dirty workload: MiB written per second.

@@ -49,6 +49,9 @@ pub(super) enum NetKill {
     AfterRelease,
     /// Between two requests a second apart: nothing in flight either way.
     Idle,
+    /// The primary dies halfway through sending an epoch that carries the guest's
+    /// frames, about two seconds into the connection.
+    MidEpoch,
 }
 
 pub(super) fn parse(text: &str, rng: &mut u64) -> Result<NetKill> {
@@ -62,8 +65,9 @@ pub(super) fn parse(text: &str, rng: &mut u64) -> Result<NetKill> {
         "download" => NetKill::Download,
         "after-release" => NetKill::AfterRelease,
         "idle" => NetKill::Idle,
+        "mid-epoch" => NetKill::MidEpoch,
         other => NetKill::After(Duration::from_millis(other.parse().with_context(|| {
-            format!("--kill-at {other:?}: for the net workload, expected a number of ms, random, download, after-release or idle")
+            format!("--kill-at {other:?}: for the net workload, expected a number of ms, random, download, after-release, idle or mid-epoch")
         })?)),
     })
 }
@@ -89,6 +93,12 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
         "--net".into(), format!("tap={},mac={MAC}", port_a.name),
         "--append".into(), format!("quiet tandem.workload=net tandem.ip={GUEST_IP}/24"),
     ];
+    let mut primary_args = primary_args;
+    if kill == NetKill::MidEpoch {
+        // Frames flow in every epoch once the client sends (a request every 50 ms,
+        // epochs of 100 ms in the lab): the 20th such epoch is a second or two in.
+        primary_args.extend(["--debug-die-mid-frames-epoch".into(), "20".into()]);
+    }
     let mut standby = Proc::start_in(Some(HOSTS[1]), &standby_args, &dir, "standby")?;
     if !standby.wait_for("standing_by", Duration::from_secs(30)) {
         bail!("the standby did not start:\n{}", standby.log());
@@ -114,7 +124,7 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
         NetKill::After(d) => d.as_secs(),
         NetKill::Download => 1,
         NetKill::Idle => 3,
-        NetKill::AfterRelease => 5,
+        NetKill::AfterRelease | NetKill::MidEpoch => 5,
     };
     let held = client(vec![
         format!("--to={GUEST_IP}:{SERVER_PORT}"),
@@ -146,9 +156,18 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
             }
             "right after a release".to_string()
         }
+        NetKill::MidEpoch => {
+            primary.wait_exit(Duration::from_secs(60));
+            match primary.event("fault_injected") {
+                Some(e) => format!("in the middle of sending epoch {}, the 20th with frames", e["epoch"]),
+                None => "never: the primary did not die in an epoch with frames".to_string(),
+            }
+        }
     };
     let arp = ArpWatch::open()?;
-    let _ = primary.child.kill();
+    if kill != NetKill::MidEpoch {
+        let _ = primary.child.kill();
+    }
     let fetched_before_kill = fetch.as_ref().map(|f| f.is_finished());
     let took_over = standby.wait_for("took_over", Duration::from_secs(60));
     let announced = took_over && arp.saw_gratuitous(MAC, GUEST_IP, Duration::from_secs(10));
@@ -204,6 +223,7 @@ mod tests {
         assert_eq!(parse("download", &mut rng).unwrap(), NetKill::Download);
         assert_eq!(parse("250", &mut rng).unwrap(), NetKill::After(Duration::from_millis(250)));
         assert!(matches!(parse("random", &mut rng).unwrap(), NetKill::After(d) if d < Duration::from_secs(6)));
-        assert!(parse("mid-epoch", &mut rng).is_err());
+        assert_eq!(parse("mid-epoch", &mut rng).unwrap(), NetKill::MidEpoch);
+        assert!(parse("mid-epoch:3", &mut rng).is_err());
     }
 }
