@@ -6,7 +6,7 @@
 //! TAPs, all joined by veth pairs to one bridge (the guest's segment) in the root
 //! namespace; and the hosts joined again on a second bridge, the replication link.
 //! Made with iproute2 (the lab image carries it: busybox's ip has no namespaces or
-//! veths), with busybox's spellings as a fallback for the single bridge.
+//! veths).
 
 use std::path::Path;
 use std::process::Command;
@@ -20,45 +20,58 @@ pub(crate) const MAC: &str = "52:54:00:77:00:02";
 /// The guest's numbered-request server (`tandem-work net`).
 pub(crate) const SERVER_PORT: u16 = 7000;
 
-/// Runs `cmd`, or when its program is missing or fails, `fallback` (busybox spells
-/// some of iproute2's commands differently).
-pub(crate) fn sh(cmd: &[&str], fallback: Option<&[&str]>) -> Result<()> {
-    let run = |c: &[&str]| Command::new(c[0]).args(&c[1..]).output().ok().filter(|o| o.status.success());
-    if run(cmd).is_some() || fallback.is_some_and(|f| run(f).is_some()) {
-        return Ok(());
+/// Runs `ip ARGS` (the words of `args`; no name here has a space).
+fn ip(args: &str) -> Result<()> {
+    let ok = Command::new("ip").args(args.split(' ')).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        bail!("cannot set up the guest network: `ip {args}` failed (it needs root and iproute2)");
     }
-    bail!("cannot set up the drill's network: `{}` failed (the drill needs root and iproute2 or busybox)", cmd.join(" "))
+    Ok(())
 }
 
-/// The host bridge the two hosts' TAPs join, with the client's address.
+/// `ip` aimed at namespace `ns`, or at this one.
+fn ip_in(ns: Option<&str>, args: &str) -> Result<()> {
+    match ns {
+        Some(ns) => ip(&format!("-n {ns} {args}")),
+        None => ip(args),
+    }
+}
+
+/// The host bridge the VMs' TAPs join, with the client's address.
 pub(crate) fn bridge() -> Result<()> {
     if Path::new("/sys/class/net").join(BRIDGE).exists() {
         return Ok(());
     }
-    sh(&["ip", "link", "add", BRIDGE, "type", "bridge"], Some(&["brctl", "addbr", BRIDGE]))?;
-    sh(&["ip", "addr", "add", HOST_IP, "dev", BRIDGE], None)?;
-    sh(&["ip", "link", "set", BRIDGE, "up"], None)
+    ip(&format!("link add {BRIDGE} type bridge"))?;
+    ip(&format!("addr add {HOST_IP} dev {BRIDGE}"))?;
+    ip(&format!("link set {BRIDGE} up"))
 }
 
-/// A TAP on the bridge, removed when dropped.
-pub(crate) struct Port(pub(crate) String);
+/// A TAP on a bridge, in a namespace or this one, removed when dropped.
+pub(crate) struct Tap {
+    ns: Option<&'static str>,
+    pub(crate) name: String,
+}
 
-impl Port {
+impl Tap {
+    /// A TAP on [`BRIDGE`], in this namespace.
     pub(crate) fn new(name: String) -> Result<Self> {
-        sh(&["ip", "tuntap", "add", &name, "mode", "tap"], Some(&["tunctl", "-t", &name]))?;
-        let port = Self(name);
-        sh(&["ip", "link", "set", &port.0, "master", BRIDGE], Some(&["brctl", "addif", BRIDGE, &port.0]))?;
-        sh(&["ip", "link", "set", &port.0, "up"], None)?;
-        Ok(port)
+        Self::on(None, BRIDGE, name)
+    }
+
+    fn on(ns: Option<&'static str>, bridge: &str, name: String) -> Result<Self> {
+        ip_in(ns, &format!("tuntap add {name} mode tap"))?;
+        let tap = Self { ns, name };
+        ip_in(ns, &format!("link set {} master {bridge} up", tap.name))?;
+        Ok(tap)
     }
 }
 
-impl Drop for Port {
+impl Drop for Tap {
     fn drop(&mut self) {
-        let _ = sh(&["ip", "tuntap", "del", &self.0, "mode", "tap"], Some(&["tunctl", "-d", &self.0]));
+        let _ = ip_in(self.ns, &format!("tuntap del {} mode tap", self.name));
     }
 }
-
 
 /// The bridge port (its TAP's name) where the bridge last saw frames from `mac`: its
 /// forwarding database, as /sys gives it (`struct __fdb_entry`, 16 bytes each).
@@ -144,59 +157,46 @@ impl Hosts {
         if Path::new("/run/netns").join(CLIENT).exists() {
             return Ok(Self);
         }
-        let ip = |args: &str| sh(&args.split(' ').collect::<Vec<_>>(), None);
         // What a set-up that failed halfway left, gone first (each may well be absent).
-        for leftover in [format!("ip link del {BRIDGE}"), format!("ip link del {LINK_BRIDGE}")]
+        for leftover in [format!("link del {BRIDGE}"), format!("link del {LINK_BRIDGE}")]
             .into_iter()
-            .chain(HOSTS.iter().chain([&CLIENT]).map(|ns| format!("ip netns del {ns}")))
+            .chain(HOSTS.iter().chain([&CLIENT]).map(|ns| format!("netns del {ns}")))
         {
             let _ = ip(&leftover);
         }
         for br in [BRIDGE, LINK_BRIDGE] {
-            ip(&format!("ip link add {br} type bridge"))?;
-            ip(&format!("ip link set {br} up"))?;
+            ip(&format!("link add {br} type bridge"))?;
+            ip(&format!("link set {br} up"))?;
         }
+        // A veth pair from `bridge` here to `peer` in `ns`, the root end up.
+        let veth = |root: &str, bridge: &str, peer: &str, ns: &str| {
+            ip(&format!("link add {root} type veth peer name {peer} netns {ns}"))?;
+            ip(&format!("link set {root} master {bridge} up"))
+        };
         for (i, ns) in HOSTS.iter().enumerate() {
             let x = &ns[4..];
-            ip(&format!("ip netns add {ns}"))?;
-            ip(&format!("ip -n {ns} link set lo up"))?;
+            ip(&format!("netns add {ns}"))?;
+            ip(&format!("-n {ns} link set lo up"))?;
             // The guest's segment: the host's bridge, joined to the shared one.
-            ip(&format!("ip -n {ns} link add br0 type bridge"))?;
-            ip(&format!("ip link add tdg-{x} type veth peer name seg netns {ns}"))?;
-            ip(&format!("ip link set tdg-{x} master {BRIDGE} up"))?;
-            ip(&format!("ip -n {ns} link set seg master br0 up"))?;
-            ip(&format!("ip -n {ns} link set br0 up"))?;
+            ip(&format!("-n {ns} link add br0 type bridge"))?;
+            veth(&format!("tdg-{x}"), BRIDGE, "seg", ns)?;
+            ip(&format!("-n {ns} link set seg master br0 up"))?;
+            ip(&format!("-n {ns} link set br0 up"))?;
             // The replication link.
-            ip(&format!("ip link add tdr-{x} type veth peer name repl netns {ns}"))?;
-            ip(&format!("ip link set tdr-{x} master {LINK_BRIDGE} up"))?;
-            ip(&format!("ip -n {ns} addr add {}/24 dev repl", LINK_IPS[i]))?;
-            ip(&format!("ip -n {ns} link set repl up"))?;
+            veth(&format!("tdr-{x}"), LINK_BRIDGE, "repl", ns)?;
+            ip(&format!("-n {ns} addr add {}/24 dev repl", LINK_IPS[i]))?;
+            ip(&format!("-n {ns} link set repl up"))?;
         }
-        ip(&format!("ip netns add {CLIENT}"))?;
-        ip(&format!("ip -n {CLIENT} link set lo up"))?;
-        ip(&format!("ip link add tdg-c type veth peer name eth0 netns {CLIENT}"))?;
-        ip(&format!("ip link set tdg-c master {BRIDGE} up"))?;
-        ip(&format!("ip -n {CLIENT} addr add {CLIENT_IP} dev eth0"))?;
-        ip(&format!("ip -n {CLIENT} link set eth0 up"))?;
+        ip(&format!("netns add {CLIENT}"))?;
+        ip(&format!("-n {CLIENT} link set lo up"))?;
+        veth("tdg-c", BRIDGE, "eth0", CLIENT)?;
+        ip(&format!("-n {CLIENT} addr add {CLIENT_IP} dev eth0"))?;
+        ip(&format!("-n {CLIENT} link set eth0 up"))?;
         Ok(Self)
     }
 
     /// A TAP on host `ns`'s bridge, removed when dropped.
-    pub(crate) fn tap(&self, ns: &'static str, name: String) -> Result<HostTap> {
-        sh(&["ip", "netns", "exec", ns, "ip", "tuntap", "add", &name, "mode", "tap"], None)?;
-        let tap = HostTap { ns, name };
-        sh(&["ip", "-n", ns, "link", "set", &tap.name, "master", "br0", "up"], None)?;
-        Ok(tap)
-    }
-}
-
-pub(crate) struct HostTap {
-    ns: &'static str,
-    pub(crate) name: String,
-}
-
-impl Drop for HostTap {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "exec", self.ns, "ip", "tuntap", "del", &self.name, "mode", "tap"], None);
+    pub(crate) fn tap(&self, ns: &'static str, name: String) -> Result<Tap> {
+        Tap::on(Some(ns), "br0", name)
     }
 }

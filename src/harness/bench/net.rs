@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{ms, qemu_microvm, BASE_CMDLINE, GUEST_INITRD, GUEST_KERNEL, GUEST_VMLINUX};
 use crate::harness::drill::net_client::{blob_sha256, download, round_trips};
-use crate::harness::netlab::{bridge, Port, GUEST_IP, MAC, SERVER_PORT};
+use crate::harness::netlab::{bridge, Tap, GUEST_IP, MAC, SERVER_PORT};
 
 #[derive(clap::Args, Clone)]
 pub struct NetArgs {
@@ -134,9 +134,9 @@ pub fn in_lab(args: &NetArgs) -> Result<()> {
     let mut results = Vec::new();
 
     {
-        let tap = Port::new("tdq0".into())?;
+        let tap = Tap::new("tdq0".into())?;
         let mut q = qemu_microvm(&super::lab_qemu()?, 256, 1, &cmdline);
-        q.args(["-netdev", &format!("tap,id=n0,ifname={},script=no,downscript=no", tap.0)])
+        q.args(["-netdev", &format!("tap,id=n0,ifname={},script=no,downscript=no", tap.name)])
             .args(["-device", &format!("virtio-net-device,netdev=n0,mac={MAC}")]);
         let log = dir.join("qemu.out");
         let _vm = Running(vec![spawn(q, &log)?]);
@@ -145,10 +145,10 @@ pub fn in_lab(args: &NetArgs) -> Result<()> {
         eprintln!("qemu measured");
     }
     {
-        let tap = Port::new("tdu0".into())?;
+        let tap = Tap::new("tdu0".into())?;
         let mut t = Command::new(&tandem);
         t.args(["run", "--kernel", GUEST_KERNEL, "--initrd", GUEST_INITRD, "--cmdline", &cmdline])
-            .args(["--net", &format!("tap={},mac={MAC}", tap.0)]);
+            .args(["--net", &format!("tap={},mac={MAC}", tap.name)]);
         let log = dir.join("run.out");
         let _vm = Running(vec![spawn(t, &log)?]);
         wait_for(&log, "TANDEM-NET-LISTENING", limit)?;
@@ -156,7 +156,7 @@ pub fn in_lab(args: &NetArgs) -> Result<()> {
         eprintln!("tandem measured");
     }
     {
-        let (tap, spare) = (Port::new("tdp0".into())?, Port::new("tds0".into())?);
+        let (tap, spare) = (Tap::new("tdp0".into())?, Tap::new("tds0".into())?);
         let (pkeys, skeys) = (dir.join("pk"), dir.join("sk"));
         tandem_replication::tls::keygen(&pkeys)?;
         tandem_replication::tls::keygen(&skeys)?;
@@ -164,13 +164,13 @@ pub fn in_lab(args: &NetArgs) -> Result<()> {
         let mut s = Command::new(&tandem);
         s.args(["standby", "--listen", "127.0.0.1:7190", "--state-dir", &path(dir.join("state"))])
             .args(["--key", &path(skeys.join("key.pem")), "--peer-cert", &path(pkeys.join("cert.pem"))])
-            .args(["--net", &format!("tap={},mac={MAC}", spare.0)]);
+            .args(["--net", &format!("tap={},mac={MAC}", spare.name)]);
         let mut p = Command::new(&tandem);
         // vmlinux: a bzImage decompressing itself writes 50 MB the epochs must carry.
         p.args(["primary", "--standby", "127.0.0.1:7190", "--epoch-ms", &args.epoch_ms.to_string()])
             .args(["--key", &path(pkeys.join("key.pem")), "--peer-cert", &path(skeys.join("cert.pem"))])
             .args(["--kernel", GUEST_VMLINUX, "--initrd", GUEST_INITRD, "--cmdline", &cmdline])
-            .args(["--net", &format!("tap={},mac={MAC}", tap.0)]);
+            .args(["--net", &format!("tap={},mac={MAC}", tap.name)]);
         let log = dir.join("primary.out");
         let standby = spawn(s, &dir.join("standby.out"))?;
         let _vms = Running(vec![standby, spawn(p, &log)?]);
