@@ -95,6 +95,11 @@ impl<T: AsRef<[u8]>> EpochHold<T> {
         self.current = epoch;
     }
 
+    /// Whether items are held (protected), rather than passed through.
+    pub fn holds(&self) -> bool {
+        !self.unprotected
+    }
+
     /// Whether items wait for the next epoch to be cut before they can go.
     pub fn waiting_for_epoch(&self) -> bool {
         self.held.back().is_some_and(|(e, _)| *e >= self.current)

@@ -220,10 +220,17 @@ impl Net {
             // A frame shorter than its header, or not in guest memory, is the driver's
             // error: it is used (so the driver gets its buffer back) and not sent.
             if len > VNET_HDR_LEN {
-                // Completed to the guest now either way: holding it is the host's
-                // business, and a full hold is a lost frame, as on a wire.
-                if let Pushed::Through(frame) = self.hold.push(self.buf[..len].to_vec()) {
-                    self.send(&frame);
+                if self.hold.holds() {
+                    // Completed to the guest now either way: holding it is the host's
+                    // business, and a full hold is a lost frame, as on a wire.
+                    if let Pushed::Through(frame) = self.hold.push(self.buf[..len].to_vec()) {
+                        self.send(&frame);
+                    }
+                } else {
+                    // Out at once, from the buffer it was read into: no copy.
+                    let buf = std::mem::take(&mut self.buf);
+                    self.send(&buf[..len]);
+                    self.buf = buf;
                 }
             }
             if queue.add_used(mem, head, 0).is_err() {
