@@ -197,7 +197,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
         Box::new(LogWriter::new(std::io::stdout(), log.clone())),
     )?;
     let vm = Vm::boot(config, taps, sink)?;
-    protector.attach(vm.waker(), vm.frame_output());
+    protector.attach(vm.waker(), vm.outputs());
     let mut role = Role::Primary(Box::new(protector));
     let result = supervise(vm, None, control, &mut role, &events);
     if let Role::Primary(protector) = role {

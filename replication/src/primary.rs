@@ -1,13 +1,13 @@
-//! The primary's epoch loop, on the VM thread. Every epoch: pause the vCPUs, move the
-//! output gate on, take the dirty pages and the machine state into a staging buffer,
-//! resume, and queue the epoch for the link thread, which streams it while the guest
-//! runs on. The gate releases an epoch's console output only when the standby has
-//! acknowledged that epoch, so nothing the world has seen is missing from the state
-//! the standby would take over from.
+//! The primary's epoch loop, on the VM thread. Every epoch: pause the vCPUs, seal the
+//! devices' held output, take the dirty pages and the machine state into a staging
+//! buffer, resume, and queue the epoch for the link thread, which streams it while the
+//! guest runs on. An epoch's output (console bytes, NIC frames) is released only when
+//! the standby has acknowledged that epoch, so nothing the world has seen is missing
+//! from the state the standby would take over from.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_proto::epoch::Epoch;
@@ -15,8 +15,8 @@ use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
 use tandem_proto::sent::{Pending, SentPages, Skipped};
-use tandem_vmm::devices::virtio::nics::FrameOutput;
-use tandem_vmm::output::{EpochGate, SharedSink};
+use tandem_vmm::devices::outputs::{EpochOutput, HeldOutput, Outputs};
+use tandem_vmm::output::{EpochGate, HeldConsole, SharedSink};
 use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
 
@@ -67,8 +67,6 @@ enum Mode {
 /// past this many captures given up in a row, the primary stops.
 const MAX_SKIPPED_IN_A_ROW: u32 = 20;
 
-type Gate = Arc<Mutex<EpochGate<Box<dyn Write + Send>>>>;
-type Frames = Arc<OnceLock<FrameOutput>>;
 
 /// Figures for `tandem ctl status` and the logs.
 #[derive(Default)]
@@ -88,10 +86,9 @@ struct Stats {
 pub struct Protector {
     shared: Arc<Mutex<Shared>>,
     outbox: Outbox,
-    gate: Gate,
-    /// The VM's NIC frames, held per epoch as the console's output is; set by
-    /// [`Protector::attach`] once the VM exists.
-    frames: Frames,
+    /// What the guest sends the world, held per epoch: the console's output from the
+    /// start, the NICs' frames once [`Protector::attach`] has the VM.
+    outputs: Outputs,
     epoch: Duration,
     quiet_epoch: Duration,
     heartbeat: Heartbeat,
@@ -125,23 +122,18 @@ impl Protector {
     /// protector and the sink the VM's console must write to.
     pub fn start(config: Config, out: Box<dyn Write + Send>) -> Result<(Self, SharedSink), ReplicationError> {
         let shared = Arc::new(Mutex::new(Shared::new(Primary::new(config.identity, config.window))));
-        let gate: Gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
-        let frames: Frames = Arc::new(OnceLock::new());
+        let gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
+        let outputs = Outputs::default();
+        outputs.add(Arc::new(HeldConsole(gate.clone())));
         let release = {
-            let (gate, events, frames) = (gate.clone(), config.events.clone(), frames.clone());
-            Box::new(move |epoch: u64| {
-                if let Some(frames) = frames.get() {
-                    frames.commit(epoch);
+            let (outputs, events) = (outputs.clone(), config.events.clone());
+            Box::new(move |epoch: u64| match outputs.commit(epoch) {
+                Ok(released) if released.bytes > 0 => {
+                    let lag_ms = released.lag.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+                    events.emit(Event::Released { epoch, bytes: released.bytes, lag_ms })
                 }
-                let mut gate = gate.lock().unwrap_or_else(|e| e.into_inner());
-                match gate.commit(epoch) {
-                    Ok(0) => {}
-                    Ok(bytes) => {
-                        let lag_ms = gate.last_lag().map_or(0.0, |d| d.as_secs_f64() * 1e3);
-                        events.emit(Event::Released { epoch, bytes, lag_ms })
-                    }
-                    Err(e) => tracing::warn!("console output: {e}"),
-                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("releasing the guest's output: {e}"),
             })
         };
         let dial = Dial {
@@ -172,12 +164,11 @@ impl Protector {
                 _ => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        let sink: SharedSink = gate.clone();
+        let sink: SharedSink = gate;
         let protector = Self {
             shared,
             outbox,
-            gate,
-            frames,
+            outputs,
             epoch: config.epoch,
             quiet_epoch: config.quiet_epoch.max(config.epoch),
             heartbeat: config.heartbeat,
@@ -201,11 +192,17 @@ impl Protector {
 
     /// Lets the link thread end the VM thread's wait as soon as an ack or a change of
     /// the link arrives, so that waiting for the standby costs no polling.
-    pub fn attach(&self, waker: tandem_vmm::vcpu::Waker, frames: FrameOutput) {
-        lock(&self.shared).waker = Some(waker);
-        frames.protect(lock(&self.shared).machine.next_epoch());
-        // Set once: a second attach would be a second VM, which a protector never has.
-        let _ = self.frames.set(frames);
+    /// Also holds the output of the VM's devices from the next epoch on.
+    pub fn attach(&self, waker: tandem_vmm::vcpu::Waker, devices: Vec<Arc<dyn EpochOutput>>) {
+        let next = {
+            let mut s = lock(&self.shared);
+            s.waker = Some(waker);
+            s.machine.next_epoch()
+        };
+        for output in devices {
+            output.protect(next);
+            self.outputs.add(output);
+        }
     }
 
     /// How long the VM thread may wait before calling [`Protector::poll`] again: until
@@ -225,8 +222,7 @@ impl Protector {
 
     /// Output cuts an epoch short: it is the only thing that waits on one.
     fn next_due(&self) -> Instant {
-        let waiting = self.gate().waiting_for_epoch() || self.frames.get().is_some_and(FrameOutput::waiting_for_epoch);
-        self.last_start + if waiting { self.epoch } else { self.quiet_epoch }
+        self.last_start + if self.outputs.waiting_for_epoch() { self.epoch } else { self.quiet_epoch }
     }
 
     /// Does whatever is due: an epoch, a full sync for a new standby, or the
@@ -248,10 +244,7 @@ impl Protector {
             LinkState::Protecting => {
                 if self.mode == Mode::Unprotected {
                     let next = lock(&self.shared).machine.next_epoch();
-                    self.gate().protect(next);
-                    if let Some(frames) = self.frames.get() {
-                        frames.protect(next);
-                    }
+                    self.outputs.protect(next);
                     self.mode = Mode::Protected;
                     tracing::warn!("a standby follows again at {}: output is protected once more", self.standby);
                     self.events.emit(Event::Reprotected);
@@ -305,10 +298,7 @@ impl Protector {
                 );
             }
             StandbyLoss::Continue => {
-                self.gate().unprotect().map_err(|e| ReplicationError::NoStandby(format!("console output: {e}")))?;
-                if let Some(frames) = self.frames.get() {
-                    frames.unprotect();
-                }
+                self.outputs.unprotect().map_err(|e| ReplicationError::NoStandby(format!("releasing held output: {e}")))?;
                 self.mode = Mode::Unprotected;
                 tracing::error!(
                     "lost the standby ({why}; silent for {} ms): the guest runs UNPROTECTED and its \
@@ -318,10 +308,6 @@ impl Protector {
             }
         }
         Ok(())
-    }
-
-    fn gate(&self) -> std::sync::MutexGuard<'_, EpochGate<Box<dyn Write + Send>>> {
-        self.gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Captures an epoch and queues it. If the standby changed meanwhile (it went, or
@@ -335,15 +321,10 @@ impl Protector {
         let started = Instant::now();
         self.last_start = started;
         self.waiting = false;
-        let (gate, frames) = (self.gate.clone(), self.frames.clone());
+        let outputs = self.outputs.clone();
         // Output from here on belongs to the next epoch: this one's state covers what
         // the guest printed and sent until now.
-        let mut fence = || {
-            gate.lock().unwrap_or_else(|e| e.into_inner()).seal(number);
-            if let Some(frames) = frames.get() {
-                frames.seal(number);
-            }
-        };
+        let mut fence = || outputs.seal(number);
         let (snap, taken, stopped) = match vm.capture_fenced(kind, &mut fence) {
             Ok(captured) => captured,
             // The guest ran on and nothing was taken: the next epoch tries again.
@@ -359,8 +340,7 @@ impl Protector {
         // over before this primary has released it. A full epoch carries all output
         // not yet released: the standby holds no epoch before it.
         let from = if kind == Kind::Full { 0 } else { number };
-        let output = self.gate().output_at(from, number);
-        let held_frames = self.frames.get().map(|f| f.held(from, number)).unwrap_or_default();
+        let held = self.outputs.held(from, number);
         let state = match codec::encode(&snap.state) {
             Ok(state) => state,
             Err(e) => {
@@ -391,9 +371,9 @@ impl Protector {
         };
         // Encoded (compressed) with no lock held: the network thread takes the same lock
         // for every frame it handles, and must not wait for a large epoch's encoding.
-        let (output_offset, output) = output;
-        let frame_count = held_frames.len();
-        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, output, output_offset, frames: held_frames, ..Epoch::default() };
+        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, ..Epoch::default() };
+        carry(&mut epoch, held);
+        let frame_count = epoch.frames.len();
         let encoded = ticket.encode(&mut epoch);
         if kind != Kind::Full {
             vm.recycle(epoch.data);
@@ -492,7 +472,7 @@ impl Protector {
             self.stats.bytes,
             self.stats.stretched,
             self.stats.unchanged,
-            self.gate().held_bytes(),
+            self.outputs.held_bytes(),
         )
     }
 
@@ -504,13 +484,10 @@ impl Protector {
     pub fn finish(self, reason: &str) -> bool {
         let protecting = lock(&self.shared).link == LinkState::Protecting;
         if self.mode == Mode::Unprotected {
-            if let Some(frames) = self.frames.get() {
-                frames.commit(u64::MAX);
-            }
-            return self.gate().commit(u64::MAX).is_ok();
+            return self.outputs.commit(u64::MAX).is_ok();
         }
         if !protecting {
-            let held = self.gate().held_bytes();
+            let held = self.outputs.held_bytes();
             if held > 0 {
                 tracing::warn!("{held} bytes of the guest's last output were not released: no standby confirmed them");
             }
@@ -526,7 +503,7 @@ impl Protector {
             let link = lock(&self.shared).link.clone();
             match link {
                 LinkState::Left => {
-                    let released = self.gate().commit(u64::MAX).is_ok();
+                    let released = self.outputs.commit(u64::MAX).is_ok();
                     self.events.emit(Event::Goodbye { confirmed: true });
                     return released;
                 }
@@ -537,5 +514,18 @@ impl Protector {
         tracing::warn!("the standby did not confirm the goodbye; the guest's last output stays unreleased");
         self.events.emit(Event::Goodbye { confirmed: false });
         false
+    }
+}
+
+/// Puts what the devices hold for the epoch into it, as the protocol carries it.
+fn carry(epoch: &mut Epoch, held: Vec<HeldOutput>) {
+    for output in held {
+        match output {
+            HeldOutput::Console { offset, bytes } => {
+                epoch.output_offset = offset;
+                epoch.output = bytes;
+            }
+            HeldOutput::Frames { nic, frames } => epoch.frames.extend(frames.into_iter().map(|f| (nic, f))),
+        }
     }
 }

@@ -10,6 +10,8 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::devices::outputs::{EpochOutput, HeldOutput, Released};
+
 /// Receives guest output.
 pub trait OutputSink: Send {
     /// Accepts bytes the guest produced.
@@ -201,6 +203,49 @@ impl<W: Write + Send> OutputSink for EpochGate<W> {
             self.out.flush()?;
         }
         Ok(())
+    }
+}
+
+/// The console's gate as one of the VM's [`EpochOutput`]s, shared with the serial
+/// port that writes into it.
+pub struct HeldConsole<W: Write + Send>(pub Arc<Mutex<EpochGate<W>>>);
+
+impl<W: Write + Send> HeldConsole<W> {
+    fn gate(&self) -> std::sync::MutexGuard<'_, EpochGate<W>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<W: Write + Send + 'static> EpochOutput for HeldConsole<W> {
+    fn protect(&self, epoch: u64) {
+        self.gate().protect(epoch)
+    }
+
+    fn unprotect(&self) -> io::Result<()> {
+        self.gate().unprotect()
+    }
+
+    fn seal(&self, epoch: u64) {
+        self.gate().seal(epoch)
+    }
+
+    fn commit(&self, epoch: u64) -> io::Result<Released> {
+        let mut gate = self.gate();
+        let bytes = gate.commit(epoch)?;
+        Ok(Released { bytes, frames: 0, lag: gate.last_lag() })
+    }
+
+    fn held(&self, from: u64, through: u64) -> Vec<HeldOutput> {
+        let (offset, bytes) = self.gate().output_at(from, through);
+        vec![HeldOutput::Console { offset, bytes }]
+    }
+
+    fn waiting_for_epoch(&self) -> bool {
+        self.gate().waiting_for_epoch()
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.gate().held_bytes()
     }
 }
 

@@ -6,6 +6,7 @@ pub mod bus;
 pub mod cmos;
 pub mod held;
 pub mod i8042;
+pub mod outputs;
 pub mod serial;
 pub mod virtio;
 

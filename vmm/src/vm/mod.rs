@@ -438,9 +438,9 @@ impl Vm {
         self.nics.announce();
     }
 
-    /// The frames the NICs hold per epoch, for replication.
-    pub fn frame_output(&self) -> crate::devices::virtio::nics::FrameOutput {
-        self.nics.output()
+    /// The output its devices hold per epoch (each NIC's frames), for replication.
+    pub fn outputs(&self) -> Vec<std::sync::Arc<dyn crate::devices::outputs::EpochOutput>> {
+        self.nics.outputs()
     }
 
     /// Each NIC's frame counts, in the order the NICs were given.

@@ -18,6 +18,7 @@ use super::mmio::{MmioTransport, WINDOW};
 use super::net::{Net, NetStats, RX, TX};
 use crate::boot::aml::MmioSlot;
 use crate::boot::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START, VIRTIO_SLOTS};
+use crate::devices::outputs::{EpochOutput, HeldOutput, Released};
 use crate::devices::serial::IrqTrigger;
 use crate::devices::{Device, DeviceError, GuestRequest, Section};
 use crate::kvm::VmHandle;
@@ -143,49 +144,53 @@ impl Nics {
         self.nics.iter().map(|nic| lock(nic).device().stats()).collect()
     }
 
-    pub fn output(&self) -> FrameOutput {
-        FrameOutput(self.nics.clone())
+    /// Each NIC's held frames, for replication.
+    pub fn outputs(&self) -> Vec<Arc<dyn EpochOutput>> {
+        self.nics.iter().enumerate().map(|(i, nic)| Arc::new(HeldFrames { index: i as u8, nic: nic.clone() }) as Arc<dyn EpochOutput>).collect()
     }
 }
 
-/// The frames every NIC holds per epoch, for replication: the same calls as the
-/// console's gate, from the threads replication runs on (the VM's at the pause, the
-/// link's on an acknowledgement).
-#[derive(Clone)]
-pub struct FrameOutput(Arc<[Nic]>);
+/// The frames one NIC holds per epoch.
+struct HeldFrames {
+    index: u8,
+    nic: Nic,
+}
 
-impl FrameOutput {
-    /// Holds frames from now on, as part of `epoch` onwards.
-    pub fn protect(&self, epoch: u64) {
-        self.0.iter().for_each(|nic| lock(nic).device_mut().protect(epoch));
+impl EpochOutput for HeldFrames {
+    fn protect(&self, epoch: u64) {
+        lock(&self.nic).device_mut().protect(epoch)
     }
 
-    /// Sends everything held, and every frame from now on at once.
-    pub fn unprotect(&self) {
-        self.0.iter().for_each(|nic| lock(nic).device_mut().unprotect());
+    fn unprotect(&self) -> std::io::Result<()> {
+        lock(&self.nic).device_mut().unprotect();
+        Ok(())
     }
 
-    pub fn seal(&self, epoch: u64) {
-        self.0.iter().for_each(|nic| lock(nic).device_mut().seal(epoch));
+    fn seal(&self, epoch: u64) {
+        lock(&self.nic).device_mut().seal(epoch)
     }
 
-    /// Sends the frames of epochs up to `epoch`; returns how many went.
-    pub fn commit(&self, epoch: u64) -> usize {
-        self.0.iter().map(|nic| lock(nic).device_mut().commit(epoch)).sum()
+    /// A frame the TAP refuses is lost as a wire would lose it (see `Net::send`),
+    /// so a commit never fails.
+    fn commit(&self, epoch: u64) -> std::io::Result<Released> {
+        let frames = lock(&self.nic).device_mut().commit(epoch);
+        Ok(Released { frames, ..Released::default() })
     }
 
-    /// The frames held for epochs `from..=through`, each with its NIC's index.
-    pub fn held(&self, from: u64, through: u64) -> Vec<(u8, Vec<u8>)> {
-        let mut out = Vec::new();
-        for (i, nic) in self.0.iter().enumerate() {
-            out.extend(lock(nic).device().held(from, through).into_iter().map(|f| (i as u8, f)));
+    fn held(&self, from: u64, through: u64) -> Vec<HeldOutput> {
+        let frames = lock(&self.nic).device().held(from, through);
+        if frames.is_empty() {
+            return Vec::new();
         }
-        out
+        vec![HeldOutput::Frames { nic: self.index, frames }]
     }
 
-    /// Whether frames wait for the next epoch to be cut before they can go.
-    pub fn waiting_for_epoch(&self) -> bool {
-        self.0.iter().any(|nic| lock(nic).device().waiting_for_epoch())
+    fn waiting_for_epoch(&self) -> bool {
+        lock(&self.nic).device().waiting_for_epoch()
+    }
+
+    fn held_bytes(&self) -> usize {
+        lock(&self.nic).device().stats().held_bytes as usize
     }
 }
 
