@@ -16,7 +16,8 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_bindings::{kvm_device_attr, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET};
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
@@ -181,6 +182,13 @@ impl VmHandle {
         self.fd
             .get_dirty_log(slot, size)
             .map_err(ioctl("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Has KVM signal `event` when the guest writes the 32-bit value `value` at
+    /// guest-physical `addr`, with no exit to this process: the vCPU goes on at once,
+    /// and whoever waits on `event` does the work.
+    pub fn register_ioevent(&self, event: &EventFd, addr: u64, value: u32) -> Result<(), KvmError> {
+        self.fd.register_ioevent(event, &IoEventAddress::Mmio(addr), value).map_err(ioctl("KVM_IOEVENTFD"))
     }
 
     /// A handle that raises guest interrupt line `gsi` from any thread.

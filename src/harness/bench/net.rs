@@ -4,6 +4,7 @@
 //! kernel and initramfs), tandem unreplicated, and tandem as a replicated primary
 //! whose frames wait for each epoch's acknowledgement.
 
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,8 +107,24 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Waits until the guest's server takes a connection. A primary's guest answers ARP
+/// only once the epoch holding its reply is acknowledged, and right after boot the
+/// epochs still carry what the boot dirtied: the kernel's three ARP tries can time out
+/// meanwhile, which is the settling, not the steady state measured.
+fn reachable(to: SocketAddr, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => bail!("the guest's server at {to} took no connection within {limit:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 fn measure(name: &'static str, args: &NetArgs) -> Result<Measured> {
     let server = format!("{GUEST_IP}:{SERVER_PORT}").parse()?;
+    reachable(server, Duration::from_secs(60))?;
     let mut rtt = round_trips(server, args.round_trips)?;
     rtt.sort_unstable();
     let mut bulk = Vec::new();

@@ -15,6 +15,8 @@ use crate::memory::GuestMemoryMmap;
 
 /// The register window each device has.
 pub const WINDOW: u64 = 0x1000;
+/// The register a driver writes a queue's index to, to kick it.
+pub const QUEUE_NOTIFY: u64 = 0x050;
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4d44_4e54; // "TNDM"
@@ -154,7 +156,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     }
                 }
             }
-            0x050 => self.notify(value as usize),
+            QUEUE_NOTIFY => self.notify(value as usize),
             0x064 => self.regs.interrupt_status &= !value,
             0x070 => self.set_status(value)?,
             0x080 if settable => self.queue().into_iter().for_each(|q| q.set_desc_table_address(Some(value), None)),

@@ -244,9 +244,6 @@ impl Net {
     /// Hands the guest what the TAP has, while it has buffers for it.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
-        if self.paused {
-            return false;
-        }
         loop {
             let mut frame = match self.waiting.take() {
                 Some(f) => f,
@@ -342,7 +339,11 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, _features: u64) {}
 
+    /// Nothing while the VM is paused: a capture may be reading the rings.
     fn process(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        if self.paused {
+            return false;
+        }
         match (index, queues) {
             (RX, [rx, ..]) => self.receive(rx, mem),
             (TX, [_, tx, ..]) => self.transmit(tx, mem),

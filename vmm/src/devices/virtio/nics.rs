@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{MmioTransport, WINDOW};
-use super::net::{Net, NetStats, RX, TX};
+use super::mmio::{MmioTransport, QUEUE_NOTIFY, WINDOW};
+use super::net::{Net, NetStats, CTRL, RX, TX};
 use crate::boot::aml::MmioSlot;
 use crate::boot::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START, VIRTIO_SLOTS};
 use crate::devices::outputs::{EpochOutput, HeldOutput, Released};
@@ -36,6 +36,8 @@ pub enum NicError {
     TooMany(usize),
     #[error("cannot watch the TAP devices: {0}")]
     Watch(std::io::Error),
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm::KvmError),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("there is no NIC {0}")]
@@ -72,10 +74,11 @@ impl Taps {
         (0..self.0.len()).map(slot).collect()
     }
 
-    /// Puts each NIC on its window and starts the thread that feeds them.
+    /// Puts each NIC on its window and starts the thread that serves them.
     pub(crate) fn attach(self, vm: &VmHandle, mem: &GuestMemoryMmap) -> Result<(Nics, Vec<Box<dyn Device>>), NicError> {
         let mut nics = Vec::new();
         let mut devices: Vec<Box<dyn Device>> = Vec::new();
+        let mut kicks = Vec::new();
         for (i, (mac, tap)) in self.0.into_iter().enumerate() {
             let slot = slot(i);
             let line = vm.irq_line(slot.gsi);
@@ -86,11 +89,16 @@ impl Taps {
             }
             let transport = MmioTransport::new(net, slot.base, irq, mem.clone())?;
             let nic = Arc::new(Mutex::new(transport));
+            for queue in [RX, TX, CTRL] {
+                let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(NicError::Watch)?;
+                vm.register_ioevent(&kick, slot.base + QUEUE_NOTIFY, queue as u32)?;
+                kicks.push(Kick { nic: i, queue, event: kick });
+            }
             devices.push(Box::new(Shared { id: format!("net{i}"), window: slot.base..slot.base + slot.len, nic: nic.clone() }));
             nics.push(nic);
         }
-        let rx = if nics.is_empty() { None } else { Some(RxThread::start(nics.clone()).map_err(NicError::Watch)?) };
-        Ok((Nics { nics: Arc::from(nics), _rx: rx }, devices))
+        let events = if nics.is_empty() { None } else { Some(EventLoop::start(nics.clone(), kicks).map_err(NicError::Watch)?) };
+        Ok((Nics { nics: Arc::from(nics), _events: events }, devices))
     }
 }
 
@@ -104,10 +112,10 @@ fn lock(nic: &Nic) -> MutexGuard<'_, MmioTransport<Net>> {
     nic.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The attached NICs. Dropping it stops the receiving thread.
+/// The attached NICs. Dropping it stops their thread.
 pub struct Nics {
     nics: Arc<[Nic]>,
-    _rx: Option<RxThread>,
+    _events: Option<EventLoop>,
 }
 
 impl Nics {
@@ -118,12 +126,16 @@ impl Nics {
         }
     }
 
-    /// Hands the guest what arrived while paused, and what arrives from now on.
+    /// Hands the guest what arrived while paused, and what arrives from now on, and
+    /// takes what it queued meanwhile: a kick that came as the VM paused was put off,
+    /// and one a restored VM's guest gave its old host never reached this one.
     pub fn resume(&self) {
         for nic in self.nics.iter() {
             let mut nic = lock(nic);
             nic.device_mut().set_paused(false);
-            nic.process_queue(RX);
+            for queue in [TX, CTRL, RX] {
+                nic.process_queue(queue);
+            }
         }
     }
 
@@ -265,38 +277,59 @@ impl Device for Shared {
     }
 }
 
-struct RxThread {
+/// A guest's kick of one queue, which KVM signals without stopping the vCPU.
+struct Kick {
+    nic: usize,
+    queue: usize,
+    event: EventFd,
+}
+
+/// One thread for every NIC's work: frames arriving on a TAP, and the guest's kicks
+/// (buffers to send, to receive into, a command).
+struct EventLoop {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
-impl RxThread {
-    fn start(nics: Vec<Nic>) -> std::io::Result<Self> {
+impl EventLoop {
+    fn start(nics: Vec<Nic>, kicks: Vec<Kick>) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        // Edge-triggered: a TAP stays readable while the guest has no buffer for what
-        // waits in it, and the guest's kick for more buffers drains it, not this thread.
+        // A token below `nics.len()` is a TAP; the kicks follow, then the stop.
+        // TAPs are edge-triggered: a TAP stays readable while the guest has no buffer
+        // for what waits in it, and the guest's kick for more buffers drains it.
         for (i, nic) in nics.iter().enumerate() {
             let fd = lock(nic).device().tap().as_raw_fd();
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, i as u64))?;
         }
-        let stop_token = nics.len() as u64;
+        for (k, kick) in kicks.iter().enumerate() {
+            let token = (nics.len() + k) as u64;
+            epoll.ctl(ControlOperation::Add, kick.event.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
+        }
+        let stop_token = (nics.len() + kicks.len()) as u64;
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
-        let thread = std::thread::Builder::new().name("net-rx".into()).spawn(move || {
-            let mut events = vec![EpollEvent::default(); nics.len() + 1];
+        let thread = std::thread::Builder::new().name("nics".into()).spawn(move || {
+            let mut events = vec![EpollEvent::default(); nics.len() + kicks.len() + 1];
             loop {
                 let n = match epoll.wait(-1, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        tracing::error!("the NICs' receive loop failed: {e}");
+                        tracing::error!("the NICs' event loop failed: {e}");
                         return;
                     }
                 };
                 for event in &events[..n] {
-                    match nics.get(event.data() as usize) {
-                        Some(nic) => lock(nic).process_queue(RX),
-                        None => return,
+                    let token = event.data() as usize;
+                    if let Some(nic) = nics.get(token) {
+                        lock(nic).process_queue(RX);
+                    } else if let Some(kick) = kicks.get(token - nics.len()) {
+                        // Read first: a kick after the read is seen at the next wait.
+                        let _ = kick.event.read();
+                        // A kick while the VM is paused is put off to its resume.
+                        lock(&nics[kick.nic]).process_queue(kick.queue);
+                    } else {
+                        return;
                     }
                 }
             }
@@ -305,7 +338,7 @@ impl RxThread {
     }
 }
 
-impl Drop for RxThread {
+impl Drop for EventLoop {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
         if let Some(thread) = self.thread.take() {
