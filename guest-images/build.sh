@@ -266,8 +266,9 @@ add_module() { # ROOT MODULE: into ROOT/lib/modules, with its dependencies
 	done
 	echo "$n.ko" >>"$root/lib/modules/order"
 }
-# The guest's NIC: virtio-mmio (found through the ACPI DSDT) and virtio-net.
-for m in virtio-mmio virtio-net; do add_module "$G" "$m"; done
+# The guest's NIC and disk: virtio-mmio (found through the ACPI DSDT),
+# virtio-net and virtio-blk.
+for m in virtio-mmio virtio-net virtio-blk; do add_module "$G" "$m"; done
 mkcpio "$G" >"$TMP/guest-initrd.cpio"
 
 # ---------------------------------------------------------------- lab initrd

@@ -13,7 +13,8 @@ use tandem_replication::primary::{self, Protector, StandbyLoss};
 use tandem_replication::standby::{self, Outcome, Takeover};
 use tandem_replication::transport::primary::Faults;
 use tandem_replication::{generation, tls, Heartbeat};
-use tandem_vmm::devices::virtio::nics::Taps;
+use tandem_vmm::devices::virtio::backends::Backends;
+use tandem_vmm::disk::DiskConfig;
 use tandem_vmm::net::NetConfig;
 use tandem_vmm::vm::{check_vcpus, config_fingerprint, Vm};
 
@@ -166,9 +167,9 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     let heartbeat = args.link.heartbeat()?;
     let generation = args.link.generation()?;
     let tls = tls::client_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
-    let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
     // Held from the first epoch: no frame leaves before a standby holds its epoch.
-    let taps = Taps::open(&args.vm.nets)?.held_from(1);
+    let backends = Backends::open(&args.vm.nets, &args.vm.disks)?.held_from(1);
+    let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus, &backends.disks.sizes())?;
     let control = args.vm.control.as_deref().map(control::listen).transpose()?;
     let events = args.link.events()?;
     let log = args.link.console_log(true)?;
@@ -196,7 +197,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
         },
         Box::new(LogWriter::new(std::io::stdout(), log.clone())),
     )?;
-    let vm = Vm::boot(config, taps, sink)?;
+    let vm = Vm::boot(config, backends, sink)?;
     protector.attach(vm.waker(), vm.outputs());
     let mut role = Role::Primary(Box::new(protector));
     let result = supervise(vm, None, control, &mut role, &events);
@@ -239,6 +240,11 @@ pub struct StandbyArgs {
     /// takeover.
     #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
     nets: Vec<NetConfig>,
+    /// This host's copies of the primary's disks, in the primary's order and of the
+    /// same sizes. Each is overwritten: the first sync makes it the primary's disk, and
+    /// every acknowledged epoch's writes are laid on it.
+    #[arg(long = "disk", value_name = "PATH")]
+    disks: Vec<DiskConfig>,
 }
 
 pub fn standby(args: StandbyArgs) -> Result<u8> {
@@ -250,7 +256,10 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
     // Read now so that a corrupt file is reported before anything starts.
     args.link.generation()?;
     let tls = tls::server_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
-    let taps = Taps::open(&args.nets)?;
+    if args.disks.iter().any(|d| d.readonly) {
+        bail!("a standby's --disk is its copy of the primary's disk, which it writes: drop ,readonly");
+    }
+    let backends = Backends::open(&args.nets, &args.disks)?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let events = args.link.events()?;
     let log = args.link.console_log(false)?;
@@ -262,7 +271,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
             mem_mib: args.mem_mib,
             vcpus,
             kvm_device: args.kvm_device.clone(),
-            taps,
+            backends,
             state_dir,
             heartbeat,
             events: events.clone(),

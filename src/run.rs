@@ -10,7 +10,8 @@ use tandem_vmm::memory::PAGE_SIZE;
 use tandem_vmm::output::{OutputSink, Passthrough};
 use tandem_vmm::snapshot::{Kind, Snapshot};
 use tandem_vmm::vcpu::VmExit;
-use tandem_vmm::devices::virtio::nics::Taps;
+use tandem_vmm::devices::virtio::backends::Backends;
+use tandem_vmm::disk::DiskConfig;
 use tandem_vmm::net::NetConfig;
 use tandem_vmm::vm::{check_vcpus, is_transient, Guest, PauseWork, Vm, VmConfig};
 
@@ -58,6 +59,10 @@ pub struct RunArgs {
     /// (repeatable). The TAP must exist: `ip tuntap add NAME mode tap`.
     #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
     pub nets: Vec<NetConfig>,
+    /// A virtio disk backed by the raw image file PATH (repeatable; the guest sees
+    /// /dev/vda, /dev/vdb, ... in this order). The image is locked while the VM runs.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    pub disks: Vec<DiskConfig>,
     /// Every N ms, report on stderr how many guest pages were dirtied since the last
     /// report. Tracking starts at boot with a report of every page; it slows the guest
     /// (KVM maps tracked memory in 4 KiB pages), so it is off unless asked for.
@@ -154,8 +159,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
     if args.dirty_stats_ms.is_some() && matches!(role, Role::Paced(_)) {
         bail!("--dirty-stats-ms and --debug-pause-hz both take the dirty log; use one");
     }
-    let taps = Taps::open(&args.nets)?;
-    let vm = Vm::boot(config, taps, console())?;
+    let backends = Backends::open(&args.nets, &args.disks)?;
+    let vm = Vm::boot(config, backends, console())?;
     supervise(vm, args.dirty_stats_ms.map(Duration::from_millis), control, &mut role, &Events::none())
 }
 
@@ -181,6 +186,11 @@ pub struct RestoreArgs {
     /// TAP may be another than the one the VM was captured on).
     #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
     pub nets: Vec<NetConfig>,
+    /// The restored VM's disks, as for `run`, in the snapshot's order. The snapshot
+    /// holds their blocks: each image is rewritten to what the disk held at the
+    /// snapshot, so memory and disk always match (it must be of the same size).
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    pub disks: Vec<DiskConfig>,
 }
 
 /// `tandem restore`: rebuilds the VM in this process and carries on as `run` does.
@@ -189,9 +199,9 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     for path in std::iter::once(&args.snapshot).chain(&args.deltas) {
         chain.push(Snapshot::read_from(path).with_context(|| format!("snapshot {}", path.display()))?);
     }
-    let taps = Taps::open(&args.nets)?;
+    let backends = Backends::open(&args.nets, &args.disks)?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
-    let vm = Vm::restore(&chain, &args.kvm_device, taps, args.paused, console())?;
+    let vm = Vm::restore(&chain, &args.kvm_device, backends, args.paused, console())?;
     drop(chain);
     supervise(vm, None, control, &mut Role::Solo, &Events::none())
 }
@@ -200,19 +210,19 @@ pub fn console() -> Arc<Mutex<dyn OutputSink>> {
     Arc::new(Mutex::new(Passthrough::new(std::io::stdout())))
 }
 
-/// Each NIC's counts, for `ctl status`: ` net0_tx=N net0_rx=N ...`; `tx_dropped` counts
-/// frames a full hold dropped.
+/// Each NIC's and disk's counts, for `ctl status`: ` net0_tx=N net0_rx=N ...`;
+/// `tx_dropped` counts frames a full hold dropped.
 fn nic_status(vm: &Vm) -> String {
-    vm.net_stats()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            format!(
-                " net{i}_tx={} net{i}_rx={} net{i}_rx_dropped={} net{i}_tx_dropped={} net{i}_held_bytes={}",
-                s.tx_frames, s.rx_frames, s.rx_dropped, s.tx_dropped, s.held_bytes
-            )
-        })
-        .collect()
+    let nics = vm.net_stats().into_iter().enumerate().map(|(i, s)| {
+        format!(
+            " net{i}_tx={} net{i}_rx={} net{i}_rx_dropped={} net{i}_tx_dropped={} net{i}_held_bytes={}",
+            s.tx_frames, s.rx_frames, s.rx_dropped, s.tx_dropped, s.held_bytes
+        )
+    });
+    let disks = vm.disk_stats().into_iter().enumerate().map(|(i, s)| {
+        format!(" blk{i}_reads={} blk{i}_writes={} blk{i}_flushes={} blk{i}_errors={}", s.reads, s.writes, s.flushes, s.errors)
+    });
+    nics.chain(disks).collect()
 }
 
 /// What this VM is to replication.

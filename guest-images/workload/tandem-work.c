@@ -23,6 +23,16 @@
  *       Writes M MiB to stdout: mix64(0), mix64(1), ... as little-endian 64-bit
  *       words. The file httpd serves, whose hash a client computes on its own.
  *
+ *   tandem-work journal --device PATH --count N [--burst B] [--interval-ms MS]
+ *       Appends records 1..N to the block device PATH: record n is sector n, 512
+ *       bytes: "TNDJ", n (u64), mix64(n ^ i) words, and in its last 8 bytes the
+ *       FNV-1a hash of the rest. Each is written with O_DIRECT and then
+ *       fdatasync'd, and only then is "journal <n>" printed: a printed number is
+ *       durable. B records back to back (default 8), then a pause of MS
+ *       (default 100). At the end it reads 1..N back and prints
+ *       "journal-verdict records=N ok=K bad=M first_bad=F" and TANDEM-JOURNAL-OK
+ *       or TANDEM-JOURNAL-BAD (exit 1).
+ *
  * Exit status: 0 on success, 1 if a check failed or a system call failed,
  * 2 on argument errors. Every line is emitted with one write(2), so output is
  * never held in a buffer when the VM is paused, copied or killed.
@@ -31,6 +41,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <netinet/in.h>
@@ -100,6 +111,7 @@ static void usage(void)
 	say(2, "       tandem-work dirty --mib-per-sec R --span-mib S [--seconds T]", NULL);
 	say(2, "       tandem-work net --port P", NULL);
 	say(2, "       tandem-work blob --mib M", NULL);
+	say(2, "       tandem-work journal --device PATH --count N [--burst B] [--interval-ms MS]", NULL);
 }
 
 static void die_usage(const char *msg, const char *arg)
@@ -486,6 +498,106 @@ static int cmd_blob(int argc, char **argv)
 	return 0;
 }
 
+/* ---- journal ---- */
+
+#define SECTOR 512
+
+static uint64_t fnv1a(const unsigned char *p, size_t len)
+{
+	uint64_t h = 0xcbf29ce484222325ULL;
+	for (size_t i = 0; i < len; i++)
+		h = (h ^ p[i]) * 0x100000001b3ULL;
+	return h;
+}
+
+/* Record n as it must be on disk; the host's checker (src/harness/journal.rs)
+ * builds the same bytes. */
+static void journal_record(uint64_t n, unsigned char *rec)
+{
+	uint64_t words[SECTOR / 8];
+	words[0] = 0x4a444e54; /* "TNDJ" */
+	words[1] = n;
+	for (size_t i = 2; i < SECTOR / 8 - 1; i++)
+		words[i] = mix64(n ^ i);
+	memcpy(rec, words, SECTOR - 8);
+	uint64_t h = fnv1a(rec, SECTOR - 8);
+	memcpy(rec + SECTOR - 8, &h, 8);
+}
+
+static int cmd_journal(int argc, char **argv)
+{
+	const char *device = NULL;
+	uint64_t count = 0, burst = 8, interval_ms = 100;
+	for (int i = 0; i < argc; i++) {
+		const char *v;
+		if ((v = opt_value(argc, argv, &i, "--device")))
+			device = v;
+		else if ((v = opt_value(argc, argv, &i, "--count")))
+			count = parse_num("--count", v, 1, 1000000);
+		else if ((v = opt_value(argc, argv, &i, "--burst")))
+			burst = parse_num("--burst", v, 1, 10000);
+		else if ((v = opt_value(argc, argv, &i, "--interval-ms")))
+			interval_ms = parse_num("--interval-ms", v, 0, 3600000);
+		else
+			die_usage("unknown argument", argv[i]);
+	}
+	if (!device)
+		die_usage("missing --device", NULL);
+	if (!count)
+		die_usage("missing --count", NULL);
+	int fd = open(device, O_RDWR | O_DIRECT);
+	if (fd < 0)
+		die_sys(device);
+	/* O_DIRECT wants a buffer aligned to the sector. */
+	unsigned char *rec = mmap(NULL, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	unsigned char *want = mmap(NULL, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (rec == MAP_FAILED || want == MAP_FAILED)
+		die_sys("mmap");
+	say(1, "TANDEM-JOURNAL-START", NULL);
+	int64_t next = mono_ns();
+	for (uint64_t n = 1; n <= count; n++) {
+		journal_record(n, rec);
+		if (pwrite(fd, rec, SECTOR, (off_t)(n * SECTOR)) != SECTOR)
+			die_sys("pwrite");
+		if (fdatasync(fd) != 0)
+			die_sys("fdatasync");
+		struct line l = { .len = 0 };
+		put_str(&l, "journal ");
+		put_u64(&l, n);
+		emit(1, &l);
+		if (n % burst == 0 && interval_ms) {
+			next += (int64_t)interval_ms * 1000000LL;
+			int64_t now = mono_ns();
+			if (next < now)
+				next = now;
+			sleep_until(next);
+		}
+	}
+	uint64_t ok = 0, bad = 0, first_bad = 0;
+	for (uint64_t n = 1; n <= count; n++) {
+		journal_record(n, want);
+		if (pread(fd, rec, SECTOR, (off_t)(n * SECTOR)) == SECTOR && memcmp(rec, want, SECTOR) == 0) {
+			ok++;
+		} else {
+			if (!bad)
+				first_bad = n;
+			bad++;
+		}
+	}
+	struct line l = { .len = 0 };
+	put_str(&l, "journal-verdict records=");
+	put_u64(&l, count);
+	put_str(&l, " ok=");
+	put_u64(&l, ok);
+	put_str(&l, " bad=");
+	put_u64(&l, bad);
+	put_str(&l, " first_bad=");
+	put_u64(&l, first_bad);
+	emit(1, &l);
+	say(1, bad ? "TANDEM-JOURNAL-BAD" : "TANDEM-JOURNAL-OK", NULL);
+	return bad ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2)
@@ -498,6 +610,8 @@ int main(int argc, char **argv)
 		return cmd_net(argc - 2, argv + 2);
 	if (strcmp(argv[1], "blob") == 0)
 		return cmd_blob(argc - 2, argv + 2);
+	if (strcmp(argv[1], "journal") == 0)
+		return cmd_journal(argc - 2, argv + 2);
 	if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
 		usage();
 		return 0;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::Role;
 use tandem_vmm::console_log::ConsoleLog;
-use tandem_vmm::devices::virtio::nics::Taps;
+use tandem_vmm::devices::virtio::backends::Backends;
 use tandem_vmm::output::SharedSink;
 use tandem_vmm::snapshot::image::Image;
 use tandem_vmm::snapshot::SnapshotError;
@@ -30,8 +30,8 @@ pub struct Config {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub kvm_device: PathBuf,
-    /// The NICs the VM gets at takeover.
-    pub taps: Taps,
+    /// The NICs the VM gets at takeover, and the disks the image keeps up to date.
+    pub backends: Backends,
     /// Where the generation number is kept.
     pub state_dir: PathBuf,
     pub heartbeat: Heartbeat,
@@ -106,8 +106,8 @@ impl Takeover {
 /// from where the console stood.
 pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<Outcome, ReplicationError> {
     let mut generation = generation::read(&config.state_dir)?;
-    let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus)?;
-    let image = Image::new(config.mem_mib)?;
+    let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus, &config.backends.disks.sizes())?;
+    let image = Image::new(config.mem_mib)?.with_disks(config.backends.disks.clone());
     // The VM a takeover runs is built now, around the image's RAM, so that deciding to
     // take over leaves only the machine state to set; and a host that cannot build it
     // says so before it claims to stand by.
@@ -184,17 +184,17 @@ pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Res
                     }
                     // Likewise the frames, and then the announcement that the guest's
                     // MACs are behind this host's TAPs now, before the guest sends more.
-                    let taps = std::mem::replace(&mut config.taps, Taps::none());
+                    let backends = std::mem::replace(&mut config.backends, Backends::none());
                     for (nic, frame) in &frames {
-                        if let Err(e) = taps.send(*nic, frame) {
+                        if let Err(e) = backends.taps.send(*nic, frame) {
                             tracing::warn!("a frame the primary had not released: {e}");
                         }
                     }
-                    taps.announce();
+                    backends.taps.announce();
                     let prepared = prepared
                         .take()
                         .ok_or_else(|| SnapshotError::Corrupt("the prepared VM was taken already".into()))?;
-                    let vm = Vm::resume_prepared(prepared, ram, &state, taps, sink)?;
+                    let vm = Vm::resume_prepared(prepared, ram, &state, backends, sink)?;
                     // The guest's own gratuitous ARP, for peers that keep the address
                     // and not just the port.
                     vm.announce_nics();

@@ -2,6 +2,7 @@
 pub mod boot;
 pub mod console_log;
 pub mod devices;
+pub mod disk;
 pub mod kvm;
 pub mod memory;
 pub mod net;

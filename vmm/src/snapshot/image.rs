@@ -5,6 +5,7 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::disk::{DiskSet, DISK_SPACE};
 use crate::memory::{ram_ranges, GuestRam, MAX_MEM_MIB, MIN_MEM_MIB, PAGE_SIZE};
 
 use super::{codec, Kind, MachineState, SnapshotError};
@@ -16,6 +17,8 @@ pub struct Image {
     /// The guest's RAM ranges, as (start, end): a page must lie in one.
     ranges: Vec<(u64, u64)>,
     ram: GuestRam,
+    /// The disks its blocks are laid down on, in place: a standby's own copies.
+    disks: DiskSet,
     state: Option<MachineState>,
 }
 
@@ -28,11 +31,17 @@ impl Image {
         let ranges = ram_ranges(mem_mib << 20).into_iter().map(|(base, len)| (base.0, base.0 + len as u64)).collect();
         // Allocated lazily by the kernel: pages never written cost nothing.
         let ram = GuestRam::new(mem_mib)?;
-        Ok(Self { mem_mib, ranges, ram, state: None })
+        Ok(Self { mem_mib, ranges, ram, disks: DiskSet::default(), state: None })
+    }
+
+    /// The image lays the guest's disk blocks on `disks`. Their contents are the
+    /// image's from now on: a full capture makes them what it says.
+    pub fn with_disks(self, disks: DiskSet) -> Self {
+        Self { disks, ..self }
     }
 
     fn holds(&self, page: u64) -> bool {
-        page % PAGE_SIZE == 0 && self.ranges.iter().any(|&(start, end)| (start..end).contains(&page))
+        (page % PAGE_SIZE == 0 && self.ranges.iter().any(|&(start, end)| (start..end).contains(&page))) || self.disks.holds(page)
     }
 
     #[cfg(test)]
@@ -77,10 +86,12 @@ impl Image {
         }
         if kind == Kind::Full {
             self.ram.zero()?;
+            self.disks.zero().map_err(|e| SnapshotError::Disk(format!("clearing the disks: {e}")))?;
         }
         static ZEROS: [u8; PAGE] = [0; PAGE];
         let mem = self.ram.memory();
         let mut next = 0;
+        let mut wrote_blocks = false;
         for (i, &a) in addresses.iter().enumerate() {
             let page = if zero.get(i).copied().unwrap_or(false) {
                 // A full capture's image starts cleared.
@@ -92,8 +103,18 @@ impl Image {
                 next += 1;
                 &data[(next - 1) * PAGE..next * PAGE]
             };
+            if a >= DISK_SPACE {
+                self.disks.write_page(a, page).map_err(|e| SnapshotError::Disk(format!("writing a disk block: {e}")))?;
+                wrote_blocks = true;
+                continue;
+            }
             mem.write_slice(page, GuestAddress(a))
                 .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))?;
+        }
+        // The epoch is acknowledged after this returns: the blocks it wrote are on
+        // the standby's stable storage by then, as the durability point promises.
+        if wrote_blocks || kind == Kind::Full && !self.disks.is_empty() {
+            self.disks.sync().map_err(|e| SnapshotError::Disk(format!("syncing the disks: {e}")))?;
         }
         self.state = Some(state);
         Ok(())

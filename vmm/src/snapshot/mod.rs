@@ -60,6 +60,8 @@ pub enum SnapshotError {
     Open { path: String, error: std::io::Error },
     #[error("corrupt snapshot: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Disk(String),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
 }

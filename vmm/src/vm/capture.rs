@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Address, Bytes};
 
-use super::{Vm, VmError};
+use super::{Taken, Vm, VmError};
+
+/// Disk blocks a capture took, as page addresses and their contents.
+type Blocks = (Vec<u64>, Vec<u8>);
 use crate::memory::{DirtyPages, GuestRam, PAGE_SIZE};
 use crate::snapshot::{self, Kind, MachineState, Snapshot};
 use crate::state::{StateError, VcpuState, VmState};
@@ -173,22 +176,26 @@ impl Vm {
     /// paused). Returns the snapshot, the pages whose dirty bits it consumed (hand them
     /// back with [`Vm::give_back_dirty`] if the snapshot cannot be kept) and how long the
     /// guest was stopped.
-    pub fn capture(&mut self, kind: Kind) -> Result<(Snapshot, DirtyPages, Duration), VmError> {
+    pub fn capture(&mut self, kind: Kind) -> Result<(Snapshot, Taken, Duration), VmError> {
         self.capture_fenced(kind, &mut || {})
     }
 
     /// [`Vm::capture`], calling `fence` while the vCPUs are stopped: whatever the guest
     /// did before the fence is in the snapshot, and nothing it did after. Replication
     /// moves its output gate to the next epoch there.
-    pub fn capture_fenced(&mut self, kind: Kind, fence: &mut dyn FnMut()) -> Result<(Snapshot, DirtyPages, Duration), VmError> {
+    pub fn capture_fenced(&mut self, kind: Kind, fence: &mut dyn FnMut()) -> Result<(Snapshot, Taken, Duration), VmError> {
         let was_paused = self.vcpus.is_paused();
-        let mut taken = DirtyPages::default();
+        let mut taken = Taken::default();
         let result = self.capture_into(kind, was_paused, &mut taken, fence);
         if result.is_err() {
-            self.ram.give_back(&taken);
+            self.give_back_dirty(&taken);
         }
-        let (state, staging, stopped) = result?;
-        let (pages, data) = staging.into_pages(kind == Kind::Full);
+        let (state, staging, blocks, stopped) = result?;
+        let (mut pages, mut data) = staging.into_pages(kind == Kind::Full);
+        // Disk blocks sort after every page of memory (see `disk::DISK_SPACE`).
+        let (block_pages, block_data) = blocks;
+        pages.extend(block_pages);
+        data.extend_from_slice(&block_data);
         Ok((Snapshot { kind, state, pages, data }, taken, stopped))
     }
 
@@ -196,17 +203,23 @@ impl Vm {
         &mut self,
         kind: Kind,
         was_paused: bool,
-        taken: &mut DirtyPages,
+        taken: &mut Taken,
         fence: &mut dyn FnMut(),
-    ) -> Result<(MachineState, Staging, Duration), VmError> {
+    ) -> Result<(MachineState, Staging, Blocks, Duration), VmError> {
         let staging = match kind {
-            Kind::Full if !was_paused => Some(self.precopy(taken)?),
+            Kind::Full if !was_paused => Some(self.precopy(&mut taken.pages)?),
             _ => None,
         };
         let start = Instant::now();
         self.stop_guest()?;
         fence();
-        let result = self.capture_paused(kind, staging, taken);
+        let result = self.capture_paused(kind, staging, &mut taken.pages).and_then(|(state, staging)| {
+            // Read while paused: no request is in flight, so the blocks are those the
+            // guest's completed writes left.
+            let (mut addresses, mut data) = (Vec::new(), Vec::new());
+            taken.blocks = self.virtio.disks.capture(kind == Kind::Full, &mut addresses, &mut data).map_err(VmError::Disk)?;
+            Ok((state, staging, (addresses, data)))
+        });
         // Only a pause of our own is undone. It is brief and leaves the guest clock
         // running, unlike an operator's.
         if !was_paused {
@@ -214,7 +227,7 @@ impl Vm {
         }
         let stopped = start.elapsed();
         tracing::debug!(stopped_us = stopped.as_micros() as u64, "capture");
-        result.map(|(state, staging)| (state, staging, stopped))
+        result.map(|(state, staging, blocks)| (state, staging, blocks, stopped))
     }
 
     /// Copies every page while the guest runs, then what it wrote meanwhile, until

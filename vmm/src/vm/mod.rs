@@ -9,7 +9,8 @@ use kvm_bindings::kvm_lapic_state;
 
 use crate::boot::{acpi, cpuid, loader, micro, msrs, mptable, regs};
 use crate::devices::bus::DeviceBus;
-use crate::devices::virtio::nics::{Nics, Taps};
+use crate::devices::virtio::backends::{Attached, BackendError, Backends};
+use crate::devices::virtio::disks::TakenBlocks;
 use crate::kvm::{Hypervisor, KvmError, KvmVcpu, VmHandle};
 use crate::memory::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
 use crate::snapshot::{self, Kind, MachineState, Snapshot};
@@ -88,7 +89,9 @@ pub enum VmError {
     #[error("cannot restore the devices: {0}")]
     Devices(#[from] crate::devices::DeviceError),
     #[error(transparent)]
-    Nic(#[from] crate::devices::virtio::nics::NicError),
+    Backend(#[from] BackendError),
+    #[error("cannot capture the disks: {0}")]
+    Disk(std::io::Error),
 }
 
 /// Checks a requested vCPU count before any resource is taken.
@@ -99,11 +102,11 @@ pub fn check_vcpus(n: u32) -> Result<u8, VmError> {
     }
 }
 
-/// Identifies what a VM can be restored onto: its memory, its vCPUs, the snapshot format
-/// and the CPU model KVM offers here. A standby must match its
+/// Identifies what a VM can be restored onto: its memory, its vCPUs, its disks' sizes,
+/// the snapshot format and the CPU model KVM offers here. A standby must match its
 /// primary exactly, or the VM it would take over could not run. FNV-1a, so the value is
 /// the same in every build.
-pub fn config_fingerprint(kvm_device: &std::path::Path, mem_mib: u64, vcpus: u8) -> Result<u64, VmError> {
+pub fn config_fingerprint(kvm_device: &std::path::Path, mem_mib: u64, vcpus: u8, disk_sizes: &[u64]) -> Result<u64, VmError> {
     let cpuid = Hypervisor::open(kvm_device)?.supported_cpuid()?;
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |v: u64| {
@@ -113,6 +116,10 @@ pub fn config_fingerprint(kvm_device: &std::path::Path, mem_mib: u64, vcpus: u8)
     };
     eat(mem_mib);
     eat(u64::from(vcpus));
+    // A standby's disks take the primary's blocks as they are: same count, same sizes.
+    for &size in disk_sizes {
+        eat(size);
+    }
     eat(u64::from(snapshot::format::FORMAT_VERSION));
     // The vendor, family and model, and the feature bits a guest may use. Not the
     // whole table: some fields describe the host CPU the ioctl happened to run on (its
@@ -158,11 +165,18 @@ fn set_lint(lapic: &mut kvm_lapic_state) {
     update(APIC_LVT_LINT1, APIC_MODE_NMI);
 }
 
+/// What a capture took from the dirty logs: memory pages and disk blocks.
+#[derive(Debug, Default)]
+pub struct Taken {
+    pages: DirtyPages,
+    blocks: TakenBlocks,
+}
+
 /// A booted VM. Field order is drop order: the vCPU threads end before the KVM VM is
 /// closed, and the VM is closed before the memory it maps is unmapped.
 pub struct Vm {
     /// First to go: its thread writes into guest memory.
-    nics: Nics,
+    virtio: Attached,
     vcpus: VcpuSet,
     bus: Arc<Mutex<DeviceBus>>,
     sink: SharedSink,
@@ -195,13 +209,13 @@ struct FrozenTime {
 impl Vm {
     /// Builds the VM described by `config`, loads the kernel and starts the vCPUs.
     /// Guest console output goes to `sink`.
-    pub fn boot(config: VmConfig, taps: Taps, sink: SharedSink) -> Result<Self, VmError> {
+    pub fn boot(config: VmConfig, backends: Backends, sink: SharedSink) -> Result<Self, VmError> {
         let shell = Shell::build(&config.kvm_device, config.mem_mib, config.vcpus)?;
         let mem = shell.ram.memory();
         let kernel = match &config.guest {
             Guest::Linux { kernel, initrd, cmdline } => {
                 mptable::write_mptable(mem, config.vcpus)?;
-                let rsdp = acpi::write_acpi_tables(mem, config.vcpus, &taps.slots())?;
+                let rsdp = acpi::write_acpi_tables(mem, config.vcpus, &backends.slots())?;
                 let kernel = loader::load_linux(mem, kernel, initrd.as_deref(), cmdline, Some(rsdp))?;
                 tracing::debug!(?kernel, "kernel loaded");
                 Some(kernel)
@@ -231,7 +245,7 @@ impl Vm {
                 }
             }
         }
-        let vm = shell.start(None, sink, taps, None)?;
+        let vm = shell.start(None, sink, backends, None)?;
         tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, "guest started");
         Ok(vm)
     }
@@ -245,7 +259,7 @@ impl Vm {
     pub fn restore(
         chain: &[Snapshot],
         kvm_device: &std::path::Path,
-        taps: Taps,
+        backends: Backends,
         paused: bool,
         sink: SharedSink,
     ) -> Result<Self, VmError> {
@@ -262,13 +276,24 @@ impl Vm {
         }
         let ram = GuestRam::new(shape.0)?;
         let mem = ram.memory();
+        // The snapshot holds its disks' blocks: the disks given get them, so memory
+        // is never paired with a disk of another moment.
+        let disks = &backends.disks;
+        if !disks.is_empty() {
+            disks.zero().map_err(VmError::Disk)?;
+        }
         for snap in chain {
             for (i, gpa) in snap.pages.iter().enumerate() {
-                mem.write_slice(snapshot::page(&snap.data, i), GuestAddress(*gpa))
+                let page = snapshot::page(&snap.data, i);
+                if *gpa >= crate::disk::DISK_SPACE {
+                    disks.write_page(*gpa, page).map_err(|_| VmError::Chain(format!("the snapshot holds block {gpa:#x} of a disk this VM was not given (--disk)")))?;
+                    continue;
+                }
+                mem.write_slice(page, GuestAddress(*gpa))
                     .map_err(|_| VmError::Chain(format!("page {gpa:#x} lies outside the guest's memory")))?;
             }
         }
-        Self::resume_from(Shell::build_with(kvm_device, ram, shape.1)?, &last.state, taps, paused, sink)
+        Self::resume_from(Shell::build_with(kvm_device, ram, shape.1)?, &last.state, backends, paused, sink)
     }
 
     /// Takes over from guest RAM that already holds every page of the guest (a
@@ -276,7 +301,7 @@ impl Vm {
     /// time around that RAM ([`Prepared`]): the RAM becomes the new VM's as it is, and
     /// what is left is setting the machine state and starting the vCPUs, which costs
     /// the same whatever the guest's size.
-    pub fn resume_prepared(prepared: Prepared, ram: GuestRam, state: &MachineState, taps: Taps, sink: SharedSink) -> Result<Self, VmError> {
+    pub fn resume_prepared(prepared: Prepared, ram: GuestRam, state: &MachineState, backends: Backends, sink: SharedSink) -> Result<Self, VmError> {
         if ram.mem_mib() != state.mem_mib || prepared.vcpus() != usize::from(state.vcpus) {
             return Err(VmError::Chain(format!(
                 "state of a {} MiB, {} vCPU VM for {} MiB of RAM and {} vCPUs",
@@ -286,10 +311,10 @@ impl Vm {
                 prepared.vcpus()
             )));
         }
-        Self::resume_from(prepared.into_shell(ram)?, state, taps, false, sink)
+        Self::resume_from(prepared.into_shell(ram)?, state, backends, false, sink)
     }
 
-    fn resume_from(shell: Shell, state: &MachineState, taps: Taps, paused: bool, sink: SharedSink) -> Result<Self, VmError> {
+    fn resume_from(shell: Shell, state: &MachineState, backends: Backends, paused: bool, sink: SharedSink) -> Result<Self, VmError> {
         let began = std::time::Instant::now();
         let shape = (state.mem_mib, state.vcpus);
         let mem = shell.ram.memory();
@@ -321,7 +346,7 @@ impl Vm {
             clock_ns: state.vm.clock.clock,
             tsc: state.vcpu_states.iter().map(VcpuState::tsc).collect(),
         });
-        let vm = shell.start(frozen, sink, taps, Some(&state.devices))?;
+        let vm = shell.start(frozen, sink, backends, Some(&state.devices))?;
         tracing::info!(
             vcpus = shape.1,
             mem_mib = shape.0,
@@ -420,32 +445,37 @@ impl Vm {
         Ok(())
     }
 
-    /// Stops the vCPUs, then the NICs' deliveries into guest memory: from here until
-    /// [`Vm::run_guest`] nothing changes the guest.
+    /// Stops the vCPUs, then the virtio devices' work on guest memory and disks: from
+    /// here until [`Vm::run_guest`] nothing changes the guest.
     fn stop_guest(&mut self) -> Result<Duration, VmError> {
         let took = self.vcpus.pause(PAUSE_TIMEOUT)?;
-        self.nics.pause();
+        self.virtio.pause();
         Ok(took)
     }
 
     fn run_guest(&mut self) {
-        self.nics.resume();
+        self.virtio.resume();
         self.vcpus.resume();
     }
 
     /// Has the guest announce itself on every NIC: a VM that now runs on another host.
     pub fn announce_nics(&self) {
-        self.nics.announce();
+        self.virtio.nics.announce();
     }
 
     /// The output its devices hold per epoch (each NIC's frames), for replication.
     pub fn outputs(&self) -> Vec<std::sync::Arc<dyn crate::devices::outputs::EpochOutput>> {
-        self.nics.outputs()
+        self.virtio.nics.outputs()
     }
 
     /// Each NIC's frame counts, in the order the NICs were given.
     pub fn net_stats(&self) -> Vec<crate::devices::virtio::net::NetStats> {
-        self.nics.stats()
+        self.virtio.nics.stats()
+    }
+
+    /// Each disk's request counts, in the order the disks were given.
+    pub fn disk_stats(&self) -> Vec<crate::devices::virtio::block::BlockStats> {
+        self.virtio.disks.stats()
     }
 
     fn set_time(&self, time: FrozenTime) -> Result<(), VmError> {
@@ -486,9 +516,11 @@ impl Vm {
         Ok(self.ram.pending_dirty(&self.kvm_vm)?)
     }
 
-    /// Hands back pages from a capture that failed; the next `take_dirty` includes them.
-    pub fn give_back_dirty(&mut self, pages: &DirtyPages) {
-        self.ram.give_back(pages);
+    /// Hands back what a capture that was dropped took: the next capture includes
+    /// those pages and disk blocks.
+    pub fn give_back_dirty(&mut self, taken: &Taken) {
+        self.ram.give_back(&taken.pages);
+        self.virtio.disks.give_back(&taken.blocks);
     }
 
 

@@ -10,7 +10,7 @@ use super::{cpuid, check_vcpus, FrozenTime, Vm, VmError};
 use crate::boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::devices::bus::DeviceBus;
 use crate::devices::serial::{IrqTrigger, SerialPort, COM1_IRQ};
-use crate::devices::virtio::nics::Taps;
+use crate::devices::virtio::backends::Backends;
 use crate::devices::Section;
 use crate::kvm::{Hypervisor, KvmVcpu, VmHandle};
 use crate::memory::GuestRam;
@@ -86,30 +86,30 @@ impl Shell {
         &self.frame.vcpus
     }
 
-    /// Wires the serial interrupt and the NICs, sets the devices' state when there is
-    /// one to restore, starts the vCPUs and hands over the running VM.
-    pub(super) fn start(self, frozen: Option<FrozenTime>, sink: SharedSink, taps: Taps, devices: Option<&[Section]>) -> Result<Vm, VmError> {
+    /// Wires the serial interrupt and the virtio devices, sets the devices' state when
+    /// there is one to restore, starts the vCPUs and hands over the running VM.
+    pub(super) fn start(self, frozen: Option<FrozenTime>, sink: SharedSink, backends: Backends, devices: Option<&[Section]>) -> Result<Vm, VmError> {
         let Self { frame, ram } = self;
         let line = frame.kvm_vm.irq_line(COM1_IRQ);
         let irq = IrqTrigger::new(move || line.pulse().map_err(std::io::Error::other));
         let mut bus = DeviceBus::new(SerialPort::new(irq, sink.clone()));
-        let (nics, nic_devices) = taps.attach(&frame.kvm_vm, ram.memory())?;
-        for device in nic_devices {
+        let (virtio, virtio_devices) = backends.attach(&frame.kvm_vm, ram.memory())?;
+        for device in virtio_devices {
             bus.add(device)?;
         }
         if let Some(sections) = devices {
             bus.restore(sections)?;
         }
-        // A VM that starts paused starts with its NICs paused too.
+        // A VM that starts paused starts with its devices paused too.
         if frozen.is_some() {
-            nics.pause();
+            virtio.pause();
         }
         let bus = Arc::new(Mutex::new(bus));
         let (exit_tx, exits) = channel();
         let waker = Waker::new(exit_tx.clone());
         let vcpus = VcpuSet::start(frame.vcpus, bus.clone(), exit_tx, frozen.is_some())?;
         Ok(Vm {
-            nics,
+            virtio,
             vcpus,
             bus,
             sink,

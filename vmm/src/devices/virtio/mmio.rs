@@ -3,6 +3,7 @@
 //! and the interrupt it is told of used buffers by.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
@@ -55,6 +56,51 @@ struct SavedQueue {
     next_avail: u16,
     next_used: u16,
     event_idx: bool,
+}
+
+/// A virtio device shared between the bus, where the vCPUs reach it, and the event
+/// loop, which reaches it through its own handle.
+pub(crate) struct OnBus<D: VirtioDevice> {
+    id: String,
+    window: Range<u64>,
+    device: Arc<Mutex<MmioTransport<D>>>,
+}
+
+impl<D: VirtioDevice> OnBus<D> {
+    pub(crate) fn new(slot: &crate::boot::aml::MmioSlot, device: Arc<Mutex<MmioTransport<D>>>) -> Self {
+        let id = device.lock().unwrap_or_else(|e| e.into_inner()).device().id().to_string();
+        Self { id, window: slot.base..slot.base + slot.len, device }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MmioTransport<D>> {
+        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<D: VirtioDevice> Device for OnBus<D> {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn mmio(&self) -> Option<Range<u64>> {
+        Some(self.window.clone())
+    }
+
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.lock().mmio_read(addr, data)
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Option<GuestRequest> {
+        self.lock().mmio_write(addr, data)
+    }
+
+    fn save(&self) -> Section {
+        self.lock().save()
+    }
+
+    fn restore(&mut self, section: &Section) -> Result<(), DeviceError> {
+        self.lock().restore(section)
+    }
 }
 
 /// A virtio device on the MMIO bus at `base`.

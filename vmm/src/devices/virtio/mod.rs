@@ -7,6 +7,10 @@
 //! save, restore and replicate for what a NIC and a disk need; one interrupt line per
 //! device is enough for them.
 
+pub mod backends;
+pub mod block;
+pub mod disks;
+pub(crate) mod events;
 pub mod mmio;
 pub mod net;
 pub mod nics;
@@ -14,7 +18,15 @@ pub mod nics;
 use virtio_queue::Queue;
 
 use super::{DeviceError, Section};
+use crate::boot::aml::MmioSlot;
+use crate::boot::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START};
 use crate::memory::GuestMemoryMmap;
+
+/// Virtio slot `i`: its register window and interrupt line. NICs take the first
+/// slots, disks the next.
+pub(crate) fn slot(i: usize) -> MmioSlot {
+    MmioSlot { base: VIRTIO_MMIO_START + i as u64 * mmio::WINDOW, len: mmio::WINDOW, gsi: VIRTIO_GSI_START + i as u32 }
+}
 
 /// VIRTIO_F_VERSION_1: the device follows virtio 1.x, which the mmio transport's
 /// version 2 requires.

@@ -1,26 +1,22 @@
-//! A VM's NICs together: each a virtio-net device in its own virtio-mmio window, and
-//! one thread that waits on every TAP at once (epoll) and hands what arrives to the
-//! guest, so a frame reaches the guest when it arrives rather than at the next poll.
+//! A VM's NICs together: each a virtio-net device in its own virtio-mmio window. The
+//! virtio event loop waits on every TAP (and every queue's kick) and hands what
+//! arrives to the guest, so a frame reaches the guest when it arrives.
 //!
-//! The thread never touches the guest while the VM is paused: a capture must see the
-//! guest's memory and its devices as of one instant, and the operator's pause stops
-//! the NIC as it stops the vCPUs. Frames that arrive meanwhile wait in the TAP.
+//! No NIC touches the guest while the VM is paused: a capture must see the guest's
+//! memory and its devices as of one instant, and the operator's pause stops the NIC
+//! as it stops the vCPUs. Frames that arrive meanwhile wait in the TAP.
 
-use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
-
-use super::mmio::{MmioTransport, QUEUE_NOTIFY, WINDOW};
+use super::events::{KickError, Source};
+use super::mmio::{MmioTransport, OnBus};
 use super::net::{Net, NetStats, CTRL, RX, TX};
-use crate::boot::aml::MmioSlot;
-use crate::boot::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START, VIRTIO_SLOTS};
+use super::slot;
+use crate::boot::layout::VIRTIO_SLOTS;
 use crate::devices::outputs::{EpochOutput, HeldOutput, Released};
 use crate::devices::serial::IrqTrigger;
-use crate::devices::{Device, DeviceError, GuestRequest, Section};
+use crate::devices::{Device, DeviceError};
 use crate::kvm::VmHandle;
 use crate::memory::GuestMemoryMmap;
 use crate::net::tap::{Tap, TapError};
@@ -34,10 +30,8 @@ pub enum NicError {
     Tap(#[from] TapError),
     #[error("{0} NICs asked for; a VM has room for {VIRTIO_SLOTS} virtio devices")]
     TooMany(usize),
-    #[error("cannot watch the TAP devices: {0}")]
-    Watch(std::io::Error),
     #[error(transparent)]
-    Kvm(#[from] crate::kvm::KvmError),
+    Kick(#[from] KickError),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("there is no NIC {0}")]
@@ -69,53 +63,52 @@ impl Taps {
         Ok(Self(taps, None))
     }
 
-    /// The windows the guest must be told of, in the DSDT.
-    pub fn slots(&self) -> Vec<MmioSlot> {
-        (0..self.0.len()).map(slot).collect()
+    pub fn len(&self) -> usize {
+        self.0.len()
     }
 
-    /// Puts each NIC on its window and starts the thread that serves them.
-    pub(crate) fn attach(self, vm: &VmHandle, mem: &GuestMemoryMmap) -> Result<(Nics, Vec<Box<dyn Device>>), NicError> {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Puts each NIC on its window, from virtio slot `first` on; the event loop is to
+    /// wait on the sources returned.
+    pub(crate) fn attach(self, vm: &VmHandle, mem: &GuestMemoryMmap, first: usize) -> Result<Attached, NicError> {
         let mut nics = Vec::new();
         let mut devices: Vec<Box<dyn Device>> = Vec::new();
-        let mut kicks = Vec::new();
+        let mut sources = Vec::new();
         for (i, (mac, tap)) in self.0.into_iter().enumerate() {
-            let slot = slot(i);
+            let slot = slot(first + i);
             let line = vm.irq_line(slot.gsi);
             let irq = IrqTrigger::new(move || line.pulse().map_err(std::io::Error::other));
             let mut net = Net::new(&format!("net{i}"), mac, tap);
             if let Some(epoch) = self.1 {
                 net.protect(epoch);
             }
-            let transport = MmioTransport::new(net, slot.base, irq, mem.clone())?;
-            let nic = Arc::new(Mutex::new(transport));
+            let fd = net.tap().as_raw_fd();
+            let nic: Nic = Arc::new(Mutex::new(MmioTransport::new(net, slot.base, irq, mem.clone())?));
+            sources.push(Source::readable(nic.clone(), RX, fd));
             for queue in [RX, TX, CTRL] {
-                let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(NicError::Watch)?;
-                vm.register_ioevent(&kick, slot.base + QUEUE_NOTIFY, queue as u32)?;
-                kicks.push(Kick { nic: i, queue, event: kick });
+                sources.push(Source::kick(vm, nic.clone(), slot.base, queue)?);
             }
-            devices.push(Box::new(Shared { id: format!("net{i}"), window: slot.base..slot.base + slot.len, nic: nic.clone() }));
+            devices.push(Box::new(OnBus::new(&slot, nic.clone())));
             nics.push(nic);
         }
-        let events = if nics.is_empty() { None } else { Some(EventLoop::start(nics.clone(), kicks).map_err(NicError::Watch)?) };
-        Ok((Nics { nics: Arc::from(nics), _events: events }, devices))
+        Ok((Nics { nics: Arc::from(nics) }, devices, sources))
     }
 }
 
-fn slot(i: usize) -> MmioSlot {
-    MmioSlot { base: VIRTIO_MMIO_START + i as u64 * WINDOW, len: WINDOW, gsi: VIRTIO_GSI_START + i as u32 }
-}
-
 type Nic = Arc<Mutex<MmioTransport<Net>>>;
+/// The NICs, their devices for the bus, and what the event loop waits on for them.
+type Attached = (Nics, Vec<Box<dyn Device>>, Vec<Source>);
 
 fn lock(nic: &Nic) -> MutexGuard<'_, MmioTransport<Net>> {
     nic.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The attached NICs. Dropping it stops their thread.
+/// The attached NICs.
 pub struct Nics {
     nics: Arc<[Nic]>,
-    _events: Option<EventLoop>,
 }
 
 impl Nics {
@@ -241,108 +234,4 @@ fn rarp(mac: MacAddr) -> Vec<u8> {
     }
     f.resize(crate::net::tap::VNET_HDR_LEN + 60, 0);
     f
-}
-
-/// A NIC on the bus: the vCPUs reach it here, the receiving thread through its own
-/// handle.
-struct Shared {
-    id: String,
-    window: Range<u64>,
-    nic: Nic,
-}
-
-impl Device for Shared {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn mmio(&self) -> Option<Range<u64>> {
-        Some(self.window.clone())
-    }
-
-    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        lock(&self.nic).mmio_read(addr, data)
-    }
-
-    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Option<GuestRequest> {
-        lock(&self.nic).mmio_write(addr, data)
-    }
-
-    fn save(&self) -> Section {
-        lock(&self.nic).save()
-    }
-
-    fn restore(&mut self, section: &Section) -> Result<(), DeviceError> {
-        lock(&self.nic).restore(section)
-    }
-}
-
-/// A guest's kick of one queue, which KVM signals without stopping the vCPU.
-struct Kick {
-    nic: usize,
-    queue: usize,
-    event: EventFd,
-}
-
-/// One thread for every NIC's work: frames arriving on a TAP, and the guest's kicks
-/// (buffers to send, to receive into, a command).
-struct EventLoop {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EventLoop {
-    fn start(nics: Vec<Nic>, kicks: Vec<Kick>) -> std::io::Result<Self> {
-        let epoll = Epoll::new()?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        // A token below `nics.len()` is a TAP; the kicks follow, then the stop.
-        // TAPs are edge-triggered: a TAP stays readable while the guest has no buffer
-        // for what waits in it, and the guest's kick for more buffers drains it.
-        for (i, nic) in nics.iter().enumerate() {
-            let fd = lock(nic).device().tap().as_raw_fd();
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, i as u64))?;
-        }
-        for (k, kick) in kicks.iter().enumerate() {
-            let token = (nics.len() + k) as u64;
-            epoll.ctl(ControlOperation::Add, kick.event.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
-        }
-        let stop_token = (nics.len() + kicks.len()) as u64;
-        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
-        let thread = std::thread::Builder::new().name("nics".into()).spawn(move || {
-            let mut events = vec![EpollEvent::default(); nics.len() + kicks.len() + 1];
-            loop {
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tracing::error!("the NICs' event loop failed: {e}");
-                        return;
-                    }
-                };
-                for event in &events[..n] {
-                    let token = event.data() as usize;
-                    if let Some(nic) = nics.get(token) {
-                        lock(nic).process_queue(RX);
-                    } else if let Some(kick) = kicks.get(token - nics.len()) {
-                        // Read first: a kick after the read is seen at the next wait.
-                        let _ = kick.event.read();
-                        // A kick while the VM is paused is put off to its resume.
-                        lock(&nics[kick.nic]).process_queue(kick.queue);
-                    } else {
-                        return;
-                    }
-                }
-            }
-        })?;
-        Ok(Self { stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for EventLoop {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
