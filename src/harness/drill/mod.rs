@@ -19,6 +19,7 @@ use crate::harness::proc::{threads, Proc, REAP_LIMIT};
 
 pub(crate) mod check;
 mod client;
+mod journal;
 mod net;
 pub mod net_client;
 
@@ -39,9 +40,11 @@ pub struct DrillArgs {
     #[arg(long, default_value_t = 1)]
     runs: u32,
     /// The guest's workload: `ticker` (a numbered line every 100 ms), `dirty`
-    /// (writes memory at --dirty-mib MiB/s and checks it every second) or `net` (a
-    /// client holds a TCP connection to the guest through its NIC; --kill-at then
-    /// takes MS, random, download, after-release, idle or mid-epoch).
+    /// (writes memory at --dirty-mib MiB/s and checks it every second), `journal`
+    /// (appends numbered records to its disk, each synced and then printed; each host
+    /// has its own disk, and the standby's must end up holding every record whole) or
+    /// `net` (a client holds a TCP connection to the guest through its NIC; --kill-at
+    /// then takes MS, random, download, after-release, idle or mid-epoch).
     #[arg(long, default_value = "ticker")]
     workload: String,
     /// For the dirty workload: MiB written per second.
@@ -123,8 +126,8 @@ fn parse_kill(text: &str, rng: &mut u64) -> Result<Kill> {
 }
 
 pub fn run(args: &DrillArgs) -> Result<u8> {
-    if !["ticker", "dirty", "net"].contains(&args.workload.as_str()) {
-        bail!("--workload must be ticker, dirty or net, got {:?}", args.workload);
+    if !["ticker", "dirty", "journal", "net"].contains(&args.workload.as_str()) {
+        bail!("--workload must be ticker, dirty, journal or net, got {:?}", args.workload);
     }
     if args.runs == 0 || args.runs > 100 {
         bail!("--runs must be between 1 and 100, got {}", args.runs);
@@ -342,6 +345,7 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     // boot log alone doubled the time to the first tick (docs/lab.md).
     let workload = match args.workload.as_str() {
         "dirty" => format!("quiet tandem.workload=dirty tandem.dirty_mib={} tandem.seconds={}", args.dirty_mib, args.lines),
+        "journal" => format!("quiet tandem.workload=journal tandem.records={} tandem.burst=8 tandem.interval_ms=100", args.lines),
         _ => format!("quiet tandem.workload=ticker tandem.ticks={}", args.lines),
     };
     let mut primary_args = vec![
@@ -359,6 +363,14 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         primary_args.extend(["--debug-corrupt-epoch".into(), epoch.to_string()]);
     }
     standby_args.push("--mem-mib=256".into());
+    let journal = args.workload == "journal";
+    if journal {
+        let (pdisk, sdisk) = (dir.join("primary.img"), dir.join("standby.img"));
+        journal::make_disk(&pdisk)?;
+        journal::make_disk(&sdisk)?;
+        primary_args.extend(["--disk".into(), path(pdisk)]);
+        standby_args.extend(["--disk".into(), path(sdisk)]);
+    }
     // With --show-consoles, each stage as it is reached: should a run hang, the last
     // one printed says where, since the run's own report comes only at its end.
     let began = Instant::now();
@@ -373,7 +385,11 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     }
     stage("the standby is up");
     let mut primary = Proc::start(&primary_args, &dir, "primary")?;
-    let prefix = if args.workload == "dirty" { "dirty " } else { "tick " };
+    let prefix = match args.workload.as_str() {
+        "dirty" => "dirty ",
+        "journal" => "journal ",
+        _ => "tick ",
+    };
     // Before the initial sync completes nothing is released, and nothing taken over.
     let client = (kill != Kill::InitialSync).then(|| Client::start(consoles.to_vec(), prefix, args.watch));
 
@@ -463,7 +479,13 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
         Err(format!("{SILENT_GUEST} (primary exit {primary_exit:?}, standby exit {standby_exit:?})"))
     } else {
         let consoles = check::Consoles { primary: &pcon, standby: &scon, client: ccon.as_deref().unwrap_or(""), client_end: &client_end };
-        check::check(prefix, args.lines, &consoles, standby_exit, primary_exit)
+        let verdict = check::check(prefix, args.lines, &consoles, standby_exit, primary_exit);
+        // The guest read its journal back at the end; the host reads the disk itself.
+        match verdict {
+            Ok(v) if journal && !scon.contains("TANDEM-JOURNAL-OK") => Err(format!("{v}; but the guest found its journal wrong when it read it back")),
+            Ok(v) if journal => journal::verify(&dir.join("standby.img"), args.lines).map(|d| format!("{v}; {d}")),
+            other => other,
+        }
     };
     let verdict = match (verdict, hung) {
         (Err(e), Some(hung)) => Err(format!("{e}{hung}")),
