@@ -248,6 +248,9 @@ pub struct StandbyArgs {
 }
 
 pub fn standby(args: StandbyArgs) -> Result<u8> {
+    if args.disks.iter().any(|d| d.readonly) {
+        bail!("a standby's --disk is its copy of the primary's disk, which it writes: drop ,readonly");
+    }
     let vcpus = check_vcpus(args.vcpus)?;
     let heartbeat = args.link.heartbeat()?;
     let Some(state_dir) = args.link.state_dir.clone() else {
@@ -256,9 +259,6 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
     // Read now so that a corrupt file is reported before anything starts.
     args.link.generation()?;
     let tls = tls::server_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
-    if args.disks.iter().any(|d| d.readonly) {
-        bail!("a standby's --disk is its copy of the primary's disk, which it writes: drop ,readonly");
-    }
     let backends = Backends::open(&args.nets, &args.disks)?;
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let events = args.link.events()?;

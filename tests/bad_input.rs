@@ -163,3 +163,86 @@ fn bad_nics_are_refused_before_the_guest_runs() {
     refused(&with(&["--net", &nic(&a.0, "52:54:00:00:00:01")]), "in use");
     drop(held);
 }
+
+/// A disk image of `len` bytes in a directory of its own, removed on drop.
+struct TestImage(std::path::PathBuf);
+
+impl TestImage {
+    fn new(tag: &str, len: u64) -> Self {
+        let dir = std::env::temp_dir().join(format!("tandem-bad-disk-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        Self(path)
+    }
+
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+#[test]
+fn bad_disks_are_refused_before_the_guest_runs() {
+    let disk = |arg: &str| with(&["--disk"]).into_iter().map(String::from).chain([arg.to_string()]).collect::<Vec<_>>();
+    let refused_disk = |arg: &str, expect: &str| {
+        let args = disk(arg);
+        refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), expect);
+    };
+    refused_disk("/nonexistent/disk.img", "disk image /nonexistent/disk.img: no such file");
+    refused_disk("/etc", "disk image /etc is a directory");
+    let odd = TestImage::new("odd", 1000);
+    refused_disk(&odd.arg(), "is 1000 bytes, not a whole number of 512-byte sectors");
+    let empty = TestImage::new("empty", 0);
+    refused_disk(&empty.arg(), "is empty");
+    let run = tandem(&with(&["--disk", "/tmp/x.img,rw"]));
+    assert_eq!(run.code, 2, "a malformed --disk is a usage error: {}", run.dump());
+    assert!(run.stderr.contains("expected PATH or PATH,readonly"), "{}", run.dump());
+
+    let good = TestImage::new("good", 1 << 20);
+    refused(&with(&["--disk", &good.arg(), "--disk", &good.arg()]), "is given twice");
+    let nine: Vec<TestImage> = (0..9).map(|i| TestImage::new(&format!("nine{i}"), 4096)).collect();
+    let mut args = with(&[]);
+    let paths: Vec<String> = nine.iter().map(TestImage::arg).collect();
+    for p in &paths {
+        args.extend(["--disk", p.as_str()]);
+    }
+    refused(&args, "0 NICs and 9 disks asked for; a VM has room for 8 virtio devices");
+    // An image another process holds: no second writer, and no reader of it either.
+    let held = tandem_vmm::disk::DiskImage::open(&good.arg().parse().unwrap()).expect("the test opens its image");
+    refused(&with(&["--disk", &good.arg()]), "is in use by another process");
+    refused(&with(&["--disk", &format!("{},readonly", good.arg())]), "is in use by another process");
+    drop(held);
+    refused(&["standby", "--listen", "127.0.0.1:1", "--key", "/k", "--peer-cert", "/c", "--state-dir", "/tmp", "--disk", &format!("{},readonly", good.arg())], "drop ,readonly");
+}
+
+/// A read-only image asked for read-write, by a user who may not write it (as root,
+/// every file is writable, so the check runs as `nobody`).
+#[test]
+fn a_disk_this_user_may_not_write_is_refused_with_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let image = TestImage::new("ro", 1 << 20);
+    let dir = image.0.parent().unwrap().to_path_buf();
+    let exe = dir.join("tandem");
+    std::fs::copy(env!("CARGO_BIN_EXE_tandem"), &exe).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&image.0, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let run = |disk: String| std::process::Command::new(&exe).args(["run", "--micro-guest", "--disk", &disk]).uid(65534).gid(65534).output().unwrap();
+    let out = run(image.arg());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot be opened for writing") && stderr.contains("add ,readonly"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    // Read-only, it gets past the disk (and fails later, on this host's KVM, or runs).
+    let out = run(format!("{},readonly", image.arg()));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("disk image"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -18,10 +18,12 @@ pub const ALPN: &[u8] = b"tandem-replication/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("cannot write {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    // The cause is in the message and not a `source`: whoever prints the chain would
+    // otherwise show it twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("cannot write {path}: {error}")]
+    Write { path: String, error: std::io::Error },
     #[error("{path} holds no {what} (expected PEM, as `tandem keygen` writes)")]
     Missing { path: String, what: &'static str },
     #[error("cannot generate a key pair: {0}")]
@@ -46,7 +48,7 @@ pub const CERT_FILE: &str = "cert.pem";
 pub fn keygen(dir: &Path) -> Result<String, TlsError> {
     let write_err = |path: &Path| {
         let path = path.display().to_string();
-        move |source| TlsError::Write { path, source }
+        move |error| TlsError::Write { path, error }
     };
     std::fs::create_dir_all(dir).map_err(write_err(dir))?;
     let made = rcgen::generate_simple_self_signed(vec!["tandem".to_string()])
@@ -84,7 +86,7 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|error| TlsError::Read { path: path.display().to_string(), error })
 }
 
 /// Loads this host's identity from a key file written by [`keygen`].
