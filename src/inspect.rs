@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use tandem_vmm::devices::virtio::block::described;
+use tandem_vmm::disk::{locate, DISK_SPACE};
 use tandem_vmm::snapshot::compare::compare;
 use tandem_vmm::snapshot::{Kind, Snapshot};
 
@@ -52,7 +54,20 @@ pub fn run(args: &InspectArgs) -> Result<u8> {
 fn describe(s: &Snapshot) {
     let st = &s.state;
     let kind = if s.kind == Kind::Full { "full" } else { "delta" };
-    println!("kind={kind} mem_mib={} vcpus={} pages={}", st.mem_mib, st.vcpus, s.pages.len());
+    let memory_pages = s.pages.iter().filter(|&&a| a < DISK_SPACE).count();
+    println!("kind={kind} mem_mib={} vcpus={} pages={memory_pages}", st.mem_mib, st.vcpus);
+    // A snapshot holds its disks' blocks (a full one every block that is not zeros),
+    // so a restore lays the disk down as it was with the memory.
+    for section in st.devices.iter().filter(|d| d.id.starts_with("blk")) {
+        let Some((size, readonly)) = described(section) else { continue };
+        let disk: usize = section.id[3..].parse().unwrap_or(usize::MAX);
+        let blocks = s.pages.iter().filter(|&&a| locate(a).is_some_and(|(d, _)| d == disk)).count();
+        println!(
+            "disk {disk}: {size} bytes{}, {blocks} blocks of 4 KiB held{}",
+            if readonly { " read-only" } else { "" },
+            if s.kind == Kind::Full { " (the rest zeros)" } else { " (written since the previous snapshot)" }
+        );
+    }
     println!("guest clock ns={}", st.vm.clock.clock);
     for (i, v) in st.vcpu_states.iter().enumerate() {
         println!(

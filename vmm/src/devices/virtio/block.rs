@@ -239,6 +239,14 @@ impl Block {
     }
 }
 
+/// The size and read-only flag of the disk a device section describes, if it is a
+/// disk's (for `tandem inspect`).
+pub fn described(section: &Section) -> Option<(u64, bool)> {
+    // The transport's section holds the device's own.
+    let inner: Saved = crate::devices::state_of(&super::mmio::device_section(section)?, 1).ok()?;
+    Some((inner.size, inner.readonly))
+}
+
 impl VirtioDevice for Block {
     fn id(&self) -> &str {
         &self.id

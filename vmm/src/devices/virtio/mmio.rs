@@ -303,6 +303,11 @@ struct Saved {
     device: Section,
 }
 
+/// The device's own section inside a transport's section.
+pub(crate) fn device_section(section: &Section) -> Option<Section> {
+    crate::devices::state_of::<Saved>(section, 1).ok().map(|saved| saved.device)
+}
+
 impl<D: VirtioDevice> Device for MmioTransport<D> {
     fn id(&self) -> &str {
         self.device.id()
