@@ -33,6 +33,12 @@
  *       "journal-verdict records=N ok=K bad=M first_bad=F" and TANDEM-JOURNAL-OK
  *       or TANDEM-JOURNAL-BAD (exit 1).
  *
+ *   tandem-work diskbench --device PATH [--writes N] [--seq-mib M]
+ *       For `tandem bench disk`: N random 4 KiB writes (O_DIRECT, one at a time)
+ *       over the device's first 64 MiB, each timed: "diskbench randwrite
+ *       writes=N iops=X p50_us=Y p99_us=Z"; then M MiB of sequential 1 MiB
+ *       O_DIRECT writes and an fdatasync: "diskbench seqwrite mib=M mb_s=W".
+ *
  * Exit status: 0 on success, 1 if a check failed or a system call failed,
  * 2 on argument errors. Every line is emitted with one write(2), so output is
  * never held in a buffer when the VM is paused, copied or killed.
@@ -43,6 +49,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -112,6 +119,7 @@ static void usage(void)
 	say(2, "       tandem-work net --port P", NULL);
 	say(2, "       tandem-work blob --mib M", NULL);
 	say(2, "       tandem-work journal --device PATH --count N [--burst B] [--interval-ms MS]", NULL);
+	say(2, "       tandem-work diskbench --device PATH [--writes N] [--seq-mib M]", NULL);
 }
 
 static void die_usage(const char *msg, const char *arg)
@@ -598,6 +606,83 @@ static int cmd_journal(int argc, char **argv)
 	return bad ? 1 : 0;
 }
 
+/* ---- diskbench ---- */
+
+static int cmp_i64(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+	return (x > y) - (x < y);
+}
+
+static int cmd_diskbench(int argc, char **argv)
+{
+	const char *device = NULL;
+	uint64_t writes = 2000, seq_mib = 32;
+	for (int i = 0; i < argc; i++) {
+		const char *v;
+		if ((v = opt_value(argc, argv, &i, "--device")))
+			device = v;
+		else if ((v = opt_value(argc, argv, &i, "--writes")))
+			writes = parse_num("--writes", v, 10, 1000000);
+		else if ((v = opt_value(argc, argv, &i, "--seq-mib")))
+			seq_mib = parse_num("--seq-mib", v, 1, 4096);
+		else
+			die_usage("unknown argument", argv[i]);
+	}
+	if (!device)
+		die_usage("missing --device", NULL);
+	int fd = open(device, O_RDWR | O_DIRECT);
+	if (fd < 0)
+		die_sys(device);
+	const size_t big = 1 << 20;
+	unsigned char *buf = mmap(NULL, big, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	int64_t *lat = mmap(NULL, writes * sizeof(int64_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED || lat == MAP_FAILED)
+		die_sys("mmap");
+	for (size_t i = 0; i < big; i++)
+		buf[i] = (unsigned char)mix64(i);
+	uint64_t x = 0x9e3779b97f4a7c15ULL;
+	int64_t began = mono_ns();
+	for (uint64_t n = 0; n < writes; n++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		off_t at = (off_t)((x % (64 * 256)) * 4096); /* a 4 KiB block of the first 64 MiB */
+		int64_t t = mono_ns();
+		if (pwrite(fd, buf + (n % 256) * 4096, 4096, at) != 4096)
+			die_sys("pwrite");
+		lat[n] = mono_ns() - t;
+	}
+	int64_t took = mono_ns() - began;
+	qsort(lat, writes, sizeof(int64_t), cmp_i64);
+	struct line l = { .len = 0 };
+	put_str(&l, "diskbench randwrite writes=");
+	put_u64(&l, writes);
+	put_str(&l, " iops=");
+	put_u64(&l, (uint64_t)(writes * 1000000000ULL / (uint64_t)(took > 0 ? took : 1)));
+	put_str(&l, " p50_us=");
+	put_u64(&l, (uint64_t)lat[writes / 2] / 1000);
+	put_str(&l, " p99_us=");
+	put_u64(&l, (uint64_t)lat[(writes * 99) / 100] / 1000);
+	emit(1, &l);
+	began = mono_ns();
+	for (uint64_t m = 0; m < seq_mib; m++)
+		if (pwrite(fd, buf, big, (off_t)(m * big)) != (ssize_t)big)
+			die_sys("pwrite");
+	if (fdatasync(fd) != 0)
+		die_sys("fdatasync");
+	took = mono_ns() - began;
+	put_str(&l, "diskbench seqwrite mib=");
+	put_u64(&l, seq_mib);
+	put_str(&l, " mb_s=");
+	put_u64(&l, (uint64_t)(seq_mib * 1048576ULL * 1000ULL / (uint64_t)(took > 0 ? took : 1)));
+	put_str(&l, " ms=");
+	put_u64(&l, (uint64_t)(took / 1000000));
+	emit(1, &l);
+	say(1, "TANDEM-DISKBENCH-DONE", NULL);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2)
@@ -612,6 +697,8 @@ int main(int argc, char **argv)
 		return cmd_blob(argc - 2, argv + 2);
 	if (strcmp(argv[1], "journal") == 0)
 		return cmd_journal(argc - 2, argv + 2);
+	if (strcmp(argv[1], "diskbench") == 0)
+		return cmd_diskbench(argc - 2, argv + 2);
 	if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
 		usage();
 		return 0;

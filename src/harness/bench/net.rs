@@ -6,12 +6,12 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
-use super::{ms, qemu_microvm, BASE_CMDLINE, GUEST_INITRD, GUEST_KERNEL, GUEST_VMLINUX};
+use super::{ms, qemu_microvm, spawn, wait_for, Running, BASE_CMDLINE, GUEST_INITRD, GUEST_KERNEL, GUEST_VMLINUX};
 use crate::harness::drill::net_client::{blob_sha256, download, round_trips};
 use crate::harness::netlab::{bridge, Tap, GUEST_IP, MAC, SERVER_PORT};
 
@@ -58,36 +58,6 @@ pub fn via_lab(args: &NetArgs) -> Result<()> {
     .map(|s| s.to_string())
     .collect();
     super::in_the_lab(args.images.clone(), Duration::from_secs(900), 3072, &command)
-}
-
-/// One VMM's processes, killed when dropped.
-struct Running(Vec<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Starts `cmd` with its stdout in `log`.
-fn spawn(mut cmd: Command, log: &std::path::Path) -> Result<Child> {
-    let out = std::fs::File::create(log)?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(Stdio::null()).spawn().with_context(|| format!("starting {cmd:?}"))
-}
-
-/// Waits until `log` holds `marker`, or fails after `limit`.
-fn wait_for(log: &std::path::Path, marker: &str, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(log).unwrap_or_default().contains(marker) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("no {marker} in {} within {limit:?}", log.display())
 }
 
 struct Measured {
