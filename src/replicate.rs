@@ -125,6 +125,15 @@ pub struct PrimaryArgs {
     /// Epochs on their way to the standby before the next one waits for an ack.
     #[arg(long, default_value_t = 4)]
     window: usize,
+    /// Every N epochs, the standby checks a slice of its image (disks first, then
+    /// memory, a rotating slice at a time) against this host's digest of it at that
+    /// epoch; a mismatch discards its image for a full resync. 0: never.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    verify_every: u32,
+    /// Pages (4 KiB) in each such slice, at most 65536. They are copied while the
+    /// guest is paused for the epoch: 256 pages cost about a millisecond.
+    #[arg(long, default_value_t = 256, value_name = "PAGES")]
+    verify_pages: u32,
     /// When the standby falls silent: pause the guest until a standby is in sync
     /// again, or let it continue and release its output unprotected.
     #[arg(long, value_enum, default_value_t = LossPolicy::Pause)]
@@ -164,6 +173,9 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     if !(1..=64).contains(&args.window) {
         bail!("--window must be between 1 and 64, got {}", args.window);
     }
+    if !(1..=tandem_proto::verify::MAX_VERIFY_PAGES).contains(&args.verify_pages) {
+        bail!("--verify-pages must be between 1 and {}, got {}", tandem_proto::verify::MAX_VERIFY_PAGES, args.verify_pages);
+    }
     let heartbeat = args.link.heartbeat()?;
     let generation = args.link.generation()?;
     let tls = tls::client_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
@@ -181,6 +193,8 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
             epoch: Duration::from_millis(args.epoch_ms),
             quiet_epoch: Duration::from_millis(args.quiet_epoch_ms),
             window: args.window,
+            verify_every: args.verify_every,
+            verify_pages: args.verify_pages,
             heartbeat,
             on_standby_loss: match args.on_standby_loss {
                 LossPolicy::Pause => StandbyLoss::Pause,
@@ -198,7 +212,8 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
         Box::new(LogWriter::new(std::io::stdout(), log.clone())),
     )?;
     let vm = Vm::boot(config, backends, sink)?;
-    protector.attach(vm.waker(), vm.outputs());
+    let mut protector = protector;
+    protector.attach(vm.waker(), vm.outputs(), vm.slices());
     let mut role = Role::Primary(Box::new(protector));
     let result = supervise(vm, None, control, &mut role, &events);
     if let Role::Primary(protector) = role {
@@ -232,7 +247,8 @@ pub struct StandbyArgs {
     /// The KVM device the VM is rebuilt on at takeover.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
-    /// After a takeover, open a control socket here for `tandem ctl`.
+    /// Open a control socket here for `tandem ctl`: `status` while standing by, every
+    /// command once it has taken over.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// The NICs the VM takes over on this host, as for `run`: the primary's MACs, on
@@ -278,6 +294,17 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
         },
         sink,
         log.clone(),
+        // Until a takeover, the control socket answers `status` between reports.
+        &mut |status| {
+            let Some(control) = &control else { return };
+            while let Ok(request) = control.requests.try_recv() {
+                let reply = match request.line.as_str() {
+                    "status" => status.line(),
+                    _ => "error: standing by: only status is answered until a takeover".to_string(),
+                };
+                let _ = request.reply.send(reply);
+            }
+        },
     )
     .context("standby")?;
     match outcome {

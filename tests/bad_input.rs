@@ -82,6 +82,14 @@ fn unknown_flags_and_bad_numbers_are_usage_errors() {
 }
 
 #[test]
+fn a_replica_check_of_no_pages_or_too_many_is_refused() {
+    for pages in ["0", "65537"] {
+        let args = ["primary", "--standby", "127.0.0.1:1", "--key", "/k", "--peer-cert", "/c", "--micro-guest", "--verify-pages", pages];
+        refused(&args, &format!("--verify-pages must be between 1 and 65536, got {pages}"));
+    }
+}
+
+#[test]
 fn lab_without_qemu_names_the_package() {
     let out = std::process::Command::new(common::TANDEM)
         .args(["lab", "--", "true"])

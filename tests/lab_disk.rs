@@ -72,3 +72,48 @@ fn every_released_record_is_on_the_standbys_disk_at_eight_kill_points() {
         assert!(run.says("drill: 8/8 runs kept continuity"), "{}", run.dump());
     });
 }
+
+/// Replica verification: the standby checks slices of its image (disk first, then
+/// memory) against the primary's digests of them, and they agree; a block of its disk
+/// changed behind its back is found, loudly, its image discarded and resynced in full,
+/// and the checks agree again.
+#[test]
+fn the_standby_checks_its_image_and_a_changed_block_forces_a_full_resync() {
+    let script = "cd /tmp; tandem keygen --out pk >/dev/null && tandem keygen --out sk >/dev/null || exit 1\n\
+         dd if=/dev/zero of=p.img bs=1M count=8 2>/dev/null; dd if=/dev/zero of=s.img bs=1M count=8 2>/dev/null\n\
+         tandem standby --listen 127.0.0.1:7400 --key sk/key.pem --peer-cert pk/cert.pem --state-dir st --timeout-ms 3000 \
+           --events s.ev --control s.ctl --disk s.img > s.out 2>&1 & spid=$!\n\
+         tandem primary --standby 127.0.0.1:7400 --key pk/key.pem --peer-cert sk/cert.pem --timeout-ms 3000 --epoch-ms 100 \
+           --verify-every 1 --verify-pages 2048 --kernel /images/vmlinux --initrd /images/guest-initrd.cpio --disk p.img \
+           --append 'quiet tandem.workload=journal tandem.records=4000 tandem.burst=8 tandem.interval_ms=100' > p.out 2>&1 & ppid=$!\n\
+         checks() { c=$(grep -c '\"same\":true' s.ev 2>/dev/null); echo ${c:-0}; }\n\
+         n=0; while [ \"$(checks)\" -lt 40 ]; do sleep 0.2; n=$((n+1)); [ $n -lt 1500 ] || { echo timeout-before; break; }; done\n\
+         echo '=== before'; tandem ctl s.ctl status\n\
+         echo '=== checked before'; grep replica_checked s.ev\n\
+         dd if=/dev/urandom of=s.img bs=4096 count=1 seek=1000 conv=notrunc 2>/dev/null\n\
+         n=0; while ! grep -q '\"same\":false' s.ev; do sleep 0.2; n=$((n+1)); [ $n -lt 600 ] || { echo timeout-mismatch; break; }; done\n\
+         after=$(checks)\n\
+         n=0; while [ \"$(checks)\" -lt $((after + 40)) ]; do sleep 0.2; n=$((n+1)); [ $n -lt 1500 ] || { echo timeout-after; break; }; done\n\
+         echo '=== after'; tandem ctl s.ctl status\n\
+         echo '=== events after'; sed -n '/\"same\":false/,$p' s.ev\n\
+         echo '=== standby log'; tail -5 s.out\n\
+         kill -9 $ppid $spid; wait; exit 0\n";
+    lab(&["--lab-mem-mib", "3072"], &["sh", "-c", script], |run| {
+        assert_eq!(run.code, 0, "{}", run.dump());
+        let before = section(run, "before");
+        assert!(before.iter().any(|l| l.starts_with("role=standby ") && l.contains("replica_mismatches=0")), "{}", run.dump());
+        let checked = section(run, "checked before");
+        // 2048-page slices: the 8 MiB disk in one, then 256 MiB of memory in 32.
+        let disk_first = 1u64 << 56;
+        let firsts: Vec<u64> = checked.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["first"].as_u64()).collect();
+        assert!(firsts.contains(&disk_first) && firsts.iter().any(|&f| f < disk_first), "disk and memory both checked: {}", run.dump());
+        assert!(!checked.iter().any(|l| l.contains("\"same\":false")), "{}", run.dump());
+        let events = section(run, "events after");
+        assert!(events.first().is_some_and(|l| l.contains(&format!("\"first\":{disk_first}")) && l.contains("\"same\":false")), "{}", run.dump());
+        assert!(events.iter().any(|l| l.contains("\"event\":\"in_sync\"")), "a full resync after the mismatch: {}", run.dump());
+        assert!(events.iter().rev().any(|l| l.contains(&format!("\"first\":{disk_first}")) && l.contains("\"same\":true")), "{}", run.dump());
+        assert!(section(run, "after").iter().any(|l| l.contains("replica_mismatches=1")), "{}", run.dump());
+        assert!(section(run, "standby log").iter().any(|l| l.contains("REPLICA MISMATCH")) || run.stdout.contains("REPLICA MISMATCH"), "{}", run.dump());
+        assert!(!run.stdout.contains("timeout-"), "{}", run.dump());
+    });
+}

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 
 use crate::message::{EpochKind, Frame, Message, MAX_BATCH_PAGES, MAX_OUTPUT_BYTES, PAGE_SIZE};
+use crate::verify::Verify;
 use crate::{frame, pages, ProtoError};
 
 /// What an epoch carries: pages (an address may repeat; the later copy wins) and the
@@ -30,6 +31,9 @@ pub struct Epoch {
     pub frames: Vec<(u8, Vec<u8>)>,
     /// Compress pages on the wire where it pays (see [`crate::pages`]).
     pub compress: bool,
+    /// A slice of the guest the standby checks its image against once it has applied
+    /// the epoch.
+    pub verify: Option<Verify>,
 }
 
 impl Epoch {
@@ -92,6 +96,10 @@ impl Epoch {
             hasher.frame(*nic, bytes);
             wire += bytes.len();
             out.push(frame(Message::Frame { epoch, nic: *nic, bytes: bytes.clone() })?);
+        }
+        if let Some(v) = self.verify {
+            hasher.verify(&v);
+            out.push(frame(Message::Verify { epoch, first: v.first, pages: v.pages, digest: v.digest })?);
         }
         hasher.state(&self.state);
         wire += self.state.len();
@@ -158,6 +166,13 @@ impl EpochHasher {
         self.0.update(&[nic]);
         self.0.update(&(bytes.len() as u64).to_le_bytes());
         self.0.update(bytes);
+    }
+
+    pub fn verify(&mut self, v: &Verify) {
+        self.0.update(b"verify");
+        self.0.update(&v.first.to_le_bytes());
+        self.0.update(&v.pages.to_le_bytes());
+        self.0.update(&v.digest.to_le_bytes());
     }
 
     pub fn state(&mut self, state: &[u8]) {

@@ -19,6 +19,7 @@ pub mod pages;
 pub mod primary;
 pub mod sent;
 pub mod standby;
+pub mod verify;
 
 pub use message::{Frame, Message, PROTOCOL_VERSION};
 

@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 use crate::ProtoError;
 
 /// Bumped on any change to the messages, their encoding or the machine state they
-/// carry (4: devices as sections; 5: NIC frames); peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// carry (4: devices as sections; 5: NIC frames; 6: disks, replica verification);
+/// peers must match exactly.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Guest page size: every page in a [`Message::Pages`] batch is this long.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one batch (2 MiB), so a frame stays well under the frame limit.
@@ -95,6 +96,10 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// A digest of `pages` pages from `first` (guest memory or disk blocks) as they
+    /// were at the epoch's pause, for the standby to compare with its image's once it
+    /// has applied the epoch (see [`crate::verify`]).
+    Verify { epoch: u64, first: u64, pages: u32, digest: u64 },
     /// Ends the epoch: how many pages it carried and a CRC-32 over all of it.
     EpochCommit { epoch: u64, pages: u64, checksum: u32 },
     /// The standby verified and applied the epoch.
@@ -171,6 +176,9 @@ impl Message {
                 bad(format!("a frame of {} bytes", bytes.len()))
             }
             Message::Goodbye { reason } if reason.len() > 1024 => bad("an overlong goodbye".into()),
+            Message::Verify { first, pages, .. } if *pages == 0 || *pages > crate::verify::MAX_VERIFY_PAGES || first % PAGE_SIZE as u64 != 0 => {
+                bad(format!("a check of {pages} pages from {first:#x}"))
+            }
             _ => Ok(()),
         }
     }

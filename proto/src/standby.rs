@@ -274,6 +274,15 @@ impl Standby {
                 staged.frames.push((nic, bytes));
                 Ok(vec![])
             }
+            Message::Verify { epoch, first, pages, digest } => {
+                let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
+                let v = crate::verify::Verify { first, pages, digest };
+                if staged.verify.replace(v).is_some() {
+                    return Err(out_of_order(format!("two checks in epoch {epoch}")));
+                }
+                hasher.verify(&v);
+                Ok(vec![])
+            }
             Message::Released { epoch } => {
                 if !matches!(self.committed, Some(c) if epoch <= c) {
                     return Err(out_of_order(format!("a release of epoch {epoch}, which is not committed")));
@@ -367,6 +376,7 @@ pub(crate) fn name(m: &Message) -> &'static str {
         Message::Ack { .. } => "ack",
         Message::Output { .. } => "output",
         Message::Frame { .. } => "frame",
+        Message::Verify { .. } => "verify",
         Message::Released { .. } => "release",
         Message::Heartbeat { .. } => "heartbeat",
         Message::Goodbye { .. } => "goodbye",
@@ -394,6 +404,23 @@ mod tests {
                 assert!(!matches!(event, Event::Close(_)), "{event:?}");
             }
         }
+    }
+
+    #[test]
+    fn an_epochs_replica_check_arrives_with_it_and_only_once() {
+        let primary = Identity { role: Role::Primary, fingerprint: 3, generation: 1 };
+        let mut standby = Standby::new(Identity { role: Role::Standby, ..primary }, None);
+        standby.handle(primary.hello());
+        let verify = crate::verify::Verify { first: 0x2000, pages: 4, digest: 99 };
+        let epoch = Epoch { number: 1, kind: Some(EpochKind::Full), state: vec![1], verify: Some(verify), ..Epoch::default() };
+        let applied: Vec<_> = epoch.frames(1).unwrap().into_iter().flat_map(|f| standby.handle(f)).collect();
+        assert!(applied.iter().any(|e| matches!(e, Event::Apply(ep) if ep.verify == Some(verify))), "{applied:?}");
+        // The check is covered by the epoch's checksum, and an epoch holds one.
+        let mut frames = Epoch { number: 2, kind: Some(EpochKind::Delta), state: vec![1], verify: Some(verify), ..Epoch::default() }.frames(1).unwrap();
+        let check = frames.iter().position(|f| matches!(f.message, Message::Verify { .. })).unwrap();
+        frames.insert(check, frames[check].clone());
+        let events: Vec<_> = frames.into_iter().flat_map(|f| standby.handle(f)).collect();
+        assert!(events.iter().any(|e| matches!(e, Event::Close(_))), "{events:?}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub enum Event {
     PrimaryLeft { reason: String },
     /// Standby: the primary fell silent before any epoch was committed here.
     NotPromoted { reason: String },
+    /// Standby: a slice of its image was compared with the primary's digest of it at
+    /// `epoch` (`same`: they agreed; else the image is discarded for a full resync).
+    ReplicaChecked { epoch: u64, first: u64, pages: u32, same: bool },
     /// Standby: it is the primary now.
     TookOver {
         generation: u64,

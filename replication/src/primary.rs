@@ -15,8 +15,10 @@ use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
 use tandem_proto::sent::{Pending, SentPages, Skipped};
+use tandem_proto::verify::{self, Rotation, Verify};
 use tandem_vmm::devices::outputs::{EpochOutput, HeldOutput, Outputs};
 use tandem_vmm::output::{EpochGate, HeldConsole, SharedSink};
+use tandem_vmm::slice::SliceReader;
 use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
 
@@ -46,6 +48,11 @@ pub struct Config {
     pub quiet_epoch: Duration,
     /// Epochs in flight before the next one waits for an ack.
     pub window: usize,
+    /// Every this many epochs (0: never), a slice of `verify_pages` pages goes with
+    /// the epoch for the standby to check its image against (see
+    /// `tandem_proto::verify`).
+    pub verify_every: u32,
+    pub verify_pages: u32,
     pub heartbeat: Heartbeat,
     pub on_standby_loss: StandbyLoss,
     /// How long to try to reach the standby before giving up at start.
@@ -111,6 +118,12 @@ pub struct Protector {
     sent_conn: u64,
     stats: Stats,
     events: Events,
+    /// Where replica checks go next, and how to read a slice of the guest; set by
+    /// [`Protector::attach`].
+    rotation: Rotation,
+    slices: Option<SliceReader>,
+    verify_every: u32,
+    verify_pages: u32,
     /// Epochs sent that carried NIC frames, and the one to die in the middle of (a
     /// fault injected for tests).
     frame_epochs: u64,
@@ -184,6 +197,10 @@ impl Protector {
             sent_conn: 0,
             stats: Stats::default(),
             events: config.events,
+            rotation: Rotation::default(),
+            slices: None,
+            verify_every: config.verify_every,
+            verify_pages: config.verify_pages,
             frame_epochs: 0,
             die_mid_frames_epoch: config.faults.die_mid_frames_epoch,
         };
@@ -192,8 +209,11 @@ impl Protector {
 
     /// Lets the link thread end the VM thread's wait as soon as an ack or a change of
     /// the link arrives, so that waiting for the standby costs no polling.
-    /// Also holds the output of the VM's devices from the next epoch on.
-    pub fn attach(&self, waker: tandem_vmm::vcpu::Waker, devices: Vec<Arc<dyn EpochOutput>>) {
+    /// Also holds the output of the VM's devices from the next epoch on, and reads
+    /// the slices replica checks cover through `slices`.
+    pub fn attach(&mut self, waker: tandem_vmm::vcpu::Waker, devices: Vec<Arc<dyn EpochOutput>>, slices: SliceReader) {
+        self.rotation = Rotation::new(slices.spans());
+        self.slices = Some(slices);
         let next = {
             let mut s = lock(&self.shared);
             s.waker = Some(waker);
@@ -322,9 +342,22 @@ impl Protector {
         self.last_start = started;
         self.waiting = false;
         let outputs = self.outputs.clone();
+        let check = match &self.slices {
+            Some(slices) if self.verify_every > 0 && number % u64::from(self.verify_every) == 0 => {
+                self.rotation.next(self.verify_pages).map(|slice| (slices.clone(), slice))
+            }
+            _ => None,
+        };
+        let mut copied = None;
         // Output from here on belongs to the next epoch: this one's state covers what
-        // the guest printed and sent until now.
-        let mut fence = || outputs.seal(number);
+        // the guest printed and sent until now. The slice to check is copied here,
+        // paused, so it is the guest of this very instant; digested after the pause.
+        let mut fence = || {
+            outputs.seal(number);
+            if let Some((slices, (first, pages))) = &check {
+                copied = Some((*first, *pages, slices.read(*first, *pages)));
+            }
+        };
         let (snap, taken, stopped) = match vm.capture_fenced(kind, &mut fence) {
             Ok(captured) => captured,
             // The guest ran on and nothing was taken: the next epoch tries again.
@@ -371,7 +404,15 @@ impl Protector {
         };
         // Encoded (compressed) with no lock held: the network thread takes the same lock
         // for every frame it handles, and must not wait for a large epoch's encoding.
-        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, ..Epoch::default() };
+        let verify = match copied {
+            Some((first, pages, Ok(bytes))) => Some(Verify { first, pages, digest: verify::digest(&bytes) }),
+            Some((first, _, Err(e))) => {
+                tracing::warn!("no replica check at epoch {number}: reading {first:#x}: {e}");
+                None
+            }
+            None => None,
+        };
+        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, verify, ..Epoch::default() };
         carry(&mut epoch, held);
         let frame_count = epoch.frames.len();
         let encoded = ticket.encode(&mut epoch);

@@ -101,10 +101,47 @@ impl Takeover {
     }
 }
 
+/// Where a standby stands, for `tandem ctl status` while it follows.
+#[derive(Clone, Debug, Default)]
+pub struct StandbyStatus {
+    pub generation: u64,
+    pub committed: Option<u64>,
+    pub epochs: u64,
+    pub bytes: u64,
+    /// Slices of the image compared with the primary's digest of them, and how many
+    /// differed (each a full resync).
+    pub checks: u64,
+    pub mismatches: u64,
+}
+
+impl StandbyStatus {
+    pub fn line(&self) -> String {
+        format!(
+            "role=standby generation={} committed={} epochs={} bytes={} replica_checks={} replica_mismatches={}",
+            self.generation,
+            self.committed.map_or("none".into(), |c| c.to_string()),
+            self.epochs,
+            self.bytes,
+            self.checks,
+            self.mismatches
+        )
+    }
+}
+
+/// How often, at most, [`follow`] hands its status to its caller between reports: the
+/// caller answers `tandem ctl status` then.
+const STATUS_TICK: Duration = Duration::from_millis(50);
+
 /// Follows the primary until it leaves or falls silent. The console of a VM taken
 /// over goes to `sink`, which writes into `log`: the log starts serving at a takeover,
-/// from where the console stood.
-pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Result<Outcome, ReplicationError> {
+/// from where the console stood. `on_tick` sees the standby's status after every
+/// report, and at least every [`STATUS_TICK`].
+pub fn follow(
+    mut config: Config,
+    sink: SharedSink,
+    log: Arc<ConsoleLog>,
+    on_tick: &mut dyn FnMut(&StandbyStatus),
+) -> Result<Outcome, ReplicationError> {
     let mut generation = generation::read(&config.state_dir)?;
     let fingerprint = config_fingerprint(&config.kvm_device, config.mem_mib, config.vcpus, &config.backends.disks.sizes())?;
     let image = Image::new(config.mem_mib)?.with_disks(config.backends.disks.clone());
@@ -123,9 +160,15 @@ pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Res
     let mut committed = None;
     let mut followed = false;
     let (mut epochs, mut bytes) = (0u64, 0u64);
+    let (mut checks, mut mismatches) = (0u64, 0u64);
     loop {
-        let Ok(report) = reports.recv() else {
-            return Err(ReplicationError::NotPromoted("the network thread stopped".into()));
+        on_tick(&StandbyStatus { generation, committed, epochs, bytes, checks, mismatches });
+        let report = match reports.recv_timeout(STATUS_TICK) {
+            Ok(report) => report,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(ReplicationError::NotPromoted("the network thread stopped".into()));
+            }
         };
         match report {
             Report::Following { peer, generation: theirs } => {
@@ -145,6 +188,21 @@ pub fn follow(mut config: Config, sink: SharedSink, log: Arc<ConsoleLog>) -> Res
                 committed = Some(epoch);
                 epochs += 1;
                 bytes += b as u64;
+            }
+            Report::Checked { epoch, first, pages, same } => {
+                checks += 1;
+                events.emit(Event::ReplicaChecked { epoch, first, pages, same });
+                if same {
+                    tracing::debug!(epoch, first, pages, "replica check passed");
+                } else {
+                    mismatches += 1;
+                    // The image is no copy of the guest: nothing to take over from
+                    // until a full epoch has replaced it.
+                    committed = None;
+                    tracing::error!(
+                        "REPLICA MISMATCH: {pages} pages from {first:#x} of this standby's image differ from the primary's                          guest at epoch {epoch}; the image is discarded and a full resync follows (no takeover until then)"
+                    );
+                }
             }
             Report::Dropped(why) => {
                 tracing::warn!("{why}");

@@ -7,6 +7,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tandem_proto::verify;
 use tandem_proto::message::EpochKind;
 use tandem_vmm::snapshot::image::Image;
 use tandem_vmm::snapshot::SnapshotError;
@@ -30,6 +31,10 @@ pub enum Report {
     Following { peer: String, generation: u64 },
     /// An epoch verified, applied to the image and acknowledged.
     Applied { epoch: u64, full: bool, pages: usize, bytes: usize },
+    /// The slice of the image the epoch named was compared with the primary's digest
+    /// of it; if they differed, the image is no copy of the guest any more: it holds
+    /// no committed epoch, and the connection ended for a full resync.
+    Checked { epoch: u64, first: u64, pages: u32, same: bool },
     /// A connection ended; any epoch it was in the middle of was discarded.
     Dropped(String),
     /// A peer was turned away.
@@ -274,25 +279,48 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         lock(&state).applying = true;
                         let applied = tokio::task::spawn_blocking(move || {
                             let kind = if full { Kind::Full } else { Kind::Delta };
-                            let applied = match image.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                            let mut held = image.lock().unwrap_or_else(|e| e.into_inner());
+                            let applied = match held.as_mut() {
                                 Some(image) => image.apply_marked(kind, &epoch.addresses, &epoch.zero, &epoch.data, &epoch.state),
                                 None => Err(SnapshotError::Corrupt("the image already runs as the guest".into())),
                             };
-                            (applied, epoch)
+                            // The image is now the guest as of the epoch's pause, where
+                            // the primary took its digest.
+                            let checked = match (&applied, held.as_ref(), epoch.verify) {
+                                (Ok(()), Some(image), Some(v)) => {
+                                    let same = image.slices().read(v.first, v.pages).map(|b| verify::digest(&b) == v.digest);
+                                    Some((v, same.unwrap_or(false)))
+                                }
+                                _ => None,
+                            };
+                            drop(held);
+                            ((applied, checked), epoch)
                         })
                         .await;
-                        let applied = {
+                        let (applied, checked) = {
                             let mut s = lock(&state);
                             s.applying = false;
                             s.last_heard = Some(Instant::now());
-                            applied.map(|(applied, epoch)| {
-                                s.machine.recycle(epoch);
-                                applied
-                            })
+                            match applied {
+                                Ok(((applied, checked), epoch)) => {
+                                    s.machine.recycle(epoch);
+                                    (Ok(applied), checked)
+                                }
+                                Err(e) => (Err(e), None),
+                            }
                         };
                         match applied {
                             Ok(Ok(())) => {
                                 let _ = reports.send(Report::Applied { epoch: number, full, pages, bytes });
+                                if let Some((v, same)) = checked {
+                                    let _ = reports.send(Report::Checked { epoch: number, first: v.first, pages: v.pages, same });
+                                    if !same {
+                                        // Not acknowledged, and nothing here to take over
+                                        // from until a full epoch has replaced it all.
+                                        lock(&state).machine.revert(None);
+                                        return Err(format!("the image differs from the primary's guest at epoch {number}: a full resync follows"));
+                                    }
+                                }
                             }
                             Ok(Err(e)) => {
                                 lock(&state).machine.revert(committed);

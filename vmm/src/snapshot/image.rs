@@ -54,6 +54,12 @@ impl Image {
         &self.ram
     }
 
+    /// A reader of the image's pages and disk blocks by address, for replica
+    /// verification.
+    pub fn slices(&self) -> crate::slice::SliceReader {
+        crate::slice::SliceReader::new(self.ram.memory().clone(), self.disks.clone())
+    }
+
     /// Whether a capture has been applied: an image without one cannot be restored.
     pub fn is_complete(&self) -> bool {
         self.state.is_some()

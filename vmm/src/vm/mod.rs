@@ -473,6 +473,13 @@ impl Vm {
         self.virtio.nics.stats()
     }
 
+    /// A reader of the guest's pages and disk blocks by address, for replica
+    /// verification: what it reads is the running guest's, so only a read while the VM
+    /// is paused (in a capture's fence) is of one instant.
+    pub fn slices(&self) -> crate::slice::SliceReader {
+        crate::slice::SliceReader::new(self.ram.memory().clone(), self.virtio.disks.images())
+    }
+
     /// Each disk's request counts, in the order the disks were given.
     pub fn disk_stats(&self) -> Vec<crate::devices::virtio::block::BlockStats> {
         self.virtio.disks.stats()

@@ -81,6 +81,10 @@ impl Block {
         &self.disk
     }
 
+    pub fn image(&self) -> Arc<DiskImage> {
+        self.disk.clone()
+    }
+
     pub fn stats(&self) -> BlockStats {
         self.stats
     }

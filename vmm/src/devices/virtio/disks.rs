@@ -74,6 +74,11 @@ impl Disks {
         }
     }
 
+    /// The images behind the disks, in order.
+    pub fn images(&self) -> crate::disk::DiskSet {
+        crate::disk::DiskSet(self.0.iter().map(|d| lock(d).device().image()).collect())
+    }
+
     pub fn stats(&self) -> Vec<BlockStats> {
         self.0.iter().map(|d| lock(d).device().stats()).collect()
     }
