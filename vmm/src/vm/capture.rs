@@ -206,9 +206,12 @@ impl Vm {
         taken: &mut Taken,
         fence: &mut dyn FnMut(),
     ) -> Result<(MachineState, Staging, Blocks, Duration), VmError> {
-        let staging = match kind {
-            Kind::Full if !was_paused => Some(self.precopy(&mut taken.pages)?),
-            _ => None,
+        let (staging, disks) = match kind {
+            Kind::Full if !was_paused => {
+                let disks = self.virtio.disks.precopy(&mut taken.blocks).map_err(VmError::Disk)?;
+                (Some(self.precopy(&mut taken.pages)?), Some(disks))
+            }
+            _ => (None, None),
         };
         let start = Instant::now();
         self.stop_guest()?;
@@ -217,7 +220,8 @@ impl Vm {
             // Read while paused: no request is in flight, so the blocks are those the
             // guest's completed writes left.
             let (mut addresses, mut data) = (Vec::new(), Vec::new());
-            taken.blocks = self.virtio.disks.capture(kind == Kind::Full, &mut addresses, &mut data).map_err(VmError::Disk)?;
+            let blocks = self.virtio.disks.capture(kind == Kind::Full, disks, &mut addresses, &mut data).map_err(VmError::Disk)?;
+            taken.blocks.merge(blocks);
             Ok((state, staging, (addresses, data)))
         });
         // Only a pause of our own is undone. It is brief and leaves the guest clock
