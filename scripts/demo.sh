@@ -7,6 +7,9 @@
 #  2. The network: a client holds one TCP connection to the guest's server, sending a
 #     numbered request every 50 ms, and every reply must come, in order, on the same
 #     connection. Three runs (one cutting an HTTP download in two), then a verdict.
+#  3. The disk: the guest appends numbered records to its disk, printing each once it
+#     is durable; every record printed must be on the standby's disk after the
+#     takeover, and the guest reads its whole journal back. Three runs, then a verdict.
 # Arguments go to the first drill.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,4 +17,5 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 cargo build --release --quiet
 target/release/tandem drill --kill-at random --runs 3 --watch "$@"
-exec target/release/tandem drill --workload net --kill-at random,download,idle --runs 3
+target/release/tandem drill --workload net --kill-at random,download,idle --runs 3
+exec target/release/tandem drill --workload journal --kill-at random,after-output:40,random --runs 3

@@ -345,7 +345,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
     // boot log alone doubled the time to the first tick (docs/lab.md).
     let workload = match args.workload.as_str() {
         "dirty" => format!("quiet tandem.workload=dirty tandem.dirty_mib={} tandem.seconds={}", args.dirty_mib, args.lines),
-        "journal" => format!("quiet tandem.workload=journal tandem.records={} tandem.burst=8 tandem.interval_ms=100", args.lines),
+        // Bursts of two records ten times a second: a run of --lines records lasts
+        // about as long as the ticker's, so a random kill lands within it.
+        "journal" => format!("quiet tandem.workload=journal tandem.records={} tandem.burst=2 tandem.interval_ms=100", args.lines),
         _ => format!("quiet tandem.workload=ticker tandem.ticks={}", args.lines),
     };
     let mut primary_args = vec![
@@ -429,11 +431,20 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: Kill) -> Result<Outcom
             // A kill after the guest has ended tests no takeover: the run says so
             // rather than reporting a console that never ended.
             if let Some(ended) = primary.event("vm_ended") {
-                let why = format!(
-                    "the guest had ended on the primary ({}) before numbered line {lines} was released: its output lagged \
-                     it by more than its whole run, so this kill tests no takeover (give it more --lines)",
-                    ended["how"].as_str().unwrap_or("?")
-                );
+                let why = if then.is_zero() {
+                    format!(
+                        "the guest had ended on the primary ({}) before numbered line {lines} was released: its output lagged \
+                         it by more than its whole run, so this kill tests no takeover (give it more --lines)",
+                        ended["how"].as_str().unwrap_or("?")
+                    )
+                } else {
+                    format!(
+                        "the guest had ended on the primary ({}) within the {} ms the kill waited after numbered line {lines}: \
+                         the run was shorter than the kill's delay, so this kill tests no takeover (give it more --lines)",
+                        ended["how"].as_str().unwrap_or("?"),
+                        then.as_millis()
+                    )
+                };
                 return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
             }
             format!("{} ms after numbered line {lines} reached the console client", then.as_millis())
