@@ -1,6 +1,6 @@
 //! virtio-blk over a raw image file: one queue of requests, each a header (type and
-//! sector), the data, and a status byte the device writes. Read, write, flush and
-//! get-id are served; anything else is answered "unsupported".
+//! sector), the data, and a status byte the device writes. Read, write, flush, get-id,
+//! discard and write-zeroes are served; anything else is answered "unsupported".
 //!
 //! A write goes to the image at once and completes to the guest at once: what the
 //! world could learn of it reaches the world only through output, which a replicated
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::{DeviceError, Section};
@@ -23,6 +23,10 @@ const QUEUE_SIZE: u16 = 256;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+/// Sectors one discard or write-zeroes segment may span (1 GiB), one segment a request.
+const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Data segments a request may have: the ring's size, less the header and the status.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 
@@ -30,6 +34,8 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
@@ -146,6 +152,7 @@ impl Block {
             T_OUT => self.write(sector, data, mem),
             T_FLUSH => self.disk.sync().map_err(|e| self.failed("flushing", e)).map(|_| self.stats.flushes += 1),
             T_GET_ID => self.get_id(data, mem).map(|n| written = n),
+            T_DISCARD | T_WRITE_ZEROES if !self.disk.readonly() => self.zero_ranges(data, mem),
             _ => Err(Failed::Unsupported),
         };
         let code = match result {
@@ -232,6 +239,32 @@ impl Block {
         result
     }
 
+    /// Discard and write-zeroes alike: each range (a 16-byte segment: sector, sectors,
+    /// flags) becomes a hole in the image, which reads as zeros and frees its space.
+    /// The blocks are marked written, so replication carries the zeros.
+    fn zero_ranges(&mut self, data: &[virtio_queue::desc::split::Descriptor], mem: &GuestMemoryMmap) -> Result<(), Failed> {
+        for d in data {
+            if d.is_write_only() || d.len() % 16 != 0 {
+                return Err(Failed::Io);
+            }
+            for i in 0..u64::from(d.len() / 16) {
+                let mut segment = [0u8; 16];
+                mem.read_slice(&mut segment, GuestAddress(d.addr().0 + i * 16)).map_err(|_| Failed::Io)?;
+                let sector = u64::from_le_bytes(segment[..8].try_into().unwrap_or_default());
+                let sectors = u32::from_le_bytes(segment[8..12].try_into().unwrap_or_default());
+                if sectors > MAX_DISCARD_SECTORS {
+                    return Err(Failed::Io);
+                }
+                let len = u64::from(sectors) * SECTOR;
+                let offset = sector.checked_mul(SECTOR).filter(|o| o.checked_add(len).is_some_and(|end| end <= self.disk.size())).ok_or(Failed::Io)?;
+                self.disk.zero_range(offset, len).map_err(|e| self.failed("zeroing", e))?;
+                self.mark(offset, len);
+            }
+        }
+        self.stats.writes += 1;
+        Ok(())
+    }
+
     fn get_id(&mut self, data: &[virtio_queue::desc::split::Descriptor], mem: &GuestMemoryMmap) -> Result<u32, Failed> {
         let d = data.first().filter(|d| d.is_write_only()).ok_or(Failed::Io)?;
         let mut id = [0u8; ID_BYTES];
@@ -261,19 +294,27 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.disk.readonly() { VIRTIO_BLK_F_RO } else { 0 };
-        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | ro
+        let writes = if self.disk.readonly() { VIRTIO_BLK_F_RO } else { VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES };
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | writes
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
 
-    /// capacity (in sectors) at 0, seg_max at 12; the rest zeros.
+    /// capacity (in sectors) at 0, seg_max at 12, then the discard and write-zeroes
+    /// limits at 36..57 (one segment of up to 1 GiB, aligned to 4 KiB, which may
+    /// unmap); the rest zeros.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; 16];
+        let mut config = [0u8; 60];
         config[..8].copy_from_slice(&(self.disk.size() / SECTOR).to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config[40..44].copy_from_slice(&1u32.to_le_bytes());
+        config[44..48].copy_from_slice(&((BLOCK / SECTOR) as u32).to_le_bytes());
+        config[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config[52..56].copy_from_slice(&1u32.to_le_bytes());
+        config[56] = 1;
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = config.get(offset as usize + i).copied().unwrap_or(0);
         }
