@@ -1,6 +1,7 @@
 //! `tandem primary` and `tandem standby`: a VM protected by a standby on another host,
 //! and the standby that takes it over.
 
+use std::io::{LineWriter, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::Role as ProtoRole;
 use tandem_replication::events::Events;
-use tandem_replication::primary::{self, Protector, StandbyLoss};
+use tandem_replication::primary::{self, Gate, Protector, StandbyLoss};
 use tandem_replication::standby::{self, Outcome, Takeover};
 use tandem_replication::transport::primary::Faults;
 use tandem_replication::{generation, tls, Heartbeat};
@@ -21,7 +22,7 @@ use tandem_vmm::vm::{check_vcpus, config_fingerprint, Vm};
 use std::sync::{Arc, Mutex};
 
 use tandem_vmm::console_log::{ConsoleLog, LogWriter};
-use tandem_vmm::output::Passthrough;
+use tandem_vmm::output::{EpochGate, SharedSink};
 
 use crate::run::{supervise, Role, RunArgs};
 use crate::{console, control};
@@ -216,19 +217,24 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
     protector.attach(vm.waker(), vm.outputs(), vm.slices());
     let mut role = Role::Primary(Box::new(protector));
     let result = supervise(vm, None, control, &mut role, &events);
-    if let Role::Primary(protector) = role {
-        let reason = match &result {
-            Ok(_) => "the guest stopped".to_string(),
-            Err(e) => format!("the primary stopped: {e:#}"),
-        };
-        // A refusal means another host runs this VM now: no goodbye, nothing more out.
-        let refused = result.as_ref().err().and_then(|e| e.downcast_ref::<tandem_replication::ReplicationError>());
-        if !matches!(refused, Some(tandem_replication::ReplicationError::Refused(_))) && protector.finish(&reason) {
-            // Everything is out and no standby takes over: the console has ended.
-            close_console(&log, args.link.console_listen.is_some());
-        }
-    }
+    finish(role, &result, &log, args.link.console_listen.is_some());
     result
+}
+
+/// The primary's VM has ended: says goodbye to the standby and, once the standby has
+/// it and the last output is out, ends the console.
+fn finish(role: Role, result: &Result<u8>, log: &ConsoleLog, serving: bool) {
+    let Role::Primary(protector) = role else { return };
+    let reason = match result {
+        Ok(_) => "the guest stopped".to_string(),
+        Err(e) => format!("the primary stopped: {e:#}"),
+    };
+    // A refusal means another host runs this VM now: no goodbye, nothing more out.
+    let refused = result.as_ref().err().and_then(|e| e.downcast_ref::<tandem_replication::ReplicationError>());
+    if !matches!(refused, Some(tandem_replication::ReplicationError::Refused(_))) && protector.finish(&reason) {
+        // Everything is out and no standby takes over: the console has ended.
+        close_console(log, serving);
+    }
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -256,6 +262,14 @@ pub struct StandbyArgs {
     /// takeover.
     #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
     nets: Vec<NetConfig>,
+    /// After a takeover, protect the guest in turn: dial a standby at ADDR (the old
+    /// primary's host, once `tandem standby --listen ADDR` runs there) until one
+    /// answers, sync it while the guest runs, and from its acknowledgement on hold
+    /// output again, as a primary does (25 ms epochs, a lost standby pauses the
+    /// guest). Until then the guest runs unprotected. Failing back is the same move
+    /// from the other host.
+    #[arg(long, value_name = "ADDR")]
+    then_protect: Option<SocketAddr>,
     /// This host's copies of the primary's disks, in the primary's order and of the
     /// same sizes. Each is overwritten: the first sync makes it the primary's disk, and
     /// every acknowledged epoch's writes are laid on it.
@@ -276,10 +290,20 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
     args.link.generation()?;
     let tls = tls::server_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?;
     let backends = Backends::open(&args.nets, &args.disks)?;
+    let fingerprint = config_fingerprint(&args.kvm_device, args.mem_mib, vcpus, &backends.disks.sizes())?;
+    let client_tls = match args.then_protect {
+        Some(_) => Some(tls::client_config(tls::load_identity(&args.link.key)?, tls::load_peer_cert(&args.link.peer_cert)?)?),
+        None => None,
+    };
     let control = args.control.as_deref().map(control::listen).transpose()?;
     let events = args.link.events()?;
     let log = args.link.console_log(false)?;
-    let sink = Arc::new(Mutex::new(Passthrough::new(LogWriter::new(std::io::stdout(), log.clone()))));
+    // The console of a VM taken over goes out at once, line by line, through the gate
+    // a later protection holds it in.
+    let out: Box<dyn Write + Send> = Box::new(LineWriter::new(LogWriter::new(std::io::stdout(), log.clone())));
+    let gate: Gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
+    gate.lock().unwrap_or_else(|e| e.into_inner()).unprotect()?;
+    let sink: SharedSink = gate.clone();
     let outcome = standby::follow(
         standby::Config {
             listen: args.listen,
@@ -316,9 +340,35 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
             let report = takeover.report();
             eprintln!("tandem: {report}");
             let how = format!("role=primary generation={} standby=none took_over_from_epoch={}", takeover.generation, takeover.epoch);
-            let Takeover { vm, _link, .. } = *takeover;
-            let result = supervise(vm, None, control, &mut Role::TookOver(how), &events);
-            close_console(&log, args.link.console_listen.is_some());
+            let history = format!("standby@{},primary@{}(from_epoch_{})", takeover.generation - 1, takeover.generation, takeover.epoch);
+            let Takeover { vm, _link, generation, .. } = *takeover;
+            let (Some(addr), Some(tls)) = (args.then_protect, client_tls) else {
+                let result = supervise(vm, None, control, &mut Role::TookOver(how), &events);
+                close_console(&log, args.link.console_listen.is_some());
+                return result;
+            };
+            let config = primary::Config {
+                standby: addr,
+                tls,
+                identity: Identity { role: ProtoRole::Primary, fingerprint, generation },
+                epoch: Duration::from_millis(25),
+                quiet_epoch: Duration::from_millis(100),
+                window: 4,
+                verify_every: 8,
+                verify_pages: 256,
+                heartbeat,
+                on_standby_loss: StandbyLoss::Pause,
+                connect_timeout: Duration::ZERO,
+                faults: Faults::default(),
+                events: events.clone(),
+            };
+            let mut protector = Protector::start_unprotected(config, gate)?;
+            protector.set_history(history);
+            protector.attach(vm.waker(), vm.outputs(), vm.slices());
+            tracing::info!("the guest runs unprotected until a standby answers at {addr}");
+            let mut role = Role::Primary(Box::new(protector));
+            let result = supervise(vm, None, control, &mut role, &events);
+            finish(role, &result, &log, args.link.console_listen.is_some());
             result
         }
     }

@@ -70,6 +70,9 @@ enum Mode {
     Unprotected,
 }
 
+/// The console's output gate, shared with the serial port that writes into it.
+pub type Gate = Arc<Mutex<EpochGate<Box<dyn Write + Send>>>>;
+
 /// A vCPU that keeps failing to stop or to hand over its state is not slow but stuck:
 /// past this many captures given up in a row, the primary stops.
 const MAX_SKIPPED_IN_A_ROW: u32 = 20;
@@ -124,6 +127,8 @@ pub struct Protector {
     slices: Option<SliceReader>,
     verify_every: u32,
     verify_pages: u32,
+    /// The roles this host had before, for `ctl status`.
+    history: String,
     /// Epochs sent that carried NIC frames, and the one to die in the middle of (a
     /// fault injected for tests).
     frame_epochs: u64,
@@ -134,10 +139,46 @@ impl Protector {
     /// Reaches the standby and passes the handshake, before any guest runs; returns the
     /// protector and the sink the VM's console must write to.
     pub fn start(config: Config, out: Box<dyn Write + Send>) -> Result<(Self, SharedSink), ReplicationError> {
+        let gate: Gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
+        let connect_timeout = config.connect_timeout;
+        let addr = config.standby;
+        let protector = Self::spawn(config, gate.clone(), Mode::Protected)?;
+        let started = Instant::now();
+        loop {
+            // Bound first: a guard in the match's scrutinee would be held through the
+            // sleep below, and the link thread, waiting for it to record the welcome,
+            // lost the race for the lock for seconds at a time on a loaded host.
+            let link = lock(&protector.shared).link.clone();
+            match link {
+                LinkState::Protecting => break,
+                LinkState::Refused(why) => return Err(ReplicationError::Refused(why)),
+                LinkState::Connecting { why } if started.elapsed() > connect_timeout => {
+                    return Err(ReplicationError::NoStandby(format!(
+                        "no standby answered at {addr} within {} s{}",
+                        connect_timeout.as_secs(),
+                        why.map(|w| format!(" (last attempt: {w})")).unwrap_or_default()
+                    )));
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let sink: SharedSink = gate;
+        Ok((protector, sink))
+    }
+
+    /// Protects a VM that already runs unprotected (one this host took over), writing
+    /// its console through `gate`, as soon as a standby answers at `config.standby`:
+    /// until then output goes out at once, and the guest runs on. The first standby to
+    /// answer gets a full sync, and from its acknowledgement on output is held again.
+    pub fn start_unprotected(config: Config, gate: Gate) -> Result<Self, ReplicationError> {
+        gate.lock().unwrap_or_else(|e| e.into_inner()).unprotect().map_err(|e| ReplicationError::NoStandby(format!("console output: {e}")))?;
+        Self::spawn(config, gate, Mode::Unprotected)
+    }
+
+    fn spawn(config: Config, gate: Gate, mode: Mode) -> Result<Self, ReplicationError> {
         let shared = Arc::new(Mutex::new(Shared::new(Primary::new(config.identity, config.window))));
-        let gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
         let outputs = Outputs::default();
-        outputs.add(Arc::new(HeldConsole(gate.clone())));
+        outputs.add(Arc::new(HeldConsole(gate)));
         let release = {
             let (outputs, events) = (outputs.clone(), config.events.clone());
             Box::new(move |epoch: u64| match outputs.commit(epoch) {
@@ -157,28 +198,7 @@ impl Protector {
             events: config.events.clone(),
         };
         let outbox = link::spawn(dial, shared.clone(), release)?;
-        let started = Instant::now();
-        loop {
-            // Bound first: a guard in the match's scrutinee would be held through the
-            // sleep below, and the link thread, waiting for it to record the welcome,
-            // lost the race for the lock for seconds at a time on a loaded host.
-            let link = lock(&shared).link.clone();
-            match link {
-                LinkState::Protecting => break,
-                LinkState::Refused(why) => return Err(ReplicationError::Refused(why)),
-                LinkState::Connecting { why } if started.elapsed() > config.connect_timeout => {
-                    return Err(ReplicationError::NoStandby(format!(
-                        "no standby answered at {} within {} s{}",
-                        config.standby,
-                        config.connect_timeout.as_secs(),
-                        why.map(|w| format!(" (last attempt: {w})")).unwrap_or_default()
-                    )));
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let sink: SharedSink = gate;
-        let protector = Self {
+        Ok(Self {
             shared,
             outbox,
             outputs,
@@ -187,7 +207,7 @@ impl Protector {
             heartbeat: config.heartbeat,
             policy: config.on_standby_loss,
             standby: config.standby,
-            mode: Mode::Protected,
+            mode,
             last_start: Instant::now(),
             waiting: false,
             announced: false,
@@ -201,10 +221,15 @@ impl Protector {
             slices: None,
             verify_every: config.verify_every,
             verify_pages: config.verify_pages,
+            history: String::new(),
             frame_epochs: 0,
             die_mid_frames_epoch: config.faults.die_mid_frames_epoch,
-        };
-        Ok((protector, sink))
+        })
+    }
+
+    /// How this host came to be the primary, for `ctl status` (`standby@1,primary@2`).
+    pub fn set_history(&mut self, history: String) {
+        self.history = history;
     }
 
     /// Lets the link thread end the VM thread's wait as soon as an ack or a change of
@@ -220,7 +245,10 @@ impl Protector {
             s.machine.next_epoch()
         };
         for output in devices {
-            output.protect(next);
+            // Unprotected, they pass output through until a standby is in sync.
+            if self.mode == Mode::Protected {
+                output.protect(next);
+            }
             self.outputs.add(output);
         }
     }
@@ -486,6 +514,7 @@ impl Protector {
             LinkState::Connecting { .. } => match self.mode {
                 Mode::Protected => "reconnecting".into(),
                 Mode::Paused => "lost(guest-paused)".into(),
+                Mode::Unprotected if !self.history.is_empty() && self.full_epoch == 0 => "awaited(UNPROTECTED)".into(),
                 Mode::Unprotected => "lost(UNPROTECTED)".into(),
             },
             LinkState::Refused(_) => "refused".into(),
@@ -500,7 +529,7 @@ impl Protector {
         format!(
             "role=primary generation={} standby={standby} epoch={} acked={} lag={} stopped_ms={last:.3} \
              stopped_p50_ms={:.3} stopped_p99_ms={:.3} dirty_pages={} bytes={} ack_ms={ack:.3} epochs={} \
-             total_bytes={} stretched={} unchanged_pages={} held_bytes={}",
+             total_bytes={} stretched={} unchanged_pages={} held_bytes={}{}",
             s.machine.generation(),
             s.machine.next_epoch().saturating_sub(1),
             s.machine.acked().map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
@@ -514,6 +543,7 @@ impl Protector {
             self.stats.stretched,
             self.stats.unchanged,
             self.outputs.held_bytes(),
+            if self.history.is_empty() { String::new() } else { format!(" history={}", self.history) },
         )
     }
 

@@ -234,9 +234,10 @@ pub fn follow(
                     // The output the guest produced up to this epoch that the primary
                     // did not say it released: the world sees it now, before what
                     // follows it (and a console client, by its offset, only once).
-                    if !unreleased.is_empty() {
-                        let mut console = sink.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Err(e) = console.emit(&unreleased).and_then(|()| console.flush()) {
+                    {
+                        let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+                        sink.continue_at(console.start + console.released.len() as u64);
+                        if let Err(e) = sink.emit(&unreleased).and_then(|()| sink.flush()) {
                             tracing::warn!("console output: {e}");
                         }
                     }

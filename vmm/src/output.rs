@@ -18,6 +18,9 @@ pub trait OutputSink: Send {
     fn emit(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Pushes whatever may be released to its destination.
     fn flush(&mut self) -> io::Result<()>;
+    /// The next byte is at `offset` in the console's whole output: a VM taken over
+    /// continues a console that began on another host.
+    fn continue_at(&mut self, _offset: u64) {}
 }
 
 /// Releases output as soon as the guest produces it, line by line: the serial port
@@ -203,6 +206,13 @@ impl<W: Write + Send> OutputSink for EpochGate<W> {
             self.out.flush()?;
         }
         Ok(())
+    }
+
+    /// Offsets the gate hands a standby (with each epoch's output) count from there.
+    fn continue_at(&mut self, offset: u64) {
+        if self.held.is_empty() {
+            self.released = offset;
+        }
     }
 }
 

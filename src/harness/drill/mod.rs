@@ -22,6 +22,7 @@ mod client;
 mod journal;
 mod net;
 pub mod net_client;
+mod pingpong;
 
 use client::Client;
 
@@ -71,6 +72,12 @@ pub struct DrillArgs {
     /// Seed for `random` kill times (default: the clock).
     #[arg(long)]
     seed: Option<u64>,
+    /// N failovers in a row instead of runs: the primary killed, the standby taking
+    /// over and protecting the guest again with a new standby on the dead host
+    /// (`standby --then-protect`), alternating between the two hosts; the guest never
+    /// restarts and the console client must see every line once (ticker or journal).
+    #[arg(long, value_name = "N")]
+    ping_pong: Option<u32>,
     /// Print each run's two consoles and logs.
     #[arg(long)]
     show_consoles: bool,
@@ -143,8 +150,24 @@ pub fn run(args: &DrillArgs) -> Result<u8> {
             parse_kill(k, &mut rng.clone())?;
         }
     }
+    if let Some(rounds) = args.ping_pong {
+        if !(1..=100).contains(&rounds) || args.workload == "net" || args.workload == "dirty" {
+            bail!("--ping-pong takes 1 to 100 failovers, with the ticker or journal workload");
+        }
+    }
     if !args.here {
         return in_lab(args, rng);
+    }
+    if let Some(rounds) = args.ping_pong {
+        let images = args.images.clone().unwrap_or_else(lab::default_images_dir);
+        let verdict = pingpong::run(args, &images, rounds)?;
+        let ok = verdict.is_ok();
+        match verdict {
+            Ok(line) => println!("{line}"),
+            Err(why) => println!("ping-pong: FAILED: {why}"),
+        }
+        println!("{VERDICT_PREFIX}{}", json!({ "runs": 1, "done": 1, "passed": u32::from(ok), "failed": if ok { vec![] } else { vec![json!({ "run": 1, "signature": null })] } }));
+        return Ok(if ok { 0 } else { 1 });
     }
     let images = args.images.clone().unwrap_or_else(lab::default_images_dir);
     let stalls = StallMeter::start();
@@ -262,6 +285,9 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
     }
     if let Some(n) = args.corrupt_epoch {
         command.push(format!("--corrupt-epoch={n}"));
+    }
+    if let Some(n) = args.ping_pong {
+        command.push(format!("--ping-pong={n}"));
     }
     let opts = lab::LabOptions {
         images: args.images.clone().unwrap_or_else(lab::default_images_dir),
