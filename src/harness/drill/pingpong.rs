@@ -35,8 +35,8 @@ pub fn run(args: &DrillArgs, images: &Path, rounds: u32) -> Result<Result<String
     let keys = [&pkeys, &skeys];
     let journal = args.workload == "journal";
     // Every round takes a detection, a takeover and a full sync (about 10 s in the
-    // lab): the guest must outlast them all, with 15 s of lines a round.
-    let lines = args.lines.max(150 * rounds + 60);
+    // lab): the guest must outlast them all, with 13 s of ticks a round.
+    let lines = args.lines.max(130 * rounds + 40);
     let workload = if journal {
         format!("quiet tandem.workload=journal tandem.records={lines} tandem.burst=2 tandem.interval_ms=100")
     } else {
