@@ -200,7 +200,8 @@ pub fn follow(
                     // until a full epoch has replaced it.
                     committed = None;
                     tracing::error!(
-                        "REPLICA MISMATCH: {pages} pages from {first:#x} of this standby's image differ from the primary's                          guest at epoch {epoch}; the image is discarded and a full resync follows (no takeover until then)"
+                        "REPLICA MISMATCH: {pages} pages from {first:#x} of this standby's image differ from the primary's \
+                         guest at epoch {epoch}; the image is discarded and a full resync follows (no takeover until then)"
                     );
                 }
             }

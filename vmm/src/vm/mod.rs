@@ -90,7 +90,7 @@ pub enum VmError {
     Devices(#[from] crate::devices::DeviceError),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("cannot capture the disks: {0}")]
+    #[error("cannot read or write the disks: {0}")]
     Disk(std::io::Error),
 }
 
@@ -286,7 +286,10 @@ impl Vm {
             for (i, gpa) in snap.pages.iter().enumerate() {
                 let page = snapshot::page(&snap.data, i);
                 if *gpa >= crate::disk::DISK_SPACE {
-                    disks.write_page(*gpa, page).map_err(|_| VmError::Chain(format!("the snapshot holds block {gpa:#x} of a disk this VM was not given (--disk)")))?;
+                    if !disks.holds(*gpa) {
+                        return Err(VmError::Chain(format!("the snapshot holds block {gpa:#x} of a disk this VM was not given (--disk)")));
+                    }
+                    disks.write_page(*gpa, page).map_err(VmError::Disk)?;
                     continue;
                 }
                 mem.write_slice(page, GuestAddress(*gpa))
