@@ -100,6 +100,14 @@ impl LinkArgs {
     }
 }
 
+/// The primary's defaults, which a standby that protects the guest after a takeover
+/// (`--then-protect`) uses too.
+const EPOCH_MS: u64 = 25;
+const QUIET_EPOCH_MS: u64 = 100;
+const WINDOW: usize = 4;
+const VERIFY_EVERY: u32 = 8;
+const VERIFY_PAGES: u32 = 256;
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum LossPolicy {
     Pause,
@@ -115,25 +123,25 @@ pub struct PrimaryArgs {
     link: LinkArgs,
     /// Epoch length: how often the guest's state goes to the standby, and so how long
     /// its output waits at most, plus the time to the standby and back.
-    #[arg(long, default_value_t = 25, value_name = "MS")]
+    #[arg(long, default_value_t = EPOCH_MS, value_name = "MS")]
     epoch_ms: u64,
     /// Epoch length while the guest has written no output since the last epoch (never
     /// shorter than --epoch-ms): nothing waits on such an epoch, and a longer one costs
     /// a busy guest fewer write-protection faults and sends a page it keeps rewriting
     /// once. Output cuts it short, so output still waits at most --epoch-ms.
-    #[arg(long, default_value_t = 100, value_name = "MS")]
+    #[arg(long, default_value_t = QUIET_EPOCH_MS, value_name = "MS")]
     quiet_epoch_ms: u64,
     /// Epochs on their way to the standby before the next one waits for an ack.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = WINDOW)]
     window: usize,
     /// Every N epochs, the standby checks a slice of its image (disks first, then
     /// memory, a rotating slice at a time) against this host's digest of it at that
     /// epoch; a mismatch discards its image for a full resync. 0: never.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, default_value_t = VERIFY_EVERY, value_name = "N")]
     verify_every: u32,
     /// Pages (4 KiB) in each such slice, at most 65536. They are copied while the
     /// guest is paused for the epoch: 256 pages cost about a millisecond.
-    #[arg(long, default_value_t = 256, value_name = "PAGES")]
+    #[arg(long, default_value_t = VERIFY_PAGES, value_name = "PAGES")]
     verify_pages: u32,
     /// When the standby falls silent: pause the guest until a standby is in sync
     /// again, or let it continue and release its output unprotected.
@@ -351,11 +359,11 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
                 standby: addr,
                 tls,
                 identity: Identity { role: ProtoRole::Primary, fingerprint, generation },
-                epoch: Duration::from_millis(25),
-                quiet_epoch: Duration::from_millis(100),
-                window: 4,
-                verify_every: 8,
-                verify_pages: 256,
+                epoch: Duration::from_millis(EPOCH_MS),
+                quiet_epoch: Duration::from_millis(QUIET_EPOCH_MS),
+                window: WINDOW,
+                verify_every: VERIFY_EVERY,
+                verify_pages: VERIFY_PAGES,
                 heartbeat,
                 on_standby_loss: StandbyLoss::Pause,
                 connect_timeout: Duration::ZERO,

@@ -42,7 +42,7 @@ const S_UNSUPP: u8 = 2;
 const ID_BYTES: usize = 20;
 /// The most bytes one request moves; past it the request is refused rather than
 /// buffered.
-const MAX_REQUEST: usize = 4 << 20;
+const MAX_REQUEST: u64 = 4 << 20;
 
 /// Requests served, for `ctl status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,19 +114,21 @@ impl Block {
 
     /// Marks `blocks` written again: a capture that took them was dropped.
     pub fn give_back(&mut self, blocks: &[u64]) {
-        for &b in blocks {
-            if let Some(word) = self.dirty.get_mut((b / 64) as usize) {
-                *word |= 1 << (b % 64);
-            }
+        blocks.iter().for_each(|&b| self.set_dirty(b));
+    }
+
+    fn set_dirty(&mut self, block: u64) {
+        if let Some(word) = self.dirty.get_mut((block / 64) as usize) {
+            *word |= 1 << (block % 64);
         }
     }
 
+    /// Marks the blocks `len` bytes from `offset` touch.
     fn mark(&mut self, offset: u64, len: u64) {
         if len == 0 {
             return;
         }
-        let blocks = offset / BLOCK..(offset + len).div_ceil(BLOCK);
-        self.give_back(&blocks.collect::<Vec<_>>());
+        (offset / BLOCK..(offset + len).div_ceil(BLOCK)).for_each(|b| self.set_dirty(b));
     }
 
     /// Serves one request; returns the bytes written into the guest's buffers, the
@@ -174,11 +176,12 @@ impl Block {
         Failed::Io
     }
 
-    /// Where a request of `len` bytes from `sector` lies, if it lies within the disk.
-    fn span(&self, sector: u64, len: usize) -> Result<u64, Failed> {
+    /// Where `len` bytes from `sector` lie, if they lie within the disk and `len` is
+    /// at most `max`.
+    fn span(&self, sector: u64, len: u64, max: u64) -> Result<u64, Failed> {
         let offset = sector.checked_mul(SECTOR).ok_or(Failed::Io)?;
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.disk.size() && len <= MAX_REQUEST => Ok(offset),
+        match offset.checked_add(len) {
+            Some(end) if end <= self.disk.size() && len <= max => Ok(offset),
             _ => Err(Failed::Io),
         }
     }
@@ -188,7 +191,7 @@ impl Block {
         if data.iter().any(|d| !d.is_write_only()) {
             return Err(Failed::Io);
         }
-        let mut offset = self.span(sector, len)?;
+        let mut offset = self.span(sector, len as u64, MAX_REQUEST)?;
         let mut buf = std::mem::take(&mut self.buf);
         let mut result = Ok(len as u32);
         for d in data {
@@ -216,7 +219,7 @@ impl Block {
         if data.iter().any(|d| d.is_write_only()) {
             return Err(Failed::Io);
         }
-        let start = self.span(sector, len)?;
+        let start = self.span(sector, len as u64, MAX_REQUEST)?;
         let mut buf = std::mem::take(&mut self.buf);
         let mut offset = start;
         let mut result = Ok(());
@@ -252,11 +255,8 @@ impl Block {
                 mem.read_slice(&mut segment, GuestAddress(d.addr().0 + i * 16)).map_err(|_| Failed::Io)?;
                 let sector = u64::from_le_bytes(segment[..8].try_into().unwrap_or_default());
                 let sectors = u32::from_le_bytes(segment[8..12].try_into().unwrap_or_default());
-                if sectors > MAX_DISCARD_SECTORS {
-                    return Err(Failed::Io);
-                }
                 let len = u64::from(sectors) * SECTOR;
-                let offset = sector.checked_mul(SECTOR).filter(|o| o.checked_add(len).is_some_and(|end| end <= self.disk.size())).ok_or(Failed::Io)?;
+                let offset = self.span(sector, len, u64::from(MAX_DISCARD_SECTORS) * SECTOR)?;
                 self.disk.zero_range(offset, len).map_err(|e| self.failed("zeroing", e))?;
                 self.mark(offset, len);
             }

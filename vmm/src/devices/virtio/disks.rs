@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::block::{Block, BlockStats};
 use super::mmio::MmioTransport;
 use crate::disk::{page_of, DiskImage, BLOCK};
+use crate::snapshot::{is_zero_page, page};
 
 pub(crate) type Disk = Arc<Mutex<MmioTransport<Block>>>;
 
@@ -80,7 +81,7 @@ impl Disks {
             taken.absorb(i, dirty);
             for b in 0..image.blocks() {
                 image.read_block(b, &mut block)?;
-                if !crate::snapshot::is_zero_page(&block) {
+                if !is_zero_page(&block) {
                     pre.addresses.push(page_of(i, b));
                     pre.data.extend_from_slice(&block);
                 }
@@ -106,8 +107,13 @@ impl Disks {
             let blocks: Box<dyn Iterator<Item = u64>> = if everything { Box::new(0..image.blocks()) } else { Box::new(dirty.iter().copied()) };
             let result = blocks.into_iter().try_for_each(|b| {
                 image.read_block(b, &mut block)?;
-                again.push(page_of(i, b));
-                again_data.extend_from_slice(&block);
+                // Read for a full capture with nothing copied before, a block of zeros
+                // is left out at once; one written since a pre-copy stays, to replace
+                // its copy.
+                if !(everything && is_zero_page(&block)) {
+                    again.push(page_of(i, b));
+                    again_data.extend_from_slice(&block);
+                }
                 Ok(())
             });
             taken.0.push(dirty);
@@ -117,15 +123,9 @@ impl Disks {
                 return Err(e);
             }
         }
-        let page = |d: &[u8], i: usize| d[i * BLOCK as usize..(i + 1) * BLOCK as usize].to_vec();
         let Some(pre) = pre else {
-            for (i, &a) in again.iter().enumerate() {
-                let block = page(&again_data, i);
-                if !(full && crate::snapshot::is_zero_page(&block)) {
-                    addresses.push(a);
-                    data.extend_from_slice(&block);
-                }
-            }
+            addresses.extend(again);
+            data.extend_from_slice(&again_data);
             return Ok(taken);
         };
         // Both lists are in address order: merge them, the block read now winning,
@@ -135,15 +135,15 @@ impl Disks {
             let (pa, na) = (pre.addresses.get(p).copied().unwrap_or(u64::MAX), again.get(n).copied().unwrap_or(u64::MAX));
             if na <= pa {
                 let block = page(&again_data, n);
-                if !crate::snapshot::is_zero_page(&block) {
+                if !is_zero_page(block) {
                     addresses.push(na);
-                    data.extend_from_slice(&block);
+                    data.extend_from_slice(block);
                 }
                 n += 1;
                 p += usize::from(na == pa);
             } else {
                 addresses.push(pa);
-                data.extend_from_slice(&page(&pre.data, p));
+                data.extend_from_slice(page(&pre.data, p));
                 p += 1;
             }
         }

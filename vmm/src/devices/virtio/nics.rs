@@ -13,7 +13,6 @@ use super::events::{KickError, Source};
 use super::mmio::{MmioTransport, OnBus};
 use super::net::{Net, NetStats, CTRL, RX, TX};
 use super::slot;
-use crate::boot::layout::VIRTIO_SLOTS;
 use crate::devices::outputs::{EpochOutput, HeldOutput, Released};
 use crate::devices::serial::IrqTrigger;
 use crate::devices::{Device, DeviceError};
@@ -28,8 +27,6 @@ pub enum NicError {
     Config(#[from] NetConfigError),
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error("{0} NICs asked for; a VM has room for {VIRTIO_SLOTS} virtio devices")]
-    TooMany(usize),
     #[error(transparent)]
     Kick(#[from] KickError),
     #[error(transparent)]
@@ -54,10 +51,8 @@ impl Taps {
         Self(self.0, Some(epoch))
     }
 
+    /// `Backends::open` has checked that the NICs and disks fit the VM's slots.
     pub fn open(nics: &[NetConfig]) -> Result<Self, NicError> {
-        if nics.len() > VIRTIO_SLOTS {
-            return Err(NicError::TooMany(nics.len()));
-        }
         check_distinct(nics)?;
         let taps = nics.iter().map(|n| Ok((n.mac, Tap::open(&n.tap)?))).collect::<Result<_, NicError>>()?;
         Ok(Self(taps, None))
