@@ -7,6 +7,7 @@ mod inspect;
 mod keygen;
 mod replicate;
 mod run;
+mod witness;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +70,10 @@ enum Cmd {
     /// Write a key pair for replication's mutual TLS into DIR: key.pem (private, mode
     /// 0600) and cert.pem (give it to the peer); prints the certificate's fingerprint.
     Keygen(keygen::KeygenArgs),
+    /// The witness, on a third host: grants a standby its promotion and leases a
+    /// primary that lost its standby time to run on, never both at once, so a cut link
+    /// cannot leave two hosts running the guest. Its record outlives restarts.
+    Witness(witness::WitnessArgs),
     /// Run COMMAND inside the lab: a Linux host with real KVM under QEMU's emulated AMD-V.
     /// Guest images are at /images, `--with` files at /with/NAME. Exits with COMMAND's
     /// status, 124 on timeout, 125 if the lab host itself failed (its kernel locked up or crashed).
@@ -147,6 +152,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Inspect(args) => inspect::run(&args),
         Cmd::Keygen(args) => keygen::run(&args),
+        Cmd::Witness(args) => witness::witness(args),
         Cmd::Lab(args) => {
             let mut stdout = std::io::stdout();
             harness::lab::run_with_report(&args.options(), &args.command, &mut |line| {

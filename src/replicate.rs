@@ -13,6 +13,7 @@ use tandem_replication::events::Events;
 use tandem_replication::primary::{self, Gate, Protector, StandbyLoss};
 use tandem_replication::standby::{self, Outcome, Takeover};
 use tandem_replication::transport::primary::Faults;
+use tandem_replication::witness::WitnessLink;
 use tandem_replication::{generation, tls, Heartbeat};
 use tandem_vmm::devices::virtio::backends::Backends;
 use tandem_vmm::disk::DiskConfig;
@@ -66,6 +67,15 @@ pub struct LinkArgs {
     /// offset so a client sees it exactly once across a takeover.
     #[arg(long, value_name = "ADDR")]
     console_listen: Option<SocketAddr>,
+    /// The witness (`tandem witness` on a third host) that decides which side may run
+    /// the guest when the two cannot hear each other: a standby promotes itself only
+    /// with its grant, and a primary under --on-standby-loss continue runs on only
+    /// under its lease. Without one, a cut link looks like a dead peer.
+    #[arg(long, value_name = "ADDR", requires = "witness_cert")]
+    witness: Option<SocketAddr>,
+    /// The witness's certificate (its cert.pem): the only one accepted from it.
+    #[arg(long, value_name = "FILE", requires = "witness")]
+    witness_cert: Option<PathBuf>,
 }
 
 impl LinkArgs {
@@ -90,6 +100,12 @@ impl LinkArgs {
             console::serve(addr, log.clone())?;
         }
         Ok(log)
+    }
+
+    fn witness(&self) -> Result<Option<WitnessLink>> {
+        let (Some(addr), Some(cert)) = (self.witness, &self.witness_cert) else { return Ok(None) };
+        let tls = tls::witness_client_config(tls::load_identity(&self.key)?, tls::load_peer_cert(cert)?)?;
+        Ok(Some(WitnessLink { addr, tls }))
     }
 
     fn generation(&self) -> Result<u64> {
@@ -209,6 +225,7 @@ pub fn primary(args: PrimaryArgs) -> Result<u8> {
                 LossPolicy::Pause => StandbyLoss::Pause,
                 LossPolicy::Continue => StandbyLoss::Continue,
             },
+            witness: args.link.witness()?,
             connect_timeout: Duration::from_secs(args.connect_timeout_s),
             faults: Faults {
                 die_mid_epoch: args.debug_die_mid_epoch,
@@ -323,6 +340,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
             state_dir,
             heartbeat,
             events: events.clone(),
+            witness: args.link.witness()?,
         },
         sink,
         log.clone(),
@@ -366,6 +384,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8> {
                 verify_pages: VERIFY_PAGES,
                 heartbeat,
                 on_standby_loss: StandbyLoss::Pause,
+                witness: None,
                 connect_timeout: Duration::ZERO,
                 faults: Faults::default(),
                 events: events.clone(),

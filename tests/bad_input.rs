@@ -254,3 +254,34 @@ fn a_disk_this_user_may_not_write_is_refused_with_what_to_do() {
     let out = run(format!("{},readonly", image.arg()));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("disk image"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_witness_with_a_corrupt_record_bad_lease_or_half_its_flags_is_refused() {
+    let dir = std::env::temp_dir().join(format!("tandem-bad-witness-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let keys = dir.join("w").display().to_string();
+    assert_eq!(tandem(&["keygen", "--out", &keys]).code, 0);
+    let (key, cert) = (format!("{keys}/key.pem"), format!("{keys}/cert.pem"));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("witness"), "generation=two holder=zz\n").unwrap();
+    let state = state.display().to_string();
+    let witness = |extra: &[&str]| {
+        let mut args = vec!["witness", "--listen", "127.0.0.1:0", "--key", &key, "--peer-cert", &cert, "--state-dir", &state];
+        args.extend_from_slice(extra);
+        tandem(&args)
+    };
+    assert_refused(&witness(&[]), "is not a witness record");
+    assert_refused(&witness(&["--lease-ms", "5"]), "--lease-ms must be between 100 and 600000");
+    // A host given the witness's address but not its certificate, or the other way: a
+    // usage error.
+    for args in [
+        vec!["standby", "--listen", "127.0.0.1:0", "--key", &key, "--peer-cert", &cert, "--witness", "127.0.0.1:9"],
+        vec!["primary", "--standby", "127.0.0.1:9", "--key", &key, "--peer-cert", &cert, "--witness-cert", &cert],
+    ] {
+        let run = tandem(&args);
+        assert_eq!(run.code, 2, "{}", run.dump());
+        assert!(run.stderr.contains("--witness"), "{}", run.dump());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

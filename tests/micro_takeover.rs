@@ -5,76 +5,17 @@
 
 mod common;
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::micro::{free_port, keyed_dir, wait_until, Side};
 use common::{tandem, TANDEM};
-
-struct Side {
-    child: Child,
-    out: PathBuf,
-    events: PathBuf,
-}
-
-impl Side {
-    fn start(dir: &Path, name: &str, args: &[String]) -> Self {
-        let (out, events) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.events")));
-        let child = Command::new(TANDEM)
-            .args(args)
-            .arg("--events")
-            .arg(&events)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(dir.join(format!("{name}.err"))).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, out, events }
-    }
-
-    fn ticks(&self) -> Vec<u64> {
-        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        text.lines().filter_map(|l| l.strip_prefix("tick ")?.parse().ok()).collect()
-    }
-
-    fn events(&self) -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(&self.events).unwrap_or_default();
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    }
-}
-
-impl Drop for Side {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool, dir: &Path) {
-    let start = Instant::now();
-    while !done() {
-        if start.elapsed() > limit {
-            let logs: String = ["primary.err", "standby.err"]
-                .iter()
-                .map(|f| format!("--- {f}\n{}", std::fs::read_to_string(dir.join(f)).unwrap_or_default()))
-                .collect();
-            panic!("{what}: not within {limit:?}\n{logs}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// A standby and a primary of the micro guest on this host, in a fresh directory.
 fn pair(name: &str, primary_extra: &[&str]) -> (PathBuf, Side, Side) {
-    let dir = std::env::temp_dir().join(format!("tandem-micro-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    for who in ["primary", "standby"] {
-        let run = tandem(&["keygen", "--out", &dir.join(who).display().to_string()]);
-        assert_eq!(run.code, 0, "{}", run.dump());
-    }
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
+    let dir = keyed_dir(name, &["primary", "standby"]);
+    let addr = format!("127.0.0.1:{}", free_port());
     let p = |rel: &str| dir.join(rel).display().to_string();
     let link = |me: &str, peer: &str| {
         vec![

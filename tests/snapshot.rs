@@ -32,7 +32,7 @@ enum Until {
 }
 
 /// Runs a guest with a control socket and `append`ed kernel arguments; once its output
-/// has a line starting with `wait_for`, takes a full snapshot and `deltas` more (each a
+/// has a line starting with `wait_for`, takes a full snapshot and `deltas` more (each half a
 /// second apart), all while paused, kills the VM with SIGKILL and restores the chain in
 /// a new process, which runs `until`. Prints `=== before`, the old VM's console,
 /// [`RESTORED`] right after its last byte (a pause can fall in the middle of a line),
@@ -48,7 +48,7 @@ fn snapshot_kill_restore(run_args: &str, append: &str, wait_for: &str, deltas: u
     let mut chain = String::from("--snapshot /tmp/s0");
     for i in 1..=deltas {
         script.push_str(&format!(
-            "tandem ctl /tmp/ctl resume; sleep 1; tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/s{i} --delta || exit 1\n"
+            "tandem ctl /tmp/ctl resume; sleep 0.5; tandem ctl /tmp/ctl pause && tandem ctl /tmp/ctl snapshot /tmp/s{i} --delta || exit 1\n"
         ));
         chain.push_str(&format!(" --delta /tmp/s{i}"));
     }

@@ -20,6 +20,7 @@ pub mod primary;
 pub mod sent;
 pub mod standby;
 pub mod verify;
+pub mod witness;
 
 pub use message::{Frame, Message, PROTOCOL_VERSION};
 

@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 use crate::ProtoError;
 
 /// Bumped on any change to the messages, their encoding or the machine state they
-/// carry (4: devices as sections; 5: NIC frames; 6: disks, replica verification);
-/// peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// carry (4: devices as sections; 5: NIC frames; 6: disks, replica verification;
+/// 7: the witness); peers must match exactly.
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Guest page size: every page in a [`Message::Pages`] batch is this long.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one batch (2 MiB), so a frame stays well under the frame limit.
@@ -112,6 +112,10 @@ pub enum Message {
     Heartbeat { seq: u64 },
     /// The sender is leaving on purpose (an operator stop), not dying.
     Goodbye { reason: String },
+    /// A host's question to the witness (see [`crate::witness`]).
+    WitnessAsk(crate::witness::Ask),
+    /// The witness's answer.
+    WitnessAnswer(crate::witness::Answer),
 }
 
 pub(crate) fn aligned(addresses: &[u64]) -> Result<(), ProtoError> {
@@ -176,6 +180,9 @@ impl Message {
                 bad(format!("a frame of {} bytes", bytes.len()))
             }
             Message::Goodbye { reason } if reason.len() > 1024 => bad("an overlong goodbye".into()),
+            Message::WitnessAnswer(crate::witness::Answer::Status { holder, .. }) if holder.len() > 128 => {
+                bad("an overlong holder".into())
+            }
             Message::Verify { first, pages, .. } if *pages == 0 || *pages > crate::verify::MAX_VERIFY_PAGES || first % PAGE_SIZE as u64 != 0 => {
                 bad(format!("a check of {pages} pages from {first:#x}"))
             }

@@ -380,6 +380,8 @@ pub(crate) fn name(m: &Message) -> &'static str {
         Message::Released { .. } => "release",
         Message::Heartbeat { .. } => "heartbeat",
         Message::Goodbye { .. } => "goodbye",
+        Message::WitnessAsk(_) => "witness ask",
+        Message::WitnessAnswer(_) => "witness answer",
     }
 }
 

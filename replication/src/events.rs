@@ -68,6 +68,22 @@ pub enum Event {
     Goodbye { confirmed: bool },
     /// Either role: the VM this process ran has ended.
     VmEnded { how: VmEnd, detail: String },
+    /// Standby: the primary is silent, but the witness did not grant the promotion
+    /// (or could not be asked): no takeover yet.
+    PromotionRefused { reason: String },
+    /// Standby: the witness granted this host `generation`.
+    PromotionGranted { generation: u64 },
+    /// Primary: the witness leased this primary time to run on without a standby
+    /// (only the first lease after a loss, not each renewal).
+    LeaseGranted { generation: u64, for_ms: u64 },
+    /// Primary: no lease now (refused, lapsed, or the witness unreachable): the guest
+    /// is paused and its output held.
+    LeaseLost { reason: String },
+    /// Witness: listening, from its record (generation 0 for a new witness); it
+    /// grants nothing for `quiet_ms`, as a lease given before a restart may still run.
+    WitnessStarted { generation: u64, holder: String, quiet_ms: u64 },
+    /// Witness: a host's question and the answer, after it was made durable.
+    WitnessAnswered { host: String, ask: String, answer: String },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]

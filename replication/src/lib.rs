@@ -4,11 +4,13 @@
 
 pub mod events;
 pub mod generation;
+pub mod lease;
 pub mod pipeline;
 pub mod primary;
 pub mod standby;
 pub mod tls;
 pub mod transport;
+pub mod witness;
 
 use std::time::Duration;
 
@@ -47,6 +49,8 @@ pub enum ReplicationError {
     Snapshot(#[from] tandem_vmm::snapshot::SnapshotError),
     #[error(transparent)]
     Generation(#[from] generation::GenerationError),
+    #[error(transparent)]
+    Witness(#[from] witness::WitnessError),
     #[error("{0}")]
     Protocol(#[from] tandem_proto::ProtoError),
     #[error("{0}")]

@@ -23,7 +23,9 @@ use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
 
 use crate::events::{self, Event, Events};
+use crate::lease::{LeaseKeeper, News};
 use crate::transport::primary::{self as link, lock, Dial, Faults, LinkState, Outbox, Outgoing, Shared};
+use crate::witness::WitnessLink;
 use crate::{Heartbeat, ReplicationError};
 
 /// What the primary does when its standby falls silent past the heartbeat timeout.
@@ -55,6 +57,8 @@ pub struct Config {
     pub verify_pages: u32,
     pub heartbeat: Heartbeat,
     pub on_standby_loss: StandbyLoss,
+    /// With a witness, `Continue` runs on only while the witness leases it the time.
+    pub witness: Option<WitnessLink>,
     /// How long to try to reach the standby before giving up at start.
     pub connect_timeout: Duration,
     pub faults: Faults,
@@ -105,6 +109,10 @@ pub struct Protector {
     policy: StandbyLoss,
     standby: SocketAddr,
     mode: Mode,
+    /// The witness's lease, asked for once the standby is lost under `Continue`.
+    lease: Option<LeaseKeeper>,
+    /// The devices pass output straight through (no standby holds their epochs).
+    outputs_open: bool,
     /// When the latest epoch began: the next is due `epoch` later if the guest has
     /// output waiting, else `quiet_epoch` later.
     last_start: Instant,
@@ -176,6 +184,7 @@ impl Protector {
     }
 
     fn spawn(config: Config, gate: Gate, mode: Mode) -> Result<Self, ReplicationError> {
+        let generation = config.identity.generation;
         let shared = Arc::new(Mutex::new(Shared::new(Primary::new(config.identity, config.window))));
         let outputs = Outputs::default();
         outputs.add(Arc::new(HeldConsole(gate)));
@@ -198,7 +207,13 @@ impl Protector {
             events: config.events.clone(),
         };
         let outbox = link::spawn(dial, shared.clone(), release)?;
+        let lease = match (config.witness, config.on_standby_loss) {
+            (Some(w), StandbyLoss::Continue) => Some(LeaseKeeper::start(w, generation, config.heartbeat.interval * 5)?),
+            _ => None,
+        };
         Ok(Self {
+            lease,
+            outputs_open: mode == Mode::Unprotected,
             shared,
             outbox,
             outputs,
@@ -286,13 +301,22 @@ impl Protector {
             tracing::info!("protected: the standby holds epoch {epoch}; output flows as epochs are acknowledged");
             self.events.emit(Event::Protected { epoch });
         }
+        if !matches!(state, LinkState::Protecting) {
+            self.poll_lease(vm)?;
+        }
         match state {
             LinkState::Refused(why) => Err(ReplicationError::Refused(why)),
             LinkState::Left => Ok(()),
             LinkState::Protecting => {
-                if self.mode == Mode::Unprotected {
+                if let Some(lease) = &mut self.lease {
+                    lease.end();
+                }
+                if self.outputs_open {
                     let next = lock(&self.shared).machine.next_epoch();
                     self.outputs.protect(next);
+                    self.outputs_open = false;
+                }
+                if self.mode == Mode::Unprotected {
                     self.mode = Mode::Protected;
                     tracing::warn!("a standby follows again at {}: output is protected once more", self.standby);
                     self.events.emit(Event::Reprotected);
@@ -345,8 +369,20 @@ impl Protector {
                     quiet.as_millis()
                 );
             }
+            StandbyLoss::Continue if self.lease.is_some() => {
+                vm.pause()?;
+                self.mode = Mode::Paused;
+                if let Some(lease) = &mut self.lease {
+                    lease.begin();
+                }
+                tracing::error!(
+                    "lost the standby ({why}; silent for {} ms): the guest is paused and its output held until the \
+                     witness leases this primary time to run on (--on-standby-loss=continue with a witness)",
+                    quiet.as_millis()
+                );
+            }
             StandbyLoss::Continue => {
-                self.outputs.unprotect().map_err(|e| ReplicationError::NoStandby(format!("releasing held output: {e}")))?;
+                self.open_outputs()?;
                 self.mode = Mode::Unprotected;
                 tracing::error!(
                     "lost the standby ({why}; silent for {} ms): the guest runs UNPROTECTED and its \
@@ -354,6 +390,55 @@ impl Protector {
                     quiet.as_millis()
                 );
             }
+        }
+        Ok(())
+    }
+
+    fn open_outputs(&mut self) -> Result<(), ReplicationError> {
+        self.outputs.unprotect().map_err(|e| ReplicationError::NoStandby(format!("releasing held output: {e}")))?;
+        self.outputs_open = true;
+        Ok(())
+    }
+
+    /// Without a standby, under a witness's lease: run while it is held, pause the
+    /// guest the moment it is not, and stop for good if the witness says another host
+    /// runs this VM now.
+    fn poll_lease(&mut self, vm: &mut Vm) -> Result<(), ReplicationError> {
+        let Some(lease) = &mut self.lease else { return Ok(()) };
+        match lease.poll() {
+            Some(News::Superseded { current }) => {
+                return Err(ReplicationError::Refused(format!(
+                    "the witness granted generation {current} to another host: this primary has been replaced"
+                )));
+            }
+            Some(News::Granted { for_ms }) => {
+                self.events.emit(Event::LeaseGranted { generation: lock(&self.shared).machine.generation(), for_ms })
+            }
+            Some(News::Trouble(why)) => {
+                tracing::warn!("no lease: {why}");
+                if self.mode == Mode::Paused {
+                    self.events.emit(Event::LeaseLost { reason: why });
+                }
+            }
+            None => {}
+        }
+        let valid = self.lease.as_ref().is_some_and(|l| l.valid());
+        match self.mode {
+            Mode::Paused if valid => {
+                self.open_outputs()?;
+                vm.resume()?;
+                self.mode = Mode::Unprotected;
+                tracing::error!(
+                    "the witness leases this primary time: the guest runs UNPROTECTED and its output is released at once"
+                );
+            }
+            Mode::Unprotected if !valid && self.lease.is_some() => {
+                vm.pause()?;
+                self.mode = Mode::Paused;
+                tracing::error!("the witness's lease ran out unrenewed: the guest is paused until it is renewed or a standby follows");
+                self.events.emit(Event::LeaseLost { reason: "the lease ran out unrenewed".into() });
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -529,7 +614,7 @@ impl Protector {
         format!(
             "role=primary generation={} standby={standby} epoch={} acked={} lag={} stopped_ms={last:.3} \
              stopped_p50_ms={:.3} stopped_p99_ms={:.3} dirty_pages={} bytes={} ack_ms={ack:.3} epochs={} \
-             total_bytes={} stretched={} unchanged_pages={} held_bytes={}{}",
+             total_bytes={} stretched={} unchanged_pages={} held_bytes={}{}{}",
             s.machine.generation(),
             s.machine.next_epoch().saturating_sub(1),
             s.machine.acked().map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
@@ -544,6 +629,10 @@ impl Protector {
             self.stats.unchanged,
             self.outputs.held_bytes(),
             if self.history.is_empty() { String::new() } else { format!(" history={}", self.history) },
+            match self.lease.as_ref().and_then(|l| l.left()) {
+                Some(left) => format!(" witness_lease_ms={}", left.as_millis()),
+                None => String::new(),
+            },
         )
     }
 

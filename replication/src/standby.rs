@@ -19,8 +19,11 @@ use tandem_vmm::snapshot::image::Image;
 use tandem_vmm::snapshot::SnapshotError;
 use tandem_vmm::vm::{config_fingerprint, Prepared, Vm};
 
+use tandem_proto::witness::{Answer, Ask};
+
 use crate::events::{Event, Events};
 use crate::transport::standby::{self as link, Report, StandbyLink};
+use crate::witness::{WitnessClient, WitnessLink};
 use crate::{generation, Heartbeat, ReplicationError};
 
 pub struct Config {
@@ -36,6 +39,16 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub heartbeat: Heartbeat,
     pub events: Events,
+    /// With a witness, the standby promotes itself only with its grant.
+    pub witness: Option<WitnessLink>,
+}
+
+/// A promotion the primary's silence called for, waiting for the witness's grant.
+struct Pending {
+    quiet: Duration,
+    since: Instant,
+    next_ask: Instant,
+    last_reason: String,
 }
 
 /// How following ended.
@@ -161,17 +174,60 @@ pub fn follow(
     let mut followed = false;
     let (mut epochs, mut bytes) = (0u64, 0u64);
     let (mut checks, mut mismatches) = (0u64, 0u64);
+    let mut witness = config.witness.clone().map(WitnessClient::start).transpose()?;
+    let mut pending: Option<Pending> = None;
+    // Between the witness's refusals: a few heartbeats, so a primary that lives (and
+    // renews its lease) is not pestered, and one that died is replaced soon after its
+    // lease runs out.
+    let retry = config.heartbeat.interval * 5;
     loop {
         on_tick(&StandbyStatus { generation, committed, epochs, bytes, checks, mismatches });
-        let report = match reports.recv_timeout(STATUS_TICK) {
-            Ok(report) => report,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(ReplicationError::NotPromoted("the network thread stopped".into()));
+        // (how long the primary had been silent, the generation to run at)
+        let mut decided: Option<(Duration, u64)> = None;
+        if let (Some(w), Some(p)) = (witness.as_mut(), pending.as_mut()) {
+            match w.reply().map(|r| r.answer) {
+                Some(Ok(Answer::Granted { generation: granted })) if granted == generation + 1 => {
+                    events.emit(Event::PromotionGranted { generation: granted });
+                    decided = Some((p.quiet + p.since.elapsed(), granted));
+                }
+                Some(answer) => {
+                    let reason = match answer {
+                        Ok(Answer::Refused(r)) => format!("the witness refused the promotion: {r}"),
+                        Ok(other) => format!("the witness answered {other:?} to a promotion"),
+                        Err(e) => format!("the witness at {} could not be asked ({e}): no promotion without its grant", w.addr()),
+                    };
+                    if reason != p.last_reason {
+                        tracing::warn!("the primary is silent, but {reason}");
+                        events.emit(Event::PromotionRefused { reason: reason.clone() });
+                        p.last_reason = reason;
+                    }
+                    p.next_ask = Instant::now() + retry;
+                }
+                None => {}
             }
+            if decided.is_none() && !w.busy() && Instant::now() >= p.next_ask {
+                w.ask(Ask::Promote { version: tandem_proto::PROTOCOL_VERSION, from: generation });
+            }
+        }
+        let report = match decided {
+            Some(_) => None,
+            None => match reports.recv_timeout(STATUS_TICK) {
+                Ok(report) => Some(report),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(ReplicationError::NotPromoted("the network thread stopped".into()));
+                }
+            },
         };
+        if matches!(report, Some(Report::Following { .. } | Report::Applied { .. })) && pending.take().is_some() {
+            // The primary is back: no promotion, and its next silence is judged anew.
+            // (An answer still on its way is read, and ignored, next time.)
+            tracing::info!("the primary was heard again: no promotion");
+            link.rearm_silence();
+        }
         match report {
-            Report::Following { peer, generation: theirs } => {
+            None => {}
+            Some(Report::Following { peer, generation: theirs }) => {
                 followed = true;
                 tracing::info!("following the primary at {peer} (generation {theirs})");
                 events.emit(Event::Following { peer: peer.clone(), generation: theirs });
@@ -180,7 +236,7 @@ pub fn follow(
                     generation::write(&config.state_dir, generation)?;
                 }
             }
-            Report::Applied { epoch, full, pages, bytes: b } => {
+            Some(Report::Applied { epoch, full, pages, bytes: b }) => {
                 if full || committed.is_none() {
                     tracing::info!("in sync with the primary: full epoch {epoch}, {pages} pages");
                     events.emit(Event::InSync { epoch, pages });
@@ -189,7 +245,7 @@ pub fn follow(
                 epochs += 1;
                 bytes += b as u64;
             }
-            Report::Checked { epoch, first, pages, same } => {
+            Some(Report::Checked { epoch, first, pages, same }) => {
                 checks += 1;
                 events.emit(Event::ReplicaChecked { epoch, first, pages, same });
                 if same {
@@ -205,74 +261,24 @@ pub fn follow(
                     );
                 }
             }
-            Report::Dropped(why) => {
+            Some(Report::Dropped(why)) => {
                 tracing::warn!("{why}");
                 events.emit(Event::ConnectionDropped { reason: why });
             }
-            Report::Refused(why) => {
+            Some(Report::Refused(why)) => {
                 tracing::warn!("{why}");
                 events.emit(Event::PeerRefused { reason: why });
             }
-            Report::Left(why) => {
+            Some(Report::Left(why)) => {
                 events.emit(Event::PrimaryLeft { reason: why.clone() });
                 return Ok(Outcome::PrimaryLeft(why));
             }
-            Report::Silent(quiet) => match committed {
-                Some(epoch) => {
-                    let decided = Instant::now();
-                    generation += 1;
-                    // No frame of the old generation is taken from here on, and the
-                    // raise outlives this process, before the VM runs anywhere here.
-                    let (console, frames) = link.promote(generation);
-                    generation::write(&config.state_dir, generation)?;
-                    let raise = decided.elapsed();
-                    let taken = image.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    let (ram, state) = taken
-                        .ok_or_else(|| SnapshotError::Corrupt("the image was taken already".into()))?
-                        .into_parts()?;
-                    log.seed(console.start, &console.released);
-                    let unreleased = console.unreleased;
-                    // The output the guest produced up to this epoch that the primary
-                    // did not say it released: the world sees it now, before what
-                    // follows it (and a console client, by its offset, only once).
-                    {
-                        let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
-                        sink.continue_at(console.start + console.released.len() as u64);
-                        if let Err(e) = sink.emit(&unreleased).and_then(|()| sink.flush()) {
-                            tracing::warn!("console output: {e}");
-                        }
-                    }
-                    // Likewise the frames, and then the announcement that the guest's
-                    // MACs are behind this host's TAPs now, before the guest sends more.
-                    let backends = std::mem::replace(&mut config.backends, Backends::none());
-                    for (nic, frame) in &frames {
-                        if let Err(e) = backends.taps.send(*nic, frame) {
-                            tracing::warn!("a frame the primary had not released: {e}");
-                        }
-                    }
-                    backends.taps.announce();
-                    let prepared = prepared
-                        .take()
-                        .ok_or_else(|| SnapshotError::Corrupt("the prepared VM was taken already".into()))?;
-                    let vm = Vm::resume_prepared(prepared, ram, &state, backends, sink)?;
-                    // The guest's own gratuitous ARP, for peers that keep the address
-                    // and not just the port.
-                    vm.announce_nics();
-                    let takeover = Takeover {
-                        vm,
-                        generation,
-                        epoch,
-                        unreleased: unreleased.len(),
-                        unreleased_frames: frames.len(),
-                        detection: quiet,
-                        resume: decided.elapsed(),
-                        raise,
-                        epochs,
-                        bytes,
-                        _link: link,
-                    };
-                    events.emit(takeover.event());
-                    return Ok(Outcome::TookOver(Box::new(takeover)));
+            Some(Report::Silent(quiet)) => match committed {
+                Some(_) if witness.is_none() => decided = Some((quiet, generation + 1)),
+                Some(_) => {
+                    tracing::info!("the primary is silent ({} ms): asking the witness for generation {}", quiet.as_millis(), generation + 1);
+                    let now = Instant::now();
+                    pending = Some(Pending { quiet, since: now, next_ask: now, last_reason: String::new() });
                 }
                 None if followed => {
                     let reason = format!(
@@ -286,5 +292,64 @@ pub fn follow(
                 None => {}
             },
         }
+        let Some((quiet, granted)) = decided else { continue };
+        let Some(epoch) = committed else {
+            let reason = format!(
+                "the witness granted generation {granted}, but this standby's image had just been discarded (a replica \
+                 mismatch) and holds no committed epoch: nothing to take over from"
+            );
+            events.emit(Event::NotPromoted { reason: reason.clone() });
+            return Err(ReplicationError::NotPromoted(reason));
+        };
+        let decided = Instant::now();
+        generation = granted;
+        // No frame of the old generation is taken from here on, and the raise outlives
+        // this process, before the VM runs anywhere here.
+        let (console, frames) = link.promote(generation);
+        generation::write(&config.state_dir, generation)?;
+        let raise = decided.elapsed();
+        let taken = image.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (ram, state) = taken.ok_or_else(|| SnapshotError::Corrupt("the image was taken already".into()))?.into_parts()?;
+        log.seed(console.start, &console.released);
+        let unreleased = console.unreleased;
+        // The output the guest produced up to this epoch that the primary did not say
+        // it released: the world sees it now, before what follows it (and a console
+        // client, by its offset, only once).
+        {
+            let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+            sink.continue_at(console.start + console.released.len() as u64);
+            if let Err(e) = sink.emit(&unreleased).and_then(|()| sink.flush()) {
+                tracing::warn!("console output: {e}");
+            }
+        }
+        // Likewise the frames, and then the announcement that the guest's MACs are
+        // behind this host's TAPs now, before the guest sends more.
+        let backends = std::mem::replace(&mut config.backends, Backends::none());
+        for (nic, frame) in &frames {
+            if let Err(e) = backends.taps.send(*nic, frame) {
+                tracing::warn!("a frame the primary had not released: {e}");
+            }
+        }
+        backends.taps.announce();
+        let prepared = prepared.take().ok_or_else(|| SnapshotError::Corrupt("the prepared VM was taken already".into()))?;
+        let vm = Vm::resume_prepared(prepared, ram, &state, backends, sink)?;
+        // The guest's own gratuitous ARP, for peers that keep the address and not
+        // just the port.
+        vm.announce_nics();
+        let takeover = Takeover {
+            vm,
+            generation,
+            epoch,
+            unreleased: unreleased.len(),
+            unreleased_frames: frames.len(),
+            detection: quiet,
+            resume: decided.elapsed(),
+            raise,
+            epochs,
+            bytes,
+            _link: link,
+        };
+        events.emit(takeover.event());
+        return Ok(Outcome::TookOver(Box::new(takeover)));
     }
 }

@@ -111,43 +111,68 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// TLS for the side that connects (the primary): presents `own`, accepts only `peer`.
 pub fn client_config(own: Identity, peer: CertificateDer<'static>) -> Result<rustls::ClientConfig, TlsError> {
-    let provider = provider();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned { peer, provider }))
-        .with_client_auth_cert(vec![own.cert], own.key)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(config)
+    client(own, vec![peer], ALPN)
 }
 
 /// TLS for the side that listens (the standby): presents `own`, requires `peer`.
 pub fn server_config(own: Identity, peer: CertificateDer<'static>) -> Result<rustls::ServerConfig, TlsError> {
+    server(own, vec![peer], ALPN)
+}
+
+/// TLS for a host that asks the witness: presents `own`, accepts only the witness's
+/// certificate. A separate ALPN keeps a replication peer and a witness from taking
+/// each other for what they are not.
+pub fn witness_client_config(own: Identity, witness: CertificateDer<'static>) -> Result<rustls::ClientConfig, TlsError> {
+    client(own, vec![witness], WITNESS_ALPN)
+}
+
+/// TLS for the witness: presents `own`, requires one of the cluster's `hosts`.
+pub fn witness_server_config(own: Identity, hosts: Vec<CertificateDer<'static>>) -> Result<rustls::ServerConfig, TlsError> {
+    server(own, hosts, WITNESS_ALPN)
+}
+
+/// The witness's ALPN protocol.
+pub const WITNESS_ALPN: &[u8] = b"tandem-witness/1";
+
+fn client(own: Identity, peers: Vec<CertificateDer<'static>>, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(Pinned { peer, provider }))
-        .with_single_cert(vec![own.cert], own.key)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned { peers, provider }))
+        .with_client_auth_cert(vec![own.cert], own.key)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
 
-/// Accepts exactly one certificate, and checks the handshake was signed by its key.
+fn server(own: Identity, peers: Vec<CertificateDer<'static>>, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(Pinned { peers, provider }))
+        .with_single_cert(vec![own.cert], own.key)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// Accepts only the pinned certificates, and checks the handshake was signed by the
+/// key of the one presented.
 #[derive(Debug)]
 struct Pinned {
-    peer: CertificateDer<'static>,
+    peers: Vec<CertificateDer<'static>>,
     provider: Arc<CryptoProvider>,
 }
 
 impl Pinned {
     fn check(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        if presented.as_ref() == self.peer.as_ref() {
+        if self.peers.iter().any(|p| p.as_ref() == presented.as_ref()) {
             return Ok(());
         }
+        let pinned: Vec<String> = self.peers.iter().map(|p| fingerprint(p)).collect();
         Err(rustls::Error::General(format!(
             "the peer presented certificate {}, not the pinned {}",
             fingerprint(presented),
-            fingerprint(&self.peer)
+            pinned.join(" or ")
         )))
     }
 }

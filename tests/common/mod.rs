@@ -2,6 +2,9 @@
 //! inside the lab, and reading what the guest printed.
 #![allow(dead_code)]
 
+pub mod micro;
+pub mod relay;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Mutex;

@@ -9,6 +9,7 @@
 mod bulk;
 pub mod primary;
 pub mod standby;
+pub mod witness;
 
 pub use bulk::bulk;
 
@@ -182,6 +183,14 @@ impl Link {
 
     pub fn peer(&self) -> SocketAddr {
         self.tx.connection.remote_address()
+    }
+
+    /// The certificate the peer presented (one of those pinned), if the handshake
+    /// kept it.
+    pub fn peer_certificate(&self) -> Option<rustls::pki_types::CertificateDer<'static>> {
+        let any = self.tx.connection.peer_identity()?;
+        let chain = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+        chain.first().cloned()
     }
 
     pub async fn send(&mut self, frame: &Frame) -> Result<(), TransportError> {

@@ -73,6 +73,12 @@ impl StandbyLink {
     /// released, for console clients that resume, and what it did not, for the new
     /// VM's console to print first; and the NIC frames the primary did not say it
     /// released, for the new VM's NICs to send first.
+    /// Judges the primary's silence afresh: it was reported, but the witness did not
+    /// let this standby act on it, and the primary has been heard from since.
+    pub fn rearm_silence(&self) {
+        lock(&self.state).silence_reported = false;
+    }
+
     pub fn promote(&self, generation: u64) -> (tandem_proto::standby::Console, Vec<(u8, Vec<u8>)>) {
         let mut s = lock(&self.state);
         s.promoted = Some(generation);

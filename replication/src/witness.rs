@@ -1,0 +1,189 @@
+//! The witness (`tandem witness`) and the hosts' handle on it. The rule is
+//! [`tandem_proto::witness`]'s; here are its record on disk, its server, and the thread
+//! a primary or standby asks it through without blocking the VM.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use tandem_proto::witness::{Answer, Arbiter, Ask, Record, Refusal};
+
+use crate::events::{Event, Events};
+use crate::transport::{self, witness as wire, TransportError};
+
+const FILE: &str = "witness";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WitnessError {
+    #[error("cannot use the witness's state directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a witness record (generation=N holder=HEX): {text:?}")]
+    Corrupt { path: PathBuf, text: String },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot start the witness's network thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The record in `dir`, `None` for a witness that has decided nothing yet.
+pub fn read_record(dir: &Path) -> Result<Option<Record>, WitnessError> {
+    let path = dir.join(FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Record::parse(&text).map(Some).ok_or_else(|| WitnessError::Corrupt { path, text: text.chars().take(60).collect() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(WitnessError::Io { path, source }),
+    }
+}
+
+/// Records `record` in `dir` durably (written aside, synced, renamed, directory synced).
+pub fn write_record(dir: &Path, record: &Record) -> Result<(), WitnessError> {
+    let io = |source| WitnessError::Io { path: dir.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join(format!("{FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(record.to_text().as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, dir.join(FILE)).map_err(io)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(())
+}
+
+/// A host as the witness names it: the first 8 bytes of its certificate's SHA-256.
+pub fn host_id(cert: &CertificateDer<'_>) -> String {
+    Sha256::digest(cert.as_ref()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub tls: rustls::ServerConfig,
+    pub state_dir: PathBuf,
+    pub lease: Duration,
+    pub events: Events,
+}
+
+/// Runs the witness until the process ends. Each decision that changes the record is
+/// on disk before its answer leaves.
+pub fn serve(config: ServeConfig) -> Result<(), WitnessError> {
+    let record = read_record(&config.state_dir)?;
+    let start = Instant::now();
+    match &record {
+        Some(r) => tracing::info!(
+            "witness on {}: generation {} held by {}; granting nothing for {} ms (a lease given before a restart may still run)",
+            config.listen,
+            r.generation,
+            r.holder,
+            config.lease.as_millis()
+        ),
+        None => tracing::info!("witness on {}: a new witness, nothing decided yet", config.listen),
+    }
+    config.events.emit(Event::WitnessStarted {
+        generation: record.as_ref().map_or(0, |r| r.generation),
+        holder: record.as_ref().map(|r| r.holder.clone()).unwrap_or_default(),
+        quiet_ms: if record.is_some() { config.lease.as_millis() as u64 } else { 0 },
+    });
+    let mut arbiter = Arbiter::new(record, Duration::ZERO, config.lease);
+    let (dir, events) = (config.state_dir.clone(), config.events.clone());
+    let decide = move |ask: &Ask, cert: &CertificateDer<'static>| -> Answer {
+        let host = host_id(cert);
+        let before = arbiter.clone();
+        let decision = arbiter.handle(ask, &host, start.elapsed());
+        let answer = match decision.persist.map(|r| write_record(&dir, &r)) {
+            Some(Err(e)) => {
+                tracing::error!("{e}: refusing, and the decision is undone");
+                arbiter = before;
+                Answer::Refused(Refusal::Storage(e.to_string()))
+            }
+            _ => decision.answer,
+        };
+        tracing::info!(host, ?ask, ?answer, "witness decision");
+        events.emit(Event::WitnessAnswered { host, ask: format!("{ask:?}"), answer: format!("{answer:?}") });
+        answer
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(WitnessError::Thread)?;
+    let listener = {
+        let _inside = runtime.enter();
+        transport::Listener::bind(config.listen, config.tls)?
+    };
+    runtime.block_on(wire::serve(listener, Arc::new(Mutex::new(decide))));
+    Ok(())
+}
+
+/// Where a host finds its witness.
+#[derive(Clone)]
+pub struct WitnessLink {
+    pub addr: SocketAddr,
+    pub tls: rustls::ClientConfig,
+}
+
+/// One question's outcome: `asked` is when it went out (a lease counts from then).
+pub struct Reply {
+    pub asked: Instant,
+    pub question: Ask,
+    pub answer: Result<Answer, String>,
+}
+
+/// A thread that asks the witness, one question at a time, so that the VM thread and
+/// the standby's loop never wait on the network.
+pub struct WitnessClient {
+    asks: Sender<Ask>,
+    replies: Receiver<Reply>,
+    in_flight: bool,
+    addr: SocketAddr,
+}
+
+impl WitnessClient {
+    pub fn start(link: WitnessLink) -> Result<Self, WitnessError> {
+        let (asks, questions) = channel::<Ask>();
+        let (answers, replies) = channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(WitnessError::Thread)?;
+        let addr = link.addr;
+        std::thread::Builder::new()
+            .name("tandem-witness".into())
+            .spawn(move || {
+                while let Ok(question) = questions.recv() {
+                    let asked = Instant::now();
+                    let answer = runtime
+                        .block_on(wire::ask(link.addr, link.tls.clone(), question.clone()))
+                        .map_err(|e| e.to_string());
+                    if answers.send(Reply { asked, question, answer }).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(WitnessError::Thread)?;
+        Ok(Self { asks, replies, in_flight: false, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Asks, unless a question is still on its way (its answer comes first).
+    pub fn ask(&mut self, question: Ask) {
+        if !self.in_flight && self.asks.send(question).is_ok() {
+            self.in_flight = true;
+        }
+    }
+
+    pub fn busy(&self) -> bool {
+        self.in_flight
+    }
+
+    /// The answer to the question on its way, if it has come.
+    pub fn reply(&mut self) -> Option<Reply> {
+        let reply = self.replies.try_recv().ok()?;
+        self.in_flight = false;
+        Some(reply)
+    }
+}
