@@ -209,9 +209,12 @@ pub fn follow(
                 w.ask(Ask::Promote { version: tandem_proto::PROTOCOL_VERSION, from: generation });
             }
         }
+        // While the witness is being asked, its answer is looked for every millisecond:
+        // the guest waits on it.
+        let wait = if witness.as_ref().is_some_and(|w| w.busy()) { Duration::from_millis(1) } else { STATUS_TICK };
         let report = match decided {
             Some(_) => None,
-            None => match reports.recv_timeout(STATUS_TICK) {
+            None => match reports.recv_timeout(wait) {
                 Ok(report) => Some(report),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {

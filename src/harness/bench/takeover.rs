@@ -4,7 +4,10 @@
 //! standby's detection and resume as its `took_over` event reports them, and the gap a
 //! console reader sees. Beside them, measured in the same run at each size: what a
 //! resume cost when it built its VM after deciding, and what copying the image into
-//! new guest RAM would cost.
+//! new guest RAM would cost. Each size runs without a witness and with one (the
+//! standby then waits for the witness's grant), and after each takeover the old
+//! primary's host stands by again: the time until the guest is protected once more is
+//! the re-protection.
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
@@ -44,6 +47,8 @@ struct Sample {
     raise: f64,
     /// From the SIGKILL to the first line the primary had not printed, on the standby.
     gap: f64,
+    /// From the new standby's start to the guest protected again.
+    reprotect: f64,
 }
 
 pub fn run(args: &TakeoverArgs) -> Result<()> {
@@ -66,14 +71,19 @@ pub fn run(args: &TakeoverArgs) -> Result<()> {
         args.runs
     );
     println!(
-        "{:>8} {:>14} {:>14} {:>10} {:>12} {:>14} | {:>13} {:>13}",
-        "mem MiB", "detection ms", "resume ms", "raise ms", "restore ms", "reader gap ms", "VM built ms", "image copy ms"
+        "{:>8} {:>8} {:>14} {:>14} {:>10} {:>12} {:>14} {:>13} | {:>13} {:>13}",
+        "mem MiB", "witness", "detection ms", "resume ms", "raise ms", "restore ms", "reader gap ms", "reprotect ms", "VM built ms", "image copy ms"
     );
-    println!("{:>8} {:>14} {:>14} {:>10} {:>12} {:>14} | {:>13} {:>13}", "", "p50 / max", "p50 / max", "p50", "p50", "p50 / max", "(peer)", "(peer)");
-    for &mib in &args.mem_mib {
+    println!(
+        "{:>8} {:>8} {:>14} {:>14} {:>10} {:>12} {:>14} {:>13} | {:>13} {:>13}",
+        "", "", "p50 / max", "p50 / max", "p50", "p50", "p50 / max", "p50", "(peer)", "(peer)"
+    );
+    for (mib, witness) in args.mem_mib.iter().flat_map(|&m| [(m, false), (m, true)]) {
         let mut samples = Vec::new();
         for n in 0..args.runs {
-            samples.push(one_takeover(args, mib, n).with_context(|| format!("takeover {} of {} at {mib} MiB", n + 1, args.runs))?);
+            samples.push(
+                one_takeover(args, mib, n, witness).with_context(|| format!("takeover {} of {} at {mib} MiB", n + 1, args.runs))?,
+            );
         }
         let built = vm_build_ms(&args.kvm_device, mib)?;
         let copied = image_copy_ms(mib)?;
@@ -87,8 +97,10 @@ pub fn run(args: &TakeoverArgs) -> Result<()> {
         let (raise, _) = pick(|s| s.raise);
         let (restore, _) = pick(|s| s.resume - s.raise);
         let (gap, gap_max) = pick(|s| s.gap);
+        let (reprotect, _) = pick(|s| s.reprotect);
         println!(
-            "{mib:>8} {:>14} {:>14} {raise:>10.2} {restore:>12.2} {:>14} | {built:>13.2} {copied:>13.1}",
+            "{mib:>8} {:>8} {:>14} {:>14} {raise:>10.2} {restore:>12.2} {:>14} {reprotect:>13.0} | {built:>13.2} {copied:>13.1}",
+            if witness { "yes" } else { "no" },
             format!("{det:.0} / {det_max:.0}"),
             format!("{res:.2} / {res_max:.2}"),
             format!("{gap:.0} / {gap_max:.0}"),
@@ -97,7 +109,9 @@ pub fn run(args: &TakeoverArgs) -> Result<()> {
     println!(
         "resume: from the standby's decision to the vCPUs running = raise (the generation written and synced) + restore \
          (machine state set in the VM built while standing by, vCPUs started). Peers, same run: building that VM after \
-         deciding (what resume cost before), and copying the image into new guest RAM."
+         deciding (what resume cost before), and copying the image into new guest RAM. With a witness, detection \
+         includes asking it for the promotion. reprotect: from a standby started on the old primary's host to the \
+         guest protected again (a full sync while the guest runs; the micro guest's memory is mostly zero pages)."
     );
     Ok(())
 }
@@ -110,23 +124,46 @@ fn tick_numbers(console: &str) -> Vec<u32> {
     numbers(console, "tick ")
 }
 
-fn one_takeover(args: &TakeoverArgs, mib: u64, n: u32) -> Result<Sample> {
+fn one_takeover(args: &TakeoverArgs, mib: u64, n: u32, witness: bool) -> Result<Sample> {
     let dir = std::env::temp_dir().join(format!("tandem-bench-takeover-{}-{mib}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let result = takeover_in(args, mib, &dir);
+    let result = takeover_in(args, mib, &dir, witness);
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
 }
 
-fn takeover_in(args: &TakeoverArgs, mib: u64, dir: &Path) -> Result<Sample> {
-    let (pkeys, skeys) = (dir.join("primary-keys"), dir.join("standby-keys"));
-    tandem_replication::tls::keygen(&pkeys)?;
-    tandem_replication::tls::keygen(&skeys)?;
+fn takeover_in(args: &TakeoverArgs, mib: u64, dir: &Path, with_witness: bool) -> Result<Sample> {
+    let (pkeys, skeys, wkeys) = (dir.join("primary-keys"), dir.join("standby-keys"), dir.join("witness-keys"));
+    for keys in [&pkeys, &skeys, &wkeys] {
+        tandem_replication::tls::keygen(keys)?;
+    }
     let addr = format!("127.0.0.1:{}", free_udp_port()?);
+    let back = format!("127.0.0.1:{}", free_udp_port()?);
+    let waddr = format!("127.0.0.1:{}", free_udp_port()?);
     let path = |p: PathBuf| p.display().to_string();
+    let _witness = match with_witness {
+        true => Some(Proc::start(
+            &[
+                "witness".into(),
+                "--listen".into(),
+                waddr.clone(),
+                "--key".into(),
+                path(wkeys.join("key.pem")),
+                "--peer-cert".into(),
+                path(pkeys.join("cert.pem")),
+                "--peer-cert".into(),
+                path(skeys.join("cert.pem")),
+                "--state-dir".into(),
+                path(dir.join("witness-state")),
+            ],
+            dir,
+            "witness",
+        )?),
+        false => None,
+    };
     let common = |keys: &Path, peer: &Path, state: &str| {
         vec![
             "--key".to_string(),
@@ -142,8 +179,11 @@ fn takeover_in(args: &TakeoverArgs, mib: u64, dir: &Path) -> Result<Sample> {
             "--kvm-device".into(),
             path(args.kvm_device.clone()),
         ]
+        .into_iter()
+        .chain(with_witness.then(|| ["--witness".into(), waddr.clone(), "--witness-cert".into(), path(wkeys.join("cert.pem"))]).into_iter().flatten())
+        .collect::<Vec<String>>()
     };
-    let mut standby_args = vec!["standby".to_string(), "--listen".into(), addr.clone()];
+    let mut standby_args = vec!["standby".to_string(), "--listen".into(), addr.clone(), "--then-protect".into(), back.clone()];
     standby_args.extend(common(&skeys, &pkeys, "standby-state"));
     let mut standby = Proc::start(&standby_args, dir, "standby")?;
     let mut primary_args = vec!["primary".to_string(), "--standby".into(), addr, "--micro-guest".into()];
@@ -181,9 +221,20 @@ fn takeover_in(args: &TakeoverArgs, mib: u64, dir: &Path) -> Result<Sample> {
     if after.first().map_or(true, |&f| f > last + 1) || after.windows(2).any(|w| w[1] != w[0] + 1) {
         bail!("the console broke at the takeover: the primary printed up to {last}, the standby {after:?}");
     }
+    // The old primary's host stands by again, and the guest is synced to it as it runs.
+    drop(primary);
+    let mut again = vec!["standby".to_string(), "--listen".into(), back];
+    again.extend(common(&pkeys, &skeys, "primary-state"));
+    let started = Instant::now();
+    let mut new_standby = Proc::start(&again, dir, "new-standby")?;
+    if !standby.wait_for("protected", limit) {
+        bail!("the guest was not protected again within {limit:?}: {}", last_line(&standby.log()));
+    }
+    let reprotect = ms(started.elapsed());
+    let _ = new_standby.end();
     let _ = standby.end();
     let field = |k: &str| took[k].as_f64().with_context(|| format!("the took_over event has no {k}"));
-    Ok(Sample { detection: field("detection_ms")?, resume: field("resume_ms")?, raise: field("raise_ms")?, gap: ms(gap) })
+    Ok(Sample { detection: field("detection_ms")?, resume: field("resume_ms")?, raise: field("raise_ms")?, gap: ms(gap), reprotect })
 }
 
 fn last_line(log: &str) -> String {
