@@ -17,6 +17,7 @@ pub mod liveness;
 pub mod message;
 pub mod pages;
 pub mod primary;
+pub mod role;
 pub mod sent;
 pub mod standby;
 pub mod verify;

@@ -4,7 +4,6 @@
 
 pub mod events;
 pub mod generation;
-pub mod lease;
 pub mod pipeline;
 pub mod primary;
 pub mod standby;

@@ -14,6 +14,7 @@ use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
+use tandem_proto::role::primary::{Action, Mode, Note, PrimaryRole};
 use tandem_proto::sent::{Pending, SentPages, Skipped};
 use tandem_proto::verify::{self, Rotation, Verify};
 use tandem_vmm::devices::outputs::{EpochOutput, HeldOutput, Outputs};
@@ -23,20 +24,12 @@ use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
 
 use crate::events::{self, Event, Events};
-use crate::lease::{LeaseKeeper, News};
 use crate::transport::primary::{self as link, lock, Dial, Faults, LinkState, Outbox, Outgoing, Shared};
-use crate::witness::WitnessLink;
+use crate::witness::{WitnessClient, WitnessLink};
 use crate::{Heartbeat, ReplicationError};
 
 /// What the primary does when its standby falls silent past the heartbeat timeout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StandbyLoss {
-    /// Pause the guest until a standby is in sync again: nothing runs that could not be
-    /// taken over, and nothing is released (safe against split brain).
-    Pause,
-    /// Let the guest run on and release its output unprotected.
-    Continue,
-}
+pub use tandem_proto::role::primary::Policy as StandbyLoss;
 
 pub struct Config {
     pub standby: SocketAddr,
@@ -63,15 +56,6 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub faults: Faults,
     pub events: Events,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Protected,
-    /// Paused by the standby-loss policy.
-    Paused,
-    /// Running without a standby, output written through.
-    Unprotected,
 }
 
 /// The console's output gate, shared with the serial port that writes into it.
@@ -106,13 +90,15 @@ pub struct Protector {
     epoch: Duration,
     quiet_epoch: Duration,
     heartbeat: Heartbeat,
-    policy: StandbyLoss,
     standby: SocketAddr,
-    mode: Mode,
-    /// The witness's lease, asked for once the standby is lost under `Continue`.
-    lease: Option<LeaseKeeper>,
-    /// The devices pass output straight through (no standby holds their epochs).
-    outputs_open: bool,
+    /// The standby-loss policy and the witness's lease: what to do, decided without
+    /// I/O; this side carries it out.
+    role: PrimaryRole,
+    witness: Option<WitnessClient>,
+    /// The role's clock starts here.
+    zero: Instant,
+    /// How the standby was lost and how long it had been silent, for the log.
+    lost: (String, Duration),
     /// When the latest epoch began: the next is due `epoch` later if the guest has
     /// output waiting, else `quiet_epoch` later.
     last_start: Instant,
@@ -207,22 +193,24 @@ impl Protector {
             events: config.events.clone(),
         };
         let outbox = link::spawn(dial, shared.clone(), release)?;
-        let lease = match (config.witness, config.on_standby_loss) {
-            (Some(w), StandbyLoss::Continue) => Some(LeaseKeeper::start(w, generation, config.heartbeat.interval * 5)?),
-            _ => None,
+        // Only a primary that may run on without its standby asks the witness anything.
+        let witness = match config.on_standby_loss {
+            StandbyLoss::Continue => config.witness.map(WitnessClient::start).transpose()?,
+            StandbyLoss::Pause => None,
         };
+        let retry = config.heartbeat.interval * 5;
         Ok(Self {
-            lease,
-            outputs_open: mode == Mode::Unprotected,
+            role: PrimaryRole::new(config.on_standby_loss, witness.is_some(), generation, retry, mode == Mode::Unprotected),
+            witness,
+            zero: Instant::now(),
+            lost: (String::new(), Duration::ZERO),
             shared,
             outbox,
             outputs,
             epoch: config.epoch,
             quiet_epoch: config.quiet_epoch.max(config.epoch),
             heartbeat: config.heartbeat,
-            policy: config.on_standby_loss,
             standby: config.standby,
-            mode,
             last_start: Instant::now(),
             waiting: false,
             announced: false,
@@ -261,7 +249,7 @@ impl Protector {
         };
         for output in devices {
             // Unprotected, they pass output through until a standby is in sync.
-            if self.mode == Mode::Protected {
+            if self.role.mode() == Mode::Protected {
                 output.protect(next);
             }
             self.outputs.add(output);
@@ -301,36 +289,24 @@ impl Protector {
             tracing::info!("protected: the standby holds epoch {epoch}; output flows as epochs are acknowledged");
             self.events.emit(Event::Protected { epoch });
         }
-        if !matches!(state, LinkState::Protecting) {
-            self.poll_lease(vm)?;
+        let now = self.zero.elapsed();
+        if let Some(reply) = self.witness.as_mut().and_then(|w| w.reply()) {
+            self.role.handle_witness(reply.answer, reply.asked.saturating_duration_since(self.zero), now);
         }
+        self.role.handle_timeout(now);
+        self.carry_out(vm)?;
         match state {
             LinkState::Refused(why) => Err(ReplicationError::Refused(why)),
             LinkState::Left => Ok(()),
             LinkState::Protecting => {
-                if let Some(lease) = &mut self.lease {
-                    lease.end();
-                }
-                if self.outputs_open {
-                    let next = lock(&self.shared).machine.next_epoch();
-                    self.outputs.protect(next);
-                    self.outputs_open = false;
-                }
-                if self.mode == Mode::Unprotected {
-                    self.mode = Mode::Protected;
-                    tracing::warn!("a standby follows again at {}: output is protected once more", self.standby);
-                    self.events.emit(Event::Reprotected);
-                }
                 if need_full {
+                    self.role.handle_standby_following();
+                    self.carry_out(vm)?;
                     return self.send(vm, Kind::Full);
                 }
-                if self.mode == Mode::Paused {
-                    // The same standby came back holding what it held: carry on.
-                    vm.resume()?;
-                    self.mode = Mode::Protected;
-                    tracing::warn!("the standby is back in sync; the guest runs again");
-                    self.events.emit(Event::Reprotected);
-                }
+                // The same standby came back holding what it held: carry on.
+                self.role.handle_standby_in_sync();
+                self.carry_out(vm)?;
                 if Instant::now() < self.next_due() {
                     return Ok(());
                 }
@@ -345,102 +321,84 @@ impl Protector {
                 self.send(vm, Kind::Delta)
             }
             LinkState::Connecting { why } => {
-                if quiet > self.heartbeat.timeout && self.mode == Mode::Protected {
-                    self.lose_standby(vm, why.as_deref().unwrap_or("no answer"), quiet)?;
+                if quiet > self.heartbeat.timeout && self.role.mode() == Mode::Protected {
+                    self.lost = (why.unwrap_or_else(|| "no answer".into()), quiet);
+                    self.role.handle_standby_lost(now);
+                    self.carry_out(vm)?;
                 }
                 Ok(())
             }
         }
     }
 
-    fn lose_standby(&mut self, vm: &mut Vm, why: &str, quiet: Duration) -> Result<(), ReplicationError> {
-        let policy = match self.policy {
-            StandbyLoss::Pause => events::LossPolicy::Pause,
-            StandbyLoss::Continue => events::LossPolicy::Continue,
-        };
-        self.events.emit(Event::StandbyLost { policy, silent_ms: quiet.as_millis() as u64 });
-        match self.policy {
-            StandbyLoss::Pause => {
-                vm.pause()?;
-                self.mode = Mode::Paused;
-                tracing::error!(
-                    "lost the standby ({why}; silent for {} ms): the guest is paused and its output held \
-                     until a standby is in sync (--on-standby-loss=pause)",
-                    quiet.as_millis()
-                );
-            }
-            StandbyLoss::Continue if self.lease.is_some() => {
-                vm.pause()?;
-                self.mode = Mode::Paused;
-                if let Some(lease) = &mut self.lease {
-                    lease.begin();
+    /// Does what the role decided.
+    fn carry_out(&mut self, vm: &mut Vm) -> Result<(), ReplicationError> {
+        while let Some(action) = self.role.poll() {
+            match action {
+                Action::PauseGuest => {
+                    vm.pause()?;
                 }
-                tracing::error!(
-                    "lost the standby ({why}; silent for {} ms): the guest is paused and its output held until the \
-                     witness leases this primary time to run on (--on-standby-loss=continue with a witness)",
-                    quiet.as_millis()
-                );
-            }
-            StandbyLoss::Continue => {
-                self.open_outputs()?;
-                self.mode = Mode::Unprotected;
-                tracing::error!(
-                    "lost the standby ({why}; silent for {} ms): the guest runs UNPROTECTED and its \
-                     output is released at once; a failure of this host now loses it (--on-standby-loss=continue)",
-                    quiet.as_millis()
-                );
+                Action::ResumeGuest => vm.resume()?,
+                Action::OpenOutputs => {
+                    self.outputs.unprotect().map_err(|e| ReplicationError::NoStandby(format!("releasing held output: {e}")))?
+                }
+                Action::ProtectOutputs => {
+                    let next = lock(&self.shared).machine.next_epoch();
+                    self.outputs.protect(next);
+                }
+                Action::AskWitness(ask) => {
+                    if let Some(w) = &mut self.witness {
+                        w.ask(ask);
+                    }
+                }
+                Action::Stop(why) => return Err(ReplicationError::Refused(why)),
+                Action::Note(note) => self.note(note),
             }
         }
         Ok(())
     }
 
-    fn open_outputs(&mut self) -> Result<(), ReplicationError> {
-        self.outputs.unprotect().map_err(|e| ReplicationError::NoStandby(format!("releasing held output: {e}")))?;
-        self.outputs_open = true;
-        Ok(())
-    }
-
-    /// Without a standby, under a witness's lease: run while it is held, pause the
-    /// guest the moment it is not, and stop for good if the witness says another host
-    /// runs this VM now.
-    fn poll_lease(&mut self, vm: &mut Vm) -> Result<(), ReplicationError> {
-        let Some(lease) = &mut self.lease else { return Ok(()) };
-        match lease.poll() {
-            Some(News::Superseded { current }) => {
-                return Err(ReplicationError::Refused(format!(
-                    "the witness granted generation {current} to another host: this primary has been replaced"
-                )));
-            }
-            Some(News::Granted { for_ms }) => {
-                self.events.emit(Event::LeaseGranted { generation: lock(&self.shared).machine.generation(), for_ms })
-            }
-            Some(News::Trouble(why)) => {
-                tracing::warn!("no lease: {why}");
-                if self.mode == Mode::Paused {
-                    self.events.emit(Event::LeaseLost { reason: why });
+    fn note(&mut self, note: Note) {
+        let (why, quiet) = (&self.lost.0, self.lost.1.as_millis());
+        match note {
+            Note::Lost { mode } => {
+                let policy = match self.role.policy() {
+                    StandbyLoss::Pause => events::LossPolicy::Pause,
+                    StandbyLoss::Continue => events::LossPolicy::Continue,
+                };
+                self.events.emit(Event::StandbyLost { policy, silent_ms: quiet as u64 });
+                match (mode, self.witness.is_some()) {
+                    (Mode::Unprotected, _) => tracing::error!(
+                        "lost the standby ({why}; silent for {quiet} ms): the guest runs UNPROTECTED and its output is released at once; a \
+                         failure of this host now loses it (--on-standby-loss=continue)"
+                    ),
+                    (_, true) => tracing::error!(
+                        "lost the standby ({why}; silent for {quiet} ms): the guest is paused and its output held until the witness leases \
+                         this primary time to run on (--on-standby-loss=continue with a witness)"
+                    ),
+                    _ => tracing::error!(
+                        "lost the standby ({why}; silent for {quiet} ms): the guest is paused and its output held until a standby is in sync \
+                         (--on-standby-loss=pause)"
+                    ),
                 }
             }
-            None => {}
-        }
-        let valid = self.lease.as_ref().is_some_and(|l| l.valid());
-        match self.mode {
-            Mode::Paused if valid => {
-                self.open_outputs()?;
-                vm.resume()?;
-                self.mode = Mode::Unprotected;
-                tracing::error!(
-                    "the witness leases this primary time: the guest runs UNPROTECTED and its output is released at once"
-                );
+            Note::Reprotected => {
+                tracing::warn!("a standby at {} is in sync again: output is protected once more", self.standby);
+                self.events.emit(Event::Reprotected);
             }
-            Mode::Unprotected if !valid && self.lease.is_some() => {
-                vm.pause()?;
-                self.mode = Mode::Paused;
+            Note::LeaseGranted { for_ms } => {
+                tracing::error!("the witness leases this primary time: the guest runs UNPROTECTED and its output is released at once");
+                self.events.emit(Event::LeaseGranted { generation: lock(&self.shared).machine.generation(), for_ms });
+            }
+            Note::NoLease(reason) => {
+                tracing::warn!("no lease: {reason}");
+                self.events.emit(Event::LeaseLost { reason });
+            }
+            Note::LeaseLapsed => {
                 tracing::error!("the witness's lease ran out unrenewed: the guest is paused until it is renewed or a standby follows");
                 self.events.emit(Event::LeaseLost { reason: "the lease ran out unrenewed".into() });
             }
-            _ => {}
         }
-        Ok(())
     }
 
     /// Captures an epoch and queues it. If the standby changed meanwhile (it went, or
@@ -581,12 +539,10 @@ impl Protector {
                 stopped.as_secs_f64() * 1e3,
                 started.elapsed().as_secs_f64() * 1e3
             );
-            if self.mode == Mode::Paused {
-                vm.resume()?;
-                self.mode = Mode::Protected;
-                tracing::warn!("a new standby is in sync; the guest runs again");
-                self.events.emit(Event::Reprotected);
-            }
+            // A guest paused for a lost standby runs again: the new standby has all it
+            // needs on its way, and output is held until it acknowledges.
+            self.role.handle_standby_in_sync();
+            self.carry_out(vm)?;
         }
         Ok(())
     }
@@ -596,7 +552,7 @@ impl Protector {
         let s = lock(&self.shared);
         let standby = match &s.link {
             LinkState::Protecting => "following".to_string(),
-            LinkState::Connecting { .. } => match self.mode {
+            LinkState::Connecting { .. } => match self.role.mode() {
                 Mode::Protected => "reconnecting".into(),
                 Mode::Paused => "lost(guest-paused)".into(),
                 Mode::Unprotected if !self.history.is_empty() && self.full_epoch == 0 => "awaited(UNPROTECTED)".into(),
@@ -629,7 +585,7 @@ impl Protector {
             self.stats.unchanged,
             self.outputs.held_bytes(),
             if self.history.is_empty() { String::new() } else { format!(" history={}", self.history) },
-            match self.lease.as_ref().and_then(|l| l.left()) {
+            match self.role.lease_left(self.zero.elapsed()) {
                 Some(left) => format!(" witness_lease_ms={}", left.as_millis()),
                 None => String::new(),
             },
@@ -643,7 +599,7 @@ impl Protector {
     /// Returns whether all output was released.
     pub fn finish(self, reason: &str) -> bool {
         let protecting = lock(&self.shared).link == LinkState::Protecting;
-        if self.mode == Mode::Unprotected {
+        if self.role.mode() == Mode::Unprotected {
             return self.outputs.commit(u64::MAX).is_ok();
         }
         if !protecting {

@@ -19,7 +19,7 @@ use tandem_vmm::snapshot::image::Image;
 use tandem_vmm::snapshot::SnapshotError;
 use tandem_vmm::vm::{config_fingerprint, Prepared, Vm};
 
-use tandem_proto::witness::{Answer, Ask};
+use tandem_proto::role::standby::{Action, StandbyRole};
 
 use crate::events::{Event, Events};
 use crate::transport::standby::{self as link, Report, StandbyLink};
@@ -41,14 +41,6 @@ pub struct Config {
     pub events: Events,
     /// With a witness, the standby promotes itself only with its grant.
     pub witness: Option<WitnessLink>,
-}
-
-/// A promotion the primary's silence called for, waiting for the witness's grant.
-struct Pending {
-    quiet: Duration,
-    since: Instant,
-    next_ask: Instant,
-    last_reason: String,
 }
 
 /// How following ended.
@@ -171,47 +163,48 @@ pub fn follow(
     events.emit(Event::StandingBy { listen: config.listen.to_string(), generation });
 
     let mut committed = None;
-    let mut followed = false;
     let (mut epochs, mut bytes) = (0u64, 0u64);
     let (mut checks, mut mismatches) = (0u64, 0u64);
     let mut witness = config.witness.clone().map(WitnessClient::start).transpose()?;
-    let mut pending: Option<Pending> = None;
     // Between the witness's refusals: a few heartbeats, so a primary that lives (and
     // renews its lease) is not pestered, and one that died is replaced soon after its
     // lease runs out.
-    let retry = config.heartbeat.interval * 5;
+    let mut role = StandbyRole::new(generation, witness.is_some(), config.heartbeat.interval * 5);
+    let zero = Instant::now();
     loop {
         on_tick(&StandbyStatus { generation, committed, epochs, bytes, checks, mismatches });
+        if let Some(reply) = witness.as_mut().and_then(|w| w.reply()) {
+            role.handle_witness(reply.answer, zero.elapsed());
+        }
+        role.handle_timeout(zero.elapsed());
         // (how long the primary had been silent, the generation to run at)
         let mut decided: Option<(Duration, u64)> = None;
-        if let (Some(w), Some(p)) = (witness.as_mut(), pending.as_mut()) {
-            match w.reply().map(|r| r.answer) {
-                Some(Ok(Answer::Granted { generation: granted })) if granted == generation + 1 => {
-                    events.emit(Event::PromotionGranted { generation: granted });
-                    decided = Some((p.quiet + p.since.elapsed(), granted));
-                }
-                Some(answer) => {
-                    let reason = match answer {
-                        Ok(Answer::Refused(r)) => format!("the witness refused the promotion: {r}"),
-                        Ok(other) => format!("the witness answered {other:?} to a promotion"),
-                        Err(e) => format!("the witness at {} could not be asked ({e}): no promotion without its grant", w.addr()),
-                    };
-                    if reason != p.last_reason {
-                        tracing::warn!("the primary is silent, but {reason}");
-                        events.emit(Event::PromotionRefused { reason: reason.clone() });
-                        p.last_reason = reason;
+        while let Some(action) = role.poll() {
+            match action {
+                Action::AskWitness(ask) => {
+                    if let Some(w) = &mut witness {
+                        w.ask(ask);
                     }
-                    p.next_ask = Instant::now() + retry;
                 }
-                None => {}
-            }
-            if decided.is_none() && !w.busy() && Instant::now() >= p.next_ask {
-                w.ask(Ask::Promote { version: tandem_proto::PROTOCOL_VERSION, from: generation });
+                Action::Promote { generation, detection } => decided = Some((detection, generation)),
+                Action::Granted(granted) => events.emit(Event::PromotionGranted { generation: granted }),
+                Action::Blocked(reason) => {
+                    tracing::warn!("the primary is silent, but {reason}");
+                    events.emit(Event::PromotionRefused { reason });
+                }
+                Action::GiveUp(reason) => {
+                    events.emit(Event::NotPromoted { reason: reason.clone() });
+                    return Err(ReplicationError::NotPromoted(reason));
+                }
+                Action::Rearm => {
+                    tracing::info!("the primary was heard again: no promotion");
+                    link.rearm_silence();
+                }
             }
         }
         // While the witness is being asked, its answer is looked for every millisecond:
         // the guest waits on it.
-        let wait = if witness.as_ref().is_some_and(|w| w.busy()) { Duration::from_millis(1) } else { STATUS_TICK };
+        let wait = if role.awaiting_witness() { Duration::from_millis(1) } else { STATUS_TICK };
         let report = match decided {
             Some(_) => None,
             None => match reports.recv_timeout(wait) {
@@ -222,18 +215,12 @@ pub fn follow(
                 }
             },
         };
-        if matches!(report, Some(Report::Following { .. } | Report::Applied { .. })) && pending.take().is_some() {
-            // The primary is back: no promotion, and its next silence is judged anew.
-            // (An answer still on its way is read, and ignored, next time.)
-            tracing::info!("the primary was heard again: no promotion");
-            link.rearm_silence();
-        }
         match report {
             None => {}
             Some(Report::Following { peer, generation: theirs }) => {
-                followed = true;
                 tracing::info!("following the primary at {peer} (generation {theirs})");
                 events.emit(Event::Following { peer: peer.clone(), generation: theirs });
+                role.handle_following(theirs);
                 if theirs > generation {
                     generation = theirs;
                     generation::write(&config.state_dir, generation)?;
@@ -245,6 +232,7 @@ pub fn follow(
                     events.emit(Event::InSync { epoch, pages });
                 }
                 committed = Some(epoch);
+                role.handle_committed(true);
                 epochs += 1;
                 bytes += b as u64;
             }
@@ -258,6 +246,7 @@ pub fn follow(
                     // The image is no copy of the guest: nothing to take over from
                     // until a full epoch has replaced it.
                     committed = None;
+                    role.handle_committed(false);
                     tracing::error!(
                         "REPLICA MISMATCH: {pages} pages from {first:#x} of this standby's image differ from the primary's \
                          guest at epoch {epoch}; the image is discarded and a full resync follows (no takeover until then)"
@@ -276,25 +265,15 @@ pub fn follow(
                 events.emit(Event::PrimaryLeft { reason: why.clone() });
                 return Ok(Outcome::PrimaryLeft(why));
             }
-            Some(Report::Silent(quiet)) => match committed {
-                Some(_) if witness.is_none() => decided = Some((quiet, generation + 1)),
-                Some(_) => {
+            Some(Report::Silent(quiet)) => {
+                if witness.is_some() && committed.is_some() {
                     tracing::info!("the primary is silent ({} ms): asking the witness for generation {}", quiet.as_millis(), generation + 1);
-                    let now = Instant::now();
-                    pending = Some(Pending { quiet, since: now, next_ask: now, last_reason: String::new() });
                 }
-                None if followed => {
-                    let reason = format!(
-                        "the primary fell silent ({} ms) before this standby held a committed epoch: the initial sync \
-                         had not completed, so there is nothing to take over from; not promoting",
-                        quiet.as_millis()
-                    );
-                    events.emit(Event::NotPromoted { reason: reason.clone() });
-                    return Err(ReplicationError::NotPromoted(reason));
-                }
-                None => {}
-            },
+                role.handle_silence(quiet, zero.elapsed());
+            }
         }
+        // A promotion decided on this report is carried out on the next turn, after
+        // the role's actions; one decided above, now.
         let Some((quiet, granted)) = decided else { continue };
         let Some(epoch) = committed else {
             let reason = format!(
