@@ -137,23 +137,16 @@ impl Protector {
         let connect_timeout = config.connect_timeout;
         let addr = config.standby;
         let protector = Self::spawn(config, gate.clone(), Mode::Protected)?;
-        let started = Instant::now();
-        loop {
-            // Bound first: a guard in the match's scrutinee would be held through the
-            // sleep below, and the link thread, waiting for it to record the welcome,
-            // lost the race for the lock for seconds at a time on a loaded host.
-            let link = lock(&protector.shared).link.clone();
-            match link {
-                LinkState::Protecting => break,
-                LinkState::Refused(why) => return Err(ReplicationError::Refused(why)),
-                LinkState::Connecting { why } if started.elapsed() > connect_timeout => {
-                    return Err(ReplicationError::NoStandby(format!(
-                        "no standby answered at {addr} within {} s{}",
-                        connect_timeout.as_secs(),
-                        why.map(|w| format!(" (last attempt: {w})")).unwrap_or_default()
-                    )));
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
+        match link::wait_while(&protector.shared, connect_timeout, |l| matches!(l, LinkState::Connecting { .. })) {
+            LinkState::Protecting => {}
+            LinkState::Refused(why) => return Err(ReplicationError::Refused(why)),
+            LinkState::Left => return Err(ReplicationError::NoStandby(format!("the standby at {addr} left at once"))),
+            LinkState::Connecting { why } => {
+                return Err(ReplicationError::NoStandby(format!(
+                    "no standby answered at {addr} within {} s{}",
+                    connect_timeout.as_secs(),
+                    why.map(|w| format!(" (last attempt: {w})")).unwrap_or_default()
+                )));
             }
         }
         let sink: SharedSink = gate;
@@ -613,19 +606,10 @@ impl Protector {
         self.outbox.send(Outgoing::Goodbye(reason.to_string()));
         // The goodbye goes out after every epoch queued before it, which can take a
         // while on a slow link; a standby that dies meanwhile shows as a lost link.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            // Bound first, so the lock is not held through the sleep (see `start`).
-            let link = lock(&self.shared).link.clone();
-            match link {
-                LinkState::Left => {
-                    let released = self.outputs.commit(u64::MAX).is_ok();
-                    self.events.emit(Event::Goodbye { confirmed: true });
-                    return released;
-                }
-                LinkState::Protecting => std::thread::sleep(Duration::from_millis(10)),
-                _ => break,
-            }
+        if link::wait_while(&self.shared, Duration::from_secs(120), |l| *l == LinkState::Protecting) == LinkState::Left {
+            let released = self.outputs.commit(u64::MAX).is_ok();
+            self.events.emit(Event::Goodbye { confirmed: true });
+            return released;
         }
         tracing::warn!("the standby did not confirm the goodbye; the guest's last output stays unreleased");
         self.events.emit(Event::Goodbye { confirmed: false });

@@ -4,7 +4,7 @@
 //! side by side, so a long epoch on the way out never hides the standby's heartbeats.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -49,6 +49,9 @@ pub struct Shared {
     /// Wakes the VM thread when what it waits for may have come: an ack (room for the
     /// next epoch), a new connection, a loss.
     pub waker: Option<Waker>,
+    /// Signalled with the waker, for a VM thread that waits without a VM (before the
+    /// guest boots, after it stopped): see [`wait_while`].
+    changed: Arc<Condvar>,
 }
 
 impl Shared {
@@ -62,6 +65,7 @@ impl Shared {
             sent_at: Vec::new(),
             ack_latency: Vec::new(),
             waker: None,
+            changed: Arc::new(Condvar::new()),
         }
     }
 
@@ -69,6 +73,7 @@ impl Shared {
         if let Some(w) = &self.waker {
             w.wake();
         }
+        self.changed.notify_all();
     }
 
     fn released(&mut self, epoch: u64) {
@@ -85,6 +90,22 @@ impl Shared {
 
 pub fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits, at most `limit`, while `waiting` holds for the link's state; returns the
+/// state it found last. Woken by the link thread at each change, not by polling.
+pub fn wait_while(shared: &Mutex<Shared>, limit: Duration, mut waiting: impl FnMut(&LinkState) -> bool) -> LinkState {
+    let deadline = Instant::now() + limit;
+    let mut s = lock(shared);
+    let changed = s.changed.clone();
+    while waiting(&s.link) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        s = changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+    }
+    s.link.clone()
 }
 
 /// Faults the primary injects on purpose, for tests of what the standby does with them.
