@@ -195,9 +195,9 @@ fn no_partition_lets_two_sides_release_output_with_a_witness_or_under_pause() {
             }
         }
     }
-    // Four cells at a time: each is three processes that mostly wait.
+    // Eight cells at a time: each is three processes that mostly wait.
     let mut results = Vec::new();
-    for chunk in cells.chunks(4) {
+    for chunk in cells.chunks(8) {
         let handles: Vec<_> = chunk.iter().map(|&(w, p, f)| std::thread::spawn(move || ((w, p, f), cell(w, p, f)))).collect();
         results.extend(handles.into_iter().map(|h| h.join().unwrap()));
     }
