@@ -5,37 +5,49 @@ mod common;
 
 use common::{images, lab, lab_guest, lab_ready, tandem, ticks};
 
+/// One lab run, two guests in turn (each lab run boots a lab host, seconds of the
+/// suite's time): one vCPU ticking 20 times, then four vCPUs.
 #[test]
-fn one_vcpu_guest_boots_prints_20_ticks_and_powers_off() {
-    lab_guest(&[], "quiet tandem.workload=ticker tandem.ticks=20", |run| {
-        assert_eq!(run.code, 0, "tandem must exit 0 when the guest powers off\n{}", run.dump());
+fn guests_with_one_and_four_vcpus_boot_print_and_power_off() {
+    let run_guest = "tandem run --kernel /images/vmlinuz --initrd /images/guest-initrd.cpio";
+    let script = format!(
+        "{run_guest} --append 'quiet tandem.workload=ticker tandem.ticks=20'; echo one-exit=$?; \
+         {run_guest} --vcpus 4 --append 'quiet tandem.workload=none'; echo four-exit=$?"
+    );
+    lab(&[], &["sh", "-c", &script], |run| {
+        assert!(run.says("one-exit=0"), "tandem must exit 0 when the guest powers off\n{}", run.dump());
         assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
         assert_eq!(ticks(run), (1..=20).collect::<Vec<_>>(), "{}", run.dump());
         assert!(run.stdout.contains("TANDEM-GUEST-DONE rc=0"), "{}", run.dump());
         assert!(!run.stdout.contains("TANDEM-CLOCK-BACKWARDS"), "{}", run.dump());
-    });
-}
-
-#[test]
-fn a_guest_kernel_panic_resets_through_the_keyboard_controller_and_exits_3() {
-    // No /init: the kernel panics, and `panic=1` reboots it a second later through the
-    // i8042 reset command (the firmware tables advertise no 8042, only its reset is used).
-    lab(
-        &[],
-        &["tandem", "run", "--kernel", "/images/vmlinuz", "--initrd", "/images/guest-initrd.cpio",
-          "--append", "rdinit=/nonexistent init=/nonexistent"],
-        |run| {
-        assert!(run.stdout.contains("Kernel panic"), "{}", run.dump());
-        assert_eq!(run.code, 3, "{}", run.dump());
-        assert!(run.says("the guest reset itself (reset through the keyboard controller"), "{}", run.dump());
-    });
-}
-
-#[test]
-fn four_vcpu_guest_reports_four_online_cpus() {
-    lab_guest(&["--vcpus", "4"], "quiet tandem.workload=none", |run| {
-        assert_eq!(run.code, 0, "{}", run.dump());
         assert!(run.stdout.contains("TANDEM-GUEST-CPUS=4"), "{}", run.dump());
+        assert!(run.says("four-exit=0"), "{}", run.dump());
+    });
+}
+
+/// One lab run: an operator's own kernel and initramfs (`--with`), the lab returning the
+/// command's own status; and a guest kernel that panics. With no /init the kernel
+/// panics, and `panic=1` reboots it a second later through the i8042 reset command
+/// (the firmware tables advertise no 8042, only its reset is used): tandem exits 3.
+#[test]
+fn lab_with_files_runs_an_operators_kernel_and_a_panicking_guest_resets_and_exits_3() {
+    let dir = images();
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("guest-initrd.cpio");
+    lab(
+        &["--with", kernel.to_str().unwrap(), "--with", initrd.to_str().unwrap()],
+        &["sh", "-c",
+          "tandem run --kernel /with/vmlinuz --initrd /with/guest-initrd.cpio --append 'quiet tandem.workload=none'; \
+           echo run-exit=$?; \
+           tandem run --kernel /with/vmlinuz --initrd /with/guest-initrd.cpio --append 'rdinit=/nonexistent init=/nonexistent'; \
+           echo panic-exit=$?; exit 7"],
+        |run| {
+        assert_eq!(run.code, 7, "the lab must return the command's status\n{}", run.dump());
+        assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
+        assert!(run.stdout.contains("run-exit=0"), "{}", run.dump());
+        assert!(run.stdout.contains("Kernel panic"), "{}", run.dump());
+        assert!(run.says("panic-exit=3"), "{}", run.dump());
+        assert!(run.says("the guest reset itself (reset through the keyboard controller"), "{}", run.dump());
     });
 }
 
@@ -116,23 +128,6 @@ fn dirty_page_api_reports_every_page_first_then_every_page_the_guest_dirties() {
             steady >= 3,
             "{steady} 1 s intervals near {per_second} dirty pages (the asked rate), want at least 3: {run_reports:?}"
         );
-    });
-}
-
-#[test]
-fn lab_with_files_runs_an_operators_own_kernel_and_returns_the_exit_status() {
-    let dir = images();
-    let kernel = dir.join("vmlinuz");
-    let initrd = dir.join("guest-initrd.cpio");
-    lab(
-        &["--with", kernel.to_str().unwrap(), "--with", initrd.to_str().unwrap()],
-        &["sh", "-c",
-          "tandem run --kernel /with/vmlinuz --initrd /with/guest-initrd.cpio --append 'quiet tandem.workload=none'; \
-           echo run-exit=$?; exit 7"],
-        |run| {
-        assert_eq!(run.code, 7, "the lab must return the command's status\n{}", run.dump());
-        assert!(run.stdout.contains("TANDEM-GUEST-READY"), "{}", run.dump());
-        assert!(run.stdout.contains("run-exit=0"), "{}", run.dump());
     });
 }
 

@@ -140,6 +140,12 @@ fn a_clients_connection_survives_the_primarys_death_at_eight_kill_points() {
         assert!(kept.iter().all(|l| l.contains("the guest announced 10.77.0.2, the bridge found")), "{}", run.dump());
         assert_eq!(kept.iter().filter(|l| l.contains("the download across the takeover arrived whole")).count(), 1, "{}", run.dump());
         assert!(kept.iter().any(|l| l.contains("kill in the middle of sending epoch")), "{}", run.dump());
+        // And each connection lived through the takeover: its longest wait was the
+        // detection (the drill's 3 s timeout).
+        for l in &kept {
+            let gap: u64 = l.split("max_gap_ms=").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0);
+            assert!(gap >= 2500, "a connection that did not wait out the takeover: {l}");
+        }
         assert!(run.says("drill: 8/8 runs kept the connection"), "{}", run.dump());
     });
 }

@@ -56,7 +56,8 @@ pub enum Event {
     Protected { epoch: u64 },
     /// Primary: the guest's output up to this epoch reached the world.
     /// `lag_ms`: from the seal of the oldest epoch released to the release.
-    Released { epoch: u64, bytes: usize, lag_ms: f64 },
+    /// `bytes`: console bytes; `frames`: NIC frames.
+    Released { epoch: u64, bytes: usize, lag_ms: f64, frames: usize },
     /// Primary: the standby fell silent; `policy` says what the guest does now.
     StandbyLost { policy: LossPolicy, silent_ms: u64 },
     /// Primary: protected again after a loss (the same standby, or a new one in sync).

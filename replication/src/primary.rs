@@ -170,9 +170,9 @@ impl Protector {
         let release = {
             let (outputs, events) = (outputs.clone(), config.events.clone());
             Box::new(move |epoch: u64| match outputs.commit(epoch) {
-                Ok(released) if released.bytes > 0 => {
+                Ok(released) if released.bytes > 0 || released.frames > 0 => {
                     let lag_ms = released.lag.map_or(0.0, |d| d.as_secs_f64() * 1e3);
-                    events.emit(Event::Released { epoch, bytes: released.bytes, lag_ms })
+                    events.emit(Event::Released { epoch, bytes: released.bytes, lag_ms, frames: released.frames })
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!("releasing the guest's output: {e}"),

@@ -119,17 +119,20 @@ pub(super) fn one_run(args: &DrillArgs, images: &Path, n: u32, kill: NetKill) ->
         return Ok(finish(n, &mut primary, &mut standby, Err(why), "never"));
     }
     // The client sends until a few seconds past the takeover: the kill, the
-    // detection, and then requests the new primary must answer.
+    // detection, and then two seconds of requests the new primary must answer (40 at
+    // the usual pace; the idle kill's pace leaves it two).
     let kill_after = match kill {
-        NetKill::After(d) => d.as_secs(),
+        NetKill::After(d) => d.as_secs() + 1,
         NetKill::Download => 1,
         NetKill::Idle => 3,
-        NetKill::AfterRelease | NetKill::MidEpoch => 5,
+        // The release comes 1.5 s in and a little more; the 20th epoch with frames
+        // (a request every 50 ms, 100 ms epochs), 2 to 3 s in.
+        NetKill::AfterRelease | NetKill::MidEpoch => 3,
     };
     let held = client(vec![
         format!("--to={GUEST_IP}:{SERVER_PORT}"),
         format!("--every-ms={}", if kill == NetKill::Idle { 1000 } else { 50 }),
-        format!("--seconds={}", kill_after + args.timeout_ms.div_ceil(1000) + 4),
+        format!("--seconds={}", kill_after + args.timeout_ms.div_ceil(1000) + 2),
         "--reply-timeout-s=60".into(),
     ]);
     let began = Instant::now();
