@@ -34,9 +34,9 @@ pub fn run(args: &DrillArgs, images: &Path, rounds: u32) -> Result<Result<String
     // Each host's key pair: A's is the primary's of the ordinary drill, B's the standby's.
     let keys = [&pkeys, &skeys];
     let journal = args.workload == "journal";
-    // Every round takes a detection, a takeover and a full sync (about 10 s in the
-    // lab): the guest must outlast them all, with 13 s of ticks a round.
-    let lines = args.lines.max(130 * rounds + 40);
+    // Every round takes a detection, a takeover and a full sync (about 8 s in the
+    // lab): the guest must outlast them all, with 10 s of ticks a round.
+    let lines = args.lines.max(100 * rounds + 60);
     let workload = if journal {
         format!("quiet tandem.workload=journal tandem.records={lines} tandem.burst=2 tandem.interval_ms=100")
     } else {
