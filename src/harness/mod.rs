@@ -8,4 +8,5 @@ pub mod drill;
 pub mod lab;
 mod netlab;
 mod proc;
+mod relay;
 mod watchdog;

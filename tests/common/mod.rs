@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 pub mod micro;
-pub mod relay;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -22,6 +22,7 @@ mod client;
 mod journal;
 mod net;
 pub mod net_client;
+mod partition;
 mod pingpong;
 
 use client::Client;
@@ -78,6 +79,22 @@ pub struct DrillArgs {
     /// restarts and the console client must see every line once (ticker or journal).
     #[arg(long, value_name = "N")]
     ping_pong: Option<u32>,
+    /// Cut links instead of killing the primary, one fault per run: `p-s`, `p-w`,
+    /// `s-w` (a link cut), `p-isolated`, `s-isolated` (both of a host's links). Each
+    /// link goes through a relay the drill cuts; each side's released console is judged
+    /// (the ticker guest).
+    #[arg(long, value_delimiter = ',', value_name = "FAULT")]
+    partition: Vec<String>,
+    /// With --partition: a witness on a third host, which the two consult.
+    #[arg(long)]
+    witness: bool,
+    /// With --partition: the primary's policy when it loses its standby.
+    #[arg(long, default_value = "pause", value_parser = ["pause", "continue"])]
+    on_standby_loss: String,
+    /// With --partition --here: the built-in micro guest instead of Linux (for a host
+    /// whose KVM cannot run Linux).
+    #[arg(long)]
+    micro_guest: bool,
     /// Print each run's two consoles and logs.
     #[arg(long)]
     show_consoles: bool,
@@ -155,8 +172,14 @@ pub fn run(args: &DrillArgs) -> Result<u8> {
             bail!("--ping-pong takes 1 to 100 failovers, with the ticker or journal workload");
         }
     }
+    for f in &args.partition {
+        partition::Fault::parse(f)?;
+    }
     if !args.here {
         return in_lab(args, rng);
+    }
+    if !args.partition.is_empty() {
+        return partition::run(args, &args.images.clone().unwrap_or_else(lab::default_images_dir));
     }
     if let Some(rounds) = args.ping_pong {
         let images = args.images.clone().unwrap_or_else(lab::default_images_dir);
@@ -288,6 +311,16 @@ fn in_lab(args: &DrillArgs, seed: u64) -> Result<u8> {
     }
     if let Some(n) = args.ping_pong {
         command.push(format!("--ping-pong={n}"));
+    }
+    if !args.partition.is_empty() {
+        command.push(format!("--partition={}", args.partition.join(",")));
+        command.push(format!("--on-standby-loss={}", args.on_standby_loss));
+    }
+    if args.witness {
+        command.push("--witness".into());
+    }
+    if args.micro_guest {
+        command.push("--micro-guest".into());
     }
     let opts = lab::LabOptions {
         images: args.images.clone().unwrap_or_else(lab::default_images_dir),
