@@ -10,6 +10,9 @@
 #  3. The disk: the guest appends numbered records to its disk, printing each once it
 #     is durable; every record printed must be on the standby's disk after the
 #     takeover, and the guest reads its whole journal back. Three runs, then a verdict.
+#  4. Split brain averted: a witness on a third host; the link between primary and
+#     standby is cut (both alive), then the standby is cut off from everyone. With the
+#     witness exactly one side runs the guest each time, and no tick is lost.
 # Arguments go to the first drill.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,4 +21,5 @@ cd "$ROOT"
 cargo build --release --quiet
 target/release/tandem drill --kill-at random --runs 3 --watch "$@"
 target/release/tandem drill --workload net --kill-at random,download,idle --runs 3
-exec target/release/tandem drill --workload journal --kill-at random,after-output:40,random --runs 3
+target/release/tandem drill --workload journal --kill-at random,after-output:40,random --runs 3
+exec target/release/tandem drill --partition p-s,s-isolated --witness --on-standby-loss continue
