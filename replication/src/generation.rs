@@ -1,7 +1,6 @@
 //! The generation number, kept in a file so that a promotion outlives the process: a
 //! restarted standby that took over once still refuses the primary it replaced.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const FILE: &str = "generation";
@@ -27,17 +26,10 @@ pub fn read(dir: &Path) -> Result<u64, GenerationError> {
     }
 }
 
-/// Records `generation` in `dir` durably: written aside, synced, renamed into place.
+/// Records `generation` in `dir` durably (see [`crate::durable::write`]).
 pub fn write(dir: &Path, generation: u64) -> Result<(), GenerationError> {
-    let io = |source| GenerationError::Io { path: dir.to_path_buf(), source };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!("{FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    writeln!(f, "{generation}").map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, dir.join(FILE)).map_err(io)?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    Ok(())
+    crate::durable::write(dir, FILE, format!("{generation}\n").as_bytes())
+        .map_err(|source| GenerationError::Io { path: dir.to_path_buf(), source })
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! promotion. Only [`transport`] knows QUIC and tokio; [`tls`] holds the pinned-
 //! certificate trust both ends use.
 
+pub mod durable;
 pub mod events;
 pub mod generation;
 pub mod pipeline;

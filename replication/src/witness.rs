@@ -2,7 +2,6 @@
 //! [`tandem_proto::witness`]'s; here are its record on disk, its server, and the thread
 //! a primary or standby asks it through without blocking the VM.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -40,17 +39,9 @@ pub fn read_record(dir: &Path) -> Result<Option<Record>, WitnessError> {
     }
 }
 
-/// Records `record` in `dir` durably (written aside, synced, renamed, directory synced).
+/// Records `record` in `dir` durably (see [`crate::durable::write`]).
 pub fn write_record(dir: &Path, record: &Record) -> Result<(), WitnessError> {
-    let io = |source| WitnessError::Io { path: dir.to_path_buf(), source };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!("{FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(record.to_text().as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, dir.join(FILE)).map_err(io)?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    Ok(())
+    crate::durable::write(dir, FILE, record.to_text().as_bytes()).map_err(|source| WitnessError::Io { path: dir.to_path_buf(), source })
 }
 
 /// A host as the witness names it: the first 8 bytes of its certificate's SHA-256.
