@@ -110,6 +110,8 @@ pub struct LabFacts {
     pub drill_failures_all_triple_faults: bool,
     /// The lab host froze: no tick from it for 90 s (`tandem lab`'s `frozen` fault).
     pub frozen: bool,
+    /// The lab's own fault as its report names it (empty for none).
+    pub lab_fault: String,
 }
 
 /// The fault signatures a test may be retried for, once, and why each is the lab's
@@ -208,6 +210,7 @@ pub fn lab_run_env(env: &[(&str, &str)], lab_args: &[&str], command: &[&str]) ->
         triple_faults: json["guest_triple_faults"].as_u64().unwrap_or(0) as u32,
         drill_failures_all_triple_faults: false,
         frozen: json["lab_fault"] == "frozen",
+        lab_fault: json["lab_fault"].as_str().unwrap_or("").to_string(),
     };
     (run, facts)
 }

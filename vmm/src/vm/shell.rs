@@ -100,9 +100,10 @@ impl Shell {
         if let Some(sections) = devices {
             bus.restore(sections)?;
         }
-        // A VM that starts paused starts with its devices paused too.
-        if frozen.is_some() {
-            virtio.pause();
+        // The devices come paused (see `Backends::attach`); a VM that starts paused
+        // keeps them so.
+        if frozen.is_none() {
+            virtio.resume();
         }
         let bus = Arc::new(Mutex::new(bus));
         let (exit_tx, exits) = channel();

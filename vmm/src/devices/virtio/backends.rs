@@ -78,8 +78,13 @@ impl Backends {
             devices.push(Box::new(OnBus::new(&slot, disk.clone())));
             disks.push(disk);
         }
+        // Paused until the caller has set their state and says so (`Attached::resume`):
+        // the event loop starts now, and a frame already waiting on a TAP must not reach
+        // a device still to be restored, nor a VM that is to stay paused.
+        let attached = Attached { nics, disks: Disks(disks), _events: None };
+        attached.pause();
         let events = if sources.is_empty() { None } else { Some(EventLoop::start(sources)?) };
-        Ok((Attached { nics, disks: Disks(disks), _events: events }, devices))
+        Ok((Attached { _events: events, ..attached }, devices))
     }
 }
 

@@ -14,7 +14,7 @@ use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
 use tandem_proto::primary::Primary;
-use tandem_proto::role::primary::{Action, Mode, Note, PrimaryRole};
+use tandem_proto::role::primary::{Mode, PrimaryRole};
 use tandem_proto::sent::{Pending, SentPages, Skipped};
 use tandem_proto::verify::{self, Rotation, Verify};
 use tandem_vmm::devices::outputs::{EpochOutput, HeldOutput, Outputs};
@@ -23,10 +23,13 @@ use tandem_vmm::slice::SliceReader;
 use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
 
-use crate::events::{self, Event, Events};
+use crate::events::{Event, Events};
 use crate::transport::primary::{self as link, lock, Dial, Faults, LinkState, Outbox, Outgoing, Shared};
 use crate::witness::{WitnessClient, WitnessLink};
 use crate::{Heartbeat, ReplicationError};
+
+mod role;
+mod status;
 
 /// What the primary does when its standby falls silent past the heartbeat timeout.
 pub use tandem_proto::role::primary::Policy as StandbyLoss;
@@ -324,76 +327,6 @@ impl Protector {
         }
     }
 
-    /// Does what the role decided.
-    fn carry_out(&mut self, vm: &mut Vm) -> Result<(), ReplicationError> {
-        while let Some(action) = self.role.poll() {
-            match action {
-                Action::PauseGuest => {
-                    vm.pause()?;
-                }
-                Action::ResumeGuest => vm.resume()?,
-                Action::OpenOutputs => {
-                    self.outputs.unprotect().map_err(|e| ReplicationError::NoStandby(format!("releasing held output: {e}")))?
-                }
-                Action::ProtectOutputs => {
-                    let next = lock(&self.shared).machine.next_epoch();
-                    self.outputs.protect(next);
-                }
-                Action::AskWitness(ask) => {
-                    if let Some(w) = &mut self.witness {
-                        w.ask(ask);
-                    }
-                }
-                Action::Stop(why) => return Err(ReplicationError::Refused(why)),
-                Action::Note(note) => self.note(note),
-            }
-        }
-        Ok(())
-    }
-
-    fn note(&mut self, note: Note) {
-        let (why, quiet) = (&self.lost.0, self.lost.1.as_millis());
-        match note {
-            Note::Lost { mode } => {
-                let policy = match self.role.policy() {
-                    StandbyLoss::Pause => events::LossPolicy::Pause,
-                    StandbyLoss::Continue => events::LossPolicy::Continue,
-                };
-                self.events.emit(Event::StandbyLost { policy, silent_ms: quiet as u64 });
-                match (mode, self.witness.is_some()) {
-                    (Mode::Unprotected, _) => tracing::error!(
-                        "lost the standby ({why}; silent for {quiet} ms): the guest runs UNPROTECTED and its output is released at once; a \
-                         failure of this host now loses it (--on-standby-loss=continue)"
-                    ),
-                    (_, true) => tracing::error!(
-                        "lost the standby ({why}; silent for {quiet} ms): the guest is paused and its output held until the witness leases \
-                         this primary time to run on (--on-standby-loss=continue with a witness)"
-                    ),
-                    _ => tracing::error!(
-                        "lost the standby ({why}; silent for {quiet} ms): the guest is paused and its output held until a standby is in sync \
-                         (--on-standby-loss=pause)"
-                    ),
-                }
-            }
-            Note::Reprotected => {
-                tracing::warn!("a standby at {} is in sync again: output is protected once more", self.standby);
-                self.events.emit(Event::Reprotected);
-            }
-            Note::LeaseGranted { for_ms } => {
-                tracing::error!("the witness leases this primary time: the guest runs UNPROTECTED and its output is released at once");
-                self.events.emit(Event::LeaseGranted { generation: lock(&self.shared).machine.generation(), for_ms });
-            }
-            Note::NoLease(reason) => {
-                tracing::warn!("no lease: {reason}");
-                self.events.emit(Event::LeaseLost { reason });
-            }
-            Note::LeaseLapsed => {
-                tracing::error!("the witness's lease ran out unrenewed: the guest is paused until it is renewed or a standby follows");
-                self.events.emit(Event::LeaseLost { reason: "the lease ran out unrenewed".into() });
-            }
-        }
-    }
-
     /// Captures an epoch and queues it. If the standby changed meanwhile (it went, or
     /// came back needing a full epoch), the capture is dropped and its pages are handed
     /// back for the next one.
@@ -538,51 +471,6 @@ impl Protector {
             self.carry_out(vm)?;
         }
         Ok(())
-    }
-
-    /// One line for `tandem ctl status`.
-    pub fn status(&self) -> String {
-        let s = lock(&self.shared);
-        let standby = match &s.link {
-            LinkState::Protecting => "following".to_string(),
-            LinkState::Connecting { .. } => match self.role.mode() {
-                Mode::Protected => "reconnecting".into(),
-                Mode::Paused => "lost(guest-paused)".into(),
-                Mode::Unprotected if !self.history.is_empty() && self.full_epoch == 0 => "awaited(UNPROTECTED)".into(),
-                Mode::Unprotected => "lost(UNPROTECTED)".into(),
-            },
-            LinkState::Refused(_) => "refused".into(),
-            LinkState::Left => "left".into(),
-        };
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let mut stopped = self.stats.stopped.clone();
-        stopped.sort();
-        let pct = |p: f64| stopped.get(((stopped.len() as f64 - 1.0) * p).round() as usize).copied().map(ms).unwrap_or(0.0);
-        let last = self.stats.stopped.last().copied().map(ms).unwrap_or(0.0);
-        let ack = s.ack_latency.last().copied().map(ms).unwrap_or(0.0);
-        format!(
-            "role=primary generation={} standby={standby} epoch={} acked={} lag={} stopped_ms={last:.3} \
-             stopped_p50_ms={:.3} stopped_p99_ms={:.3} dirty_pages={} bytes={} ack_ms={ack:.3} epochs={} \
-             total_bytes={} stretched={} unchanged_pages={} held_bytes={}{}{}",
-            s.machine.generation(),
-            s.machine.next_epoch().saturating_sub(1),
-            s.machine.acked().map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
-            s.machine.lag(),
-            pct(0.5),
-            pct(0.99),
-            self.stats.last_pages,
-            self.stats.last_bytes,
-            self.stats.epochs,
-            self.stats.bytes,
-            self.stats.stretched,
-            self.stats.unchanged,
-            self.outputs.held_bytes(),
-            if self.history.is_empty() { String::new() } else { format!(" history={}", self.history) },
-            match self.role.lease_left(self.zero.elapsed()) {
-                Some(left) => format!(" witness_lease_ms={}", left.as_millis()),
-                None => String::new(),
-            },
-        )
     }
 
     /// The guest has stopped: says goodbye so the standby does not take over, and
