@@ -165,7 +165,7 @@ pub fn follow(
     let mut committed = None;
     let (mut epochs, mut bytes) = (0u64, 0u64);
     let (mut checks, mut mismatches) = (0u64, 0u64);
-    let mut witness = config.witness.clone().map(WitnessClient::start).transpose()?;
+    let witness = config.witness.clone().map(WitnessClient::start).transpose()?;
     // Between the witness's refusals: a few heartbeats, so a primary that lives (and
     // renews its lease) is not pestered, and one that died is replaced soon after its
     // lease runs out.
@@ -173,7 +173,7 @@ pub fn follow(
     let zero = Instant::now();
     loop {
         on_tick(&StandbyStatus { generation, committed, epochs, bytes, checks, mismatches });
-        if let Some(reply) = witness.as_mut().and_then(|w| w.reply()) {
+        if let Some(reply) = witness.as_ref().and_then(|w| w.reply()) {
             role.handle_witness(reply.answer, zero.elapsed());
         }
         role.handle_timeout(zero.elapsed());
@@ -182,7 +182,7 @@ pub fn follow(
         while let Some(action) = role.poll() {
             match action {
                 Action::AskWitness(ask) => {
-                    if let Some(w) = &mut witness {
+                    if let Some(w) = &witness {
                         w.ask(ask);
                     }
                 }

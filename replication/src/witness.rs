@@ -117,17 +117,15 @@ pub struct WitnessLink {
 /// One question's outcome: `asked` is when it went out (a lease counts from then).
 pub struct Reply {
     pub asked: Instant,
-    pub question: Ask,
     pub answer: Result<Answer, String>,
 }
 
-/// A thread that asks the witness, one question at a time, so that the VM thread and
-/// the standby's loop never wait on the network.
+/// A thread that asks the witness, one question at a time and the answers in order, so
+/// that the VM thread and the standby's loop never wait on the network. Whether a
+/// question is on its way is the role's to know (`tandem_proto::role`).
 pub struct WitnessClient {
     asks: Sender<Ask>,
     replies: Receiver<Reply>,
-    in_flight: bool,
-    addr: SocketAddr,
 }
 
 impl WitnessClient {
@@ -138,43 +136,30 @@ impl WitnessClient {
             .enable_all()
             .build()
             .map_err(WitnessError::Thread)?;
-        let addr = link.addr;
         std::thread::Builder::new()
             .name("tandem-witness".into())
             .spawn(move || {
                 while let Ok(question) = questions.recv() {
                     let asked = Instant::now();
                     let answer = runtime
-                        .block_on(wire::ask(link.addr, link.tls.clone(), question.clone()))
+                        .block_on(wire::ask(link.addr, link.tls.clone(), question))
                         .map_err(|e| e.to_string());
-                    if answers.send(Reply { asked, question, answer }).is_err() {
+                    if answers.send(Reply { asked, answer }).is_err() {
                         return;
                     }
                 }
             })
             .map_err(WitnessError::Thread)?;
-        Ok(Self { asks, replies, in_flight: false, addr })
+        Ok(Self { asks, replies })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn ask(&self, question: Ask) {
+        // The thread ends only with this client: a send cannot fail while it lives.
+        let _ = self.asks.send(question);
     }
 
-    /// Asks, unless a question is still on its way (its answer comes first).
-    pub fn ask(&mut self, question: Ask) {
-        if !self.in_flight && self.asks.send(question).is_ok() {
-            self.in_flight = true;
-        }
-    }
-
-    pub fn busy(&self) -> bool {
-        self.in_flight
-    }
-
-    /// The answer to the question on its way, if it has come.
-    pub fn reply(&mut self) -> Option<Reply> {
-        let reply = self.replies.try_recv().ok()?;
-        self.in_flight = false;
-        Some(reply)
+    /// The next answer, if one has come.
+    pub fn reply(&self) -> Option<Reply> {
+        self.replies.try_recv().ok()
     }
 }

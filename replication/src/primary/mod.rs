@@ -286,7 +286,7 @@ impl Protector {
             self.events.emit(Event::Protected { epoch });
         }
         let now = self.zero.elapsed();
-        if let Some(reply) = self.witness.as_mut().and_then(|w| w.reply()) {
+        if let Some(reply) = self.witness.as_ref().and_then(|w| w.reply()) {
             self.role.handle_witness(reply.answer, reply.asked.saturating_duration_since(self.zero), now);
         }
         self.role.handle_timeout(now);

@@ -27,7 +27,7 @@ impl Protector {
                     self.outputs.protect(next);
                 }
                 Action::AskWitness(ask) => {
-                    if let Some(w) = &mut self.witness {
+                    if let Some(w) = &self.witness {
                         w.ask(ask);
                     }
                 }
@@ -80,5 +80,4 @@ impl Protector {
             }
         }
     }
-
 }

@@ -67,18 +67,18 @@ pub struct StandbyLink {
 }
 
 impl StandbyLink {
-    /// From now on this host runs the VM at `generation`: the current primary is cut
-    /// off and every primary that comes later is refused.
-    /// Returns the console as of the last committed epoch: what the primary said it
-    /// released, for console clients that resume, and what it did not, for the new
-    /// VM's console to print first; and the NIC frames the primary did not say it
-    /// released, for the new VM's NICs to send first.
     /// Judges the primary's silence afresh: it was reported, but the witness did not
     /// let this standby act on it, and the primary has been heard from since.
     pub fn rearm_silence(&self) {
         lock(&self.state).silence_reported = false;
     }
 
+    /// From now on this host runs the VM at `generation`: the current primary is cut
+    /// off and every primary that comes later is refused.
+    /// Returns the console as of the last committed epoch: what the primary said it
+    /// released, for console clients that resume, and what it did not, for the new
+    /// VM's console to print first; and the NIC frames the primary did not say it
+    /// released, for the new VM's NICs to send first.
     pub fn promote(&self, generation: u64) -> (tandem_proto::standby::Console, Vec<(u8, Vec<u8>)>) {
         let mut s = lock(&self.state);
         s.promoted = Some(generation);
