@@ -136,3 +136,24 @@ pub(crate) fn threads(child: &mut Child) -> String {
     }
     out
 }
+
+/// A loopback UDP address free now, for a host to listen on.
+pub(crate) fn free_addr() -> Result<std::net::SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Starts `tandem witness` on `listen` with its key pair in `keys`, answering the hosts
+/// whose key pairs are in `hosts`, its record in `dir/witness-state`, and a lease of
+/// `lease_ms` if given (else its default).
+pub(crate) fn start_witness(dir: &Path, listen: std::net::SocketAddr, keys: &Path, hosts: [&Path; 2], lease_ms: Option<u64>) -> Result<Proc> {
+    let path = |p: PathBuf| p.display().to_string();
+    let mut args = vec![
+        "witness".to_string(), "--listen".into(), listen.to_string(), "--key".into(), path(keys.join("key.pem")),
+        "--peer-cert".into(), path(hosts[0].join("cert.pem")), "--peer-cert".into(), path(hosts[1].join("cert.pem")),
+        "--state-dir".into(), path(dir.join("witness-state")),
+    ];
+    if let Some(ms) = lease_ms {
+        args.extend(["--lease-ms".into(), ms.to_string()]);
+    }
+    Proc::start(&args, dir, "witness")
+}

@@ -9,7 +9,6 @@
 //! primary's host stands by again: the time until the guest is protected once more is
 //! the re-protection.
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,7 @@ use vm_memory::{Address, Bytes};
 
 use super::ms;
 use crate::harness::drill::check::numbers;
-use crate::harness::proc::Proc;
+use crate::harness::proc::{free_addr, start_witness, Proc};
 
 #[derive(clap::Args, Clone)]
 pub struct TakeoverArgs {
@@ -116,10 +115,6 @@ pub fn run(args: &TakeoverArgs) -> Result<()> {
     Ok(())
 }
 
-fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn tick_numbers(console: &str) -> Vec<u32> {
     numbers(console, "tick ")
 }
@@ -140,30 +135,9 @@ fn takeover_in(args: &TakeoverArgs, mib: u64, dir: &Path, with_witness: bool) ->
     for keys in [&pkeys, &skeys, &wkeys] {
         tandem_replication::tls::keygen(keys)?;
     }
-    let addr = format!("127.0.0.1:{}", free_udp_port()?);
-    let back = format!("127.0.0.1:{}", free_udp_port()?);
-    let waddr = format!("127.0.0.1:{}", free_udp_port()?);
+    let (addr, back, waddr) = (free_addr()?.to_string(), free_addr()?.to_string(), free_addr()?);
     let path = |p: PathBuf| p.display().to_string();
-    let _witness = match with_witness {
-        true => Some(Proc::start(
-            &[
-                "witness".into(),
-                "--listen".into(),
-                waddr.clone(),
-                "--key".into(),
-                path(wkeys.join("key.pem")),
-                "--peer-cert".into(),
-                path(pkeys.join("cert.pem")),
-                "--peer-cert".into(),
-                path(skeys.join("cert.pem")),
-                "--state-dir".into(),
-                path(dir.join("witness-state")),
-            ],
-            dir,
-            "witness",
-        )?),
-        false => None,
-    };
+    let _witness = with_witness.then(|| start_witness(dir, waddr, &wkeys, [&pkeys, &skeys], None)).transpose()?;
     let common = |keys: &Path, peer: &Path, state: &str| {
         vec![
             "--key".to_string(),
@@ -180,7 +154,7 @@ fn takeover_in(args: &TakeoverArgs, mib: u64, dir: &Path, with_witness: bool) ->
             path(args.kvm_device.clone()),
         ]
         .into_iter()
-        .chain(with_witness.then(|| ["--witness".into(), waddr.clone(), "--witness-cert".into(), path(wkeys.join("cert.pem"))]).into_iter().flatten())
+        .chain(with_witness.then(|| ["--witness".into(), waddr.to_string(), "--witness-cert".into(), path(wkeys.join("cert.pem"))]).into_iter().flatten())
         .collect::<Vec<String>>()
     };
     let mut standby_args = vec!["standby".to_string(), "--listen".into(), addr.clone(), "--then-protect".into(), back.clone()];

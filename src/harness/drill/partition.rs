@@ -5,7 +5,6 @@
 //! released output after the cut (unless that is the documented risk: no witness and
 //! `--on-standby-loss continue`) or a line is lost.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use serde_json::json;
 
 use super::check::numbers;
 use super::DrillArgs;
-use crate::harness::proc::Proc;
+use crate::harness::proc::{free_addr, start_witness, Proc};
 use crate::harness::relay::Relay;
 
 /// Printed before each run's JSON verdict, for tools.
@@ -118,21 +117,9 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, fault: Fault) -> Result<(Str
     };
     let (pk, sk, wk) = (keys("p")?, keys("s")?, keys("w")?);
     let path = |p: PathBuf| p.display().to_string();
-    let port = || -> Result<SocketAddr> { Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?) };
-    let (s_addr, w_addr) = (port()?, port()?);
+    let (s_addr, w_addr) = (free_addr()?, free_addr()?);
     let (ps, pw, sw) = (Relay::start(s_addr)?, Relay::start(w_addr)?, Relay::start(w_addr)?);
-    let _witness = match args.witness {
-        true => Some(Proc::start(
-            &[
-                "witness".into(), "--listen".into(), w_addr.to_string(), "--key".into(), path(wk.join("key.pem")),
-                "--peer-cert".into(), path(pk.join("cert.pem")), "--peer-cert".into(), path(sk.join("cert.pem")),
-                "--state-dir".into(), path(dir.join("w-state")), "--lease-ms".into(), lease_ms(args).to_string(),
-            ],
-            &dir,
-            "witness",
-        )?),
-        false => None,
-    };
+    let _witness = args.witness.then(|| start_witness(&dir, w_addr, &wk, [&pk, &sk], Some(lease_ms(args)))).transpose()?;
     let host = |me: &Path, peer: &Path, state: &str, via: &Relay| {
         let mut a = vec![
             "--key".to_string(), path(me.join("key.pem")), "--peer-cert".into(), path(peer.join("cert.pem")),
