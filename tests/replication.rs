@@ -52,10 +52,10 @@ fn assert_continuity(run: &Run, n: u32, prefix: &str, lines: u32) -> usize {
 /// Ticks the guest of an early kill prints: 5 s of them, past the last kill point.
 const LINES: u32 = 50;
 
-/// Ticks the guest prints when a kill waits for released output: 7 s of them past the
+/// Ticks the guest prints when a kill waits for released output: 4 s of them past the
 /// last kill point, for the release of a tick can lag it by a second or more in the
 /// lab, and a guest that had ended before the kill would test no takeover.
-const LATE_LINES: u32 = 100;
+const LATE_LINES: u32 = 70;
 
 /// Kills at moments spread over the guest's boot and ticking (ms after the standby
 /// first holds an epoch, or in the middle of an epoch's transfer), checked run by run;
