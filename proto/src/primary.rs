@@ -48,6 +48,20 @@ pub struct Primary {
     acked: Option<u64>,
     in_flight: VecDeque<Encoded>,
     compress: bool,
+    /// The standby needs a full epoch: deltas encoded before the encoder knew are moot.
+    awaiting_full: bool,
+}
+
+/// What became of an epoch handed to [`Primary::queue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// Kept until acknowledged: send its frames now.
+    Send,
+    /// Kept, not sent: no standby follows yet, and the next one gets it with the
+    /// epochs it lacks (or a full sync) once it says what it holds.
+    Kept,
+    /// Dropped: the standby needs a full epoch, which carries every page anyway.
+    Moot,
 }
 
 /// An epoch encoded for the wire, frames with their headers: built once, outside any
@@ -78,6 +92,25 @@ pub struct Ticket {
     pub compress: bool,
 }
 
+/// How this primary encodes its epochs, for an encoder on another thread than the
+/// machine: it numbers the epochs itself, one after the other, and hands each to
+/// [`Primary::queue`] in that order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tickets {
+    generation: u64,
+    compress: bool,
+}
+
+impl Tickets {
+    pub fn ticket(self, number: u64) -> Ticket {
+        Ticket { number, generation: self.generation, compress: self.compress }
+    }
+
+    pub fn generation(self) -> u64 {
+        self.generation
+    }
+}
+
 impl Ticket {
     /// Encodes `epoch` as the one this ticket is for: its number and whether its pages
     /// are compressed are the ticket's. The epoch is only read, so its buffers can be
@@ -102,6 +135,7 @@ impl Primary {
             acked: None,
             in_flight: VecDeque::new(),
             compress: true,
+            awaiting_full: false,
         }
     }
 
@@ -150,34 +184,51 @@ impl Primary {
         self.identity.generation
     }
 
-    /// What encoding the next epoch needs; `None` while no standby follows.
-    pub fn ticket(&self) -> Option<Ticket> {
-        match self.phase {
-            Phase::Protecting { generation } => Some(Ticket { number: self.next_epoch, generation, compress: self.compress }),
-            _ => None,
-        }
+    /// How to encode epochs for this machine elsewhere (see [`Primary::queue`]).
+    pub fn tickets(&self) -> Tickets {
+        Tickets { generation: self.identity.generation, compress: self.compress }
     }
 
-    /// Keeps an encoded epoch until acknowledged; the caller sends its frames. Refused
-    /// when it is no longer the epoch due (the standby changed while it was encoded).
-    pub fn queue(&mut self, epoch: Encoded) -> Result<(), ProtoError> {
-        if self.ticket().map(|t| (t.number, t.generation)) != Some((epoch.number, epoch.generation)) {
-            return Err(ProtoError::OutOfOrder(format!("epoch {} encoded for a connection that has changed", epoch.number)));
+    /// Whether the standby needs a full epoch before any delta.
+    pub fn awaits_full(&self) -> bool {
+        self.awaiting_full
+    }
+
+    /// Takes an epoch encoded with [`Primary::tickets`], numbered after every epoch
+    /// queued before it, whatever happened to the connection meanwhile: an epoch is
+    /// the guest's state, not the connection's, so it is kept until acknowledged
+    /// (unless a full epoch must come first), and says whether to send it now.
+    pub fn queue(&mut self, epoch: Encoded) -> Result<Queued, ProtoError> {
+        if epoch.generation != self.identity.generation || epoch.number < self.next_epoch {
+            return Err(ProtoError::OutOfOrder(format!(
+                "epoch {} of generation {} after epoch {} of generation {}",
+                epoch.number,
+                epoch.generation,
+                self.next_epoch.saturating_sub(1),
+                self.identity.generation
+            )));
         }
-        if epoch.kind == EpochKind::Full {
-            // A full epoch makes every earlier one moot.
-            self.in_flight.clear();
+        self.next_epoch = epoch.number + 1;
+        match epoch.kind {
+            EpochKind::Full => {
+                // A full epoch makes every earlier one moot.
+                self.in_flight.clear();
+                self.awaiting_full = false;
+            }
+            _ if self.awaiting_full => return Ok(Queued::Moot),
+            _ => {}
         }
-        self.next_epoch += 1;
         self.in_flight.push_back(epoch);
-        Ok(())
+        Ok(if self.is_protecting() { Queued::Send } else { Queued::Kept })
     }
 
-    /// Encodes, numbers and keeps an epoch: [`Primary::ticket`], [`Ticket::encode`] and
-    /// [`Primary::queue`] at once, for callers that hold no lock.
+    /// Encodes, numbers and keeps an epoch while a standby follows, for a caller that
+    /// encodes on the machine's own thread.
     pub fn send_epoch(&mut self, epoch: &mut Epoch) -> Result<Encoded, ProtoError> {
-        let ticket = self.ticket().ok_or_else(|| ProtoError::OutOfOrder("an epoch while no standby is following".into()))?;
-        let encoded = ticket.encode(epoch)?;
+        if !self.is_protecting() {
+            return Err(ProtoError::OutOfOrder("an epoch while no standby is following".into()));
+        }
+        let encoded = self.tickets().ticket(self.next_epoch).encode(epoch)?;
         self.queue(encoded.clone())?;
         Ok(encoded)
     }
@@ -259,6 +310,7 @@ impl Primary {
         };
         if !continues {
             self.in_flight.clear();
+            self.awaiting_full = true;
             events.push(Event::Connected { full_sync: true });
             return events;
         }
@@ -267,6 +319,7 @@ impl Primary {
             if epoch.generation != generation {
                 // Encoded for an older generation: the standby needs everything again.
                 self.in_flight.clear();
+                self.awaiting_full = true;
                 events.retain(|e| !matches!(e, Event::Connected { .. }));
                 events.push(Event::Connected { full_sync: true });
                 return events;
@@ -282,4 +335,58 @@ fn check_generation(frame: &Frame, generation: u64) -> Result<(), ProtoError> {
         return Err(ProtoError::OutOfOrder(format!("a frame of generation {} in generation {generation}", frame.generation)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Role;
+
+    fn identity(role: Role) -> Identity {
+        Identity { role, fingerprint: 0xfeed, generation: 1 }
+    }
+
+    /// Connects `p` to a standby holding `committed`; the machine's answer to the welcome.
+    fn welcome(p: &mut Primary, committed: Option<u64>) -> Vec<Event> {
+        p.connect();
+        assert!(p.handle(identity(Role::Standby).hello()).is_empty());
+        p.handle(Frame { generation: 1, message: Message::Welcome { committed } })
+    }
+
+    fn epoch(p: &Primary, number: u64, kind: EpochKind) -> Encoded {
+        p.tickets().ticket(number).encode(&mut Epoch { kind: Some(kind), ..Epoch::default() }).unwrap()
+    }
+
+    #[test]
+    fn epochs_numbered_elsewhere_are_kept_across_a_lost_connection_and_sent_to_the_standby_that_continues() {
+        let mut p = Primary::new(identity(Role::Primary), 4);
+        assert_eq!(welcome(&mut p, None), vec![Event::Connected { full_sync: true }]);
+        assert!(p.awaits_full());
+        // A delta encoded before the encoder knew a full epoch was owed is moot.
+        assert_eq!(p.queue(epoch(&p, 1, EpochKind::Delta)), Ok(Queued::Moot));
+        assert_eq!(p.queue(epoch(&p, 2, EpochKind::Full)), Ok(Queued::Send));
+        assert!(!p.awaits_full());
+        assert_eq!(p.handle(Frame { generation: 1, message: Message::Ack { epoch: 2 } }), vec![Event::Released(2)]);
+        // The link drops; the next epoch arrives in between and is kept, not lost.
+        p.disconnect();
+        let third = epoch(&p, 3, EpochKind::Delta);
+        assert_eq!(p.queue(third.clone()), Ok(Queued::Kept));
+        assert_eq!(p.queue(epoch(&p, 3, EpochKind::Delta)).map_err(|_| ()), Err(()), "an epoch number goes once");
+        assert_eq!(welcome(&mut p, Some(2)), vec![Event::Connected { full_sync: false }, Event::SendEpoch(third.frames)]);
+        assert_eq!(p.queue(epoch(&p, 4, EpochKind::Delta)), Ok(Queued::Send));
+    }
+
+    #[test]
+    fn a_standby_holding_too_little_makes_the_kept_epochs_moot_until_a_full_one() {
+        let mut p = Primary::new(identity(Role::Primary), 4);
+        welcome(&mut p, None);
+        assert_eq!(p.queue(epoch(&p, 1, EpochKind::Full)), Ok(Queued::Send));
+        p.disconnect();
+        assert_eq!(p.queue(epoch(&p, 2, EpochKind::Delta)), Ok(Queued::Kept));
+        // A new standby, holding nothing: epoch 1 was never acknowledged.
+        assert_eq!(welcome(&mut p, Some(7)), vec![Event::Connected { full_sync: true }]);
+        assert_eq!(p.queue(epoch(&p, 3, EpochKind::Delta)), Ok(Queued::Moot));
+        assert_eq!(p.queue(epoch(&p, 4, EpochKind::Full)), Ok(Queued::Send));
+        assert_eq!(p.lag(), 1);
+    }
 }

@@ -70,12 +70,14 @@ fn run(seed: u64, witness: bool, policy: Policy) -> Result<bool, String> {
     };
     let dies = if rng.below(2) == 0 { Some(2000 + rng.below(15_000)) } else { None };
     let mut arbiter = Arbiter::new(None, ms(0), ms(LEASE));
-    let mut primary = PrimaryRole::new(policy, witness, 1, ms(300), false);
+    let mut primary = PrimaryRole::new(policy, witness, 1, ms(300), ms(TIMEOUT), false);
     let mut standby = StandbyRole::new(1, witness, ms(300));
     standby.handle_following(1);
     standby.handle_committed(true);
     let (mut p_heard, mut s_heard) = (0u64, 0u64);
     let mut s_silence_reported = false;
+    // The primary's link has found the standby silent and dropped the connection.
+    let mut p_link_down = false;
     let mut p_stopped = false;
     let mut promoted: Option<u64> = None;
     let mut flights: Vec<Flight> = Vec::new();
@@ -89,16 +91,18 @@ fn run(seed: u64, witness: bool, policy: Policy) -> Result<bool, String> {
             } else {
                 p_heard = t;
                 s_heard = t;
-                if primary.mode() != Mode::Protected {
+                if primary.mode() != Mode::Protected || p_link_down {
                     primary.handle_standby_in_sync();
                 }
+                p_link_down = false;
                 if s_silence_reported {
                     standby.handle_committed(true);
                 }
             }
         }
-        if p_alive && !p_stopped && t - s_heard > TIMEOUT {
-            primary.handle_standby_lost(ms(t));
+        if p_alive && !p_stopped && !p_link_down && t - s_heard > TIMEOUT {
+            p_link_down = true;
+            primary.handle_link_down(ms(s_heard), ms(t));
         }
         if promoted.is_none() && !s_silence_reported && t - p_heard > TIMEOUT {
             s_silence_reported = true;

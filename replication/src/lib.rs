@@ -22,15 +22,6 @@ pub struct Heartbeat {
     pub timeout: Duration,
 }
 
-impl Heartbeat {
-    /// Whether a timer due at `due` fired so late that this process itself was stalled
-    /// (an overloaded or emulated host): the peer's frames may be waiting unread, so
-    /// its silence is not yet evidence.
-    pub fn woke_late(&self, due: std::time::Instant) -> bool {
-        due.elapsed() > self.interval
-    }
-}
-
 impl Default for Heartbeat {
     fn default() -> Self {
         Self { interval: Duration::from_millis(100), timeout: Duration::from_millis(1000) }

@@ -61,6 +61,11 @@ pub struct PrimaryRole {
     witness: bool,
     generation: u64,
     retry: Duration,
+    /// How long the standby may be silent, its link down, before it counts as lost
+    /// (the link itself drops a connection silent past the same timeout).
+    timeout: Duration,
+    /// When the standby was last heard, while its link is down.
+    silent_since: Option<Duration>,
     mode: Mode,
     outputs_open: bool,
     leasing: bool,
@@ -73,13 +78,16 @@ pub struct PrimaryRole {
 impl PrimaryRole {
     /// A primary at `generation`, its guest `unprotected` at first (a promoted standby
     /// waiting for its own standby) or not. With a `witness`, `Continue` runs on only
-    /// under its lease, asked for again every `retry` while there is none.
-    pub fn new(policy: Policy, witness: bool, generation: u64, retry: Duration, unprotected: bool) -> Self {
+    /// under its lease, asked for again every `retry` while there is none. A standby
+    /// silent past `timeout` with its link down is lost.
+    pub fn new(policy: Policy, witness: bool, generation: u64, retry: Duration, timeout: Duration, unprotected: bool) -> Self {
         Self {
             policy,
             witness,
             generation,
             retry,
+            timeout,
+            silent_since: None,
             mode: if unprotected { Mode::Unprotected } else { Mode::Protected },
             outputs_open: unprotected,
             leasing: false,
@@ -98,8 +106,19 @@ impl PrimaryRole {
         self.policy
     }
 
+    /// The link to the standby is down, the standby last heard at `heard`: it is lost
+    /// once silent past the timeout (see [`PrimaryRole::handle_timeout`]), unless it
+    /// follows again first.
+    pub fn handle_link_down(&mut self, heard: Duration, now: Duration) {
+        if self.mode == Mode::Protected {
+            self.silent_since = Some(heard);
+            self.handle_timeout(now);
+        }
+    }
+
     /// The standby has been silent past the timeout.
-    pub fn handle_standby_lost(&mut self, now: Duration) {
+    fn handle_standby_lost(&mut self, now: Duration) {
+        self.silent_since = None;
         if self.mode != Mode::Protected {
             return;
         }
@@ -133,6 +152,7 @@ impl PrimaryRole {
     /// A standby follows (it may still need a full epoch): output is held from the
     /// next epoch on, and no lease is needed any more.
     pub fn handle_standby_following(&mut self) {
+        self.silent_since = None;
         self.leasing = false;
         self.lease.drop_lease();
         self.trouble.clear();
@@ -196,6 +216,12 @@ impl PrimaryRole {
     }
 
     pub fn handle_timeout(&mut self, now: Duration) {
+        if let Some(heard) = self.silent_since {
+            if now.saturating_sub(heard) >= self.timeout {
+                self.handle_standby_lost(now);
+                return;
+            }
+        }
         if !self.leasing {
             return;
         }
@@ -212,6 +238,9 @@ impl PrimaryRole {
 
     /// When [`PrimaryRole::handle_timeout`] has something to do, if ever.
     pub fn next_timeout(&self) -> Option<Duration> {
+        if let Some(heard) = self.silent_since {
+            return Some(heard + self.timeout);
+        }
         if !self.leasing {
             return None;
         }
@@ -244,8 +273,10 @@ mod tests {
 
     #[test]
     fn pause_pauses_and_a_standby_in_sync_resumes() {
-        let mut r = PrimaryRole::new(Policy::Pause, false, 1, MS(500), false);
-        r.handle_standby_lost(MS(0));
+        let mut r = PrimaryRole::new(Policy::Pause, false, 1, MS(500), MS(1000), false);
+        r.handle_link_down(MS(0), MS(900));
+        assert!(drain(&mut r).is_empty(), "not silent long enough");
+        r.handle_timeout(MS(1001));
         assert_eq!(drain(&mut r), vec![Action::PauseGuest, Action::Note(Note::Lost { mode: Mode::Paused })]);
         r.handle_standby_following();
         assert!(drain(&mut r).is_empty(), "still owed a full epoch: stays paused");
@@ -255,8 +286,8 @@ mod tests {
 
     #[test]
     fn continue_without_a_witness_opens_the_outputs_and_a_standby_closes_them() {
-        let mut r = PrimaryRole::new(Policy::Continue, false, 1, MS(500), false);
-        r.handle_standby_lost(MS(0));
+        let mut r = PrimaryRole::new(Policy::Continue, false, 1, MS(500), MS(1000), false);
+        r.handle_link_down(MS(0), MS(1001));
         assert_eq!(drain(&mut r), vec![Action::OpenOutputs, Action::Note(Note::Lost { mode: Mode::Unprotected })]);
         r.handle_standby_following();
         assert_eq!(drain(&mut r), vec![Action::ProtectOutputs, Action::Note(Note::Reprotected)]);
@@ -264,8 +295,8 @@ mod tests {
 
     #[test]
     fn continue_with_a_witness_runs_only_under_the_lease() {
-        let mut r = PrimaryRole::new(Policy::Continue, true, 1, MS(500), false);
-        r.handle_standby_lost(MS(0));
+        let mut r = PrimaryRole::new(Policy::Continue, true, 1, MS(500), MS(0), false);
+        r.handle_link_down(MS(0), MS(0));
         assert_eq!(drain(&mut r), vec![Action::PauseGuest, Action::Note(Note::Lost { mode: Mode::Paused }), lease_ask()]);
         r.handle_witness(Ok(Answer::Leased { generation: 1, for_ms: 3000 }), MS(0), MS(20));
         assert_eq!(drain(&mut r), vec![Action::OpenOutputs, Action::ResumeGuest, Action::Note(Note::LeaseGranted { for_ms: 3000 })]);

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tandem_proto::epoch::Epoch;
@@ -24,12 +24,15 @@ use tandem_vmm::snapshot::{codec, Kind, SnapshotError};
 use tandem_vmm::vm::{is_transient, Vm};
 
 use crate::events::{Event, Events};
-use crate::transport::primary::{self as link, lock, Dial, Faults, LinkState, Outbox, Outgoing, Shared};
+use crate::transport::primary::{self as transport, Dial, Faults, Outbox, Outgoing, Tell};
 use crate::witness::{WitnessClient, WitnessLink};
 use crate::{Heartbeat, ReplicationError};
 
+mod link;
 mod role;
 mod status;
+
+use link::{LinkState, LinkView};
 
 /// What the primary does when its standby falls silent past the heartbeat timeout.
 pub use tandem_proto::role::primary::Policy as StandbyLoss;
@@ -85,14 +88,16 @@ struct Stats {
 }
 
 pub struct Protector {
-    shared: Arc<Mutex<Shared>>,
+    /// What the link thread has told of the standby.
+    link: LinkView,
     outbox: Outbox,
+    /// Lets the link thread wake the VM thread, once there is a VM.
+    waker: Arc<OnceLock<tandem_vmm::vcpu::Waker>>,
     /// What the guest sends the world, held per epoch: the console's output from the
     /// start, the NICs' frames once [`Protector::attach`] has the VM.
     outputs: Outputs,
     epoch: Duration,
     quiet_epoch: Duration,
-    heartbeat: Heartbeat,
     standby: SocketAddr,
     /// The standby-loss policy and the witness's lease: what to do, decided without
     /// I/O; this side carries it out.
@@ -139,8 +144,8 @@ impl Protector {
         let gate: Gate = Arc::new(Mutex::new(EpochGate::new(out, 1)));
         let connect_timeout = config.connect_timeout;
         let addr = config.standby;
-        let protector = Self::spawn(config, gate.clone(), Mode::Protected)?;
-        match link::wait_while(&protector.shared, connect_timeout, |l| matches!(l, LinkState::Connecting { .. })) {
+        let mut protector = Self::spawn(config, gate.clone(), Mode::Protected)?;
+        match protector.link.wait_while(connect_timeout, |l| matches!(l, LinkState::Connecting { .. })) {
             LinkState::Protecting => {}
             LinkState::Refused(why) => return Err(ReplicationError::Refused(why)),
             LinkState::Left => return Err(ReplicationError::NoStandby(format!("the standby at {addr} left at once"))),
@@ -167,7 +172,10 @@ impl Protector {
 
     fn spawn(config: Config, gate: Gate, mode: Mode) -> Result<Self, ReplicationError> {
         let generation = config.identity.generation;
-        let shared = Arc::new(Mutex::new(Shared::new(Primary::new(config.identity, config.window))));
+        let machine = Primary::new(config.identity, config.window);
+        let (tell, told) = mpsc::channel();
+        let waker = Arc::new(OnceLock::new());
+        let link = LinkView::new(told, machine.tickets(), config.window);
         let outputs = Outputs::default();
         outputs.add(Arc::new(HeldConsole(gate)));
         let release = {
@@ -188,7 +196,7 @@ impl Protector {
             faults: config.faults,
             events: config.events.clone(),
         };
-        let outbox = link::spawn(dial, shared.clone(), release)?;
+        let outbox = transport::spawn(dial, machine, Tell::new(tell, waker.clone()), release)?;
         // Only a primary that may run on without its standby asks the witness anything.
         let witness = match config.on_standby_loss {
             StandbyLoss::Continue => config.witness.map(WitnessClient::start).transpose()?,
@@ -196,16 +204,23 @@ impl Protector {
         };
         let retry = config.heartbeat.interval * 5;
         Ok(Self {
-            role: PrimaryRole::new(config.on_standby_loss, witness.is_some(), generation, retry, mode == Mode::Unprotected),
+            role: PrimaryRole::new(
+                config.on_standby_loss,
+                witness.is_some(),
+                generation,
+                retry,
+                config.heartbeat.timeout,
+                mode == Mode::Unprotected,
+            ),
             witness,
             zero: Instant::now(),
             lost: (String::new(), Duration::ZERO),
-            shared,
+            link,
             outbox,
+            waker,
             outputs,
             epoch: config.epoch,
             quiet_epoch: config.quiet_epoch.max(config.epoch),
-            heartbeat: config.heartbeat,
             standby: config.standby,
             last_start: Instant::now(),
             waiting: false,
@@ -238,11 +253,9 @@ impl Protector {
     pub fn attach(&mut self, waker: tandem_vmm::vcpu::Waker, devices: Vec<Arc<dyn EpochOutput>>, slices: SliceReader) {
         self.rotation = Rotation::new(slices.spans());
         self.slices = Some(slices);
-        let next = {
-            let mut s = lock(&self.shared);
-            s.waker = Some(waker);
-            s.machine.next_epoch()
-        };
+        // Set once: a VM is attached once.
+        let _ = self.waker.set(waker);
+        let next = self.link.next_epoch;
         for output in devices {
             // Unprotected, they pass output through until a standby is in sync.
             if self.role.mode() == Mode::Protected {
@@ -257,10 +270,7 @@ impl Protector {
     /// whole epoch, as the link wakes the thread when that changes (see
     /// [`Protector::attach`]) and only the standby-loss policy's clock is left to watch.
     pub fn next_wait(&self) -> Duration {
-        let ready = {
-            let s = lock(&self.shared);
-            s.link == LinkState::Protecting && (s.need_full || s.machine.can_send())
-        };
+        let ready = self.link.state == LinkState::Protecting && (self.link.need_full || self.link.can_send());
         if !ready {
             return self.epoch;
         }
@@ -276,10 +286,9 @@ impl Protector {
     /// standby-loss policy. An error means the VM must stop: the standby refused this
     /// primary, which happens only when another has taken its place.
     pub fn poll(&mut self, vm: &mut Vm) -> Result<(), ReplicationError> {
-        let (state, need_full, quiet, can_send, acked) = {
-            let s = lock(&self.shared);
-            (s.link.clone(), s.need_full, s.last_heard.elapsed(), s.machine.can_send(), s.machine.acked())
-        };
+        self.link.drain();
+        let l = &self.link;
+        let (state, need_full, quiet, can_send, acked) = (l.state.clone(), l.need_full, l.heard.elapsed(), l.can_send(), l.acked);
         if let (false, Some(epoch), LinkState::Protecting) = (self.announced, acked.filter(|a| *a >= self.full_epoch), &state) {
             self.announced = true;
             tracing::info!("protected: the standby holds epoch {epoch}; output flows as epochs are acknowledged");
@@ -317,9 +326,10 @@ impl Protector {
                 self.send(vm, Kind::Delta)
             }
             LinkState::Connecting { why } => {
-                if quiet > self.heartbeat.timeout && self.role.mode() == Mode::Protected {
+                // The role judges the standby lost once silent past the timeout.
+                if self.role.mode() == Mode::Protected {
                     self.lost = (why.unwrap_or_else(|| "no answer".into()), quiet);
-                    self.role.handle_standby_lost(now);
+                    self.role.handle_link_down(self.link.heard.saturating_duration_since(self.zero), now);
                     self.carry_out(vm)?;
                 }
                 Ok(())
@@ -331,10 +341,7 @@ impl Protector {
     /// came back needing a full epoch), the capture is dropped and its pages are handed
     /// back for the next one.
     fn send(&mut self, vm: &mut Vm, kind: Kind) -> Result<(), ReplicationError> {
-        let (number, conn) = {
-            let s = lock(&self.shared);
-            (s.machine.next_epoch(), s.conn)
-        };
+        let (number, conn) = (self.link.next_epoch, self.link.conn);
         let started = Instant::now();
         self.last_start = started;
         self.waiting = false;
@@ -390,15 +397,16 @@ impl Protector {
         };
         let (pages, bytes) = (addresses.len(), data.len() + state.len());
         let proto_kind = if kind == Kind::Full { EpochKind::Full } else { EpochKind::Delta };
-        let still = |s: &Shared| s.conn == conn && s.machine.is_protecting() && (kind == Kind::Full || !s.need_full);
-        let ticket = {
-            let s = lock(&self.shared);
-            s.machine.ticket().filter(|t| still(&s) && t.number == number)
-        };
-        let Some(ticket) = ticket else {
+        // The link may have changed during the capture. An epoch handed over anyway
+        // would be kept (or dropped for a full one) by the link thread, but one that
+        // can be sent again with the next is cheaper not encoded at all.
+        self.link.drain();
+        let l = &self.link;
+        if l.conn != conn || l.state != LinkState::Protecting || (kind != Kind::Full && l.need_full) {
             vm.give_back_dirty(&taken);
             return Ok(());
-        };
+        }
+        let ticket = self.link.ticket();
         // Encoded (compressed) with no lock held: the network thread takes the same lock
         // for every frame it handles, and must not wait for a large epoch's encoding.
         let verify = match copied {
@@ -423,28 +431,16 @@ impl Protector {
                 return Err(e.into());
             }
         };
-        let frames = encoded.frames.clone();
         let wire = encoded.wire_bytes();
-        {
-            let mut s = lock(&self.shared);
-            if !still(&s) || s.machine.queue(encoded).is_err() {
-                drop(s);
-                vm.give_back_dirty(&taken);
-                return Ok(());
-            }
-            let sent = number;
-            if kind == Kind::Full {
-                s.need_full = false;
-            }
-            s.sent_at.push((sent, Instant::now()));
-            if frame_count > 0 {
-                self.frame_epochs += 1;
-            }
-            let die_mid = frame_count > 0 && self.die_mid_frames_epoch == Some(self.frame_epochs);
-            // Queued under the lock, so a reconnection cannot slip between numbering
-            // the epoch and tagging it with its connection.
-            self.outbox.send(Outgoing::Epoch { conn, number: sent, frames, die_mid });
+        // Handed over whatever the link does meanwhile: from here the epoch is the
+        // link thread's to send, keep for the next standby, or drop for a full one,
+        // and its pages are not the VM's to send again.
+        self.link.handed(kind == Kind::Full);
+        if frame_count > 0 {
+            self.frame_epochs += 1;
         }
+        let die_mid = frame_count > 0 && self.die_mid_frames_epoch == Some(self.frame_epochs);
+        self.outbox.send(Outgoing::Epoch { encoded, die_mid });
         self.sent.record(pending);
         tracing::debug!(epoch = number, pages, unchanged = unchanged.pages, frames = frame_count, bytes, wire, stopped_us = stopped.as_micros() as u64, "epoch queued");
         let stats = &mut self.stats;
@@ -478,8 +474,9 @@ impl Protector {
     /// confirmation the output stays unreleased: the standby might still take over and
     /// print it again.
     /// Returns whether all output was released.
-    pub fn finish(self, reason: &str) -> bool {
-        let protecting = lock(&self.shared).link == LinkState::Protecting;
+    pub fn finish(mut self, reason: &str) -> bool {
+        self.link.drain();
+        let protecting = self.link.state == LinkState::Protecting;
         if self.role.mode() == Mode::Unprotected {
             return self.outputs.commit(u64::MAX).is_ok();
         }
@@ -494,7 +491,7 @@ impl Protector {
         self.outbox.send(Outgoing::Goodbye(reason.to_string()));
         // The goodbye goes out after every epoch queued before it, which can take a
         // while on a slow link; a standby that dies meanwhile shows as a lost link.
-        if link::wait_while(&self.shared, Duration::from_secs(120), |l| *l == LinkState::Protecting) == LinkState::Left {
+        if self.link.wait_while(Duration::from_secs(120), |l| *l == LinkState::Protecting) == LinkState::Left {
             let released = self.outputs.commit(u64::MAX).is_ok();
             self.events.emit(Event::Goodbye { confirmed: true });
             return released;

@@ -7,7 +7,6 @@ use tandem_vmm::vm::Vm;
 
 use super::{Protector, StandbyLoss};
 use crate::events::{self, Event};
-use crate::transport::primary::lock;
 use crate::ReplicationError;
 
 impl Protector {
@@ -23,7 +22,7 @@ impl Protector {
                     self.outputs.unprotect().map_err(|e| ReplicationError::NoStandby(format!("releasing held output: {e}")))?
                 }
                 Action::ProtectOutputs => {
-                    let next = lock(&self.shared).machine.next_epoch();
+                    let next = self.link.next_epoch;
                     self.outputs.protect(next);
                 }
                 Action::AskWitness(ask) => {
@@ -68,7 +67,7 @@ impl Protector {
             }
             Note::LeaseGranted { for_ms } => {
                 tracing::error!("the witness leases this primary time: the guest runs UNPROTECTED and its output is released at once");
-                self.events.emit(Event::LeaseGranted { generation: lock(&self.shared).machine.generation(), for_ms });
+                self.events.emit(Event::LeaseGranted { generation: self.link.generation(), for_ms });
             }
             Note::NoLease(reason) => {
                 tracing::warn!("no lease: {reason}");

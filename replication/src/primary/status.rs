@@ -5,13 +5,13 @@ use std::time::Duration;
 use tandem_proto::role::primary::Mode;
 
 use super::Protector;
-use crate::transport::primary::{lock, LinkState};
+use super::link::LinkState;
 
 impl Protector {
     /// One line for `tandem ctl status`.
     pub fn status(&self) -> String {
-        let s = lock(&self.shared);
-        let standby = match &s.link {
+        let s = &self.link;
+        let standby = match &s.state {
             LinkState::Protecting => "following".to_string(),
             LinkState::Connecting { .. } => match self.role.mode() {
                 Mode::Protected => "reconnecting".into(),
@@ -32,10 +32,10 @@ impl Protector {
             "role=primary generation={} standby={standby} epoch={} acked={} lag={} stopped_ms={last:.3} \
              stopped_p50_ms={:.3} stopped_p99_ms={:.3} dirty_pages={} bytes={} ack_ms={ack:.3} epochs={} \
              total_bytes={} stretched={} unchanged_pages={} held_bytes={}{}{}",
-            s.machine.generation(),
-            s.machine.next_epoch().saturating_sub(1),
-            s.machine.acked().map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
-            s.machine.lag(),
+            s.generation(),
+            s.next_epoch.saturating_sub(1),
+            s.acked.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
+            s.lag(),
             pct(0.5),
             pct(0.99),
             self.stats.last_pages,

@@ -3,13 +3,16 @@
 //! thread queues, beat the heart, and notice a silent standby. Reading and writing run
 //! side by side, so a long epoch on the way out never hides the standby's heartbeats.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tandem_proto::liveness::{Liveness, Verdict};
 use tandem_proto::message::Message;
-use tandem_proto::primary::{Event, Primary};
+use tandem_proto::primary::{Encoded, Event, Primary, Queued};
 use tandem_proto::{Frame, ProtoError};
 use tandem_vmm::vcpu::Waker;
 use tokio::sync::mpsc;
@@ -18,94 +21,45 @@ use super::{connect, LinkSender, TransportError};
 use crate::events::{self as ev, Events};
 use crate::Heartbeat;
 
-/// How the link stands, as the VM thread sees it.
+/// What the link thread tells the VM thread, in order. The protocol machine lives on
+/// the link thread; the VM thread keeps its own view of the link from these.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LinkState {
-    /// Dialling, or dialling again after `why`.
-    Connecting { why: Option<String> },
-    /// The standby follows.
-    Protecting,
+pub enum LinkEvent {
+    /// A standby follows (a new connection); with `full_sync` it needs a full epoch
+    /// before any delta, and every epoch queued before is moot.
+    Following { full_sync: bool },
+    /// The standby holds every epoch up to this one, and its output has been released.
+    Released(u64),
+    /// The connection was lost (the link dials again); the standby was last heard at
+    /// `heard`.
+    Down { why: String, heard: Instant },
     /// The standby turned this primary down; nothing will change that.
     Refused(String),
     /// The goodbye went out and the standby closed the connection.
     Left,
 }
 
-/// What the VM thread and the link thread share.
-pub struct Shared {
-    pub machine: Primary,
-    /// Bumped at each welcome; epochs queued for an older connection are not sent, as
-    /// the new one resends whatever the standby lacks.
-    pub conn: u64,
-    /// The standby needs a full epoch before any delta.
-    pub need_full: bool,
-    pub link: LinkState,
-    /// When the standby was last heard from, on any connection.
-    pub last_heard: Instant,
-    /// When each epoch in flight went out, for the ack latency.
-    pub sent_at: Vec<(u64, Instant)>,
-    /// The latest ack latencies, newest last.
-    pub ack_latency: Vec<Duration>,
-    /// Wakes the VM thread when what it waits for may have come: an ack (room for the
-    /// next epoch), a new connection, a loss.
-    pub waker: Option<Waker>,
-    /// Signalled with the waker, for a VM thread that waits without a VM (before the
-    /// guest boots, after it stopped): see [`wait_while`].
-    changed: Arc<Condvar>,
+/// The link thread's way to the VM thread: the events, and a wake-up for a VM thread
+/// that waits in its VM's loop.
+#[derive(Clone)]
+pub struct Tell {
+    events: Sender<LinkEvent>,
+    /// Set once, when the VM exists.
+    waker: Arc<OnceLock<Waker>>,
 }
 
-impl Shared {
-    pub fn new(machine: Primary) -> Self {
-        Self {
-            machine,
-            conn: 0,
-            need_full: true,
-            link: LinkState::Connecting { why: None },
-            last_heard: Instant::now(),
-            sent_at: Vec::new(),
-            ack_latency: Vec::new(),
-            waker: None,
-            changed: Arc::new(Condvar::new()),
-        }
+impl Tell {
+    pub fn new(events: Sender<LinkEvent>, waker: Arc<OnceLock<Waker>>) -> Self {
+        Self { events, waker }
     }
 
-    fn wake(&self) {
-        if let Some(w) = &self.waker {
+    fn tell(&self, event: LinkEvent) {
+        // A VM thread that is gone needs telling nothing.
+        let _ = self.events.send(event);
+        if let Some(w) = self.waker.get() {
             w.wake();
         }
-        self.changed.notify_all();
     }
-
-    fn released(&mut self, epoch: u64) {
-        let now = Instant::now();
-        let (done, rest): (Vec<_>, Vec<_>) = self.sent_at.iter().partition(|(e, _)| *e <= epoch);
-        self.sent_at = rest;
-        for (_, at) in done {
-            self.ack_latency.push(now - at);
-        }
-        let excess = self.ack_latency.len().saturating_sub(256);
-        self.ack_latency.drain(..excess);
-    }
-}
-
-pub fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Waits, at most `limit`, while `waiting` holds for the link's state; returns the
-/// state it found last. Woken by the link thread at each change, not by polling.
-pub fn wait_while(shared: &Mutex<Shared>, limit: Duration, mut waiting: impl FnMut(&LinkState) -> bool) -> LinkState {
-    let deadline = Instant::now() + limit;
-    let mut s = lock(shared);
-    let changed = s.changed.clone();
-    while waiting(&s.link) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        s = changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
-    }
-    s.link.clone()
 }
 
 /// Faults the primary injects on purpose, for tests of what the standby does with them.
@@ -124,8 +78,9 @@ pub struct Faults {
 
 /// What the VM thread hands the link thread.
 pub enum Outgoing {
-    /// `die_mid`: a fault to inject, SIGKILL halfway through sending it.
-    Epoch { conn: u64, number: u64, frames: Arc<Vec<Bytes>>, die_mid: bool },
+    /// The next epoch, numbered after the one before whatever became of the
+    /// connection. `die_mid`: a fault to inject, SIGKILL halfway through sending it.
+    Epoch { encoded: Encoded, die_mid: bool },
     /// Say goodbye, finish the stream and stop.
     Goodbye(String),
 }
@@ -148,19 +103,61 @@ pub struct Dial {
     pub events: Events,
 }
 
-/// Starts the link thread. `release(epoch)` is called there as soon as the standby
-/// holds every epoch up to `epoch`.
-pub fn spawn(dial: Dial, shared: Arc<Mutex<Shared>>, release: Box<dyn Fn(u64) + Send>) -> Result<Outbox, TransportError> {
+/// Starts the link thread, which owns `machine` from here on. `release(epoch)` is
+/// called there as soon as the standby holds every epoch up to `epoch`, before the
+/// VM thread hears of it.
+pub fn spawn(dial: Dial, machine: Primary, tell: Tell, release: Box<dyn Fn(u64) + Send>) -> Result<Outbox, TransportError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| TransportError::Tls(format!("cannot start the network runtime: {e}")))?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let liveness = Liveness::new(Duration::ZERO, dial.heartbeat.interval, dial.heartbeat.timeout);
+    let link = Link { machine: RefCell::new(machine), liveness: RefCell::new(liveness), zero: Instant::now(), tell, release };
     std::thread::Builder::new()
         .name("tandem-link".into())
-        .spawn(move || runtime.block_on(run(dial, shared, rx, release)))
+        .spawn(move || runtime.block_on(run(dial, link, rx)))
         .map_err(|e| TransportError::Tls(format!("cannot start the network thread: {e}")))?;
     Ok(Outbox(tx))
+}
+
+/// What the link thread holds: the connection's futures (reading, writing, beating)
+/// run on its one thread and share it without a lock.
+struct Link {
+    machine: RefCell<Primary>,
+    /// Whether the standby lives: when it was last heard from, on any connection.
+    liveness: RefCell<Liveness>,
+    /// The liveness's clock starts here.
+    zero: Instant,
+    tell: Tell,
+    release: Box<dyn Fn(u64) + Send>,
+}
+
+impl Link {
+    /// Hands the machine an epoch from the VM thread; whether to send it now.
+    fn queue(&self, encoded: Encoded) -> bool {
+        let number = encoded.number;
+        match self.machine.borrow_mut().queue(encoded) {
+            Ok(Queued::Send) => true,
+            Ok(Queued::Kept | Queued::Moot) => false,
+            Err(e) => {
+                tracing::error!("epoch {number} not kept: {e}");
+                false
+            }
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.machine.borrow().generation()
+    }
+
+    fn now(&self) -> Duration {
+        self.zero.elapsed()
+    }
+
+    fn heard(&self) {
+        self.liveness.borrow_mut().heard(self.now());
+    }
 }
 
 /// What the reader hands the writer, in order.
@@ -179,27 +176,31 @@ enum End {
     Left,
 }
 
-async fn run(dial: Dial, shared: Arc<Mutex<Shared>>, mut outbox: mpsc::UnboundedReceiver<Outgoing>, release: Box<dyn Fn(u64) + Send>) {
+async fn run(dial: Dial, link: Link, mut outbox: mpsc::UnboundedReceiver<Outgoing>) {
     tokio::spawn(super::watch_stalls("primary"));
     let mut corrupt = dial.faults.corrupt_epoch;
     loop {
         let end = match connect(dial.addr, dial.tls.clone()).await {
-            Ok(link) => {
-                let (tx, rx) = link.split();
-                session(&dial, &shared, tx, rx, &mut outbox, &*release, &mut corrupt).await
+            Ok(conn) => {
+                let (tx, rx) = conn.split();
+                session(&dial, &link, tx, rx, &mut outbox, &mut corrupt).await
             }
             Err(e) => ended(e),
         };
-        if settle(&shared, end) {
+        if settle(&link, end) {
             return;
         }
-        // A goodbye queued while no standby was there ends the thread all the same.
+        // Between connections epochs still come: the machine keeps them for the next
+        // standby. A goodbye queued while no standby was there ends the thread.
         while let Ok(out) = outbox.try_recv() {
-            if let Outgoing::Goodbye(_) = out {
-                let mut s = lock(&shared);
-                s.link = LinkState::Left;
-                s.wake();
-                return;
+            match out {
+                Outgoing::Epoch { encoded, .. } => {
+                    link.queue(encoded);
+                }
+                Outgoing::Goodbye(_) => {
+                    link.tell.tell(LinkEvent::Left);
+                    return;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -222,40 +223,27 @@ fn ended(e: TransportError) -> End {
     }
 }
 
-/// Records how a connection ended; true when the thread must stop.
-fn settle(shared: &Mutex<Shared>, end: End) -> bool {
-    let mut s = lock(shared);
-    s.machine.disconnect();
-    s.wake();
-    match end {
-        End::Lost(why) => {
-            if s.link == LinkState::Protecting {
-                tracing::warn!("lost the standby: {why}; reconnecting");
-            }
-            s.link = LinkState::Connecting { why: Some(why) };
-            false
-        }
-        End::Refused(why) => {
-            s.link = LinkState::Refused(why);
-            true
-        }
-        End::Left => {
-            s.link = LinkState::Left;
-            true
-        }
-    }
+/// Tells the VM thread how a connection ended; true when the link thread must stop.
+fn settle(link: &Link, end: End) -> bool {
+    link.machine.borrow_mut().disconnect();
+    let (event, stop) = match end {
+        End::Lost(why) => (LinkEvent::Down { why, heard: link.zero + link.liveness.borrow().heard_at() }, false),
+        End::Refused(why) => (LinkEvent::Refused(why), true),
+        End::Left => (LinkEvent::Left, true),
+    };
+    link.tell.tell(event);
+    stop
 }
 
 async fn session(
     dial: &Dial,
-    shared: &Mutex<Shared>,
+    link: &Link,
     mut tx: LinkSender,
     mut rx: super::LinkReceiver,
     outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
-    release: &(dyn Fn(u64) + Send),
     corrupt: &mut Option<u64>,
 ) -> End {
-    let mut hello = lock(shared).machine.connect();
+    let mut hello = link.machine.borrow_mut().connect();
     if let (Some(v), Message::Hello { version, .. }) = (dial.faults.protocol_version, &mut hello.message) {
         *version = v;
     }
@@ -264,89 +252,60 @@ async fn session(
     }
     // Frames the protocol machine answers with, sent before anything queued later.
     let (replies_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
-    let timeout = dial.heartbeat.timeout;
-    // The standby's silence on this connection counts from when it was opened.
-    let opened = Instant::now();
+    link.liveness.borrow_mut().opened(link.now());
 
     let pulse = tx.pulse();
     let reader = async {
-        // Set when this side itself stalled: the standby's silence is judged only once
-        // the frames that waited meanwhile have had a chance to be read.
-        let mut grace: Option<Instant> = None;
-        let mut packets = pulse.packets_in();
         loop {
-            let heard = lock(shared).last_heard.max(opened);
-            let deadline = (heard + timeout).max(grace.unwrap_or(heard));
+            let deadline = link.zero + link.liveness.borrow().deadline();
             let frame = tokio::select! {
                 got = rx.recv() => got,
                 beat = pulse.recv() => {
                     match beat {
-                        Ok(Frame { message: Message::Heartbeat { .. }, .. }) => lock(shared).last_heard = Instant::now(),
+                        Ok(Frame { message: Message::Heartbeat { .. }, .. }) => link.heard(),
                         Ok(_) => return End::Lost("the standby sent a datagram that is not a heartbeat".into()),
                         Err(e) => return ended(e),
                     }
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    let quiet = lock(shared).last_heard.max(opened).elapsed();
-                    if quiet <= timeout {
-                        continue;
+                    let due = deadline.saturating_duration_since(link.zero);
+                    match link.liveness.borrow_mut().check(due, link.now(), pulse.packets_in()) {
+                        Verdict::Alive => continue,
+                        Verdict::Silent(quiet) => {
+                            tracing::debug!(packets_in = pulse.packets_in(), "no packet from the standby since the last check");
+                            return End::Lost(format!("the standby has been silent for {} ms", quiet.as_millis()));
+                        }
                     }
-                    // Packets still arrive (acknowledgements of the epochs going out,
-                    // at least): the standby lives, its frames are only slow.
-                    let now_in = pulse.packets_in();
-                    if now_in > packets {
-                        packets = now_in;
-                        lock(shared).last_heard = Instant::now();
-                        continue;
-                    }
-                    if grace.is_none() && dial.heartbeat.woke_late(deadline) {
-                        tracing::debug!("the silence check ran late: this host stalled; judging the standby shortly");
-                        grace = Some(Instant::now() + dial.heartbeat.interval);
-                        continue;
-                    }
-                    tracing::debug!(packets_in = now_in, "no packet from the standby since the last check");
-                    return End::Lost(format!("the standby has been silent for {} ms", quiet.as_millis()));
                 }
             };
-            grace = None;
             let frame = match frame {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return End::Lost("the standby closed the connection".into()),
                 Err(e) => return ended(e),
             };
-            let mut end = None;
-            {
-                let mut s = lock(shared);
-                s.last_heard = Instant::now();
-                for event in s.machine.handle(frame) {
-                    match event {
-                        Event::Send(f) => {
-                            let _ = replies_tx.send(Reply::Frame(f));
-                        }
-                        Event::SendEpoch(frames) => {
-                            let _ = replies_tx.send(Reply::Frames(frames));
-                        }
-                        Event::Connected { full_sync } => {
-                            s.conn += 1;
-                            s.need_full |= full_sync;
-                            s.link = LinkState::Protecting;
-                            tracing::info!(full_sync, "the standby follows");
-                            dial.events.emit(ev::Event::StandbyFollows { full_sync });
-                        }
-                        Event::Released(epoch) => {
-                            s.released(epoch);
-                            let _ = replies_tx.send(Reply::Release(epoch));
-                        }
-                        Event::PeerLeft(why) => end = Some(End::Lost(format!("the standby left: {why}"))),
-                        Event::Close(ProtoError::Refused(r)) => end = Some(End::Refused(format!("the standby refused this primary: {r}"))),
-                        Event::Close(e) => end = Some(End::Lost(e.to_string())),
+            link.heard();
+            let events = link.machine.borrow_mut().handle(frame);
+            for event in events {
+                match event {
+                    Event::Send(f) => {
+                        let _ = replies_tx.send(Reply::Frame(f));
                     }
+                    Event::SendEpoch(frames) => {
+                        let _ = replies_tx.send(Reply::Frames(frames));
+                    }
+                    Event::Connected { full_sync } => {
+                        tracing::info!(full_sync, "the standby follows");
+                        dial.events.emit(ev::Event::StandbyFollows { full_sync });
+                        link.tell.tell(LinkEvent::Following { full_sync });
+                    }
+                    Event::Released(epoch) => {
+                        let _ = replies_tx.send(Reply::Release(epoch));
+                    }
+                    Event::PeerLeft(why) => return End::Lost(format!("the standby left: {why}")),
+                    Event::Close(ProtoError::Refused(r)) => return End::Refused(format!("the standby refused this primary: {r}")),
+                    Event::Close(e) => return End::Lost(e.to_string()),
                 }
-                s.wake();
-            }
-            if let Some(end) = end {
-                return end;
             }
         }
     };
@@ -373,16 +332,18 @@ async fn session(
                         // Released first, the standby told after: should this host die
                         // in between, the standby prints that output again (a console
                         // client skips it by its offset), but never misses any.
-                        release(epoch);
-                        let generation = lock(shared).machine.generation();
+                        (link.release)(epoch);
+                        link.tell.tell(LinkEvent::Released(epoch));
+                        let generation = link.generation();
                         if let Err(e) = tx.send(&Frame { generation, message: Message::Released { epoch } }).await {
                             return ended(e);
                         }
                     }
                 },
                 out = outbox.recv() => match out {
-                    Some(Outgoing::Epoch { conn, number, frames, die_mid }) => {
-                        if conn != lock(shared).conn {
+                    Some(Outgoing::Epoch { encoded, die_mid }) => {
+                        let (number, frames) = (encoded.number, encoded.frames.clone());
+                        if !link.queue(encoded) {
                             continue;
                         }
                         if let Err(e) = send_epoch(&mut tx, number, &frames, dial, corrupt, die_mid).await {
@@ -400,7 +361,7 @@ async fn session(
                         );
                     }
                     Some(Outgoing::Goodbye(reason)) => {
-                        let generation = lock(shared).machine.generation();
+                        let generation = link.generation();
                         let _ = tx.send(&Frame { generation, message: Message::Goodbye { reason } }).await;
                         return End::Left;
                     }
@@ -413,8 +374,8 @@ async fn session(
     // delays a heartbeat.
     let beater = async {
         let current = || {
-            let s = lock(shared);
-            s.machine.is_protecting().then(|| s.machine.generation())
+            let m = link.machine.borrow();
+            m.is_protecting().then(|| m.generation())
         };
         ended(pulse.beat(dial.heartbeat.interval, current).await)
     };

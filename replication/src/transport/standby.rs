@@ -16,9 +16,10 @@ use tandem_vmm::snapshot::SnapshotError;
 pub type SharedImage = Arc<Mutex<Option<Image>>>;
 use tandem_vmm::snapshot::Kind;
 use tandem_proto::handshake::{Identity, Refusal};
+use tandem_proto::liveness::{Liveness, Verdict};
 use tandem_proto::message::Message;
 use tandem_proto::standby::{Event, Standby};
-use tandem_proto::Frame;
+use tandem_proto::{Frame, ProtoError};
 use tokio::sync::mpsc;
 
 use super::{Link, Listener, Pulse, TransportError};
@@ -47,17 +48,28 @@ pub enum Report {
 
 struct State {
     machine: Standby,
-    /// When a primary was last heard from; `None` before the first.
-    last_heard: Option<Instant>,
+    /// Whether the primary lives, judged once one has been followed.
+    liveness: Liveness,
+    judging: bool,
+    /// The liveness's clock starts here.
+    zero: Instant,
     /// Set on promotion: this generation now runs the VM here.
     promoted: Option<u64>,
     silence_reported: bool,
     /// An epoch is being laid into the image: frames wait meanwhile, so their absence
     /// is not the primary's silence.
     applying: bool,
-    /// The current connection's evidence of life, and how many packets it had shown
-    /// at the last check.
-    pulse: Option<(Pulse, u64)>,
+    /// The current connection's evidence of life.
+    pulse: Option<Pulse>,
+}
+
+impl State {
+    /// The primary this standby follows was heard from now.
+    fn heard(&mut self) {
+        self.liveness.heard(self.zero.elapsed());
+        self.judging = true;
+        self.silence_reported = false;
+    }
 }
 
 /// The VM side's handle on the network thread.
@@ -103,7 +115,9 @@ pub fn spawn(
 ) -> Result<StandbyLink, TransportError> {
     let state = Arc::new(Mutex::new(State {
         machine: Standby::new(identity, None),
-        last_heard: None,
+        liveness: Liveness::new(Duration::ZERO, heartbeat.interval, heartbeat.timeout),
+        judging: false,
+        zero: Instant::now(),
         promoted: None,
         silence_reported: false,
         applying: false,
@@ -191,35 +205,28 @@ async fn run(
                 }
             }
             _ = check.tick() => {
-                let late = heartbeat.woke_late(due.into_std());
-                due = tokio::time::Instant::now() + period;
-                if late {
-                    tracing::debug!("the silence check ran late: this host stalled; judging the primary next time");
-                    continue;
-                }
                 let mut s = lock(&state);
-                if s.promoted.is_some() || s.silence_reported || s.applying {
+                let (due_at, now) = (due.into_std().saturating_duration_since(s.zero), s.zero.elapsed());
+                due = tokio::time::Instant::now() + period;
+                if s.promoted.is_some() || s.silence_reported || s.applying || !s.judging {
                     continue;
                 }
-                // Packets still arriving show the primary alive, its frames only slow.
-                if let Some((pulse, seen)) = &mut s.pulse {
-                    let now_in = pulse.packets_in();
-                    if now_in > *seen {
-                        *seen = now_in;
-                        if s.last_heard.is_some() {
-                            s.last_heard = Some(Instant::now());
-                        }
-                        continue;
-                    }
-                }
-                if let Some(quiet) = s.last_heard.map(|t| t.elapsed()).filter(|q| *q > heartbeat.timeout) {
+                let packets = s.pulse.as_ref().map_or(0, |p| p.packets_in());
+                if let Verdict::Silent(quiet) = s.liveness.check(due_at, now, packets) {
                     s.silence_reported = true;
-                    tracing::debug!(packets_in = s.pulse.as_ref().map(|(p, _)| p.packets_in()), "no packet from the primary since the last check");
+                    tracing::debug!(packets_in = packets, "no packet from the primary since the last check");
                     let _ = reports.send(Report::Silent(quiet));
                 }
             }
         }
     }
+}
+
+/// Why a primary's connection ended, short of its goodbye.
+enum Ended {
+    /// The protocol machine turned the primary down (the refusal went out to it).
+    Refused(String),
+    Dropped(String),
 }
 
 /// One primary's connection.
@@ -228,7 +235,12 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
     let (mut tx, mut rx) = link.split();
     let (replies_tx, mut replies) = mpsc::unbounded_channel::<Frame>();
     let pulse = tx.pulse();
-    lock(&state).pulse = Some((pulse.clone(), pulse.packets_in()));
+    {
+        let mut s = lock(&state);
+        s.pulse = Some(pulse.clone());
+        let now = s.zero.elapsed();
+        s.liveness.opened(now);
+    }
 
     // Ends with the primary's goodbye (Ok, its reason) or why the connection dropped.
     let reader = async {
@@ -240,20 +252,19 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         Ok(Frame { message: Message::Heartbeat { .. }, generation }) => {
                             let mut s = lock(&state);
                             if s.machine.is_following() && generation == s.machine.generation() {
-                                s.last_heard = Some(Instant::now());
-                                s.silence_reported = false;
+                                s.heard();
                             }
                         }
-                        Ok(_) => return Err("the primary sent a datagram that is not a heartbeat".to_string()),
-                        Err(e) => return Err(e.to_string()),
+                        Ok(_) => return Err(Ended::Dropped("the primary sent a datagram that is not a heartbeat".to_string())),
+                        Err(e) => return Err(Ended::Dropped(e.to_string())),
                     }
                     continue;
                 }
             };
             let frame = match got {
                 Ok(Some(frame)) => frame,
-                Ok(None) => return Err("the primary closed the connection".to_string()),
-                Err(e) => return Err(e.to_string()),
+                Ok(None) => return Err(Ended::Dropped("the primary closed the connection".to_string())),
+                Err(e) => return Err(Ended::Dropped(e.to_string())),
             };
             tracing::trace!(generation = frame.generation, "frame in");
             let (committed, events) = {
@@ -262,8 +273,7 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
             let committed = s.machine.committed();
             let events = s.machine.handle(frame);
             if s.machine.is_following() {
-                s.last_heard = Some(Instant::now());
-                s.silence_reported = false;
+                s.heard();
                 if !was_following {
                     let _ = reports.send(Report::Following { peer: peer.clone(), generation: s.machine.generation() });
                 }
@@ -306,7 +316,10 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         let (applied, checked) = {
                             let mut s = lock(&state);
                             s.applying = false;
-                            s.last_heard = Some(Instant::now());
+                            if s.judging {
+                                let now = s.zero.elapsed();
+                                s.liveness.heard(now);
+                            }
                             match applied {
                                 Ok(((applied, checked), epoch)) => {
                                     s.machine.recycle(epoch);
@@ -324,22 +337,23 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                                         // Not acknowledged, and nothing here to take over
                                         // from until a full epoch has replaced it all.
                                         lock(&state).machine.revert(None);
-                                        return Err(format!("the image differs from the primary's guest at epoch {number}: a full resync follows"));
+                                        return Err(Ended::Dropped(format!("the image differs from the primary's guest at epoch {number}: a full resync follows")));
                                     }
                                 }
                             }
                             Ok(Err(e)) => {
                                 lock(&state).machine.revert(committed);
-                                return Err(format!("epoch {number} verified but cannot be applied: {e}"));
+                                return Err(Ended::Dropped(format!("epoch {number} verified but cannot be applied: {e}")));
                             }
                             Err(e) => {
                                 lock(&state).machine.revert(committed);
-                                return Err(format!("epoch {number} could not be applied: {e}"));
+                                return Err(Ended::Dropped(format!("epoch {number} could not be applied: {e}")));
                             }
                         }
                     }
                     Event::PeerLeft(why) => return Ok(why),
-                    Event::Close(e) => return Err(e.to_string()),
+                    Event::Close(ProtoError::Refused(r)) => return Err(Ended::Refused(r.to_string())),
+                    Event::Close(e) => return Err(Ended::Dropped(e.to_string())),
                 }
             }
         }
@@ -363,8 +377,8 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
 
     let ended = tokio::select! {
         ended = reader => ended,
-        () = writer => Err("the connection failed while sending".to_string()),
-        why = beater => Err(why),
+        () = writer => Err(Ended::Dropped("the connection failed while sending".to_string())),
+        why = beater => Err(Ended::Dropped(why)),
     };
     lock(&state).pulse = None;
     // What the machine answered last (a refusal, typically) still goes out.
@@ -381,10 +395,9 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
         }
         Err(why) => why,
     };
-    let _ = reports.send(if why.starts_with("refused") {
-        Report::Refused(format!("refused the primary at {peer}: {}", why.trim_start_matches("refused: ")))
-    } else {
-        Report::Dropped(format!("the connection from {peer} ended: {why}; an epoch in transfer, if any, was discarded"))
+    let _ = reports.send(match why {
+        Ended::Refused(refusal) => Report::Refused(format!("refused the primary at {peer}: {refusal}")),
+        Ended::Dropped(why) => Report::Dropped(format!("the connection from {peer} ended: {why}; an epoch in transfer, if any, was discarded")),
     });
     tx.finish(Duration::from_millis(200), "dropped").await;
 }
