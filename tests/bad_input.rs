@@ -283,5 +283,9 @@ fn a_witness_with_a_corrupt_record_bad_lease_or_half_its_flags_is_refused() {
         assert_eq!(run.code, 2, "{}", run.dump());
         assert!(run.stderr.contains("--witness"), "{}", run.dump());
     }
+    // Asking a witness that is not there, or with a key that is not one: one line, why.
+    let status = |key: &str| tandem(&["witness", "status", "--witness", "127.0.0.1:9", "--witness-cert", &cert, "--key", key]);
+    assert_refused(&status(&key), "asking the witness at 127.0.0.1:9");
+    assert_refused(&status(&state), "cannot read");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -148,6 +148,16 @@ fn a_standby_does_not_take_over_while_its_witness_is_down_and_does_once_it_is_ba
     assert!(c.standby.has_event("promotion_granted"));
     let record = std::fs::read_to_string(c.dir.join("w-state/witness")).unwrap();
     assert!(record.starts_with("generation=2 holder="), "{record}");
+    // Any of its hosts may ask the witness what it decided.
+    let status = |me: &str| {
+        let (addr, cert, key) = (&c.witness_args[2], c.dir.join("w/cert.pem"), c.dir.join(format!("{me}/key.pem")));
+        let run = tandem(&["witness", "status", "--witness", addr, "--witness-cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "{}", run.dump());
+        run.stdout.trim().to_string()
+    };
+    let (by_s, by_p) = (status("s"), status("p"));
+    assert!(by_s.contains(" generation=2 holder=") && by_s.ends_with(" (this host) lease=none"), "{by_s}");
+    assert!(by_p.contains(" generation=2 holder=") && !by_p.contains("this host"), "{by_p}");
     wait_until("the standby's guest ticks", Duration::from_secs(10), || !c.standby.ticks().is_empty(), &c.dir);
     let (p, s) = (c.primary.ticks(), c.standby.ticks());
     assert!(!s.is_empty() && s[0] <= p.last().unwrap() + 1, "lines lost at the takeover: {p:?} then {s:?}");

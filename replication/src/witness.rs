@@ -114,6 +114,13 @@ pub struct WitnessLink {
     pub tls: rustls::ClientConfig,
 }
 
+/// Asks the witness one question and waits for its answer (for `tandem witness
+/// status`; the hosts ask through a [`WitnessClient`]).
+pub fn ask_once(link: &WitnessLink, question: Ask) -> Result<Answer, WitnessError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(WitnessError::Thread)?;
+    Ok(runtime.block_on(wire::ask(link.addr, link.tls.clone(), question))?)
+}
+
 /// One question's outcome: `asked` is when it went out (a lease counts from then).
 pub struct Reply {
     pub asked: Instant,
