@@ -157,6 +157,7 @@ pub fn follow(
     let image = Arc::new(Mutex::new(Some(image)));
     let identity = Identity { role: Role::Standby, fingerprint, generation };
     let (reports_tx, reports) = channel();
+    let wake = reports_tx.clone();
     let link = link::spawn(config.listen, config.tls, identity, config.heartbeat, image.clone(), reports_tx)?;
     tracing::info!("standing by on {} at generation {generation}", config.listen);
     let events = &config.events;
@@ -165,7 +166,10 @@ pub fn follow(
     let mut committed = None;
     let (mut epochs, mut bytes) = (0u64, 0u64);
     let (mut checks, mut mismatches) = (0u64, 0u64);
-    let witness = config.witness.clone().map(WitnessClient::start).transpose()?;
+    let witness = match config.witness.clone() {
+        Some(link) => Some(WitnessClient::start(link, Box::new(move || drop(wake.send(Report::WitnessAnswered))))?),
+        None => None,
+    };
     // Between the witness's refusals: a few heartbeats, so a primary that lives (and
     // renews its lease) is not pestered, and one that died is replaced soon after its
     // lease runs out.
@@ -202,9 +206,8 @@ pub fn follow(
                 }
             }
         }
-        // While the witness is being asked, its answer is looked for every millisecond:
-        // the guest waits on it.
-        let wait = if role.awaiting_witness() { Duration::from_millis(1) } else { STATUS_TICK };
+        // The witness's answers come as reports too, so nothing here polls for them.
+        let wait = role.next_timeout().map_or(STATUS_TICK, |t| t.saturating_sub(zero.elapsed()).min(STATUS_TICK));
         let report = match decided {
             Some(_) => None,
             None => match reports.recv_timeout(wait) {
@@ -265,6 +268,8 @@ pub fn follow(
                 events.emit(Event::PrimaryLeft { reason: why.clone() });
                 return Ok(Outcome::PrimaryLeft(why));
             }
+            // Taken at the top of the loop.
+            Some(Report::WitnessAnswered) => {}
             Some(Report::Silent(quiet)) => {
                 if witness.is_some() && committed.is_some() {
                     tracing::info!("the primary is silent ({} ms): asking the witness for generation {}", quiet.as_millis(), generation + 1);

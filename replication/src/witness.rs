@@ -128,7 +128,8 @@ pub struct Reply {
 }
 
 /// A thread that asks the witness, one question at a time and the answers in order, so
-/// that the VM thread and the standby's loop never wait on the network. Whether a
+/// that the VM thread and the standby's loop never wait on the network: each answer
+/// comes with a call of `answered`, which wakes whoever waits for it. Whether a
 /// question is on its way is the role's to know (`tandem_proto::role`).
 pub struct WitnessClient {
     asks: Sender<Ask>,
@@ -136,7 +137,7 @@ pub struct WitnessClient {
 }
 
 impl WitnessClient {
-    pub fn start(link: WitnessLink) -> Result<Self, WitnessError> {
+    pub fn start(link: WitnessLink, answered: Box<dyn Fn() + Send>) -> Result<Self, WitnessError> {
         let (asks, questions) = channel::<Ask>();
         let (answers, replies) = channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -154,6 +155,7 @@ impl WitnessClient {
                     if answers.send(Reply { asked, answer }).is_err() {
                         return;
                     }
+                    answered();
                 }
             })
             .map_err(WitnessError::Thread)?;

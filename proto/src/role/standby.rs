@@ -152,11 +152,6 @@ impl StandbyRole {
         }
     }
 
-    /// Whether an answer from the witness is awaited (the caller looks for it often).
-    pub fn awaiting_witness(&self) -> bool {
-        matches!(self.state, State::Asking { in_flight: true, .. })
-    }
-
     pub fn poll(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }

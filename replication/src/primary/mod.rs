@@ -199,7 +199,13 @@ impl Protector {
         let outbox = transport::spawn(dial, machine, Tell::new(tell, waker.clone()), release)?;
         // Only a primary that may run on without its standby asks the witness anything.
         let witness = match config.on_standby_loss {
-            StandbyLoss::Continue => config.witness.map(WitnessClient::start).transpose()?,
+            StandbyLoss::Continue => match config.witness {
+                Some(link) => {
+                    let waker = waker.clone();
+                    Some(WitnessClient::start(link, Box::new(move || if let Some(w) = waker.get() { w.wake() }))?)
+                }
+                None => None,
+            },
             StandbyLoss::Pause => None,
         };
         let retry = config.heartbeat.interval * 5;
@@ -266,15 +272,17 @@ impl Protector {
     }
 
     /// How long the VM thread may wait before calling [`Protector::poll`] again: until
-    /// the next epoch is due if it could go now; else (an ack awaited, no standby) a
-    /// whole epoch, as the link wakes the thread when that changes (see
-    /// [`Protector::attach`]) and only the standby-loss policy's clock is left to watch.
+    /// the next epoch is due if it could go now, else (an ack awaited, no standby) a
+    /// whole epoch, as the link and the witness client wake the thread at each change
+    /// (see [`Protector::attach`]); and no later than the role's next deadline (the
+    /// standby's silence judged lost, a lease to renew or lapsing).
     pub fn next_wait(&self) -> Duration {
         let ready = self.link.state == LinkState::Protecting && (self.link.need_full || self.link.can_send());
-        if !ready {
-            return self.epoch;
+        let wait = if ready { self.next_due().saturating_duration_since(Instant::now()).min(self.epoch) } else { self.epoch };
+        match self.role.next_timeout() {
+            Some(due) => wait.min(due.saturating_sub(self.zero.elapsed())),
+            None => wait,
         }
-        self.next_due().saturating_duration_since(Instant::now()).min(self.epoch)
     }
 
     /// Output cuts an epoch short: it is the only thing that waits on one.

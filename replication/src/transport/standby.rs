@@ -44,6 +44,8 @@ pub enum Report {
     Left(String),
     /// The primary has not been heard from for this long, past the timeout.
     Silent(Duration),
+    /// The witness answered (the witness client's wake-up; the answer is its own).
+    WitnessAnswered,
 }
 
 struct State {
