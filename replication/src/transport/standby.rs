@@ -271,6 +271,11 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
             tracing::trace!(generation = frame.generation, "frame in");
             let (committed, events) = {
             let mut s = lock(&state);
+            // Promoted meanwhile: the console handed to the new VM is as of now, so no
+            // later epoch may be committed, applied or acknowledged here.
+            if s.promoted.is_some() {
+                return Err(Ended::Dropped("this host has taken over".to_string()));
+            }
             let was_following = s.machine.is_following();
             let committed = s.machine.committed();
             let events = s.machine.handle(frame);
