@@ -124,10 +124,20 @@ const WINDOW: usize = 4;
 const VERIFY_EVERY: u32 = 8;
 const VERIFY_PAGES: u32 = 256;
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossPolicy {
     Pause,
     Continue,
+}
+
+impl LossPolicy {
+    /// As `--on-standby-loss` takes it.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Continue => "continue",
+        }
+    }
 }
 
 #[derive(clap::Args, Clone, Debug)]

@@ -35,7 +35,7 @@ pub(super) fn run(args: &DrillArgs, seed: u64) -> Result<u8> {
     }
     if !args.partition.is_empty() {
         command.push(format!("--partition={}", args.partition.join(",")));
-        command.push(format!("--on-standby-loss={}", args.on_standby_loss));
+        command.push(format!("--on-standby-loss={}", args.on_standby_loss.as_arg()));
     }
     if args.witness {
         command.push("--witness".into());

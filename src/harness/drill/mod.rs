@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::harness::lab;
+use crate::replicate::LossPolicy;
 use crate::harness::proc::{threads, Proc, REAP_LIMIT};
 
 pub(crate) mod check;
@@ -91,8 +92,8 @@ pub struct DrillArgs {
     #[arg(long)]
     witness: bool,
     /// With --partition: the primary's policy when it loses its standby.
-    #[arg(long, default_value = "pause", value_parser = ["pause", "continue"])]
-    on_standby_loss: String,
+    #[arg(long, value_enum, default_value_t = LossPolicy::Pause)]
+    on_standby_loss: LossPolicy,
     /// With --partition --here: the built-in micro guest instead of Linux (for a host
     /// whose KVM cannot run Linux).
     #[arg(long)]

@@ -15,6 +15,7 @@ use super::check::numbers;
 use super::DrillArgs;
 use crate::harness::proc::{free_addr, start_witness, Proc};
 use crate::harness::relay::Relay;
+use crate::replicate::LossPolicy;
 
 /// Printed before each run's JSON verdict, for tools.
 pub const PARTITION_PREFIX: &str = "partition-verdict: ";
@@ -84,7 +85,7 @@ fn lease_ms(args: &DrillArgs) -> u64 {
 
 pub fn run(args: &DrillArgs, images: &Path) -> Result<u8> {
     let faults: Vec<Fault> = args.partition.iter().map(|f| Fault::parse(f)).collect::<Result<_>>()?;
-    let risky = !args.witness && args.on_standby_loss == "continue";
+    let risky = !args.witness && args.on_standby_loss == LossPolicy::Continue;
     let mut bad = 0;
     for (i, fault) in faults.iter().enumerate() {
         let n = i as u32 + 1;
@@ -94,7 +95,7 @@ pub fn run(args: &DrillArgs, images: &Path) -> Result<u8> {
         };
         let failed = verdict.get("error").is_some() || verdict["lost"] == true || (verdict["double"] == true && !risky);
         bad += u32::from(failed);
-        println!("run {n}: {} cut, witness {}, --on-standby-loss {}: {line}", fault.name(), if args.witness { "yes" } else { "no" }, args.on_standby_loss);
+        println!("run {n}: {} cut, witness {}, --on-standby-loss {}: {line}", fault.name(), if args.witness { "yes" } else { "no" }, args.on_standby_loss.as_arg());
         println!("{PARTITION_PREFIX}{verdict}");
     }
     println!(
@@ -138,7 +139,7 @@ fn one_run(args: &DrillArgs, images: &Path, n: u32, fault: Fault) -> Result<(Str
         bail!("the standby did not start: {}", standby.log());
     }
     let mut primary_args = vec![
-        "primary".to_string(), "--standby".into(), ps.addr.to_string(), "--on-standby-loss".into(), args.on_standby_loss.clone(),
+        "primary".to_string(), "--standby".into(), ps.addr.to_string(), "--on-standby-loss".into(), args.on_standby_loss.as_arg().into(),
         "--epoch-ms".into(), args.epoch_ms.to_string(), format!("--mem-mib={mem}"),
     ];
     primary_args.extend(host(&pk, &sk, "p-state", &pw));
