@@ -292,7 +292,7 @@ pub fn follow(
         generation = granted;
         // No frame of the old generation is taken from here on, and the raise outlives
         // this process, before the VM runs anywhere here.
-        let (console, frames) = link.promote(generation);
+        let (console, frames) = link.promote(generation).ok_or_else(|| ReplicationError::NotPromoted("the network thread stopped".into()))?;
         generation::write(&config.state_dir, generation)?;
         let raise = decided.elapsed();
         let taken = image.lock().unwrap_or_else(|e| e.into_inner()).take();

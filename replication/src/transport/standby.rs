@@ -74,17 +74,27 @@ impl State {
     }
 }
 
-/// The VM side's handle on the network thread.
+/// What the VM side asks of the network thread.
+enum Command {
+    Rearm,
+    Promote { generation: u64, reply: std::sync::mpsc::SyncSender<Promoted> },
+}
+
+/// The console and the NIC frames as of the last committed epoch (see
+/// [`StandbyLink::promote`]).
+type Promoted = (tandem_proto::standby::Console, Vec<(u8, Vec<u8>)>);
+
+/// The VM side's handle on the network thread, which owns the standby's protocol
+/// machine: the VM side asks, by message, and shares nothing with it.
 pub struct StandbyLink {
-    state: Arc<Mutex<State>>,
-    abort: mpsc::UnboundedSender<()>,
+    commands: mpsc::UnboundedSender<Command>,
 }
 
 impl StandbyLink {
     /// Judges the primary's silence afresh: it was reported, but the witness did not
     /// let this standby act on it, and the primary has been heard from since.
     pub fn rearm_silence(&self) {
-        lock(&self.state).silence_reported = false;
+        let _ = self.commands.send(Command::Rearm);
     }
 
     /// From now on this host runs the VM at `generation`: the current primary is cut
@@ -93,11 +103,11 @@ impl StandbyLink {
     /// released, for console clients that resume, and what it did not, for the new
     /// VM's console to print first; and the NIC frames the primary did not say it
     /// released, for the new VM's NICs to send first.
-    pub fn promote(&self, generation: u64) -> (tandem_proto::standby::Console, Vec<(u8, Vec<u8>)>) {
-        let mut s = lock(&self.state);
-        s.promoted = Some(generation);
-        let _ = self.abort.send(());
-        (s.machine.console(), s.machine.unreleased_frames())
+    /// `None` if the network thread has stopped.
+    pub fn promote(&self, generation: u64) -> Option<Promoted> {
+        let (reply, promoted) = std::sync::mpsc::sync_channel(1);
+        self.commands.send(Command::Promote { generation, reply }).ok()?;
+        promoted.recv().ok()
     }
 }
 
@@ -134,13 +144,12 @@ pub fn spawn(
         let _inside = runtime.enter();
         Listener::bind(addr, tls)?
     };
-    let (abort, aborts) = mpsc::unbounded_channel();
-    let shared = state.clone();
+    let (commands, asked) = mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("tandem-link".into())
-        .spawn(move || runtime.block_on(run(listener, shared, heartbeat, image, reports, aborts)))
+        .spawn(move || runtime.block_on(run(listener, state, heartbeat, image, reports, asked)))
         .map_err(|e| TransportError::Tls(format!("cannot start the network thread: {e}")))?;
-    Ok(StandbyLink { state, abort })
+    Ok(StandbyLink { commands })
 }
 
 async fn run(
@@ -149,7 +158,7 @@ async fn run(
     heartbeat: Heartbeat,
     image: SharedImage,
     reports: Sender<Report>,
-    mut aborts: mpsc::UnboundedReceiver<()>,
+    mut asked: mpsc::UnboundedReceiver<Command>,
 ) {
     tokio::spawn(super::watch_stalls("standby"));
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
@@ -201,11 +210,22 @@ async fn run(
                     let _ = reports.send(report);
                 }
             },
-            Some(()) = aborts.recv() => {
-                if let Some(old) = current.take() {
-                    old.abort();
+            Some(command) = asked.recv() => match command {
+                Command::Rearm => lock(&state).silence_reported = false,
+                Command::Promote { generation, reply } => {
+                    // Under the lock the sessions take for every frame: none is handled
+                    // after this, and the console is the promotion's own.
+                    let promoted = {
+                        let mut s = lock(&state);
+                        s.promoted = Some(generation);
+                        (s.machine.console(), s.machine.unreleased_frames())
+                    };
+                    if let Some(old) = current.take() {
+                        old.abort();
+                    }
+                    let _ = reply.send(promoted);
                 }
-            }
+            },
             _ = check.tick() => {
                 let mut s = lock(&state);
                 let (due_at, now) = (due.into_std().saturating_duration_since(s.zero), s.zero.elapsed());
