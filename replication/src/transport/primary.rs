@@ -1,7 +1,9 @@
-//! The primary's connection to its standby, on a thread of its own: dial (and dial
-//! again after any loss), hand every frame to the protocol machine, send what the VM
-//! thread queues, beat the heart, and notice a silent standby. Reading and writing run
-//! side by side, so a long epoch on the way out never hides the standby's heartbeats.
+//! The primary's connection to its standby, on a thread of its own that owns the
+//! protocol machine: dial (and dial again after any loss), hand every frame to the
+//! machine, keep and send the epochs the VM thread hands over, beat the heart, notice
+//! a silent standby, and tell the VM thread what happened ([`LinkEvent`]). Reading and
+//! writing run side by side, so a long epoch on the way out never hides the standby's
+//! heartbeats.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
