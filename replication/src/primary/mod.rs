@@ -71,7 +71,6 @@ pub type Gate = Arc<Mutex<EpochGate<Box<dyn Write + Send>>>>;
 /// past this many captures given up in a row, the primary stops.
 const MAX_SKIPPED_IN_A_ROW: u32 = 20;
 
-
 /// Figures for `tandem ctl status` and the logs.
 #[derive(Default)]
 struct Stats {
@@ -415,8 +414,6 @@ impl Protector {
             return Ok(());
         }
         let ticket = self.link.ticket();
-        // Encoded (compressed) with no lock held: the network thread takes the same lock
-        // for every frame it handles, and must not wait for a large epoch's encoding.
         let verify = match copied {
             Some((first, pages, Ok(bytes))) => Some(Verify { first, pages, digest: verify::digest(&bytes) }),
             Some((first, _, Err(e))) => {

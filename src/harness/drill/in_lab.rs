@@ -65,4 +65,3 @@ pub(super) fn run(args: &DrillArgs, seed: u64) -> Result<u8> {
     }
     Ok(report.status.clamp(0, 255) as u8)
 }
-
