@@ -61,8 +61,14 @@ pub fn begin_pages(out: &mut Vec<u8>, generation: u64, epoch: u64, addresses: &[
 
 /// Sets the length of the data appended since [`begin_pages`] returned `at`.
 pub fn end_pages(out: &mut [u8], at: usize) {
-    let len = (out.len() - at - 8) as u64;
-    out[at..at + 8].copy_from_slice(&len.to_le_bytes());
+    let len = out.len() - at - 8;
+    pages_len(out, at, len);
+}
+
+/// Sets the length of the data of a pages frame begun with [`begin_pages`] (which
+/// returned `at`) to `len` bytes that follow elsewhere: a frame sent in pieces.
+pub fn pages_len(out: &mut [u8], at: usize, len: usize) {
+    out[at..at + 8].copy_from_slice(&(len as u64).to_le_bytes());
 }
 
 /// [`decode`] for a payload held as shared bytes: a `Pages` frame is read by hand and

@@ -64,10 +64,23 @@ impl Epoch {
     }
 
     /// The epoch as encoded frames of `generation` (begin, page batches, output,
-    /// state, commit), as they go on the wire, and the payload bytes they carry
-    /// (pages as sent, addresses, state, output): what compression and zero-page
-    /// markers leave of the epoch.
+    /// state, commit), as the chunks that go on the wire one after the other, and the
+    /// payload bytes they carry (pages as sent, addresses, state, output): what
+    /// compression and zero-page markers leave of the epoch. The pages are copied;
+    /// [`Epoch::encode_taking`] sends them from where they are.
     pub fn encode(&self, generation: u64) -> Result<(Vec<Bytes>, usize), ProtoError> {
+        self.encode_pages_of(generation, Bytes::copy_from_slice(&self.data))
+    }
+
+    /// [`Epoch::encode`], taking the pages' buffer out of the epoch rather than copying
+    /// it: the frames carry slices of it, and once the last of them is dropped it goes
+    /// to `give_back` (if any), to be filled again.
+    pub fn encode_taking(&mut self, generation: u64, give_back: Option<&pages::GiveBack>) -> Result<(Vec<Bytes>, usize), ProtoError> {
+        let data = pages::lend(std::mem::take(&mut self.data), give_back);
+        self.encode_pages_of(generation, data)
+    }
+
+    fn encode_pages_of(&self, generation: u64, data: Bytes) -> Result<(Vec<Bytes>, usize), ProtoError> {
         let epoch = self.number;
         let mut hasher = EpochHasher::new(epoch);
         // What the encoding cannot check, refused here rather than by the receiver.
@@ -79,10 +92,14 @@ impl Epoch {
         if !self.zero.is_empty() {
             return Err(ProtoError::Invalid("an epoch with zero markers is a received one; it is not sent again".into()));
         }
+        if data.len() != self.addresses.len() * PAGE_SIZE {
+            return Err(ProtoError::Invalid(format!("{} bytes of pages for {} addresses", data.len(), self.addresses.len())));
+        }
         let mut pages = pages::BatchEncoder::new(generation, epoch, self.compress);
         pages.frames.push(frame(Message::EpochBegin { epoch, kind: self.kind.unwrap_or(EpochKind::Delta) })?);
-        for (batch, data) in self.addresses.chunks(MAX_BATCH_PAGES).zip(self.data.chunks(MAX_BATCH_PAGES * PAGE_SIZE)) {
-            pages.batch(batch, data, &mut hasher)?;
+        for (i, batch) in self.addresses.chunks(MAX_BATCH_PAGES).enumerate() {
+            let from = i * MAX_BATCH_PAGES * PAGE_SIZE;
+            pages.batch(batch, &data.slice(from..from + batch.len() * PAGE_SIZE), &mut hasher)?;
         }
         let (mut out, mut wire) = (pages.frames, pages.wire);
         let mut offset = self.output_offset;
@@ -114,7 +131,9 @@ impl Epoch {
         let mut frames = Vec::new();
         for bytes in self.encode(generation)?.0 {
             decoder.push(&bytes);
-            frames.extend(decoder.next_frame()?);
+            while let Some(frame) = decoder.next_frame()? {
+                frames.push(frame);
+            }
         }
         Ok(frames)
     }
@@ -153,6 +172,12 @@ impl EpochHasher {
 
     pub fn data(&mut self, data: &[u8]) {
         self.0.update(data);
+    }
+
+    /// [`EpochHasher::data`] of bytes whose CRC is already known: the same result,
+    /// without reading them again.
+    pub fn data_crc(&mut self, crc: &crc32fast::Hasher) {
+        self.0.combine(crc);
     }
 
     pub fn output(&mut self, offset: u64, bytes: &[u8]) {

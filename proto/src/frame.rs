@@ -43,6 +43,31 @@ pub fn encode_with(size_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Result
     Ok(Bytes::from(out))
 }
 
+/// A frame whose payload is what `write` appends after the header, then `tail`: bytes
+/// shared with whoever holds them, sent as they are (a batch of pages goes from the
+/// capture's buffer to QUIC without a copy). `tail_crc` is the CRC of `tail`, which the
+/// caller has computed for the epoch's checksum anyway. The frame is the chunks
+/// returned, in order.
+pub fn encode_split(size_hint: usize, write: impl FnOnce(&mut Vec<u8>), tail: Vec<Bytes>, tail_crc: &crc32fast::Hasher) -> Result<Vec<Bytes>, ProtoError> {
+    let mut head = Vec::with_capacity(HEADER + size_hint);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&[0; HEADER - 4]);
+    write(&mut head);
+    let len = head.len() - HEADER + tail.iter().map(Bytes::len).sum::<usize>();
+    if len as u64 > MAX_FRAME_BYTES {
+        return Err(ProtoError::TooLarge(len as u64));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head[HEADER..]);
+    crc.combine(tail_crc);
+    head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    head[8..12].copy_from_slice(&crc.finalize().to_le_bytes());
+    let mut chunks = Vec::with_capacity(1 + tail.len());
+    chunks.push(Bytes::from(head));
+    chunks.extend(tail.into_iter().filter(|t| !t.is_empty()));
+    Ok(chunks)
+}
+
 /// Collects bytes as they arrive and yields whole frames. After an error the stream is
 /// unusable: the connection must be dropped.
 #[derive(Default)]

@@ -7,6 +7,8 @@
 //! read: garbage, truncated or overlong compressed data is an error, and can never make
 //! it allocate more than the batch's pages.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::epoch::EpochHasher;
@@ -42,6 +44,37 @@ pub fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// Where a buffer of pages lent to the frames that carry them goes once the last of
+/// those frames is dropped (the standby acknowledged them and QUIC sent them): back to
+/// whoever captures the next epoch, to be filled again rather than mapped afresh.
+pub type GiveBack = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
+
+struct Lent {
+    data: Vec<u8>,
+    back: GiveBack,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        (self.back)(std::mem::take(&mut self.data));
+    }
+}
+
+/// `data` as shared bytes that frames can slice, handed to `back` (if any) once no
+/// slice of it is left.
+pub fn lend(data: Vec<u8>, back: Option<&GiveBack>) -> Bytes {
+    match back {
+        Some(back) => Bytes::from_owner(Lent { data, back: back.clone() }),
+        None => Bytes::from(data),
+    }
+}
+
 /// Encodes an epoch's page batches as frames of one generation, straight from where
 /// the pages are.
 pub struct BatchEncoder {
@@ -50,7 +83,8 @@ pub struct BatchEncoder {
     compress: bool,
     /// Gathers a batch's non-zero pages only when LZ4 needs them in one piece.
     scratch: Vec<u8>,
-    /// The frames so far, in order.
+    /// The frames so far, in order, as the chunks that go on the stream one after the
+    /// other (a frame of raw pages is its header and then slices of the pages).
     pub frames: Vec<Bytes>,
     /// The payload bytes they carry (addresses and page data as sent).
     pub wire: usize,
@@ -61,14 +95,14 @@ impl BatchEncoder {
         Self { generation, epoch, compress, scratch: Vec::new(), frames: Vec::new(), wire: 0 }
     }
 
-    /// One batch (at most [`MAX_BATCH_PAGES`] pages) as frames, in the order the
-    /// receiver must apply them: a `ZeroPages` frame, then one `Pages` frame for the
-    /// rest. Each is added to the epoch's checksum as the receiver will add it: over the
-    /// raw pages, so the checksum vouches for the decompression too. Raw pages go from
-    /// `data` straight into their frame.
-    pub fn batch(&mut self, addresses: &[u64], data: &[u8], hasher: &mut EpochHasher) -> Result<(), ProtoError> {
+    /// One batch (at most [`MAX_BATCH_PAGES`] pages, `data` a slice of the epoch's
+    /// pages) as frames, in the order the receiver must apply them: a `ZeroPages`
+    /// frame, then one `Pages` frame for the rest. Each is added to the epoch's
+    /// checksum as the receiver will add it: over the raw pages, so the checksum
+    /// vouches for the decompression too. Raw pages are not copied: their frame ends
+    /// in slices of `data`.
+    pub fn batch(&mut self, addresses: &[u64], data: &Bytes, hasher: &mut EpochHasher) -> Result<(), ProtoError> {
         debug_assert!(addresses.len() <= MAX_BATCH_PAGES && data.len() == addresses.len() * PAGE_SIZE);
-        let pages: Vec<&[u8]> = data.chunks_exact(PAGE_SIZE).collect();
         // Zero pages go ahead of the rest of their batch: only when an address repeats
         // within it could that change which copy wins, so such a batch goes as it is.
         let unique = {
@@ -77,16 +111,20 @@ impl BatchEncoder {
             sorted.windows(2).all(|w| w[0] != w[1])
         };
         if !unique {
-            return self.pages(addresses, &pages, false, None, hasher);
+            return self.pages(addresses, vec![data.clone()], false, hasher);
         }
         let (mut zero, mut rest) = (Vec::new(), Vec::with_capacity(addresses.len()));
-        let mut rest_pages = Vec::with_capacity(addresses.len());
-        for (&address, page) in addresses.iter().zip(pages) {
+        // The non-zero pages as runs of neighbours, each one slice of `data`.
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, (&address, page)) in addresses.iter().zip(data.chunks_exact(PAGE_SIZE)).enumerate() {
             if is_zero(page) {
                 zero.push(address);
-            } else {
-                rest.push(address);
-                rest_pages.push(page);
+                continue;
+            }
+            rest.push(address);
+            match runs.last_mut() {
+                Some((_, end)) if *end == i => *end = i + 1,
+                _ => runs.push((i, i + 1)),
             }
         }
         if !zero.is_empty() {
@@ -98,26 +136,26 @@ impl BatchEncoder {
         if rest.is_empty() {
             return Ok(());
         }
-        // The pages in one piece for LZ4: `data` itself when none was left out as zero.
-        let whole = (rest.len() == addresses.len()).then_some(data);
-        self.pages(&rest, &rest_pages, self.compress, whole, hasher)
+        let runs = runs.into_iter().map(|(from, to)| data.slice(from * PAGE_SIZE..to * PAGE_SIZE)).collect();
+        self.pages(&rest, runs, self.compress, hasher)
     }
 
-    /// One `Pages` frame of `pages` at `addresses`, LZ4-compressed if `compress` and it
-    /// pays; `whole` is the pages in one piece if they are (else they are gathered).
-    fn pages(&mut self, addresses: &[u64], pages: &[&[u8]], compress: bool, whole: Option<&[u8]>, hasher: &mut EpochHasher) -> Result<(), ProtoError> {
+    /// One `Pages` frame of the pages in `runs` (in order) at `addresses`,
+    /// LZ4-compressed if `compress` and it pays.
+    fn pages(&mut self, addresses: &[u64], runs: Vec<Bytes>, compress: bool, hasher: &mut EpochHasher) -> Result<(), ProtoError> {
         let (generation, epoch) = (self.generation, self.epoch);
+        // One pass over the pages serves both checksums, the frame's and the epoch's.
+        let mut crc = crc32fast::Hasher::new();
+        runs.iter().for_each(|r| crc.update(r));
         hasher.addresses(addresses);
-        for page in pages {
-            hasher.data(page);
-        }
-        let raw = pages.len() * PAGE_SIZE;
+        hasher.data_crc(&crc);
+        let raw = addresses.len() * PAGE_SIZE;
         let packed = if compress {
-            let whole: &[u8] = match whole {
-                Some(whole) => whole,
-                None => {
+            let whole: &[u8] = match runs.as_slice() {
+                [one] => one,
+                _ => {
                     self.scratch.clear();
-                    pages.iter().for_each(|p| self.scratch.extend_from_slice(p));
+                    runs.iter().for_each(|r| self.scratch.extend_from_slice(r));
                     &self.scratch
                 }
             };
@@ -125,19 +163,25 @@ impl BatchEncoder {
         } else {
             None
         };
-        let (compression, len) = match &packed {
-            Some(p) => (Compression::Lz4, p.len()),
-            None => (Compression::None, raw),
-        };
-        self.wire += addresses.len() * 8 + len;
-        self.frames.push(frame::encode_with(64 + addresses.len() * 8 + len, |buf| {
-            let at = codec::begin_pages(buf, generation, epoch, addresses, compression);
-            match &packed {
-                Some(p) => buf.extend_from_slice(p),
-                None => pages.iter().for_each(|p| buf.extend_from_slice(p)),
+        let head = 64 + addresses.len() * 8;
+        match packed {
+            Some(p) => {
+                self.wire += addresses.len() * 8 + p.len();
+                self.frames.push(frame::encode_with(head + p.len(), |buf| {
+                    let at = codec::begin_pages(buf, generation, epoch, addresses, Compression::Lz4);
+                    buf.extend_from_slice(&p);
+                    codec::end_pages(buf, at);
+                })?);
             }
-            codec::end_pages(buf, at);
-        })?);
+            None => {
+                self.wire += addresses.len() * 8 + raw;
+                let write = |buf: &mut Vec<u8>| {
+                    let at = codec::begin_pages(buf, generation, epoch, addresses, Compression::None);
+                    codec::pages_len(buf, at, raw);
+                };
+                self.frames.extend(frame::encode_split(head, write, runs, &crc)?);
+            }
+        }
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use crate::epoch::Epoch;
 use crate::handshake::Identity;
 use crate::message::{EpochKind, Frame, Message};
+use crate::pages::GiveBack;
 use crate::standby::name;
 use crate::ProtoError;
 
@@ -113,14 +114,15 @@ impl Tickets {
 
 impl Ticket {
     /// Encodes `epoch` as the one this ticket is for: its number and whether its pages
-    /// are compressed are the ticket's. The epoch is only read, so its buffers can be
-    /// used again for the next one.
-    pub fn encode(self, epoch: &mut Epoch) -> Result<Encoded, ProtoError> {
+    /// are compressed are the ticket's. The pages' buffer goes with the frames, which
+    /// carry slices of it, and comes back through `give_back` (if any) once they are
+    /// all gone.
+    pub fn encode(self, epoch: &mut Epoch, give_back: Option<&GiveBack>) -> Result<Encoded, ProtoError> {
         epoch.number = self.number;
         epoch.compress = self.compress;
         let kind = epoch.kind.unwrap_or(EpochKind::Delta);
         epoch.kind = Some(kind);
-        let (frames, wire) = epoch.encode(self.generation)?;
+        let (frames, wire) = epoch.encode_taking(self.generation, give_back)?;
         Ok(Encoded { number: self.number, kind, generation: self.generation, frames: Arc::new(frames), wire })
     }
 }
@@ -224,11 +226,11 @@ impl Primary {
 
     /// Encodes, numbers and keeps an epoch while a standby follows, for a caller that
     /// encodes on the machine's own thread.
-    pub fn send_epoch(&mut self, epoch: &mut Epoch) -> Result<Encoded, ProtoError> {
+    pub fn send_epoch(&mut self, epoch: &mut Epoch, give_back: Option<&GiveBack>) -> Result<Encoded, ProtoError> {
         if !self.is_protecting() {
             return Err(ProtoError::OutOfOrder("an epoch while no standby is following".into()));
         }
-        let encoded = self.tickets().ticket(self.next_epoch).encode(epoch)?;
+        let encoded = self.tickets().ticket(self.next_epoch).encode(epoch, give_back)?;
         self.queue(encoded.clone())?;
         Ok(encoded)
     }
@@ -354,7 +356,7 @@ mod tests {
     }
 
     fn epoch(p: &Primary, number: u64, kind: EpochKind) -> Encoded {
-        p.tickets().ticket(number).encode(&mut Epoch { kind: Some(kind), ..Epoch::default() }).unwrap()
+        p.tickets().ticket(number).encode(&mut Epoch { kind: Some(kind), ..Epoch::default() }, None).unwrap()
     }
 
     #[test]

@@ -5,22 +5,26 @@
 mod common;
 
 use common::Rng;
-use tandem_proto::epoch::EpochHasher;
+use tandem_proto::epoch::{Epoch, EpochHasher};
 use tandem_proto::frame::Decoder;
-use tandem_proto::message::{Compression, Message, MAX_BATCH_PAGES, PAGE_SIZE};
-use tandem_proto::pages::{decode_into, BatchEncoder};
+use tandem_proto::message::{Compression, EpochKind, Message, MAX_BATCH_PAGES, PAGE_SIZE};
+use tandem_proto::pages::{decode_into, BatchEncoder, GiveBack};
 
 /// One batch's messages, as the receiver decodes them from the frames sent.
 fn encode_batch(epoch: u64, addresses: &[u64], data: &[u8], compress: bool, hasher: &mut EpochHasher) -> Vec<Message> {
     let mut encoder = BatchEncoder::new(5, epoch, compress);
-    encoder.batch(addresses, data, hasher).unwrap();
+    encoder.batch(addresses, &bytes::Bytes::copy_from_slice(data), hasher).unwrap();
     let mut decoder = Decoder::default();
-    encoder.frames.iter().map(|f| {
-        decoder.push(f);
-        let frame = decoder.next_frame().unwrap().expect("a whole frame");
-        assert_eq!(frame.generation, 5);
-        frame.message
-    }).collect()
+    let mut messages = Vec::new();
+    for chunk in &encoder.frames {
+        decoder.push(chunk);
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            assert_eq!(frame.generation, 5);
+            messages.push(frame.message);
+        }
+    }
+    assert!(decoder.is_empty(), "a frame left unfinished");
+    messages
 }
 
 /// A page of one of the kinds a guest has: zero, text-like, random, or one byte set.
@@ -125,4 +129,42 @@ fn a_batch_that_repeats_an_address_goes_as_it_is_in_order() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn raw_pages_go_out_of_their_buffer_without_a_copy_and_it_comes_back_once_the_frames_are_gone() {
+    let (back_tx, back_rx) = std::sync::mpsc::channel();
+    let give_back: GiveBack = std::sync::Arc::new(move |buffer| {
+        let _ = back_tx.send(buffer);
+    });
+    let mut rng = Rng(11);
+    // Random pages around a zero one: two runs of raw pages, one zero marker.
+    let mut data = Vec::with_capacity(5 * PAGE_SIZE);
+    for i in 0..5u64 {
+        data.extend((0..PAGE_SIZE).map(|_| if i == 2 { 0 } else { rng.next() as u8 }));
+    }
+    let addresses: Vec<u64> = (0..5).map(|i| i * PAGE_SIZE as u64).collect();
+    let copy = Epoch { number: 4, kind: Some(EpochKind::Delta), addresses, data, state: vec![7; 9], ..Epoch::default() };
+    let mut taken = copy.clone();
+    let at = taken.data.as_ptr() as usize;
+    let (chunks, _) = taken.encode_taking(3, Some(&give_back)).unwrap();
+    assert!(taken.data.is_empty(), "the buffer went with the frames");
+    // The second run starts at page 3 of the buffer, in place.
+    let inside = |c: &bytes::Bytes| (at..at + 5 * PAGE_SIZE).contains(&(c.as_ptr() as usize));
+    assert_eq!(chunks.iter().filter(|c| inside(c)).map(|c| c.len()).sum::<usize>(), 4 * PAGE_SIZE);
+    assert!(chunks.iter().any(|c| c.as_ptr() as usize == at + 3 * PAGE_SIZE));
+    // The receiver sees what a copied encoding gives it.
+    let mut decoder = Decoder::default();
+    let mut frames = Vec::new();
+    for chunk in &chunks {
+        decoder.push(chunk);
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            frames.push(frame);
+        }
+    }
+    assert_eq!(frames, copy.frames(3).unwrap());
+    assert!(back_rx.try_recv().is_err(), "lent while a frame holds it");
+    drop(chunks);
+    let back = back_rx.try_recv().expect("given back");
+    assert_eq!((back.as_ptr() as usize, back.len()), (at, 5 * PAGE_SIZE));
 }

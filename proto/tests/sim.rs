@@ -143,7 +143,7 @@ impl World {
         let offset = self.console_offset;
         self.console_offset += output.len() as u64;
         let mut epoch = Epoch { kind: Some(kind), addresses, data, state: state.clone(), output, output_offset: offset, ..Epoch::default() };
-        let encoded = self.primary.send_epoch(&mut epoch).unwrap();
+        let encoded = self.primary.send_epoch(&mut epoch, None).unwrap();
         self.captured.insert(encoded.number, (self.guest.clone(), state));
         self.dirty.clear();
         self.full_sync_due = false;

@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity as ProtoIdentity;
 use tandem_proto::message::{EpochKind, Role, PAGE_SIZE};
+use tandem_proto::pages::GiveBack;
 use tandem_proto::primary::{self, Primary};
 use tandem_proto::standby::{self, Standby};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
+
+use tandem_vmm::memory::HugeBuffer;
 
 use crate::tls;
 use crate::transport::{self, Listener, TransportError};
@@ -97,6 +100,8 @@ pub enum PipelineError {
     Transport(#[from] TransportError),
     #[error("loopback TCP: {0}")]
     Tcp(std::io::Error),
+    #[error("cannot allocate the standby's image: {0}")]
+    Image(std::io::Error),
     #[error("the pipeline failed: {0}")]
     Failed(String),
 }
@@ -249,19 +254,20 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
     let addr = listener.local_addr()?;
     let fingerprint = 0x7a4d;
     let last_epoch = plan.len() as u64;
-    let image_len = region.len();
+    // Made as a standby makes its image, before any primary connects, and laid out as
+    // guest RAM is: huge pages, which fault in 512 times less often.
+    let mut image = HugeBuffer::zeroed(region.len()).map_err(PipelineError::Image)?;
 
     let standby = tokio::spawn(async move {
         let link = listener.accept().await?;
         let (mut tx, mut rx) = link.split();
-        let mut image = vec![0u8; image_len];
         let mut machine = Standby::new(ProtoIdentity { role: Role::Standby, fingerprint, generation: 1 }, None);
         while let Some(frame) = rx.recv().await? {
             for event in machine.handle(frame) {
                 match event {
                     standby::Event::Send(f) => tx.send(&f).await?,
                     standby::Event::Apply(epoch) => {
-                        epoch.write_into(&mut image);
+                        epoch.write_into(image.as_mut_slice());
                         machine.recycle(epoch);
                     }
                     standby::Event::PeerLeft(_) => return Ok(image),
@@ -306,7 +312,13 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
 
     let start = Instant::now();
     let mut wire = 0u64;
-    // One staging buffer for every delta, as the VM keeps one (`Vm::recycle`).
+    // Staging buffers come back once their frames are gone, as the VM's do
+    // (`Vm::recycle`), and are filled again.
+    let (back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
+    let give_back: GiveBack = Arc::new(move |buffer| {
+        let _ = back.send(buffer);
+    });
+    let mut spares: Vec<Vec<u8>> = Vec::new();
     let mut epoch = Epoch::default();
     for (i, pages) in plan.iter().enumerate() {
         // Back-pressure: wait for acks while the window is full (or, for the first
@@ -318,12 +330,16 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         epoch.kind = Some(kind);
         epoch.addresses.clear();
         epoch.addresses.extend(pages.iter().map(|&p| (p * PAGE_SIZE) as u64));
+        spares.extend(returned.try_iter());
+        spares.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        spares.truncate(5);
+        epoch.data = if spares.is_empty() { Vec::with_capacity(pages.len() * PAGE_SIZE) } else { spares.remove(0) };
         epoch.data.clear();
         for &p in pages {
             epoch.data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
         }
         epoch.state = vec![0; 64];
-        let encoded = lock(&machine).send_epoch(&mut epoch).map_err(|e| PipelineError::Failed(e.to_string()))?;
+        let encoded = lock(&machine).send_epoch(&mut epoch, Some(&give_back)).map_err(|e| PipelineError::Failed(e.to_string()))?;
         wire += encoded.wire_bytes() as u64;
         for f in encoded.frames.iter() {
             tx.send_encoded(f.clone()).await?;
@@ -333,7 +349,7 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
     let took = start.elapsed();
     tx.close("done");
     let image = standby.await.map_err(|e| PipelineError::Failed(e.to_string()))??;
-    if image != region {
+    if image.as_slice()[..region.len()] != *region {
         return Err(PipelineError::Failed("the standby's image differs from the region".into()));
     }
     Ok((took, wire))

@@ -181,6 +181,31 @@ impl Drop for AlignedMapping {
     }
 }
 
+/// Plain memory laid out as guest RAM is (2 MiB-aligned, huge pages asked for), for
+/// what stands in for guest RAM outside a VM: the pipeline benchmark's standby image,
+/// which must fault in as a standby's RAM does, a huge page at a time, not 4 KiB.
+pub struct HugeBuffer {
+    map: AlignedMapping,
+}
+
+impl HugeBuffer {
+    /// `len` zero bytes (rounded up to whole pages), backed only once touched.
+    pub fn zeroed(len: usize) -> std::io::Result<Self> {
+        Ok(Self { map: AlignedMapping::new(len.max(1).next_multiple_of(PAGE_SIZE as usize))? })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `size` readable bytes owned by this value for its
+        // whole life, and only `&mut self` hands out a mutable view of it.
+        unsafe { std::slice::from_raw_parts(self.map.addr, self.map.size) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.map.addr, self.map.size) }
+    }
+}
+
 /// A bitmap with one set bit for each of the `len / PAGE_SIZE` pages of a region.
 fn all_pages(len: u64) -> Vec<u64> {
     let pages = len / PAGE_SIZE;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
+use tandem_proto::pages::GiveBack;
 use tandem_proto::primary::Primary;
 use tandem_proto::role::primary::{Mode, PrimaryRole};
 use tandem_proto::sent::{Pending, SentPages, Skipped};
@@ -120,6 +121,10 @@ pub struct Protector {
     /// What the standby holds, for the connection `sent_conn`.
     sent: SentPages,
     sent_conn: u64,
+    /// Staging buffers come back here once the frames that carried their pages are
+    /// gone (acknowledged and sent), for the VM to copy later deltas into.
+    give_back: GiveBack,
+    returned: mpsc::Receiver<Vec<u8>>,
     stats: Stats,
     events: Events,
     /// Where replica checks go next, and how to read a slice of the guest; set by
@@ -173,6 +178,11 @@ impl Protector {
         let generation = config.identity.generation;
         let machine = Primary::new(config.identity, config.window);
         let (tell, told) = mpsc::channel();
+        let (back, returned) = mpsc::channel();
+        let give_back: GiveBack = Arc::new(move |buffer| {
+            // The VM thread gone, the buffer is simply freed.
+            let _ = back.send(buffer);
+        });
         let waker = Arc::new(OnceLock::new());
         let link = LinkView::new(told, machine.tickets(), config.window);
         let outputs = Outputs::default();
@@ -234,6 +244,8 @@ impl Protector {
             skipped: 0,
             sent: SentPages::default(),
             sent_conn: 0,
+            give_back,
+            returned,
             stats: Stats::default(),
             events: config.events,
             rotation: Rotation::default(),
@@ -369,6 +381,9 @@ impl Protector {
                 copied = Some((*first, *pages, slices.read(*first, *pages)));
             }
         };
+        while let Ok(buffer) = self.returned.try_recv() {
+            vm.recycle(buffer);
+        }
         let (snap, taken, stopped) = match vm.capture_fenced(kind, &mut fence) {
             Ok(captured) => captured,
             // The guest ran on and nothing was taken: the next epoch tries again.
@@ -425,11 +440,7 @@ impl Protector {
         let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, verify, ..Epoch::default() };
         carry(&mut epoch, held);
         let frame_count = epoch.frames.len();
-        let encoded = ticket.encode(&mut epoch);
-        if kind != Kind::Full {
-            vm.recycle(epoch.data);
-        }
-        let encoded = match encoded {
+        let encoded = match ticket.encode(&mut epoch, Some(&self.give_back)) {
             Ok(encoded) => encoded,
             Err(e) => {
                 vm.give_back_dirty(&taken);

@@ -24,6 +24,9 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// round no longer halves what is left, or after this many rounds.
 const PRECOPY_DONE_PAGES: u64 = 256;
 const PRECOPY_ROUNDS: usize = 6;
+/// Staging buffers [`Vm::recycle`] keeps: one per epoch a primary has in flight by
+/// default (its window), and the one being filled.
+const SPARES: usize = 5;
 
 /// The pages a capture holds: every address, sorted, with a slot of data each.
 struct Staging {
@@ -163,13 +166,17 @@ impl Vm {
         result.map(|()| start.elapsed())
     }
 
-    /// Takes back a delta snapshot's page data once it is no longer needed, for the
-    /// next delta to be copied into. A buffer larger than a quarter of the guest's
-    /// memory is let go: deltas that large are rare, and the memory is better free.
+    /// Takes back a delta snapshot's page data once it is no longer needed, for a
+    /// later delta to be copied into. At most [`SPARES`] are kept, the largest; a
+    /// buffer larger than a quarter of the guest's memory is let go: deltas that large
+    /// are rare, and the memory is better free.
     pub fn recycle(&mut self, data: Vec<u8>) {
-        if data.capacity() as u64 <= (self.memory_mib() << 20) / 4 && data.capacity() > self.spare.capacity() {
-            self.spare = data;
+        if data.capacity() == 0 || data.capacity() as u64 > (self.memory_mib() << 20) / 4 {
+            return;
         }
+        self.spares.push(data);
+        self.spares.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        self.spares.truncate(SPARES);
     }
 
     /// Captures the whole machine and lets it run on (a VM the operator paused stays
@@ -306,7 +313,8 @@ impl Vm {
                 staging
             }
             (Kind::Delta, _) => {
-                let mut staging = Staging::reusing(&dirty, std::mem::take(&mut self.spare));
+                let spare = if self.spares.is_empty() { Vec::new() } else { self.spares.remove(0) };
+                let mut staging = Staging::reusing(&dirty, spare);
                 staging.copy(&self.ram, &dirty)?;
                 staging
             }

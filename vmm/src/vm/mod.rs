@@ -189,10 +189,11 @@ pub struct Vm {
     msrs: MsrPlan,
     /// The guest's time while the operator holds the VM paused.
     frozen: Option<FrozenTime>,
-    /// A delta's staging buffer handed back by [`Vm::recycle`]: the next delta is
+    /// Deltas' staging buffers handed back by [`Vm::recycle`]: the next delta is
     /// copied into memory already mapped, rather than faulting a page at a time while
-    /// the guest is stopped.
-    spare: Vec<u8>,
+    /// the guest is stopped. Several, because a buffer comes back only once the
+    /// frames that carry its pages are gone, and a few epochs are in flight at once.
+    spares: Vec<Vec<u8>>,
 }
 
 /// The guest's clock and each vCPU's TSC as they were when the operator paused the VM.

@@ -120,7 +120,7 @@ impl Shell {
             ram,
             msrs: frame.msrs,
             frozen,
-            spare: Vec::new(),
+            spares: Vec::new(),
         })
     }
 }
