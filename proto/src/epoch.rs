@@ -17,6 +17,10 @@ pub struct Epoch {
     /// The pages' bytes, one page after another: every page's, or on a standby, that of
     /// each page `zero` does not mark.
     pub data: Vec<u8>,
+    /// On a standby, the bytes of the pages `zero` does not mark, as they arrived: the
+    /// frames that carried them (or their decompression), each a whole number of pages,
+    /// kept rather than copied until the epoch commits. They follow those in `data`.
+    pub received: Vec<Bytes>,
     /// Per address, on a standby: whether the page came as a zero marker, and so is all
     /// zeros and has no bytes in `data`. Empty: every page has its bytes there. Staging
     /// a marker as 4 KiB of zeros cost a fill and a copy per page (most of a booting
@@ -40,15 +44,23 @@ impl Epoch {
     /// Each page's address and bytes in order, `None` for a page that came as a zero
     /// marker.
     pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
-        let mut next = 0;
+        let mut bytes = self.page_bytes();
         self.addresses.iter().enumerate().map(move |(i, &a)| {
             if self.zero.get(i).copied().unwrap_or(false) {
                 return (a, None);
             }
-            let page = &self.data[next * PAGE_SIZE..(next + 1) * PAGE_SIZE];
-            next += 1;
-            (a, Some(page))
+            (a, bytes.next())
         })
+    }
+
+    /// The bytes of each page not marked zero, in order, wherever they are held.
+    pub fn page_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.data.chunks_exact(PAGE_SIZE).chain(self.received.iter().flat_map(|r| r.chunks_exact(PAGE_SIZE)))
+    }
+
+    /// Bytes of the pages held, `data` and `received` together.
+    pub fn page_data_len(&self) -> usize {
+        self.data.len() + self.received.iter().map(Bytes::len).sum::<usize>()
     }
 
     /// Writes the epoch's pages into `memory`, a flat image addressed from 0 (a zero

@@ -3,6 +3,8 @@
 //! the payload being one encoded [`Frame`]. The length is checked against the limit
 //! before anything is allocated or awaited.
 
+use std::sync::{Arc, Mutex};
+
 use bytes::{Bytes, BytesMut};
 
 use crate::codec;
@@ -68,27 +70,91 @@ pub fn encode_split(size_hint: usize, write: impl FnOnce(&mut Vec<u8>), tail: Ve
     Ok(chunks)
 }
 
+/// A frame at least this long is assembled in a buffer of its own from [`BufferPool`]:
+/// a batch of pages, whose bytes a standby keeps (staged, not copied) until its epoch
+/// commits.
+const LARGE_FRAME: usize = 64 << 10;
+/// Buffers [`BufferPool`] keeps for later frames: about 64 MiB of full batches, what a
+/// steady stream of deltas keeps staged at once on a guest of a few hundred MiB.
+const POOLED_BUFFERS: usize = 32;
+
+/// Buffers of large frames, back once nothing points into them any more. Fresh memory
+/// faults in a page at a time, which cost more than the copy into it did, and the
+/// allocator hands a freed epoch's worth of frames back to the kernel.
+#[derive(Clone, Default)]
+struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+struct Pooled {
+    buffer: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut free = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOLED_BUFFERS {
+            free.push(std::mem::take(&mut self.buffer));
+        }
+    }
+}
+
+impl BufferPool {
+    /// An empty buffer with room for `len` bytes.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buffer = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        buffer.clear();
+        buffer.reserve_exact(len);
+        buffer
+    }
+
+    fn share(&self, buffer: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled { buffer, pool: self.clone() })
+    }
+}
+
 /// Collects bytes as they arrive and yields whole frames. After an error the stream is
 /// unusable: the connection must be dropped.
 #[derive(Default)]
 pub struct Decoder {
-    /// Bytes received and not yet handed out as frames; a frame taken leaves from the
-    /// front without moving what follows.
+    /// Bytes received and not yet handed out as frames (nor taken into `large`); a
+    /// frame taken leaves from the front without moving what follows.
     buf: BytesMut,
+    /// A large frame being assembled, header included, and its whole length.
+    large: Option<(Vec<u8>, usize)>,
+    pool: BufferPool,
 }
 
 impl Decoder {
     /// Whether no bytes are waiting: nothing partial is left after the last frame.
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.buf.is_empty() && self.large.is_none()
     }
 
-    pub fn push(&mut self, bytes: &[u8]) {
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        if let Some((frame, len)) = &mut self.large {
+            let take = bytes.len().min(*len - frame.len());
+            frame.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next whole frame, `None` until one has arrived.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        if let Some((frame, len)) = &self.large {
+            if frame.len() < *len {
+                return Ok(None);
+            }
+            let (frame, _) = self.large.take().expect("checked just above");
+            check(&frame)?;
+            return codec::decode_shared(self.pool.share(frame).slice(HEADER..)).map(Some);
+        }
         if self.buf.len() < HEADER {
             // A wrong magic shows as soon as its bytes do.
             let n = self.buf.len().min(MAGIC.len());
@@ -106,20 +172,30 @@ impl Decoder {
         }
         let end = HEADER + len as usize;
         if self.buf.len() < end {
-            // Room for the whole frame at once: a buffer grown as the bytes come would
-            // copy a large frame several times over.
-            self.buf.reserve(end - self.buf.len());
+            if end >= LARGE_FRAME {
+                // The rest goes straight into the frame's own buffer as it comes.
+                let mut frame = self.pool.take(end);
+                frame.extend_from_slice(&self.buf);
+                self.buf.clear();
+                self.large = Some((frame, end));
+            }
             return Ok(None);
         }
-        let crc = u32::from_le_bytes(self.buf[8..12].try_into().expect("4 bytes"));
-        if crc32fast::hash(&self.buf[HEADER..end]) != crc {
-            return Err(ProtoError::Checksum);
-        }
+        check(&self.buf[..end])?;
         // The frame's bytes leave the buffer without a copy; a batch of pages keeps
         // pointing into them.
         let payload = self.buf.split_to(end).freeze().slice(HEADER..);
         codec::decode_shared(payload).map(Some)
     }
+}
+
+/// Whether a whole frame's payload matches the CRC in its header.
+fn check(frame: &[u8]) -> Result<(), ProtoError> {
+    let crc = u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes"));
+    if crc32fast::hash(&frame[HEADER..]) != crc {
+        return Err(ProtoError::Checksum);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -139,13 +215,21 @@ mod tests {
             }),
             f(Message::EpochCommit { epoch: 7, pages: 2, checksum: 9 }),
             f(Message::Heartbeat { seq: 1 }),
+            // Large enough to be assembled in a pooled buffer of its own.
+            f(Message::Pages {
+                epoch: 8,
+                addresses: (0..40).map(|p| p * PAGE_SIZE as u64).collect(),
+                compression: Compression::None,
+                data: (0..40 * PAGE_SIZE).map(|i| (i * 7 / 3) as u8).collect::<Vec<u8>>().into(),
+            }),
+            f(Message::Heartbeat { seq: 2 }),
         ]
     }
 
     #[test]
     fn frames_survive_any_split_of_the_stream() {
         let wire: Vec<u8> = frames().iter().flat_map(|f| encode(f).unwrap()).collect();
-        for chunk in [1, 3, 12, 1000, wire.len()] {
+        for chunk in [1, 3, 12, 1000, 65_536, 100_000, wire.len()] {
             let mut d = Decoder::default();
             let mut got = Vec::new();
             for piece in wire.chunks(chunk) {
@@ -174,6 +258,36 @@ mod tests {
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&huge), Err(ProtoError::TooLarge(u32::MAX as u64)));
         assert_eq!(decode(&good[..good.len() - 1]), Ok(None), "a partial frame waits");
+        // A large frame, assembled apart, damaged in its middle.
+        let mut large = encode(&frames()[4]).unwrap();
+        assert!(large.len() >= LARGE_FRAME);
+        large[100_000] ^= 1;
+        let mut d = Decoder::default();
+        for piece in large.chunks(4096) {
+            d.push(piece);
+        }
+        assert_eq!(d.next_frame(), Err(ProtoError::Checksum));
+    }
+
+    #[test]
+    fn a_large_frames_buffer_is_used_again_once_its_frame_is_gone() {
+        let wire = encode(&frames()[4]).unwrap();
+        let mut d = Decoder::default();
+        let mut at = None;
+        for round in 0..3 {
+            d.push(&wire[..100]);
+            assert_eq!(d.next_frame(), Ok(None));
+            d.push(&wire[100..]);
+            let frame = d.next_frame().unwrap().expect("whole");
+            let Message::Pages { data, .. } = &frame.message else { panic!("{frame:?}") };
+            let here = data.as_ptr() as usize;
+            if round > 0 {
+                assert_eq!(Some(here), at, "round {round}");
+            }
+            at = Some(here);
+            assert_eq!(frame, frames()[4]);
+        }
+        assert!(d.is_empty());
     }
 
     #[test]

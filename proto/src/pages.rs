@@ -186,6 +186,19 @@ impl BatchEncoder {
     }
 }
 
+/// The raw pages of a batch that came as `data`: the very bytes when raw, with no copy,
+/// else decompressed into a buffer of exactly `pages` pages.
+pub fn decode(pages: usize, compression: Compression, data: Bytes) -> Result<Bytes, ProtoError> {
+    match compression {
+        Compression::None if data.len() == pages * PAGE_SIZE => Ok(data),
+        _ => {
+            let mut out = Vec::new();
+            decode_into(pages, compression, &data, &mut out)?;
+            Ok(Bytes::from(out))
+        }
+    }
+}
+
 /// The raw pages of a batch, into `out` (which grows by exactly `pages * PAGE_SIZE`
 /// bytes, or not at all on an error).
 pub fn decode_into(pages: usize, compression: Compression, data: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoError> {

@@ -4,7 +4,7 @@
 
 use crate::epoch::{Epoch, EpochHasher};
 use crate::handshake::Identity;
-use crate::message::{EpochKind, Frame, Message, PAGE_SIZE};
+use crate::message::{EpochKind, Frame, Message};
 use crate::pages;
 use crate::ProtoError;
 
@@ -81,9 +81,10 @@ pub struct Standby {
     /// Pages in the last epoch committed: the next one is staged in room for as many,
     /// rather than grown (and copied) batch by batch.
     last_pages: usize,
-    /// Buffers of an applied delta handed back by [`Standby::recycle`], to stage the
-    /// next epoch in memory already mapped instead of faulting in fresh pages.
-    spare: (Vec<u64>, Vec<u8>),
+    /// The addresses of an applied delta handed back by [`Standby::recycle`], to stage
+    /// the next epoch's in. Its pages' bytes are the frames' own (see [`Epoch::received`]),
+    /// whose buffers the frame decoder keeps for later frames.
+    spare: Vec<u64>,
 }
 
 impl Standby {
@@ -97,7 +98,7 @@ impl Standby {
             phase: Phase::AwaitingHello,
             staging: None,
             last_pages: 0,
-            spare: (Vec::new(), Vec::new()),
+            spare: Vec::new(),
         }
     }
 
@@ -172,8 +173,8 @@ impl Standby {
     /// Takes back an epoch once applied, to stage a later one in its buffers. Only a
     /// delta's are kept: a full epoch's hold the whole guest, memory better let go.
     pub fn recycle(&mut self, epoch: Epoch) {
-        if epoch.kind == Some(EpochKind::Delta) && epoch.data.capacity() > self.spare.1.capacity() {
-            self.spare = (epoch.addresses, epoch.data);
+        if epoch.kind == Some(EpochKind::Delta) && epoch.addresses.capacity() > self.spare.capacity() {
+            self.spare = epoch.addresses;
         }
     }
 
@@ -232,20 +233,20 @@ impl Standby {
                     }
                     _ => {}
                 }
-                let (mut addresses, mut data) = std::mem::take(&mut self.spare);
+                let mut addresses = std::mem::take(&mut self.spare);
                 addresses.clear();
-                data.clear();
                 addresses.reserve(self.last_pages);
-                data.reserve(self.last_pages * PAGE_SIZE);
-                let staged = Epoch { number: epoch, kind: Some(kind), addresses, data, ..Epoch::default() };
+                let staged = Epoch { number: epoch, kind: Some(kind), addresses, ..Epoch::default() };
                 self.staging = Some((staged, EpochHasher::new(epoch)));
                 Ok(vec![])
             }
             Message::Pages { epoch, addresses, compression, data } => {
                 let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
-                let start = staged.data.len();
-                pages::decode_into(addresses.len(), compression, &data, &mut staged.data).map_err(|e| (e, None))?;
-                hasher.pages(&addresses, &staged.data[start..]);
+                let raw = pages::decode(addresses.len(), compression, data).map_err(|e| (e, None))?;
+                hasher.pages(&addresses, &raw);
+                if !raw.is_empty() {
+                    staged.received.push(raw);
+                }
                 staged.addresses.extend_from_slice(&addresses);
                 staged.zero.resize(staged.addresses.len(), false);
                 Ok(vec![])

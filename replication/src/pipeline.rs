@@ -60,12 +60,11 @@ pub struct Params {
     pub mix: Mix,
 }
 
-/// What moved and how long each path took to move it.
-#[derive(Clone, Copy, Debug)]
-pub struct Figures {
-    /// Pages in the region (the full epoch).
-    pub pages_in_region: u64,
-    /// Pages sent, all epochs together.
+/// One phase of a run: the pipeline moving its pages, and plain QUIC moving as many
+/// bytes, one after the other in the same run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Phase {
+    /// Pages sent in the phase, all its epochs together.
     pub pages: u64,
     /// Payload bytes the pipeline put on the wire for them.
     pub wire: u64,
@@ -73,21 +72,33 @@ pub struct Figures {
     /// CPU time the whole process (both ends) spent on the pipeline, and on plain QUIC:
     /// steadier than wall time on a shared host, and what a real pair of hosts pays.
     pub pipeline_cpu: Duration,
-    pub quinn_cpu: Duration,
-    /// Page faults the process took on each: each is a page of memory the allocator
-    /// gave back and took again, dear in the lab.
+    /// Page faults the process took on each: each is a page of memory first touched,
+    /// dear in the lab and on this host.
     pub pipeline_faults: u64,
-    pub quinn_faults: u64,
     /// Plain QUIC moving the pages' bytes.
     pub quinn: Duration,
-    pub memcpy: Duration,
-    pub tcp: Duration,
+    pub quinn_cpu: Duration,
+    pub quinn_faults: u64,
 }
 
-impl Figures {
+impl Phase {
     pub fn bytes(&self) -> u64 {
         self.pages * PAGE_SIZE as u64
     }
+}
+
+/// What moved and how long each path took to move it: the initial sync (the full
+/// epoch, acknowledged before any delta goes, so the two are measured apart) and the
+/// steady state (the deltas), each beside plain QUIC moving as many bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Figures {
+    /// Pages in the region (the full epoch).
+    pub pages_in_region: u64,
+    pub sync: Phase,
+    pub steady: Phase,
+    /// memcpy and loopback TCP moving the steady state's bytes.
+    pub memcpy: Duration,
+    pub tcp: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,25 +175,26 @@ pub fn measure_region(mut region: Vec<u8>, epochs: u32, dirty_percent: u32, wind
     let plan: Vec<Vec<usize>> = std::iter::once((0..pages).collect())
         .chain((1..=epochs).map(|e| dirty_pages(pages, dirty_percent, e)))
         .collect();
-    let total_pages: u64 = plan.iter().map(|e| e.len() as u64).sum();
 
-    let (cpu, faults) = (process_cpu(), minor_faults());
-    let (pipeline, wire) = runtime.block_on(pipeline(&region, &plan, window))?;
-    let (pipeline_cpu, pipeline_faults) = (process_cpu() - cpu, minor_faults() - faults);
-    let (cpu, faults) = (process_cpu(), minor_faults());
-    let bytes = total_pages * PAGE_SIZE as u64;
-    let quinn = runtime.block_on(async {
-        let (server, client) = (tls::ephemeral()?, tls::ephemeral()?);
-        let (server_cert, client_cert) = (server.cert.clone(), client.cert.clone());
-        // The region's own first MiB, so plain QUIC carries bytes of the same mix.
-        let chunk = &region[..region.len().min(1 << 20)];
-        let took = transport::bulk(bytes, chunk, tls::server_config(server, client_cert)?, tls::client_config(client, server_cert)?).await?;
-        Ok::<_, PipelineError>(took)
-    })?;
-    let (quinn_cpu, quinn_faults) = (process_cpu() - cpu, minor_faults() - faults);
-    let memcpy = copy_same_bytes(&mut region, total_pages);
-    let tcp = runtime.block_on(tcp_same_bytes(bytes))?;
-    Ok(Figures { pages_in_region: pages as u64, pages: total_pages, wire, pipeline, pipeline_cpu, pipeline_faults, quinn, quinn_cpu, quinn_faults, memcpy, tcp })
+    let (mut sync, mut steady) = runtime.block_on(pipeline(&region, &plan, window))?;
+    for phase in [&mut sync, &mut steady] {
+        if phase.pages == 0 {
+            continue;
+        }
+        let (cpu, faults) = (process_cpu(), minor_faults());
+        phase.quinn = runtime.block_on(async {
+            let (server, client) = (tls::ephemeral()?, tls::ephemeral()?);
+            let (server_cert, client_cert) = (server.cert.clone(), client.cert.clone());
+            // The region's own first MiB, so plain QUIC carries bytes of the same mix.
+            let chunk = &region[..region.len().min(1 << 20)];
+            let took = transport::bulk(phase.bytes(), chunk, tls::server_config(server, client_cert)?, tls::client_config(client, server_cert)?).await?;
+            Ok::<_, PipelineError>(took)
+        })?;
+        (phase.quinn_cpu, phase.quinn_faults) = (process_cpu() - cpu, minor_faults() - faults);
+    }
+    let memcpy = copy_same_bytes(&mut region, steady.pages);
+    let tcp = runtime.block_on(tcp_same_bytes(steady.bytes()))?;
+    Ok(Figures { pages_in_region: pages as u64, sync, steady, memcpy, tcp })
 }
 
 fn process_cpu() -> Duration {
@@ -245,9 +257,10 @@ async fn tcp_same_bytes(bytes: u64) -> Result<Duration, PipelineError> {
     Ok(start.elapsed())
 }
 
-/// Sends every epoch of `plan` (page numbers of `region`) and returns the time from the
-/// first page staged to the last epoch acknowledged, and the payload bytes sent.
-async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(Duration, u64), PipelineError> {
+/// Sends every epoch of `plan` (page numbers of `region`) and returns, for the full
+/// epoch and then for the deltas, the time, CPU and faults from the first page staged
+/// to the last epoch acknowledged, and the payload bytes sent.
+async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(Phase, Phase), PipelineError> {
     let (primary_id, standby_id) = (tls::ephemeral()?, tls::ephemeral()?);
     let (primary_cert, standby_cert) = (primary_id.cert.clone(), standby_id.cert.clone());
     let listener = Listener::bind(([127, 0, 0, 1], 0).into(), tls::server_config(standby_id, primary_cert)?)?;
@@ -310,8 +323,9 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         })
     };
 
-    let start = Instant::now();
-    let mut wire = 0u64;
+    let mut phase = Phase::default();
+    let (mut start, mut cpu, mut faults) = (Instant::now(), process_cpu(), minor_faults());
+    let mut sync = None;
     // Staging buffers come back once their frames are gone, as the VM's do
     // (`Vm::recycle`), and are filled again.
     let (back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -340,19 +354,33 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         }
         epoch.state = vec![0; 64];
         let encoded = lock(&machine).send_epoch(&mut epoch, Some(&give_back)).map_err(|e| PipelineError::Failed(e.to_string()))?;
-        wire += encoded.wire_bytes() as u64;
+        phase.wire += encoded.wire_bytes() as u64;
+        phase.pages += pages.len() as u64;
         for f in encoded.frames.iter() {
             tx.send_encoded(f.clone()).await?;
         }
+        if i == 0 && plan.len() > 1 {
+            // The initial sync ends once the standby holds the full epoch.
+            while lock(&machine).acked() != Some(1) {
+                acked.notified().await;
+            }
+            (phase.pipeline, phase.pipeline_cpu, phase.pipeline_faults) = (start.elapsed(), process_cpu() - cpu, minor_faults() - faults);
+            sync = Some(std::mem::take(&mut phase));
+            (start, cpu, faults) = (Instant::now(), process_cpu(), minor_faults());
+        }
     }
     receiver.await.map_err(|e| PipelineError::Failed(e.to_string()))??;
-    let took = start.elapsed();
+    (phase.pipeline, phase.pipeline_cpu, phase.pipeline_faults) = (start.elapsed(), process_cpu() - cpu, minor_faults() - faults);
+    let (sync, steady) = match sync {
+        Some(sync) => (sync, phase),
+        None => (phase, Phase::default()),
+    };
     tx.close("done");
     let image = standby.await.map_err(|e| PipelineError::Failed(e.to_string()))??;
     if image.as_slice()[..region.len()] != *region {
         return Err(PipelineError::Failed("the standby's image differs from the region".into()));
     }
-    Ok((took, wire))
+    Ok((sync, steady))
 }
 
 fn lock(m: &Mutex<Primary>) -> std::sync::MutexGuard<'_, Primary> {
@@ -367,15 +395,19 @@ mod tests {
     fn a_small_pipeline_delivers_every_page_intact() {
         for mix in [Mix::Sparse, Mix::Random, Mix::ZeroHeavy] {
             let f = measure(Params { mib: 4, epochs: 5, dirty_percent: 25, window: 2, mix }).unwrap();
-            assert!(f.pages > 1024, "{f:?}");
-            assert!(f.pipeline > Duration::ZERO && f.quinn > Duration::ZERO && f.tcp > Duration::ZERO);
-            // Random pages cannot shrink; sparse ones must.
-            let raw = f.bytes();
-            match mix {
-                Mix::Sparse => assert!(f.wire * 4 < raw, "{f:?}"),
-                Mix::Random => assert!(f.wire >= raw, "{f:?}"),
-                Mix::ZeroHeavy => assert!(f.wire * 3 < raw && f.wire * 5 > raw, "{f:?}"),
+            assert_eq!(f.sync.pages, 1024, "{f:?}");
+            assert!(f.steady.pages > 1024, "{f:?}");
+            for p in [f.sync, f.steady] {
+                assert!(p.pipeline > Duration::ZERO && p.quinn > Duration::ZERO, "{f:?}");
+                // Random pages cannot shrink; sparse ones must.
+                let raw = p.bytes();
+                match mix {
+                    Mix::Sparse => assert!(p.wire * 4 < raw, "{f:?}"),
+                    Mix::Random => assert!(p.wire >= raw, "{f:?}"),
+                    Mix::ZeroHeavy => assert!(p.wire * 3 < raw && p.wire * 5 > raw, "{f:?}"),
+                }
             }
+            assert!(f.tcp > Duration::ZERO && f.memcpy > Duration::ZERO);
         }
     }
 }

@@ -318,13 +318,16 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         let image = image.clone();
                         let number = epoch.number;
                         let full = epoch.kind == Some(EpochKind::Full);
-                        let (pages, bytes) = (epoch.addresses.len(), epoch.data.len() + epoch.state.len());
+                        let (pages, bytes) = (epoch.addresses.len(), epoch.page_data_len() + epoch.state.len());
                         lock(&state).applying = true;
                         let applied = tokio::task::spawn_blocking(move || {
                             let kind = if full { Kind::Full } else { Kind::Delta };
                             let mut held = image.lock().unwrap_or_else(|e| e.into_inner());
                             let applied = match held.as_mut() {
-                                Some(image) => image.apply_marked(kind, &epoch.addresses, &epoch.zero, &epoch.data, &epoch.state),
+                                Some(image) => {
+                                    let data: Vec<&[u8]> = std::iter::once(&epoch.data[..]).chain(epoch.received.iter().map(|r| &r[..])).collect();
+                                    image.apply_marked(kind, &epoch.addresses, &epoch.zero, &data, &epoch.state)
+                                }
                                 None => Err(SnapshotError::Corrupt("the image already runs as the guest".into())),
                             };
                             // The image is now the guest as of the epoch's pause, where

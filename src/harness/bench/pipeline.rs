@@ -118,36 +118,47 @@ fn via_lab(args: &PipelineArgs) -> Result<()> {
 }
 
 fn print(what: &str, args: &PipelineArgs, f: &Figures) {
-    let gib = f.bytes() as f64 / (1u64 << 30) as f64;
     println!(
-        "pipeline, {what}: {} MiB region, a full epoch then {} deltas dirtying {}% each, window {}: {} pages ({gib:.2} GiB) through each path, same run",
-        (f.pages_in_region * PAGE_SIZE as u64) >> 20, args.epochs, args.dirty_percent, args.window, f.pages
+        "pipeline, {what}: {} MiB region, window {}, same run",
+        (f.pages_in_region * PAGE_SIZE as u64) >> 20,
+        args.window
     );
     println!("{:<38} {:>9} {:>8} {:>11} {:>9} {:>9} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy", "CPU ms", "faults");
-    for (name, t, cpu) in [
-        ("epoch pipeline (QUIC, mutual TLS)", f.pipeline, Some((f.pipeline_cpu, f.pipeline_faults))),
-        ("plain QUIC bulk, same TLS/settings", f.quinn, Some((f.quinn_cpu, f.quinn_faults))),
-        ("memcpy, one thread", f.memcpy, None),
-        ("loopback TCP (tokio)", f.tcp, None),
-    ] {
+    let row = |name: &str, pages: u64, t: Duration, cpu: Option<(Duration, u64)>| {
         let secs = t.as_secs_f64();
         println!(
             "{name:<38} {:>9.1} {:>8.2} {:>11.0} {:>9.3} {:>9} {:>9}",
             ms(t),
-            gib / secs,
-            f.pages as f64 / secs,
-            f.memcpy.as_secs_f64() / secs,
+            (pages * PAGE_SIZE as u64) as f64 / (1u64 << 30) as f64 / secs,
+            pages as f64 / secs,
+            (f.memcpy.as_secs_f64() * pages as f64 / f.steady.pages.max(1) as f64) / secs,
             cpu.map_or("-".into(), |(c, _)| format!("{:.0}", ms(c))),
             cpu.map_or("-".into(), |(_, n)| n.to_string())
         );
+    };
+    let phases = [
+        (format!("initial sync, the full epoch ({} pages)", f.sync.pages), f.sync),
+        (format!("steady state, {} deltas dirtying {}% each ({} pages)", args.epochs, args.dirty_percent, f.steady.pages), f.steady),
+    ];
+    for (name, p) in phases.iter().filter(|(_, p)| p.pages > 0) {
+        println!("{name}:");
+        row("  epoch pipeline (QUIC, mutual TLS)", p.pages, p.pipeline, Some((p.pipeline_cpu, p.pipeline_faults)));
+        row("  plain QUIC bulk, same TLS/settings", p.pages, p.quinn, Some((p.quinn_cpu, p.quinn_faults)));
     }
-    println!(
-        "pipeline/plain QUIC: {:.3} in time, {:.3} in CPU; pipeline/TCP: {:.3}; bytes on the wire per page: {:.0}\n",
-        f.quinn.as_secs_f64() / f.pipeline.as_secs_f64(),
-        f.quinn_cpu.as_secs_f64() / f.pipeline_cpu.as_secs_f64(),
-        f.tcp.as_secs_f64() / f.pipeline.as_secs_f64(),
-        f.wire as f64 / f.pages as f64
-    );
+    if f.steady.pages > 0 {
+        row("  memcpy, one thread", f.steady.pages, f.memcpy, None);
+        row("  loopback TCP (tokio)", f.steady.pages, f.tcp, None);
+    }
+    for (name, p) in phases.iter().filter(|(_, p)| p.pages > 0) {
+        let name = name.split(',').next().unwrap_or_default();
+        println!(
+            "{name}: pipeline/plain QUIC {:.3} in time, {:.3} in CPU; bytes on the wire per page {:.0}",
+            p.quinn.as_secs_f64() / p.pipeline.as_secs_f64(),
+            p.quinn_cpu.as_secs_f64() / p.pipeline_cpu.as_secs_f64(),
+            p.wire as f64 / p.pages as f64
+        );
+    }
+    println!();
 }
 
 #[cfg(test)]

@@ -70,18 +70,20 @@ impl Image {
     /// whole image: pages it leaves out are zeros. Everything is checked before
     /// anything is written, so a bad capture leaves the image as it was.
     pub fn apply(&mut self, kind: Kind, addresses: &[u64], data: &[u8], state: &[u8]) -> Result<(), SnapshotError> {
-        self.apply_marked(kind, addresses, &[], data, state)
+        self.apply_marked(kind, addresses, &[], &[data], state)
     }
 
     /// The same, where `zero` marks (per address, or not at all when empty) the pages
-    /// that are all zeros and have no bytes in `data`.
-    pub fn apply_marked(&mut self, kind: Kind, addresses: &[u64], zero: &[bool], data: &[u8], state: &[u8]) -> Result<(), SnapshotError> {
+    /// that are all zeros and have no bytes in `data`, and the bytes are in pieces
+    /// (each a whole number of pages), as a standby received them.
+    pub fn apply_marked<D: AsRef<[u8]>>(&mut self, kind: Kind, addresses: &[u64], zero: &[bool], data: &[D], state: &[u8]) -> Result<(), SnapshotError> {
         if !zero.is_empty() && zero.len() != addresses.len() {
             return Err(SnapshotError::Corrupt(format!("{} zero marks for {} pages", zero.len(), addresses.len())));
         }
         let with_bytes = addresses.len() - zero.iter().filter(|&&z| z).count();
-        if data.len() != with_bytes * PAGE {
-            return Err(SnapshotError::Corrupt(format!("{} bytes for {with_bytes} pages", data.len())));
+        let len: usize = data.iter().map(|d| d.as_ref().len()).sum();
+        if len != with_bytes * PAGE || data.iter().any(|d| d.as_ref().len() % PAGE != 0) {
+            return Err(SnapshotError::Corrupt(format!("{len} bytes for {with_bytes} pages")));
         }
         let state: MachineState = codec::decode(state)?;
         if state.mem_mib != self.mem_mib {
@@ -96,7 +98,7 @@ impl Image {
         }
         static ZEROS: [u8; PAGE] = [0; PAGE];
         let mem = self.ram.memory();
-        let mut next = 0;
+        let mut pages = data.iter().flat_map(|d| d.as_ref().chunks_exact(PAGE));
         let mut wrote_blocks = false;
         for (i, &a) in addresses.iter().enumerate() {
             let page = if zero.get(i).copied().unwrap_or(false) {
@@ -106,8 +108,8 @@ impl Image {
                 }
                 &ZEROS[..]
             } else {
-                next += 1;
-                &data[(next - 1) * PAGE..next * PAGE]
+                // Counted above: there is one.
+                pages.next().unwrap_or(&ZEROS[..])
             };
             if a >= DISK_SPACE {
                 self.disks.write_page(a, page).map_err(|e| SnapshotError::Disk(format!("writing a disk block: {e}")))?;
@@ -183,13 +185,13 @@ mod tests {
         let mut image = Image::new(16).unwrap();
         image.apply(Kind::Delta, &[0x1000, 0x2000], &[[1u8; PAGE], [2u8; PAGE]].concat(), &state(16, 1)).unwrap();
         // 0x1000 becomes zero; 0x3000 comes with its bytes after a marked page.
-        image.apply_marked(Kind::Delta, &[0x1000, 0x3000], &[true, false], &[3u8; PAGE], &state(16, 2)).unwrap();
+        image.apply_marked(Kind::Delta, &[0x1000, 0x3000], &[true, false], &[&[3u8; PAGE][..]], &state(16, 2)).unwrap();
         let snap = image.to_snapshot().unwrap();
         assert_eq!(snap.pages, [0x2000, 0x3000]);
         assert_eq!(snap.page_at(0x3000).unwrap(), &[3u8; PAGE][..]);
-        assert!(image.apply_marked(Kind::Delta, &[0x1000], &[true, true], &[], &state(16, 3)).is_err(), "marks per page");
-        assert!(image.apply_marked(Kind::Delta, &[0x1000], &[true], &[3u8; PAGE], &state(16, 3)).is_err(), "bytes of a zero page");
-        image.apply_marked(Kind::Full, &[0x1000, 0x2000], &[true, false], &[4u8; PAGE], &state(16, 4)).unwrap();
+        assert!(image.apply_marked(Kind::Delta, &[0x1000], &[true, true], &[] as &[&[u8]], &state(16, 3)).is_err(), "marks per page");
+        assert!(image.apply_marked(Kind::Delta, &[0x1000], &[true], &[&[3u8; PAGE][..]], &state(16, 3)).is_err(), "bytes of a zero page");
+        image.apply_marked(Kind::Full, &[0x1000, 0x2000], &[true, false], &[&[4u8; PAGE][..]], &state(16, 4)).unwrap();
         assert_eq!(image.to_snapshot().unwrap().pages, [0x2000]);
     }
 
