@@ -21,6 +21,10 @@ pub struct Epoch {
     /// frames that carried them (or their decompression), each a whole number of pages,
     /// kept rather than copied until the epoch commits. They follow those in `data`.
     pub received: Vec<Bytes>,
+    /// On a standby: its pages went into the image as they arrived (the first full
+    /// epoch, see [`crate::standby::Event::Lay`]); `addresses` counts them, and only
+    /// the state is left to apply.
+    pub laid: bool,
     /// Per address, on a standby: whether the page came as a zero marker, and so is all
     /// zeros and has no bytes in `data`. Empty: every page has its bytes there. Staging
     /// a marker as 4 KiB of zeros cost a fill and a copy per page (most of a booting
@@ -64,8 +68,11 @@ impl Epoch {
     }
 
     /// Writes the epoch's pages into `memory`, a flat image addressed from 0 (a zero
-    /// marker clears its page).
+    /// marker clears its page). A laid epoch's pages are there already.
     pub fn write_into(&self, memory: &mut [u8]) {
+        if self.laid {
+            return;
+        }
         for (a, page) in self.pages() {
             let to = &mut memory[a as usize..a as usize + PAGE_SIZE];
             match page {

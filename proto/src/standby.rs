@@ -1,6 +1,10 @@
 //! The standby's end: stage an epoch as it arrives, apply it only once its commit
 //! verifies, acknowledge it. Anything out of place ends the connection and discards the
-//! staged epoch; nothing partial or unverified is ever applied.
+//! staged epoch; nothing partial or unverified is ever applied over a committed one.
+//! The one exception is the first full epoch, while nothing is committed: its pages go
+//! into the image as they come ([`Event::Lay`]), since there is no earlier image to
+//! keep, and staging a whole guest would double the standby's memory. Until its commit
+//! the image is not a guest anyone can resume.
 
 use crate::epoch::{Epoch, EpochHasher};
 use crate::handshake::Identity;
@@ -12,8 +16,15 @@ use crate::ProtoError;
 pub enum Event {
     /// Send this frame to the primary.
     Send(Frame),
-    /// A verified epoch: apply it to the image, then it is the last committed.
+    /// A verified epoch: apply it to the image, then it is the last committed. One
+    /// whose pages were laid already ([`Epoch::laid`]) leaves only its state to apply.
     Apply(Epoch),
+    /// The first full epoch begins while nothing is committed: empty the image (an
+    /// earlier attempt may have left pages in it); its pages follow as [`Event::Lay`].
+    Clear,
+    /// Pages of that epoch (addresses, zero marks and bytes), to write into the image
+    /// now, in order. Zero pages need no write: the image was cleared.
+    Lay(Epoch),
     /// The primary said goodbye on purpose.
     PeerLeft(String),
     /// The connection must end; the staged epoch was discarded.
@@ -236,18 +247,23 @@ impl Standby {
                 let mut addresses = std::mem::take(&mut self.spare);
                 addresses.clear();
                 addresses.reserve(self.last_pages);
-                let staged = Epoch { number: epoch, kind: Some(kind), addresses, ..Epoch::default() };
+                let laid = self.committed.is_none();
+                let staged = Epoch { number: epoch, kind: Some(kind), addresses, laid, ..Epoch::default() };
                 self.staging = Some((staged, EpochHasher::new(epoch)));
-                Ok(vec![])
+                Ok(if laid { vec![Event::Clear] } else { vec![] })
             }
             Message::Pages { epoch, addresses, compression, data } => {
                 let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
                 let raw = pages::decode(addresses.len(), compression, data).map_err(|e| (e, None))?;
                 hasher.pages(&addresses, &raw);
+                staged.addresses.extend_from_slice(&addresses);
+                if staged.laid {
+                    let n = addresses.len();
+                    return Ok(vec![Event::Lay(Epoch { addresses, zero: vec![false; n], received: vec![raw], ..Epoch::default() })]);
+                }
                 if !raw.is_empty() {
                     staged.received.push(raw);
                 }
-                staged.addresses.extend_from_slice(&addresses);
                 staged.zero.resize(staged.addresses.len(), false);
                 Ok(vec![])
             }
@@ -255,6 +271,10 @@ impl Standby {
                 let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
                 hasher.zero_pages(&addresses);
                 staged.addresses.extend_from_slice(&addresses);
+                if staged.laid {
+                    let n = addresses.len();
+                    return Ok(vec![Event::Lay(Epoch { addresses, zero: vec![true; n], ..Epoch::default() })]);
+                }
                 staged.zero.resize(staged.addresses.len(), true);
                 Ok(vec![])
             }
@@ -407,6 +427,42 @@ mod tests {
                 assert!(!matches!(event, Event::Close(_)), "{event:?}");
             }
         }
+    }
+
+    #[test]
+    fn only_the_first_full_epoch_is_laid_as_it_comes_and_a_later_one_is_staged() {
+        let primary = Identity { role: Role::Primary, fingerprint: 3, generation: 1 };
+        let mut standby = Standby::new(Identity { role: Role::Standby, ..primary }, None);
+        standby.handle(primary.hello());
+        let mut data = vec![7u8; crate::message::PAGE_SIZE];
+        data.extend(vec![0u8; crate::message::PAGE_SIZE]);
+        let epoch = |number, kind| Epoch { number, kind: Some(kind), addresses: vec![0x1000, 0x2000], data: data.clone(), state: vec![1], ..Epoch::default() };
+        let events: Vec<_> = epoch(1, EpochKind::Full).frames(1).unwrap().into_iter().flat_map(|f| standby.handle(f)).collect();
+        match &events[..] {
+            [Event::Clear, Event::Lay(zero), Event::Lay(raw), Event::Apply(applied), Event::Send(ack)] => {
+                assert_eq!((&zero.addresses, &zero.zero), (&vec![0x2000], &vec![true]));
+                assert_eq!((&raw.addresses, raw.page_bytes().collect::<Vec<_>>()), (&vec![0x1000], vec![&data[..4096]]));
+                assert!(applied.laid && applied.received.is_empty() && applied.addresses.len() == 2);
+                assert!(matches!(ack.message, Message::Ack { epoch: 1 }));
+            }
+            other => panic!("{other:?}"),
+        }
+        // With epoch 1 committed, a re-sync must not touch the image before it commits.
+        let events: Vec<_> = epoch(2, EpochKind::Full).frames(1).unwrap().into_iter().flat_map(|f| standby.handle(f)).collect();
+        match &events[..] {
+            [Event::Apply(applied), Event::Send(_)] => assert!(!applied.laid && applied.page_bytes().count() == 1),
+            other => panic!("{other:?}"),
+        }
+        // A first full epoch that fails its checksum is never applied, only laid.
+        let mut fresh = Standby::new(Identity { role: Role::Standby, ..primary }, None);
+        fresh.handle(primary.hello());
+        let mut frames = epoch(1, EpochKind::Full).frames(1).unwrap();
+        if let Some(Frame { message: Message::EpochCommit { checksum, .. }, .. }) = frames.last_mut() {
+            *checksum ^= 1;
+        }
+        let events: Vec<_> = frames.into_iter().flat_map(|f| fresh.handle(f)).collect();
+        assert!(!events.iter().any(|e| matches!(e, Event::Apply(_))) && matches!(events.last(), Some(Event::Close(_))), "{events:?}");
+        assert_eq!(fresh.committed(), None);
     }
 
     #[test]

@@ -147,8 +147,8 @@ impl World {
         self.captured.insert(encoded.number, (self.guest.clone(), state));
         self.dirty.clear();
         self.full_sync_due = false;
-        for f in encoded.frames.iter() {
-            self.send_to_standby(from_wire(f));
+        for frame in from_wire(&encoded.frames) {
+            self.send_to_standby(frame);
         }
     }
 
@@ -158,6 +158,8 @@ impl World {
             for event in self.standby.handle(frame) {
                 match event {
                     standby::Event::Send(f) => self.to_primary.push_back(f),
+                    standby::Event::Clear => self.image.fill(0),
+                    standby::Event::Lay(pages) => pages.write_into(&mut self.image),
                     standby::Event::Apply(epoch) => {
                         epoch.write_into(&mut self.image);
                         self.image_state = epoch.state.clone();
@@ -179,7 +181,7 @@ impl World {
             for event in self.primary.handle(frame) {
                 match event {
                     primary::Event::Send(f) => self.send_to_standby(f),
-                    primary::Event::SendEpoch(frames) => frames.iter().for_each(|f| self.send_to_standby(from_wire(f))),
+                    primary::Event::SendEpoch(frames) => from_wire(&frames).into_iter().for_each(|f| self.send_to_standby(f)),
                     primary::Event::Connected { full_sync } => self.full_sync_due |= full_sync,
                     primary::Event::Released(e) => {
                         // Output commit: only what the standby holds.
@@ -220,13 +222,19 @@ impl World {
     }
 }
 
-/// The frame an encoded one carries: the simulated link damages frames, not bytes.
-fn from_wire(bytes: &[u8]) -> Frame {
+/// The frames an encoded epoch's chunks carry: the simulated link damages frames, not
+/// bytes.
+fn from_wire(chunks: &[bytes::Bytes]) -> Vec<Frame> {
     let mut decoder = tandem_proto::frame::Decoder::default();
-    decoder.push(bytes);
-    let frame = decoder.next_frame().unwrap().unwrap();
+    let mut frames = Vec::new();
+    for chunk in chunks {
+        decoder.push(chunk);
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            frames.push(frame);
+        }
+    }
     assert!(decoder.is_empty());
-    frame
+    frames
 }
 
 fn run(seed: u64, faults: Faults, steps: usize) -> World {

@@ -279,6 +279,8 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
             for event in machine.handle(frame) {
                 match event {
                     standby::Event::Send(f) => tx.send(&f).await?,
+                    standby::Event::Clear => image.discard().map_err(|e| TransportError::Stream(format!("clearing the image: {e}")))?,
+                    standby::Event::Lay(pages) => pages.write_into(image.as_mut_slice()),
                     standby::Event::Apply(epoch) => {
                         epoch.write_into(image.as_mut_slice());
                         machine.recycle(epoch);

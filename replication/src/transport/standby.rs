@@ -266,6 +266,8 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
 
     // Ends with the primary's goodbye (Ok, its reason) or why the connection dropped.
     let reader = async {
+        // Bytes of the first full epoch laid in the image so far, for its report.
+        let mut laid_bytes = 0;
         loop {
             let got = tokio::select! {
                 got = rx.recv() => got,
@@ -312,18 +314,49 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                     Event::Send(f) => {
                         let _ = replies_tx.send(f);
                     }
+                    Event::Clear | Event::Lay(_) => {
+                        // In order, each before the next frame is handled; off the
+                        // network thread, as an apply is.
+                        let image = image.clone();
+                        let laid = tokio::task::spawn_blocking(move || {
+                            let mut held = image.lock().unwrap_or_else(|e| e.into_inner());
+                            let Some(image) = held.as_mut() else {
+                                return Err(SnapshotError::Corrupt("the image already runs as the guest".into()));
+                            };
+                            match event {
+                                Event::Lay(pages) => {
+                                    let data: Vec<&[u8]> = pages.received.iter().map(|r| &r[..]).collect();
+                                    image.lay(&pages.addresses, &pages.zero, &data).map(|()| pages.page_data_len())
+                                }
+                                _ => image.clear().map(|()| 0),
+                            }
+                        })
+                        .await;
+                        match laid {
+                            Ok(Ok(bytes)) => laid_bytes += bytes,
+                            Ok(Err(e)) => {
+                                lock(&state).machine.revert(committed);
+                                return Err(Ended::Dropped(format!("the first full epoch cannot be laid in the image: {e}")));
+                            }
+                            Err(e) => {
+                                lock(&state).machine.revert(committed);
+                                return Err(Ended::Dropped(format!("the first full epoch could not be laid in the image: {e}")));
+                            }
+                        }
+                    }
                     Event::Apply(epoch) => {
                         // Applied off the network thread, so heartbeats keep flowing
                         // while a full epoch is laid down; acknowledged only after.
                         let image = image.clone();
                         let number = epoch.number;
                         let full = epoch.kind == Some(EpochKind::Full);
-                        let (pages, bytes) = (epoch.addresses.len(), epoch.page_data_len() + epoch.state.len());
+                        let (pages, bytes) = (epoch.addresses.len(), std::mem::take(&mut laid_bytes) + epoch.page_data_len() + epoch.state.len());
                         lock(&state).applying = true;
                         let applied = tokio::task::spawn_blocking(move || {
                             let kind = if full { Kind::Full } else { Kind::Delta };
                             let mut held = image.lock().unwrap_or_else(|e| e.into_inner());
                             let applied = match held.as_mut() {
+                                Some(image) if epoch.laid => image.finish(&epoch.state),
                                 Some(image) => {
                                     let data: Vec<&[u8]> = std::iter::once(&epoch.data[..]).chain(epoch.received.iter().map(|r| &r[..])).collect();
                                     image.apply_marked(kind, &epoch.addresses, &epoch.zero, &data, &epoch.state)

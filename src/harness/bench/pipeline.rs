@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::ValueEnum;
 use tandem_proto::message::PAGE_SIZE;
-use tandem_replication::pipeline::{measure, measure_region, Figures, Mix, Params};
+use tandem_replication::pipeline::{measure, measure_region, Figures, Mix, Params, Phase};
 use tandem_vmm::snapshot::{page, Snapshot};
 
 use super::{in_the_lab_sh, ms, read_snapshots, snapshots_then};
@@ -36,6 +36,10 @@ pub struct PipelineArgs {
     /// Run inside the lab, adding the memory of a Linux guest snapshotted once booted.
     #[arg(long)]
     lab: bool,
+    /// Runs of each mix, the pipeline and plain QUIC taking turns; the tables show each
+    /// figure's median. This host is shared: one run's ratio swings by a fifth.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -65,13 +69,14 @@ impl Default for PipelineArgs {
             mixes: vec![MixArg::Random, MixArg::ZeroHeavy, MixArg::Sparse],
             snapshots: Vec::new(),
             lab: false,
+            runs: 3,
         }
     }
 }
 
 pub fn run(args: &PipelineArgs) -> Result<()> {
-    if args.mib == 0 || args.mib > 16 << 10 || args.dirty_percent > 100 || args.window == 0 {
-        bail!("--mib must be 1..=16384, --dirty-percent at most 100, --window at least 1");
+    if args.mib == 0 || args.mib > 16 << 10 || args.dirty_percent > 100 || args.window == 0 || args.runs == 0 {
+        bail!("--mib must be 1..=16384, --dirty-percent at most 100, --window and --runs at least 1");
     }
     if args.lab {
         return via_lab(args);
@@ -79,13 +84,46 @@ pub fn run(args: &PipelineArgs) -> Result<()> {
     let snapshots = read_snapshots(&args.snapshots)?;
     for mix in Mix::ALL.into_iter().filter(|m| args.mixes.iter().any(|&a| Mix::from(a) == *m)) {
         let params = Params { mib: args.mib, epochs: args.epochs, dirty_percent: args.dirty_percent, window: args.window, mix };
-        print(mix.describe(), args, &measure(params)?);
+        let runs = (0..args.runs).map(|_| measure(params)).collect::<Result<Vec<_>, _>>()?;
+        print(mix.describe(), args, &runs);
     }
     for (path, snapshot) in snapshots {
         let what = format!("guest memory from {}", path.display());
-        print(&what, args, &measure_region(memory_of(&snapshot), args.epochs, args.dirty_percent, args.window)?);
+        let memory = memory_of(&snapshot);
+        let runs = (0..args.runs)
+            .map(|_| measure_region(memory.clone(), args.epochs, args.dirty_percent, args.window))
+            .collect::<Result<Vec<_>, _>>()?;
+        print(&what, args, &runs);
     }
     Ok(())
+}
+
+/// The median of a figure over the runs.
+fn median<T: Copy + Ord>(runs: &[Figures], figure: impl Fn(&Figures) -> T) -> T {
+    let mut all: Vec<T> = runs.iter().map(figure).collect();
+    all.sort_unstable();
+    all[all.len() / 2]
+}
+
+/// Each phase's figures as their medians over the runs (each figure on its own).
+fn medians(runs: &[Figures]) -> Figures {
+    let phase = |p: fn(&Figures) -> &Phase| Phase {
+        pages: median(runs, |f| p(f).pages),
+        wire: median(runs, |f| p(f).wire),
+        pipeline: median(runs, |f| p(f).pipeline),
+        pipeline_cpu: median(runs, |f| p(f).pipeline_cpu),
+        pipeline_faults: median(runs, |f| p(f).pipeline_faults),
+        quinn: median(runs, |f| p(f).quinn),
+        quinn_cpu: median(runs, |f| p(f).quinn_cpu),
+        quinn_faults: median(runs, |f| p(f).quinn_faults),
+    };
+    Figures {
+        pages_in_region: runs[0].pages_in_region,
+        sync: phase(|f| &f.sync),
+        steady: phase(|f| &f.steady),
+        memcpy: median(runs, |f| f.memcpy),
+        tcp: median(runs, |f| f.tcp),
+    }
 }
 
 /// The guest RAM a snapshot holds, as one flat region by guest-physical address (the
@@ -117,11 +155,13 @@ fn via_lab(args: &PipelineArgs) -> Result<()> {
     in_the_lab_sh(&script, Duration::from_secs(1800))
 }
 
-fn print(what: &str, args: &PipelineArgs, f: &Figures) {
+fn print(what: &str, args: &PipelineArgs, runs: &[Figures]) {
+    let f = &medians(runs);
     println!(
-        "pipeline, {what}: {} MiB region, window {}, same run",
+        "pipeline, {what}: {} MiB region, window {}, the median of {} runs, the paths taking turns",
         (f.pages_in_region * PAGE_SIZE as u64) >> 20,
-        args.window
+        args.window,
+        runs.len()
     );
     println!("{:<38} {:>9} {:>8} {:>11} {:>9} {:>9} {:>9}", "path", "ms", "GiB/s", "pages/s", "vs memcpy", "CPU ms", "faults");
     let row = |name: &str, pages: u64, t: Duration, cpu: Option<(Duration, u64)>| {
@@ -149,12 +189,19 @@ fn print(what: &str, args: &PipelineArgs, f: &Figures) {
         row("  memcpy, one thread", f.steady.pages, f.memcpy, None);
         row("  loopback TCP (tokio)", f.steady.pages, f.tcp, None);
     }
-    for (name, p) in phases.iter().filter(|(_, p)| p.pages > 0) {
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    for (i, (name, p)) in phases.iter().enumerate().filter(|(_, (_, p))| p.pages > 0) {
         let name = name.split(',').next().unwrap_or_default();
+        let each: Vec<String> = runs
+            .iter()
+            .map(|r| if i == 0 { &r.sync } else { &r.steady })
+            .map(|r| format!("{:.2}", ratio(r.quinn, r.pipeline)))
+            .collect();
         println!(
-            "{name}: pipeline/plain QUIC {:.3} in time, {:.3} in CPU; bytes on the wire per page {:.0}",
-            p.quinn.as_secs_f64() / p.pipeline.as_secs_f64(),
-            p.quinn_cpu.as_secs_f64() / p.pipeline_cpu.as_secs_f64(),
+            "{name}: pipeline/plain QUIC {:.3} in time (runs: {}), {:.3} in CPU; bytes on the wire per page {:.0}",
+            ratio(p.quinn, p.pipeline),
+            each.join(" "),
+            ratio(p.quinn_cpu, p.pipeline_cpu),
             p.wire as f64 / p.pages as f64
         );
     }

@@ -77,6 +77,57 @@ impl Image {
     /// that are all zeros and have no bytes in `data`, and the bytes are in pieces
     /// (each a whole number of pages), as a standby received them.
     pub fn apply_marked<D: AsRef<[u8]>>(&mut self, kind: Kind, addresses: &[u64], zero: &[bool], data: &[D], state: &[u8]) -> Result<(), SnapshotError> {
+        self.check(addresses, zero, data)?;
+        let state = self.machine_state(state)?;
+        if kind == Kind::Full {
+            self.empty()?;
+        }
+        let wrote_blocks = self.write(addresses, zero, data, kind == Kind::Full)?;
+        self.settle(state, wrote_blocks || kind == Kind::Full)
+    }
+
+    /// Empties the image for a full capture laid down batch by batch as it arrives
+    /// ([`Image::lay`], then [`Image::finish`]): a standby's first, which no earlier
+    /// capture stands behind, so there is nothing to keep and no need to hold the
+    /// whole guest aside until it is complete. The image is not restorable until
+    /// [`Image::finish`].
+    pub fn clear(&mut self) -> Result<(), SnapshotError> {
+        self.state = None;
+        self.empty()
+    }
+
+    /// Lays a batch of the full capture begun with [`Image::clear`]: pages marked zero
+    /// are left as the clearing left them.
+    pub fn lay<D: AsRef<[u8]>>(&mut self, addresses: &[u64], zero: &[bool], data: &[D]) -> Result<(), SnapshotError> {
+        if self.state.is_some() {
+            return Err(SnapshotError::Corrupt("pages laid on an image that holds a capture".into()));
+        }
+        self.check(addresses, zero, data)?;
+        self.write(addresses, zero, data, true).map(drop)
+    }
+
+    /// Completes the capture laid down since [`Image::clear`] with its machine state.
+    pub fn finish(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let state = self.machine_state(state)?;
+        self.settle(state, true)
+    }
+
+    fn empty(&mut self) -> Result<(), SnapshotError> {
+        self.ram.zero()?;
+        self.disks.zero().map_err(|e| SnapshotError::Disk(format!("clearing the disks: {e}")))
+    }
+
+    fn machine_state(&self, state: &[u8]) -> Result<MachineState, SnapshotError> {
+        let state: MachineState = codec::decode(state)?;
+        if state.mem_mib != self.mem_mib {
+            return Err(SnapshotError::Corrupt(format!("state of a {} MiB VM for a {} MiB image", state.mem_mib, self.mem_mib)));
+        }
+        Ok(state)
+    }
+
+    /// Everything is checked before anything is written, so a bad capture leaves the
+    /// image as it was.
+    fn check<D: AsRef<[u8]>>(&self, addresses: &[u64], zero: &[bool], data: &[D]) -> Result<(), SnapshotError> {
         if !zero.is_empty() && zero.len() != addresses.len() {
             return Err(SnapshotError::Corrupt(format!("{} zero marks for {} pages", zero.len(), addresses.len())));
         }
@@ -85,30 +136,27 @@ impl Image {
         if len != with_bytes * PAGE || data.iter().any(|d| d.as_ref().len() % PAGE != 0) {
             return Err(SnapshotError::Corrupt(format!("{len} bytes for {with_bytes} pages")));
         }
-        let state: MachineState = codec::decode(state)?;
-        if state.mem_mib != self.mem_mib {
-            return Err(SnapshotError::Corrupt(format!("state of a {} MiB VM for a {} MiB image", state.mem_mib, self.mem_mib)));
-        }
         if let Some(a) = addresses.iter().find(|&&a| !self.holds(a)) {
             return Err(SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")));
         }
-        if kind == Kind::Full {
-            self.ram.zero()?;
-            self.disks.zero().map_err(|e| SnapshotError::Disk(format!("clearing the disks: {e}")))?;
-        }
+        Ok(())
+    }
+
+    /// Writes checked pages; a zero page is skipped on an image `cleared` for them.
+    /// Returns whether any disk block was written.
+    fn write<D: AsRef<[u8]>>(&mut self, addresses: &[u64], zero: &[bool], data: &[D], cleared: bool) -> Result<bool, SnapshotError> {
         static ZEROS: [u8; PAGE] = [0; PAGE];
         let mem = self.ram.memory();
         let mut pages = data.iter().flat_map(|d| d.as_ref().chunks_exact(PAGE));
         let mut wrote_blocks = false;
         for (i, &a) in addresses.iter().enumerate() {
             let page = if zero.get(i).copied().unwrap_or(false) {
-                // A full capture's image starts cleared.
-                if kind == Kind::Full {
+                if cleared {
                     continue;
                 }
                 &ZEROS[..]
             } else {
-                // Counted above: there is one.
+                // Counted by `check`: there is one.
                 pages.next().unwrap_or(&ZEROS[..])
             };
             if a >= DISK_SPACE {
@@ -119,9 +167,14 @@ impl Image {
             mem.write_slice(page, GuestAddress(a))
                 .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))?;
         }
-        // The epoch is acknowledged after this returns: the blocks it wrote are on
-        // the standby's stable storage by then, as the durability point promises.
-        if wrote_blocks || kind == Kind::Full && !self.disks.is_empty() {
+        Ok(wrote_blocks)
+    }
+
+    /// Takes `state` as the machine's, once the disk blocks written (if `blocks`) are
+    /// on the standby's stable storage: the epoch is acknowledged after this returns,
+    /// as the durability point promises.
+    fn settle(&mut self, state: MachineState, blocks: bool) -> Result<(), SnapshotError> {
+        if blocks && !self.disks.is_empty() {
             self.disks.sync().map_err(|e| SnapshotError::Disk(format!("syncing the disks: {e}")))?;
         }
         self.state = Some(state);
@@ -208,6 +261,24 @@ mod tests {
         let snap = image.to_snapshot().unwrap();
         assert_eq!(snap.page_at(0x1000).unwrap(), &[1u8; PAGE][..]);
         assert_eq!(snap.state.vm.clock.clock, 1);
+    }
+
+    #[test]
+    fn a_full_capture_laid_batch_by_batch_is_restorable_only_once_finished() {
+        let mut image = Image::new(16).unwrap();
+        image.apply(Kind::Delta, &[0x1000], &[9u8; PAGE], &state(16, 1)).unwrap();
+        assert!(image.lay(&[0x2000], &[], &[&[5u8; PAGE][..]]).is_err(), "not over a capture");
+        image.clear().unwrap();
+        assert!(!image.is_complete());
+        image.lay(&[0x2000, 0x3000], &[false, true], &[&[5u8; PAGE][..]]).unwrap();
+        image.lay(&[0x4000], &[], &[&[6u8; PAGE][..]]).unwrap();
+        assert!(image.lay(&[0x1001], &[], &[&[6u8; PAGE][..]]).is_err(), "unaligned");
+        assert!(!image.is_complete() && image.to_snapshot().is_err());
+        image.finish(&state(16, 2)).unwrap();
+        let snap = image.to_snapshot().unwrap();
+        assert_eq!(snap.pages, vec![0x2000, 0x4000], "what the clearing left, and the batches");
+        assert_eq!(snap.data, [[5u8; PAGE], [6u8; PAGE]].concat());
+        assert_eq!(snap.state.vm.clock.clock, 2);
     }
 
     #[test]
