@@ -118,6 +118,21 @@ impl Staging {
     }
 }
 
+/// Keeps the largest of `spares`, at most [`SPARES`] of them and `budget` bytes in all.
+fn keep_spares(spares: &mut Vec<Vec<u8>>, budget: usize) {
+    spares.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+    let mut kept = 0;
+    let keep = spares
+        .iter()
+        .take(SPARES)
+        .take_while(|b| {
+            kept += b.capacity();
+            kept <= budget
+        })
+        .count();
+    spares.truncate(keep);
+}
+
 /// What a brief pause does, to find out which part of an epoch's work a host cannot
 /// stand (the lab's bisection in docs/lab.md). Replication always does `Capture`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,16 +182,16 @@ impl Vm {
     }
 
     /// Takes back a delta snapshot's page data once it is no longer needed, for a
-    /// later delta to be copied into. At most [`SPARES`] are kept, the largest; a
-    /// buffer larger than a quarter of the guest's memory is let go: deltas that large
-    /// are rare, and the memory is better free.
+    /// later delta to be copied into. At most [`SPARES`] are kept, the largest, and no
+    /// more than a quarter of the guest's memory in all: deltas that large are rare,
+    /// and the memory is better free than kept for a burst that has passed.
     pub fn recycle(&mut self, data: Vec<u8>) {
-        if data.capacity() == 0 || data.capacity() as u64 > (self.memory_mib() << 20) / 4 {
+        let budget = (self.memory_mib() << 20) as usize / 4;
+        if data.capacity() == 0 || data.capacity() > budget {
             return;
         }
         self.spares.push(data);
-        self.spares.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
-        self.spares.truncate(SPARES);
+        keep_spares(&mut self.spares, budget);
     }
 
     /// Captures the whole machine and lets it run on (a VM the operator paused stays
@@ -343,6 +358,19 @@ impl Vm {
 mod tests {
     use super::*;
     use vm_memory::GuestAddress;
+
+    #[test]
+    fn spare_buffers_are_the_largest_few_within_the_budget() {
+        let sized = |sizes: &[usize]| sizes.iter().map(|&n| Vec::<u8>::with_capacity(n)).collect::<Vec<_>>();
+        let capacities = |spares: &[Vec<u8>]| spares.iter().map(Vec::capacity).collect::<Vec<_>>();
+        let mut spares = sized(&[10, 40, 20, 30, 50, 60, 5]);
+        keep_spares(&mut spares, 1000);
+        assert_eq!(capacities(&spares), [60, 50, 40, 30, 20], "at most five, the largest");
+        keep_spares(&mut spares, 120);
+        assert_eq!(capacities(&spares), [60, 50], "no more than the budget in all");
+        keep_spares(&mut spares, 10);
+        assert!(spares.is_empty());
+    }
 
     #[test]
     fn staging_keeps_the_latest_copy_and_drops_zero_pages_only_when_asked() {
