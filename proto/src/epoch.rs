@@ -14,8 +14,8 @@ pub struct Epoch {
     pub number: u64,
     pub kind: Option<EpochKind>,
     pub addresses: Vec<u64>,
-    /// The pages' bytes, one page after another: every page's, or on a standby, that of
-    /// each page `zero` does not mark.
+    /// On a primary, every page's bytes, one page after another. A standby holds its
+    /// pages' bytes in `received` instead.
     pub data: Vec<u8>,
     /// On a standby, the bytes of the pages `zero` does not mark, as they arrived: the
     /// frames that carried them (or their decompression), each a whole number of pages,
@@ -26,7 +26,7 @@ pub struct Epoch {
     /// the state is left to apply.
     pub laid: bool,
     /// Per address, on a standby: whether the page came as a zero marker, and so is all
-    /// zeros and has no bytes in `data`. Empty: every page has its bytes there. Staging
+    /// zeros and has no bytes held. Empty: every page has its bytes held. Staging
     /// a marker as 4 KiB of zeros cost a fill and a copy per page (most of a booting
     /// guest's pages).
     pub zero: Vec<bool>,
@@ -60,6 +60,12 @@ impl Epoch {
     /// The bytes of each page not marked zero, in order, wherever they are held.
     pub fn page_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
         self.data.chunks_exact(PAGE_SIZE).chain(self.received.iter().flat_map(|r| r.chunks_exact(PAGE_SIZE)))
+    }
+
+    /// The pages' bytes in the pieces they are held in, `data` first: what an image
+    /// takes to apply them.
+    pub fn pieces(&self) -> Vec<&[u8]> {
+        std::iter::once(&self.data[..]).filter(|d| !d.is_empty()).chain(self.received.iter().map(|r| &r[..])).collect()
     }
 
     /// Bytes of the pages held, `data` and `received` together.

@@ -65,8 +65,9 @@ pub enum Queued {
     Moot,
 }
 
-/// An epoch encoded for the wire, frames with their headers: built once, outside any
-/// lock the network side needs (compressing a large epoch takes long on a slow host),
+/// An epoch encoded for the wire, as the chunks that go on the stream one after the
+/// other (frames with their headers, raw pages as slices of the capture): built once,
+/// off the network thread (compressing a large epoch takes long on a slow host),
 /// handed to QUIC without a copy, and sent again as it is after a reconnection.
 #[derive(Clone, Debug)]
 pub struct Encoded {

@@ -324,23 +324,16 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                                 return Err(SnapshotError::Corrupt("the image already runs as the guest".into()));
                             };
                             match event {
-                                Event::Lay(pages) => {
-                                    let data: Vec<&[u8]> = pages.received.iter().map(|r| &r[..]).collect();
-                                    image.lay(&pages.addresses, &pages.zero, &data).map(|()| pages.page_data_len())
-                                }
+                                Event::Lay(pages) => image.lay(&pages.addresses, &pages.zero, &pages.pieces()).map(|()| pages.page_data_len()),
                                 _ => image.clear().map(|()| 0),
                             }
                         })
                         .await;
-                        match laid {
-                            Ok(Ok(bytes)) => laid_bytes += bytes,
-                            Ok(Err(e)) => {
-                                lock(&state).machine.revert(committed);
-                                return Err(Ended::Dropped(format!("the first full epoch cannot be laid in the image: {e}")));
-                            }
+                        match laid.map_err(|e| e.to_string()).and_then(|laid| laid.map_err(|e| e.to_string())) {
+                            Ok(bytes) => laid_bytes += bytes,
                             Err(e) => {
                                 lock(&state).machine.revert(committed);
-                                return Err(Ended::Dropped(format!("the first full epoch could not be laid in the image: {e}")));
+                                return Err(Ended::Dropped(format!("the first full epoch cannot be laid in the image: {e}")));
                             }
                         }
                     }
@@ -357,10 +350,7 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                             let mut held = image.lock().unwrap_or_else(|e| e.into_inner());
                             let applied = match held.as_mut() {
                                 Some(image) if epoch.laid => image.finish(&epoch.state),
-                                Some(image) => {
-                                    let data: Vec<&[u8]> = std::iter::once(&epoch.data[..]).chain(epoch.received.iter().map(|r| &r[..])).collect();
-                                    image.apply_marked(kind, &epoch.addresses, &epoch.zero, &data, &epoch.state)
-                                }
+                                Some(image) => image.apply_marked(kind, &epoch.addresses, &epoch.zero, &epoch.pieces(), &epoch.state),
                                 None => Err(SnapshotError::Corrupt("the image already runs as the guest".into())),
                             };
                             // The image is now the guest as of the epoch's pause, where
