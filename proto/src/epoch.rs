@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use crate::message::{EpochKind, Frame, Message, MAX_BATCH_PAGES, MAX_OUTPUT_BYTES, PAGE_SIZE};
 use crate::verify::Verify;
-use crate::{frame, pages, ProtoError};
+use crate::{buffers, frame, pages, ProtoError};
 
 /// What an epoch carries: pages (an address may repeat; the later copy wins) and the
 /// machine state as of the epoch's pause.
@@ -100,8 +100,8 @@ impl Epoch {
     /// [`Epoch::encode`], taking the pages' buffer out of the epoch rather than copying
     /// it: the frames carry slices of it, and once the last of them is dropped it goes
     /// to `give_back` (if any), to be filled again.
-    pub fn encode_taking(&mut self, generation: u64, give_back: Option<&pages::GiveBack>) -> Result<(Vec<Bytes>, usize), ProtoError> {
-        let data = pages::lend(std::mem::take(&mut self.data), give_back);
+    pub fn encode_taking(&mut self, generation: u64, give_back: Option<&buffers::GiveBack>) -> Result<(Vec<Bytes>, usize), ProtoError> {
+        let data = buffers::lend(std::mem::take(&mut self.data), give_back);
         self.encode_pages_of(generation, data)
     }
 

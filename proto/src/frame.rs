@@ -3,9 +3,9 @@
 //! the payload being one encoded [`Frame`]. The length is checked against the limit
 //! before anything is allocated or awaited.
 
-use std::sync::{Arc, Mutex};
-
 use bytes::{Bytes, BytesMut};
+
+use crate::buffers::Pool;
 
 use crate::codec;
 use crate::message::Frame;
@@ -70,64 +70,31 @@ pub fn encode_split(size_hint: usize, write: impl FnOnce(&mut Vec<u8>), tail: Ve
     Ok(chunks)
 }
 
-/// A frame at least this long is assembled in a buffer of its own from [`BufferPool`]:
+/// A frame at least this long is assembled in a buffer of its own from a pool:
 /// a batch of pages, whose bytes a standby keeps (staged, not copied) until its epoch
 /// commits.
 const LARGE_FRAME: usize = 64 << 10;
-/// Buffers [`BufferPool`] keeps for later frames: about 64 MiB of full batches, what a
+/// Buffers the decoder's pool keeps for later frames: about 64 MiB of full batches, what a
 /// steady stream of deltas keeps staged at once on a guest of a few hundred MiB.
 const POOLED_BUFFERS: usize = 32;
 
-/// Buffers of large frames, back once nothing points into them any more. Fresh memory
-/// faults in a page at a time, which cost more than the copy into it did, and the
-/// allocator hands a freed epoch's worth of frames back to the kernel.
-#[derive(Clone, Default)]
-struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
-
-struct Pooled {
-    buffer: Vec<u8>,
-    pool: BufferPool,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buffer
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let mut free = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < POOLED_BUFFERS {
-            free.push(std::mem::take(&mut self.buffer));
-        }
-    }
-}
-
-impl BufferPool {
-    /// An empty buffer with room for `len` bytes.
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut buffer = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-        buffer.clear();
-        buffer.reserve_exact(len);
-        buffer
-    }
-
-    fn share(&self, buffer: Vec<u8>) -> Bytes {
-        Bytes::from_owner(Pooled { buffer, pool: self.clone() })
-    }
-}
-
 /// Collects bytes as they arrive and yields whole frames. After an error the stream is
 /// unusable: the connection must be dropped.
-#[derive(Default)]
 pub struct Decoder {
     /// Bytes received and not yet handed out as frames (nor taken into `large`); a
     /// frame taken leaves from the front without moving what follows.
     buf: BytesMut,
     /// A large frame being assembled, header included, and its whole length.
     large: Option<(Vec<u8>, usize)>,
-    pool: BufferPool,
+    /// Buffers of large frames: the allocator hands a freed epoch's worth of frames
+    /// back to the kernel, and faulting them in again cost more than the copy into them.
+    pool: Pool,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self { buf: BytesMut::new(), large: None, pool: Pool::new(POOLED_BUFFERS) }
+    }
 }
 
 impl Decoder {

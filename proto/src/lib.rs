@@ -9,6 +9,7 @@
 //! standby acknowledges each one it has verified and applied ([`standby`], [`primary`]);
 //! both send heartbeats ([`liveness`]).
 
+pub mod buffers;
 pub mod codec;
 pub mod epoch;
 pub mod frame;

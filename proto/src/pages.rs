@@ -7,10 +7,9 @@
 //! read: garbage, truncated or overlong compressed data is an error, and can never make
 //! it allocate more than the batch's pages.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
+use crate::buffers::Pool;
 use crate::epoch::EpochHasher;
 use crate::message::{Compression, Frame, Message, MAX_BATCH_PAGES, PAGE_SIZE};
 use crate::{codec, frame, ProtoError};
@@ -42,37 +41,6 @@ pub fn is_zero(page: &[u8]) -> bool {
         unsafe { page.align_to::<u64>() }
     };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
-/// Where a buffer of pages lent to the frames that carry them goes once the last of
-/// those frames is dropped (the standby acknowledged them and QUIC sent them): back to
-/// whoever captures the next epoch, to be filled again rather than mapped afresh.
-pub type GiveBack = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
-
-struct Lent {
-    data: Vec<u8>,
-    back: GiveBack,
-}
-
-impl AsRef<[u8]> for Lent {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        (self.back)(std::mem::take(&mut self.data));
-    }
-}
-
-/// `data` as shared bytes that frames can slice, handed to `back` (if any) once no
-/// slice of it is left.
-pub fn lend(data: Vec<u8>, back: Option<&GiveBack>) -> Bytes {
-    match back {
-        Some(back) => Bytes::from_owner(Lent { data, back: back.clone() }),
-        None => Bytes::from(data),
-    }
 }
 
 /// Encodes an epoch's page batches as frames of one generation, straight from where
@@ -187,14 +155,14 @@ impl BatchEncoder {
 }
 
 /// The raw pages of a batch that came as `data`: the very bytes when raw, with no copy,
-/// else decompressed into a buffer of exactly `pages` pages.
-pub fn decode(pages: usize, compression: Compression, data: Bytes) -> Result<Bytes, ProtoError> {
+/// else decompressed into a buffer of exactly `pages` pages from `pool`.
+pub(crate) fn decode(pages: usize, compression: Compression, data: Bytes, pool: &Pool) -> Result<Bytes, ProtoError> {
     match compression {
         Compression::None if data.len() == pages * PAGE_SIZE => Ok(data),
         _ => {
-            let mut out = Vec::new();
+            let mut out = pool.take(pages * PAGE_SIZE);
             decode_into(pages, compression, &data, &mut out)?;
-            Ok(Bytes::from(out))
+            Ok(pool.share(out))
         }
     }
 }

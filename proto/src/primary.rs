@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::epoch::Epoch;
 use crate::handshake::Identity;
 use crate::message::{EpochKind, Frame, Message};
-use crate::pages::GiveBack;
+use crate::buffers::GiveBack;
 use crate::standby::name;
 use crate::ProtoError;
 

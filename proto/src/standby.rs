@@ -6,6 +6,7 @@
 //! keep, and staging a whole guest would double the standby's memory. Until its commit
 //! the image is not a guest anyone can resume.
 
+use crate::buffers::Pool;
 use crate::epoch::{Epoch, EpochHasher};
 use crate::handshake::Identity;
 use crate::message::{EpochKind, Frame, Message};
@@ -80,6 +81,10 @@ pub struct Console {
     pub unreleased: Vec<u8>,
 }
 
+/// Decoding buffers kept for later batches: 64 MiB of full ones, as many as the frame
+/// decoder keeps of frames.
+const DECODED_BUFFERS: usize = 32;
+
 pub struct Standby {
     identity: Identity,
     committed: Option<u64>,
@@ -92,6 +97,8 @@ pub struct Standby {
     /// Pages in the last epoch committed: the next one is staged in room for as many,
     /// rather than grown (and copied) batch by batch.
     last_pages: usize,
+    /// Buffers compressed batches are decoded into, back once the epoch is applied.
+    decoded: Pool,
     /// The addresses of an applied delta handed back by [`Standby::recycle`], to stage
     /// the next epoch's in. Its pages' bytes are the frames' own (see [`Epoch::received`]),
     /// whose buffers the frame decoder keeps for later frames.
@@ -109,6 +116,7 @@ impl Standby {
             phase: Phase::AwaitingHello,
             staging: None,
             last_pages: 0,
+            decoded: Pool::new(DECODED_BUFFERS),
             spare: Vec::new(),
         }
     }
@@ -253,8 +261,9 @@ impl Standby {
                 Ok(if laid { vec![Event::Clear] } else { vec![] })
             }
             Message::Pages { epoch, addresses, compression, data } => {
-                let (staged, hasher) = self.staged(epoch).map_err(|e| (e, None))?;
-                let raw = pages::decode(addresses.len(), compression, data).map_err(|e| (e, None))?;
+                self.staged(epoch).map_err(|e| (e, None))?;
+                let raw = pages::decode(addresses.len(), compression, data, &self.decoded).map_err(|e| (e, None))?;
+                let (staged, hasher) = self.staging.as_mut().expect("checked just above");
                 hasher.pages(&addresses, &raw);
                 staged.addresses.extend_from_slice(&addresses);
                 if staged.laid {

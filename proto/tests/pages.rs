@@ -8,7 +8,8 @@ use common::Rng;
 use tandem_proto::epoch::{Epoch, EpochHasher};
 use tandem_proto::frame::Decoder;
 use tandem_proto::message::{Compression, EpochKind, Message, MAX_BATCH_PAGES, PAGE_SIZE};
-use tandem_proto::pages::{decode_into, BatchEncoder, GiveBack};
+use tandem_proto::buffers::GiveBack;
+use tandem_proto::pages::{decode_into, BatchEncoder};
 
 /// One batch's messages, as the receiver decodes them from the frames sent.
 fn encode_batch(epoch: u64, addresses: &[u64], data: &[u8], compress: bool, hasher: &mut EpochHasher) -> Vec<Message> {

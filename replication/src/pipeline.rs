@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity as ProtoIdentity;
 use tandem_proto::message::{EpochKind, Role, PAGE_SIZE};
-use tandem_proto::pages::GiveBack;
+use tandem_proto::buffers::GiveBack;
 use tandem_proto::primary::{self, Primary};
 use tandem_proto::standby::{self, Standby};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

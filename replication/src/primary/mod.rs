@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
-use tandem_proto::pages::GiveBack;
+use tandem_proto::buffers::GiveBack;
 use tandem_proto::primary::Primary;
 use tandem_proto::role::primary::{Mode, PrimaryRole};
 use tandem_proto::sent::{Pending, SentPages, Skipped};
