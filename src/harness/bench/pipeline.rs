@@ -144,11 +144,12 @@ fn memory_of(snapshot: &Snapshot) -> Vec<u8> {
 /// there on its memory, beside the synthetic mixes (lab figures are ratios).
 fn via_lab(args: &PipelineArgs) -> Result<()> {
     let then = format!(
-        "tandem bench pipeline --mib {} --epochs {} --dirty-percent {} --window {} --mixes {} --snapshot booted.snap",
+        "tandem bench pipeline --mib {} --epochs {} --dirty-percent {} --window {} --runs {} --mixes {} --snapshot booted.snap",
         args.mib,
         args.epochs,
         args.dirty_percent,
         args.window,
+        args.runs,
         args.mixes.iter().map(|m| m.to_possible_value().map_or(String::new(), |v| v.get_name().to_string())).collect::<Vec<_>>().join(",")
     );
     let script = snapshots_then(&[("booted", 1)], &then);
