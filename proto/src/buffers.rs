@@ -27,6 +27,17 @@ impl Drop for Lent {
     }
 }
 
+/// A [`GiveBack`] that sends each buffer to the receiver returned with it, for whoever
+/// fills the buffers again to take back when it is ready (a receiver gone, a buffer is
+/// simply freed).
+pub fn returned() -> (GiveBack, std::sync::mpsc::Receiver<Vec<u8>>) {
+    let (back, returned) = std::sync::mpsc::channel();
+    let give_back: GiveBack = Arc::new(move |buffer| {
+        let _ = back.send(buffer);
+    });
+    (give_back, returned)
+}
+
 /// `data` as shared bytes that can be sliced, handed to `back` (if any) once no slice
 /// of it is left.
 pub fn lend(data: Vec<u8>, back: Option<&GiveBack>) -> Bytes {

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::buffers::GiveBack;
 use crate::epoch::Epoch;
 use crate::handshake::Identity;
 use crate::message::{EpochKind, Frame, Message};
-use crate::buffers::GiveBack;
 use crate::standby::name;
 use crate::ProtoError;
 

@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use tandem_proto::buffers::{self, GiveBack};
 use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity;
 use tandem_proto::message::EpochKind;
-use tandem_proto::buffers::GiveBack;
 use tandem_proto::primary::Primary;
 use tandem_proto::role::primary::{Mode, PrimaryRole};
 use tandem_proto::sent::{Pending, SentPages, Skipped};
@@ -178,11 +178,7 @@ impl Protector {
         let generation = config.identity.generation;
         let machine = Primary::new(config.identity, config.window);
         let (tell, told) = mpsc::channel();
-        let (back, returned) = mpsc::channel();
-        let give_back: GiveBack = Arc::new(move |buffer| {
-            // The VM thread gone, the buffer is simply freed.
-            let _ = back.send(buffer);
-        });
+        let (give_back, returned) = buffers::returned();
         let waker = Arc::new(OnceLock::new());
         let link = LinkView::new(told, machine.tickets(), config.window);
         let outputs = Outputs::default();

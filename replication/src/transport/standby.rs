@@ -244,6 +244,13 @@ async fn run(
     }
 }
 
+/// Runs `work` on the standby's image, unless a takeover has handed it to the guest.
+fn on_image<T>(image: &SharedImage, work: impl FnOnce(&mut Image) -> Result<T, SnapshotError>) -> Result<T, SnapshotError> {
+    let mut held = image.lock().unwrap_or_else(|e| e.into_inner());
+    let image = held.as_mut().ok_or_else(|| SnapshotError::Corrupt("the image already runs as the guest".into()))?;
+    work(image)
+}
+
 /// Why a primary's connection ended, short of its goodbye.
 enum Ended {
     /// The protocol machine turned the primary down (the refusal went out to it).
@@ -319,14 +326,10 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         // network thread, as an apply is.
                         let image = image.clone();
                         let laid = tokio::task::spawn_blocking(move || {
-                            let mut held = image.lock().unwrap_or_else(|e| e.into_inner());
-                            let Some(image) = held.as_mut() else {
-                                return Err(SnapshotError::Corrupt("the image already runs as the guest".into()));
-                            };
-                            match event {
+                            on_image(&image, |image| match event {
                                 Event::Lay(pages) => image.lay(&pages.addresses, &pages.zero, &pages.pieces()).map(|()| pages.page_data_len()),
                                 _ => image.clear().map(|()| 0),
-                            }
+                            })
                         })
                         .await;
                         match laid.map_err(|e| e.to_string()).and_then(|laid| laid.map_err(|e| e.to_string())) {
@@ -347,42 +350,37 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                         lock(&state).applying = true;
                         let applied = tokio::task::spawn_blocking(move || {
                             let kind = if full { Kind::Full } else { Kind::Delta };
-                            let mut held = image.lock().unwrap_or_else(|e| e.into_inner());
-                            let applied = match held.as_mut() {
-                                Some(image) if epoch.laid => image.finish(&epoch.state),
-                                Some(image) => image.apply_marked(kind, &epoch.addresses, &epoch.zero, &epoch.pieces(), &epoch.state),
-                                None => Err(SnapshotError::Corrupt("the image already runs as the guest".into())),
-                            };
-                            // The image is now the guest as of the epoch's pause, where
-                            // the primary took its digest.
-                            let checked = match (&applied, held.as_ref(), epoch.verify) {
-                                (Ok(()), Some(image), Some(v)) => {
-                                    let same = image.slices().read(v.first, v.pages).map(|b| verify::digest(&b) == v.digest);
-                                    Some((v, same.unwrap_or(false)))
+                            // The replica check, if the epoch named one: the image is
+                            // then the guest as of the epoch's pause, where the primary
+                            // took its digest.
+                            let checked = on_image(&image, |image| {
+                                if epoch.laid {
+                                    image.finish(&epoch.state)?;
+                                } else {
+                                    image.apply_marked(kind, &epoch.addresses, &epoch.zero, &epoch.pieces(), &epoch.state)?;
                                 }
-                                _ => None,
-                            };
-                            drop(held);
-                            ((applied, checked), epoch)
+                                Ok(epoch.verify.map(|v| {
+                                    let same = image.slices().read(v.first, v.pages).map(|b| verify::digest(&b) == v.digest);
+                                    (v, same.unwrap_or(false))
+                                }))
+                            });
+                            (checked, epoch)
                         })
                         .await;
-                        let (applied, checked) = {
+                        let applied = {
                             let mut s = lock(&state);
                             s.applying = false;
                             if s.judging {
                                 let now = s.zero.elapsed();
                                 s.liveness.heard(now);
                             }
-                            match applied {
-                                Ok(((applied, checked), epoch)) => {
-                                    s.machine.recycle(epoch);
-                                    (Ok(applied), checked)
-                                }
-                                Err(e) => (Err(e), None),
-                            }
+                            applied.map(|(checked, epoch)| {
+                                s.machine.recycle(epoch);
+                                checked
+                            })
                         };
                         match applied {
-                            Ok(Ok(())) => {
+                            Ok(Ok(checked)) => {
                                 let _ = reports.send(Report::Applied { epoch: number, full, pages, bytes });
                                 if let Some((v, same)) = checked {
                                     let _ = reports.send(Report::Checked { epoch: number, first: v.first, pages: v.pages, same });
