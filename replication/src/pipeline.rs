@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity as ProtoIdentity;
 use tandem_proto::message::{EpochKind, Role, PAGE_SIZE};
-use tandem_proto::buffers::GiveBack;
+use tandem_proto::buffers;
 use tandem_proto::primary::{self, Primary};
 use tandem_proto::standby::{self, Standby};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use tandem_vmm::memory::HugeBuffer;
+use tandem_vmm::vm::Spares;
 
 use crate::tls;
 use crate::transport::{self, Listener, TransportError};
@@ -328,13 +329,10 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
     let mut phase = Phase::default();
     let (mut start, mut cpu, mut faults) = (Instant::now(), process_cpu(), minor_faults());
     let mut sync = None;
-    // Staging buffers come back once their frames are gone, as the VM's do
-    // (`Vm::recycle`), and are filled again.
-    let (back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
-    let give_back: GiveBack = Arc::new(move |buffer| {
-        let _ = back.send(buffer);
-    });
-    let mut spares: Vec<Vec<u8>> = Vec::new();
+    // Staging buffers come back once their frames are gone and are filled again, kept
+    // as the VM keeps them (`Vm::recycle`: a quarter of the guest's memory in all).
+    let (give_back, returned) = buffers::returned();
+    let mut spares = Spares::new(region.len() / 4);
     let mut epoch = Epoch::default();
     for (i, pages) in plan.iter().enumerate() {
         // Back-pressure: wait for acks while the window is full (or, for the first
@@ -346,11 +344,10 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         epoch.kind = Some(kind);
         epoch.addresses.clear();
         epoch.addresses.extend(pages.iter().map(|&p| (p * PAGE_SIZE) as u64));
-        spares.extend(returned.try_iter());
-        spares.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
-        spares.truncate(5);
-        epoch.data = if spares.is_empty() { Vec::with_capacity(pages.len() * PAGE_SIZE) } else { spares.remove(0) };
+        returned.try_iter().for_each(|buffer| spares.keep(buffer));
+        epoch.data = spares.take();
         epoch.data.clear();
+        epoch.data.reserve_exact(pages.len() * PAGE_SIZE);
         for &p in pages {
             epoch.data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
         }

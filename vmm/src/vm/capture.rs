@@ -118,19 +118,49 @@ impl Staging {
     }
 }
 
-/// Keeps the largest of `spares`, at most [`SPARES`] of them and `budget` bytes in all.
-fn keep_spares(spares: &mut Vec<Vec<u8>>, budget: usize) {
-    spares.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
-    let mut kept = 0;
-    let keep = spares
-        .iter()
-        .take(SPARES)
-        .take_while(|b| {
-            kept += b.capacity();
-            kept <= budget
-        })
-        .count();
-    spares.truncate(keep);
+/// Staging buffers kept for later deltas: copied into memory already mapped rather
+/// than faulting a page at a time while the guest is stopped. Several, because a buffer
+/// comes back only once the frames that carry its pages are gone, and a few epochs are
+/// in flight at once; at most [`SPARES`] of them, the largest, and no more than a budget
+/// in all (a burst of large deltas passes, and the memory is better free).
+pub struct Spares {
+    buffers: Vec<Vec<u8>>,
+    budget: usize,
+}
+
+impl Spares {
+    pub fn new(budget: usize) -> Self {
+        Self { buffers: Vec::new(), budget }
+    }
+
+    /// Keeps `buffer` if it is among the largest that fit the budget.
+    pub fn keep(&mut self, buffer: Vec<u8>) {
+        if buffer.capacity() == 0 || buffer.capacity() > self.budget {
+            return;
+        }
+        self.buffers.push(buffer);
+        self.buffers.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        let mut kept = 0;
+        let keep = self
+            .buffers
+            .iter()
+            .take(SPARES)
+            .take_while(|b| {
+                kept += b.capacity();
+                kept <= self.budget
+            })
+            .count();
+        self.buffers.truncate(keep);
+    }
+
+    /// The largest buffer kept, or a new empty one.
+    pub fn take(&mut self) -> Vec<u8> {
+        if self.buffers.is_empty() {
+            Vec::new()
+        } else {
+            self.buffers.remove(0)
+        }
+    }
 }
 
 /// What a brief pause does, to find out which part of an epoch's work a host cannot
@@ -182,16 +212,10 @@ impl Vm {
     }
 
     /// Takes back a delta snapshot's page data once it is no longer needed, for a
-    /// later delta to be copied into. At most [`SPARES`] are kept, the largest, and no
-    /// more than a quarter of the guest's memory in all: deltas that large are rare,
-    /// and the memory is better free than kept for a burst that has passed.
+    /// later delta to be copied into (see [`Spares`]: a quarter of the guest's memory
+    /// in all).
     pub fn recycle(&mut self, data: Vec<u8>) {
-        let budget = (self.memory_mib() << 20) as usize / 4;
-        if data.capacity() == 0 || data.capacity() > budget {
-            return;
-        }
-        self.spares.push(data);
-        keep_spares(&mut self.spares, budget);
+        self.spares.keep(data);
     }
 
     /// Captures the whole machine and lets it run on (a VM the operator paused stays
@@ -328,8 +352,7 @@ impl Vm {
                 staging
             }
             (Kind::Delta, _) => {
-                let spare = if self.spares.is_empty() { Vec::new() } else { self.spares.remove(0) };
-                let mut staging = Staging::reusing(&dirty, spare);
+                let mut staging = Staging::reusing(&dirty, self.spares.take());
                 staging.copy(&self.ram, &dirty)?;
                 staging
             }
@@ -361,15 +384,15 @@ mod tests {
 
     #[test]
     fn spare_buffers_are_the_largest_few_within_the_budget() {
-        let sized = |sizes: &[usize]| sizes.iter().map(|&n| Vec::<u8>::with_capacity(n)).collect::<Vec<_>>();
-        let capacities = |spares: &[Vec<u8>]| spares.iter().map(Vec::capacity).collect::<Vec<_>>();
-        let mut spares = sized(&[10, 40, 20, 30, 50, 60, 5]);
-        keep_spares(&mut spares, 1000);
-        assert_eq!(capacities(&spares), [60, 50, 40, 30, 20], "at most five, the largest");
-        keep_spares(&mut spares, 120);
-        assert_eq!(capacities(&spares), [60, 50], "no more than the budget in all");
-        keep_spares(&mut spares, 10);
-        assert!(spares.is_empty());
+        let kept = |budget: usize, sizes: &[usize]| {
+            let mut spares = Spares::new(budget);
+            sizes.iter().for_each(|&n| spares.keep(Vec::with_capacity(n)));
+            std::iter::from_fn(|| Some(spares.take().capacity()).filter(|&c| c > 0)).collect::<Vec<_>>()
+        };
+        let sizes = [5, 10, 40, 20, 30, 50, 60];
+        assert_eq!(kept(1000, &sizes), [60, 50, 40, 30, 20], "at most five, the largest");
+        assert_eq!(kept(120, &sizes), [60, 50], "no more than the budget in all");
+        assert!(kept(10, &[60, 50]).is_empty());
     }
 
     #[test]

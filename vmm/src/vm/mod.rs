@@ -22,7 +22,7 @@ use crate::vcpu::{Signal, VcpuError, VcpuSet, VmExit, Waker};
 
 mod capture;
 mod shell;
-pub use capture::PauseWork;
+pub use capture::{PauseWork, Spares};
 pub use shell::{IdleVm, Prepared};
 use shell::Shell;
 
@@ -189,11 +189,8 @@ pub struct Vm {
     msrs: MsrPlan,
     /// The guest's time while the operator holds the VM paused.
     frozen: Option<FrozenTime>,
-    /// Deltas' staging buffers handed back by [`Vm::recycle`]: the next delta is
-    /// copied into memory already mapped, rather than faulting a page at a time while
-    /// the guest is stopped. Several, because a buffer comes back only once the
-    /// frames that carry its pages are gone, and a few epochs are in flight at once.
-    spares: Vec<Vec<u8>>,
+    /// Deltas' staging buffers handed back by [`Vm::recycle`].
+    spares: Spares,
 }
 
 /// The guest's clock and each vCPU's TSC as they were when the operator paused the VM.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{cpuid, check_vcpus, FrozenTime, Vm, VmError};
+use super::{cpuid, check_vcpus, FrozenTime, Spares, Vm, VmError};
 use crate::boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::devices::bus::DeviceBus;
 use crate::devices::serial::{IrqTrigger, SerialPort, COM1_IRQ};
@@ -109,6 +109,7 @@ impl Shell {
         let (exit_tx, exits) = channel();
         let waker = Waker::new(exit_tx.clone());
         let vcpus = VcpuSet::start(frame.vcpus, bus.clone(), exit_tx, frozen.is_some())?;
+        let spares = Spares::new((ram.mem_mib() << 20) as usize / 4);
         Ok(Vm {
             virtio,
             vcpus,
@@ -120,7 +121,7 @@ impl Shell {
             ram,
             msrs: frame.msrs,
             frozen,
-            spares: Vec::new(),
+            spares,
         })
     }
 }
