@@ -330,9 +330,9 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
     let (mut start, mut cpu, mut faults) = (Instant::now(), process_cpu(), minor_faults());
     let mut sync = None;
     // Staging buffers come back once their frames are gone and are filled again, kept
-    // as the VM keeps them (`Vm::recycle`: a quarter of the guest's memory in all).
+    // as the VM keeps them (`Vm::recycle`: at most the guest's memory in all).
     let (give_back, returned) = buffers::returned();
-    let mut spares = Spares::new(region.len() / 4);
+    let mut spares = Spares::new(region.len());
     let mut epoch = Epoch::default();
     for (i, pages) in plan.iter().enumerate() {
         // Back-pressure: wait for acks while the window is full (or, for the first
@@ -345,7 +345,7 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         epoch.addresses.clear();
         epoch.addresses.extend(pages.iter().map(|&p| (p * PAGE_SIZE) as u64));
         returned.try_iter().for_each(|buffer| spares.keep(buffer));
-        epoch.data = spares.take();
+        epoch.data = spares.take(pages.len() * PAGE_SIZE);
         epoch.data.clear();
         epoch.data.reserve_exact(pages.len() * PAGE_SIZE);
         for &p in pages {

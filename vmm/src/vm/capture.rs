@@ -121,16 +121,24 @@ impl Staging {
 /// Staging buffers kept for later deltas: copied into memory already mapped rather
 /// than faulting a page at a time while the guest is stopped. Several, because a buffer
 /// comes back only once the frames that carry its pages are gone, and a few epochs are
-/// in flight at once; at most [`SPARES`] of them, the largest, and no more than a budget
-/// in all (a burst of large deltas passes, and the memory is better free).
+/// in flight at once: at most [`SPARES`] of them, the largest, and no more than a budget
+/// in all. The memory follows what recent deltas needed: a capture takes the smallest
+/// spare that holds it and gives back what it leaves over half unused, and a spare no
+/// capture took for [`IDLE_CAPTURES`] is freed, so that a burst of large deltas costs
+/// no memory once it has passed.
 pub struct Spares {
-    buffers: Vec<Vec<u8>>,
+    /// Largest first, each with the capture count when it came back.
+    buffers: Vec<(Vec<u8>, u64)>,
     budget: usize,
+    captures: u64,
 }
+
+/// Captures a spare may wait unused before it is freed.
+const IDLE_CAPTURES: u64 = 16;
 
 impl Spares {
     pub fn new(budget: usize) -> Self {
-        Self { buffers: Vec::new(), budget }
+        Self { buffers: Vec::new(), budget, captures: 0 }
     }
 
     /// Keeps `buffer` if it is among the largest that fit the budget.
@@ -138,14 +146,14 @@ impl Spares {
         if buffer.capacity() == 0 || buffer.capacity() > self.budget {
             return;
         }
-        self.buffers.push(buffer);
-        self.buffers.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        self.buffers.push((buffer, self.captures));
+        self.buffers.sort_unstable_by_key(|(b, _)| std::cmp::Reverse(b.capacity()));
         let mut kept = 0;
         let keep = self
             .buffers
             .iter()
             .take(SPARES)
-            .take_while(|b| {
+            .take_while(|(b, _)| {
                 kept += b.capacity();
                 kept <= self.budget
             })
@@ -153,13 +161,23 @@ impl Spares {
         self.buffers.truncate(keep);
     }
 
-    /// The largest buffer kept, or a new empty one.
-    pub fn take(&mut self) -> Vec<u8> {
-        if self.buffers.is_empty() {
-            Vec::new()
-        } else {
-            self.buffers.remove(0)
+    /// A buffer for `len` bytes: the smallest spare that holds them, else the largest
+    /// (grown by the caller), else a new empty one. A spare over twice too large is
+    /// shrunk first: its tail goes back to the system, the head stays mapped.
+    pub fn take(&mut self, len: usize) -> Vec<u8> {
+        self.captures += 1;
+        let now = self.captures;
+        self.buffers.retain(|&(_, back)| back + IDLE_CAPTURES >= now);
+        let fits = self.buffers.iter().rposition(|(b, _)| b.capacity() >= len);
+        let Some(i) = fits.or((!self.buffers.is_empty()).then_some(0)) else {
+            return Vec::new();
+        };
+        let mut buffer = self.buffers.remove(i).0;
+        if buffer.capacity() / 2 > len {
+            buffer.truncate(len);
+            buffer.shrink_to(len);
         }
+        buffer
     }
 }
 
@@ -212,8 +230,8 @@ impl Vm {
     }
 
     /// Takes back a delta snapshot's page data once it is no longer needed, for a
-    /// later delta to be copied into (see [`Spares`]: a quarter of the guest's memory
-    /// in all).
+    /// later delta to be copied into (see [`Spares`]: as much as recent deltas needed,
+    /// at most the guest's memory in all).
     pub fn recycle(&mut self, data: Vec<u8>) {
         self.spares.keep(data);
     }
@@ -352,7 +370,7 @@ impl Vm {
                 staging
             }
             (Kind::Delta, _) => {
-                let mut staging = Staging::reusing(&dirty, self.spares.take());
+                let mut staging = Staging::reusing(&dirty, self.spares.take(dirty.count() as usize * PAGE));
                 staging.copy(&self.ram, &dirty)?;
                 staging
             }
@@ -387,12 +405,32 @@ mod tests {
         let kept = |budget: usize, sizes: &[usize]| {
             let mut spares = Spares::new(budget);
             sizes.iter().for_each(|&n| spares.keep(Vec::with_capacity(n)));
-            std::iter::from_fn(|| Some(spares.take().capacity()).filter(|&c| c > 0)).collect::<Vec<_>>()
+            std::iter::from_fn(|| Some(spares.take(usize::MAX).capacity()).filter(|&c| c > 0)).collect::<Vec<_>>()
         };
         let sizes = [5, 10, 40, 20, 30, 50, 60];
         assert_eq!(kept(1000, &sizes), [60, 50, 40, 30, 20], "at most five, the largest");
         assert_eq!(kept(120, &sizes), [60, 50], "no more than the budget in all");
         assert!(kept(10, &[60, 50]).is_empty());
+    }
+
+    #[test]
+    fn spare_buffers_follow_what_recent_deltas_needed() {
+        let mut spares = Spares::new(1 << 20);
+        [4096, 8192, 65536].into_iter().for_each(|n| spares.keep(vec![7; n]));
+        let small = spares.take(6000);
+        assert_eq!(small.capacity(), 8192, "the smallest that holds the delta");
+        let big = spares.take(20000);
+        assert_eq!(big.capacity(), 20000, "over twice too large: shrunk to the delta");
+        spares.keep(big);
+        assert_eq!(spares.take(30000).capacity(), 20000, "too small: the largest, for the caller to grow");
+        // The 4 KiB spare waits unused while others are taken: freed in time.
+        spares.keep(small);
+        for _ in 0..IDLE_CAPTURES {
+            let b = spares.take(5000);
+            spares.keep(b);
+        }
+        assert_eq!(spares.take(5000).capacity(), 8192);
+        assert_eq!(spares.take(10).capacity(), 0, "none left: the idle one was freed");
     }
 
     #[test]
