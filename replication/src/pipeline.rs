@@ -16,6 +16,7 @@ use tandem_proto::primary::{self, Primary};
 use tandem_proto::standby::{self, Standby};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use tandem_vmm::memory::HugeBuffer;
 use tandem_vmm::vm::Spares;
@@ -186,9 +187,9 @@ pub fn measure_region(mut region: Vec<u8>, epochs: u32, dirty_percent: u32, wind
         phase.quinn = runtime.block_on(async {
             let (server, client) = (tls::ephemeral()?, tls::ephemeral()?);
             let (server_cert, client_cert) = (server.cert.clone(), client.cert.clone());
-            // The region's own first MiB, so plain QUIC carries bytes of the same mix.
-            let chunk = &region[..region.len().min(1 << 20)];
-            let took = transport::bulk(phase.bytes(), chunk, tls::server_config(server, client_cert)?, tls::client_config(client, server_cert)?).await?;
+            // The region's own pages, so plain QUIC carries bytes of the same mix, read
+            // from memory as the pipeline reads them.
+            let took = transport::bulk(phase.bytes(), &region, tls::server_config(server, client_cert)?, tls::client_config(client, server_cert)?).await?;
             Ok::<_, PipelineError>(took)
         })?;
         (phase.quinn_cpu, phase.quinn_faults) = (process_cpu() - cpu, minor_faults() - faults);
@@ -272,7 +273,7 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
     // guest RAM is: huge pages, which fault in 512 times less often.
     let mut image = HugeBuffer::zeroed(region.len()).map_err(PipelineError::Image)?;
 
-    let standby = tokio::spawn(async move {
+    let mut standby = tokio::spawn(async move {
         let link = listener.accept().await?;
         let (mut tx, mut rx) = link.split();
         let mut machine = Standby::new(ProtoIdentity { role: Role::Standby, fingerprint, generation: 1 }, None);
@@ -305,24 +306,27 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
     let acked = Arc::new(Notify::new());
     let hello = lock(&machine).connect();
     tx.send(&hello).await?;
-    let receiver = {
+    let mut receiver = {
         let (machine, acked) = (machine.clone(), acked.clone());
         tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await? {
-                let events = lock(&machine).handle(frame);
-                for event in events {
-                    match event {
-                        primary::Event::Released(e) if e == last_epoch => {
-                            acked.notify_one();
-                            return Ok(());
+            let read = async {
+                while let Some(frame) = rx.recv().await? {
+                    let events = lock(&machine).handle(frame);
+                    for event in events {
+                        match event {
+                            primary::Event::Released(e) if e == last_epoch => return Ok(()),
+                            primary::Event::Close(e) => return Err(TransportError::Proto(e)),
+                            _ => {}
                         }
-                        primary::Event::Close(e) => return Err(TransportError::Proto(e)),
-                        _ => {}
                     }
+                    acked.notify_one();
                 }
-                acked.notify_one();
-            }
-            Ok::<(), TransportError>(())
+                Ok::<(), TransportError>(())
+            };
+            let result = read.await;
+            // Whatever ended the reading, the sender must not wait for acks any more.
+            acked.notify_one();
+            result
         })
     };
 
@@ -338,6 +342,9 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         // Back-pressure: wait for acks while the window is full (or, for the first
         // epoch, for the standby's welcome).
         while !lock(&machine).can_send() {
+            if receiver.is_finished() {
+                return Err(stopped(&mut standby, &mut receiver).await);
+            }
             acked.notified().await;
         }
         let kind = if i == 0 { EpochKind::Full } else { EpochKind::Delta };
@@ -361,6 +368,9 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         if i == 0 && plan.len() > 1 {
             // The initial sync ends once the standby holds the full epoch.
             while lock(&machine).acked() != Some(1) {
+                if receiver.is_finished() {
+                    return Err(stopped(&mut standby, &mut receiver).await);
+                }
                 acked.notified().await;
             }
             (phase.pipeline, phase.pipeline_cpu, phase.pipeline_faults) = (start.elapsed(), process_cpu() - cpu, minor_faults() - faults);
@@ -380,6 +390,21 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         return Err(PipelineError::Failed("the standby's image differs from the region".into()));
     }
     Ok((sync, steady))
+}
+
+/// Why the primary's acknowledgements stopped before the last epoch's: the standby's
+/// error where it has one (its end closing the connection is what the primary saw).
+async fn stopped(standby: &mut JoinHandle<Result<HugeBuffer, TransportError>>, receiver: &mut JoinHandle<Result<(), TransportError>>) -> PipelineError {
+    if standby.is_finished() {
+        if let Ok(Err(e)) = standby.await {
+            return e.into();
+        }
+    }
+    match receiver.await {
+        Ok(Err(e)) => e.into(),
+        Ok(Ok(())) => PipelineError::Failed("the standby stopped acknowledging".into()),
+        Err(e) => PipelineError::Failed(e.to_string()),
+    }
 }
 
 fn lock(m: &Mutex<Primary>) -> std::sync::MutexGuard<'_, Primary> {
