@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use crate::buffers::Pool;
 
 use crate::codec;
-use crate::message::Frame;
+use crate::message::{Compression, Frame, Message};
 use crate::ProtoError;
 
 pub const MAGIC: [u8; 4] = *b"TNDF";
@@ -84,11 +84,36 @@ pub struct Decoder {
     /// Bytes received and not yet handed out as frames (nor taken into `large`); a
     /// frame taken leaves from the front without moving what follows.
     buf: BytesMut,
-    /// A large frame being assembled, header included, and its whole length.
-    large: Option<(Vec<u8>, usize)>,
+    large: Option<Large>,
     /// Buffers of large frames: the allocator hands a freed epoch's worth of frames
     /// back to the kernel, and faulting them in again cost more than the copy into them.
     pool: Pool,
+}
+
+/// A large frame being assembled.
+struct Large {
+    /// Header included.
+    frame: Vec<u8>,
+    /// The frame's whole length.
+    len: usize,
+    /// Of the payload so far: computed as the bytes are copied in, while they are in
+    /// cache, rather than by reading the whole frame again once it is complete.
+    crc: crc32fast::Hasher,
+}
+
+/// A frame as the decoder yields it, with what checking it learnt on the way.
+#[derive(Debug, PartialEq)]
+pub struct Received {
+    pub frame: Frame,
+    /// The CRC-32 of a batch of uncompressed pages' data, where the frame's check
+    /// worked it out: the epoch's checksum then need not read the pages again.
+    pub data_crc: Option<u32>,
+}
+
+impl From<Frame> for Received {
+    fn from(frame: Frame) -> Self {
+        Self { frame, data_crc: None }
+    }
 }
 
 impl Default for Decoder {
@@ -104,9 +129,10 @@ impl Decoder {
     }
 
     pub fn push(&mut self, mut bytes: &[u8]) {
-        if let Some((frame, len)) = &mut self.large {
-            let take = bytes.len().min(*len - frame.len());
-            frame.extend_from_slice(&bytes[..take]);
+        if let Some(large) = &mut self.large {
+            let take = bytes.len().min(large.len - large.frame.len());
+            large.frame.extend_from_slice(&bytes[..take]);
+            large.crc.update(&bytes[..take]);
             bytes = &bytes[take..];
         }
         self.buf.extend_from_slice(bytes);
@@ -114,13 +140,18 @@ impl Decoder {
 
     /// The next whole frame, `None` until one has arrived.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
-        if let Some((frame, len)) = &self.large {
-            if frame.len() < *len {
+        Ok(self.next_received()?.map(|r| r.frame))
+    }
+
+    /// [`Decoder::next_frame`], with what its check learnt.
+    pub fn next_received(&mut self) -> Result<Option<Received>, ProtoError> {
+        if let Some(large) = &self.large {
+            if large.frame.len() < large.len {
                 return Ok(None);
             }
-            let (frame, _) = self.large.take().expect("checked just above");
-            check(&frame)?;
-            return codec::decode_shared(self.pool.share(frame).slice(HEADER..)).map(Some);
+            let Large { frame, crc, .. } = self.large.take().expect("checked just above");
+            let expected = header_crc(&frame);
+            return checked(self.pool.share(frame).slice(HEADER..), crc.finalize(), expected).map(Some);
         }
         if self.buf.len() < HEADER {
             // A wrong magic shows as soon as its bytes do.
@@ -143,26 +174,45 @@ impl Decoder {
                 // The rest goes straight into the frame's own buffer as it comes.
                 let mut frame = self.pool.take(end);
                 frame.extend_from_slice(&self.buf);
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&self.buf[HEADER..]);
                 self.buf.clear();
-                self.large = Some((frame, end));
+                self.large = Some(Large { frame, len: end, crc });
             }
             return Ok(None);
         }
-        check(&self.buf[..end])?;
+        let expected = header_crc(&self.buf);
+        let crc = crc32fast::hash(&self.buf[HEADER..end]);
         // The frame's bytes leave the buffer without a copy; a batch of pages keeps
         // pointing into them.
-        let payload = self.buf.split_to(end).freeze().slice(HEADER..);
-        codec::decode_shared(payload).map(Some)
+        checked(self.buf.split_to(end).freeze().slice(HEADER..), crc, expected).map(Some)
     }
 }
 
-/// Whether a whole frame's payload matches the CRC in its header.
-fn check(frame: &[u8]) -> Result<(), ProtoError> {
-    let crc = u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes"));
-    if crc32fast::hash(&frame[HEADER..]) != crc {
+/// The frame `payload` holds, if `crc` (its CRC-32) is the one its header gave.
+fn checked(payload: Bytes, crc: u32, expected: u32) -> Result<Received, ProtoError> {
+    if crc != expected {
         return Err(ProtoError::Checksum);
     }
-    Ok(())
+    let frame = codec::decode_shared(payload.clone())?;
+    let data_crc = match &frame.message {
+        Message::Pages { compression: Compression::None, data, .. } => Some(tail_crc(crc, &payload[..payload.len() - data.len()], data.len())),
+        _ => None,
+    };
+    Ok(Received { frame, data_crc })
+}
+
+fn header_crc(frame: &[u8]) -> u32 {
+    u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes"))
+}
+
+/// The CRC-32 of the last `tail_len` bytes of a payload whose CRC-32 is `whole` and
+/// which begins with `head`. CRC-32 is linear: the payload's CRC is the head's, shifted
+/// past the tail, plus the tail's, so the head's part can be taken out again.
+fn tail_crc(whole: u32, head: &[u8], tail_len: usize) -> u32 {
+    let mut shifted = crc32fast::Hasher::new_with_initial_len(crc32fast::hash(head), head.len() as u64);
+    shifted.combine(&crc32fast::Hasher::new_with_initial_len(0, tail_len as u64));
+    whole ^ shifted.finalize()
 }
 
 #[cfg(test)]
@@ -234,6 +284,34 @@ mod tests {
             d.push(piece);
         }
         assert_eq!(d.next_frame(), Err(ProtoError::Checksum));
+    }
+
+    #[test]
+    fn a_large_batch_of_pages_comes_with_its_datas_crc() {
+        let wire = encode(&frames()[4]).unwrap();
+        let Message::Pages { data, .. } = &frames()[4].message else { unreachable!() };
+        for chunk in [1, 13, 4096, 6000, wire.len()] {
+            let mut d = Decoder::default();
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                d.push(piece);
+                got.extend(d.next_received().unwrap());
+            }
+            assert_eq!(got, [Received { frame: frames()[4].clone(), data_crc: Some(crc32fast::hash(data)) }], "chunks of {chunk}");
+        }
+        // Nor does a frame that is not a batch of raw pages say anything of its data.
+        let mut d = Decoder::default();
+        d.push(&encode(&frames()[2]).unwrap());
+        assert_eq!(d.next_received().unwrap(), Some(frames()[2].clone().into()));
+    }
+
+    #[test]
+    fn the_crc_of_a_tail_is_the_whole_crc_less_the_heads() {
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for split in [0, 1, 40, 4136, 9_999, 10_000] {
+            let (head, tail) = bytes.split_at(split);
+            assert_eq!(tail_crc(crc32fast::hash(&bytes), head, tail.len()), crc32fast::hash(tail), "split at {split}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@
 use crate::buffers::Pool;
 use crate::epoch::{Epoch, EpochHasher};
 use crate::handshake::Identity;
-use crate::message::{EpochKind, Frame, Message};
+use crate::frame::Received;
+use crate::message::{Compression, EpochKind, Frame, Message};
 use crate::pages;
 use crate::ProtoError;
 
@@ -198,7 +199,13 @@ impl Standby {
     }
 
     pub fn handle(&mut self, frame: Frame) -> Vec<Event> {
-        match self.step(frame) {
+        self.handle_received(frame.into())
+    }
+
+    /// [`Standby::handle`] for a frame as the decoder yielded it: a batch's data CRC
+    /// that its check worked out spares the epoch's checksum reading the pages again.
+    pub fn handle_received(&mut self, received: Received) -> Vec<Event> {
+        match self.step(received.frame, received.data_crc) {
             Ok(events) => events,
             Err((error, reply)) => {
                 self.phase = Phase::Closed;
@@ -210,7 +217,7 @@ impl Standby {
         }
     }
 
-    fn step(&mut self, frame: Frame) -> Result<Vec<Event>, (ProtoError, Option<Frame>)> {
+    fn step(&mut self, frame: Frame, data_crc: Option<u32>) -> Result<Vec<Event>, (ProtoError, Option<Frame>)> {
         let out_of_order = |what: String| (ProtoError::OutOfOrder(what), None);
         let generation = match self.phase {
             Phase::Closed => return Err(out_of_order("a frame after the connection failed".into())),
@@ -262,9 +269,16 @@ impl Standby {
             }
             Message::Pages { epoch, addresses, compression, data } => {
                 self.staged(epoch).map_err(|e| (e, None))?;
+                let known = data_crc.filter(|_| compression == Compression::None);
                 let raw = pages::decode(addresses.len(), compression, data, &self.decoded).map_err(|e| (e, None))?;
                 let (staged, hasher) = self.staging.as_mut().expect("checked just above");
-                hasher.pages(&addresses, &raw);
+                match known {
+                    Some(crc) => {
+                        hasher.addresses(&addresses);
+                        hasher.data_crc(&crc32fast::Hasher::new_with_initial_len(crc, raw.len() as u64));
+                    }
+                    None => hasher.pages(&addresses, &raw),
+                }
                 staged.addresses.extend_from_slice(&addresses);
                 if staged.laid {
                     let n = addresses.len();
@@ -472,6 +486,29 @@ mod tests {
         let events: Vec<_> = frames.into_iter().flat_map(|f| fresh.handle(f)).collect();
         assert!(!events.iter().any(|e| matches!(e, Event::Apply(_))) && matches!(events.last(), Some(Event::Close(_))), "{events:?}");
         assert_eq!(fresh.committed(), None);
+    }
+
+    #[test]
+    fn a_batchs_data_crc_from_its_frame_counts_in_the_epochs_checksum() {
+        let primary = Identity { role: Role::Primary, fingerprint: 3, generation: 1 };
+        let data: Vec<u8> = (0..2 * crate::message::PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        let epoch = Epoch { number: 1, kind: Some(EpochKind::Full), addresses: vec![0x1000, 0x2000], data: data.clone(), state: vec![1], ..Epoch::default() };
+        // Each page batch handed over with `crc` as its data's, as the decoder would.
+        let run = |crc: u32| {
+            let mut standby = Standby::new(Identity { role: Role::Standby, ..primary }, None);
+            standby.handle(primary.hello());
+            let frames = epoch.frames(1).unwrap().into_iter();
+            let received = frames.map(|frame| {
+                let pages = matches!(frame.message, Message::Pages { .. });
+                Received { frame, data_crc: pages.then_some(crc) }
+            });
+            received.flat_map(|r| standby.handle_received(r)).collect::<Vec<_>>()
+        };
+        let right = run(crc32fast::hash(&data));
+        assert!(right.iter().any(|e| matches!(e, Event::Send(Frame { message: Message::Ack { epoch: 1 }, .. }))), "{right:?}");
+        let wrong = run(crc32fast::hash(&data) ^ 1);
+        assert!(matches!(wrong.last(), Some(Event::Close(_))), "{wrong:?}");
+        assert!(!wrong.iter().any(|e| matches!(e, Event::Send(Frame { message: Message::Ack { .. }, .. }))), "{wrong:?}");
     }
 
     #[test]

@@ -277,8 +277,8 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         let link = listener.accept().await?;
         let (mut tx, mut rx) = link.split();
         let mut machine = Standby::new(ProtoIdentity { role: Role::Standby, fingerprint, generation: 1 }, None);
-        while let Some(frame) = rx.recv().await? {
-            for event in machine.handle(frame) {
+        while let Some(received) = rx.recv_checked().await? {
+            for event in machine.handle_received(received) {
                 match event {
                     standby::Event::Send(f) => tx.send(&f).await?,
                     standby::Event::Clear => image.discard().map_err(|e| TransportError::Stream(format!("clearing the image: {e}")))?,

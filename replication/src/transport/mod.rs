@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use tandem_proto::frame::{self, Decoder};
+use tandem_proto::frame::{self, Decoder, Received};
 use tandem_proto::{Frame, ProtoError};
 
 #[derive(Debug, thiserror::Error)]
@@ -358,13 +358,19 @@ pub struct LinkReceiver {
 impl LinkReceiver {
     /// The next frame; `None` once the peer has finished the stream.
     pub async fn recv(&mut self) -> Result<Option<Frame>, TransportError> {
+        Ok(self.recv_checked().await?.map(|r| r.frame))
+    }
+
+    /// [`LinkReceiver::recv`], with what checking the frame learnt (see
+    /// [`Standby::handle_received`](tandem_proto::standby::Standby::handle_received)).
+    pub async fn recv_checked(&mut self) -> Result<Option<Received>, TransportError> {
         // Frames already buffered would otherwise be handed out without a pause, and a
         // backlog of them checked in one poll, while QUIC's own task waits to
         // acknowledge the packets and read the heartbeats behind them.
         tokio::task::yield_now().await;
         loop {
-            if let Some(frame) = self.decoder.next_frame()? {
-                return Ok(Some(frame));
+            if let Some(received) = self.decoder.next_received()? {
+                return Ok(Some(received));
             }
             match self.recv.read_chunk(1 << 20, true).await? {
                 Some(chunk) => self.decoder.push(&chunk.bytes),

@@ -277,7 +277,7 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
         let mut laid_bytes = 0;
         loop {
             let got = tokio::select! {
-                got = rx.recv() => got,
+                got = rx.recv_checked() => got,
                 beat = pulse.recv() => {
                     match beat {
                         Ok(Frame { message: Message::Heartbeat { .. }, generation }) => {
@@ -292,12 +292,12 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
                     continue;
                 }
             };
-            let frame = match got {
-                Ok(Some(frame)) => frame,
+            let received = match got {
+                Ok(Some(received)) => received,
                 Ok(None) => return Err(Ended::Dropped("the primary closed the connection".to_string())),
                 Err(e) => return Err(Ended::Dropped(e.to_string())),
             };
-            tracing::trace!(generation = frame.generation, "frame in");
+            tracing::trace!(generation = received.frame.generation, "frame in");
             let (committed, events) = {
             let mut s = lock(&state);
             // Promoted meanwhile: the console handed to the new VM is as of now, so no
@@ -307,7 +307,7 @@ async fn session(link: Link, state: Arc<Mutex<State>>, heartbeat: Heartbeat, ima
             }
             let was_following = s.machine.is_following();
             let committed = s.machine.committed();
-            let events = s.machine.handle(frame);
+            let events = s.machine.handle_received(received);
             if s.machine.is_following() {
                 s.heard();
                 if !was_following {
