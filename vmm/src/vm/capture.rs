@@ -123,14 +123,17 @@ impl Staging {
 /// comes back only once the frames that carry its pages are gone, and a few epochs are
 /// in flight at once: at most [`SPARES`] of them, the largest, and no more than a budget
 /// in all. The memory follows what recent deltas needed: a capture takes the smallest
-/// spare that holds it and gives back what it leaves over half unused, and a spare no
-/// capture took for [`IDLE_CAPTURES`] is freed, so that a burst of large deltas costs
-/// no memory once it has passed.
+/// spare that holds it, a spare over twice the largest of the last [`IDLE_CAPTURES`]
+/// deltas gives the rest back, and a spare no capture took for that long is freed, so
+/// that a burst of large deltas costs no memory once it has passed, and small deltas
+/// between large ones do not shrink the spares the large ones need.
 pub struct Spares {
     /// Largest first, each with the capture count when it came back.
     buffers: Vec<(Vec<u8>, u64)>,
     budget: usize,
     captures: u64,
+    /// The largest delta of the last [`IDLE_CAPTURES`] (about), in bytes, and when.
+    peak: (usize, u64),
 }
 
 /// Captures a spare may wait unused before it is freed.
@@ -138,7 +141,7 @@ const IDLE_CAPTURES: u64 = 16;
 
 impl Spares {
     pub fn new(budget: usize) -> Self {
-        Self { buffers: Vec::new(), budget, captures: 0 }
+        Self { buffers: Vec::new(), budget, captures: 0, peak: (0, 0) }
     }
 
     /// Keeps `buffer` if it is among the largest that fit the budget.
@@ -162,20 +165,28 @@ impl Spares {
     }
 
     /// A buffer for `len` bytes: the smallest spare that holds them, else the largest
-    /// (grown by the caller), else a new empty one. A spare over twice too large is
-    /// shrunk first: its tail goes back to the system, the head stays mapped.
+    /// (grown by the caller), else a new empty one. A spare over twice as large as any
+    /// recent delta is shrunk first: its tail goes back to the system, the head stays
+    /// mapped.
     pub fn take(&mut self, len: usize) -> Vec<u8> {
         self.captures += 1;
         let now = self.captures;
+        if len >= self.peak.0 || self.peak.1 + IDLE_CAPTURES < now {
+            self.peak = (len, now);
+        }
         self.buffers.retain(|&(_, back)| back + IDLE_CAPTURES >= now);
+        if len == 0 {
+            return Vec::new();
+        }
         let fits = self.buffers.iter().rposition(|(b, _)| b.capacity() >= len);
         let Some(i) = fits.or((!self.buffers.is_empty()).then_some(0)) else {
             return Vec::new();
         };
         let mut buffer = self.buffers.remove(i).0;
-        if buffer.capacity() / 2 > len {
-            buffer.truncate(len);
-            buffer.shrink_to(len);
+        let peak = self.peak.0;
+        if buffer.capacity() / 2 > peak {
+            buffer.truncate(peak);
+            buffer.shrink_to(peak);
         }
         buffer
     }
@@ -420,17 +431,28 @@ mod tests {
         let small = spares.take(6000);
         assert_eq!(small.capacity(), 8192, "the smallest that holds the delta");
         let big = spares.take(20000);
-        assert_eq!(big.capacity(), 20000, "over twice too large: shrunk to the delta");
+        assert_eq!(big.capacity(), 20000, "over twice the largest recent delta: shrunk to it");
         spares.keep(big);
         assert_eq!(spares.take(30000).capacity(), 20000, "too small: the largest, for the caller to grow");
-        // The 4 KiB spare waits unused while others are taken: freed in time.
-        spares.keep(small);
+        assert_eq!(spares.take(0).capacity(), 0, "an empty delta takes nothing");
+
+        // A spare cycled through small deltas keeps the size a recent large one needed,
+        // and gives it back once the large ones are past; one left unused is freed.
+        let mut spares = Spares::new(1 << 20);
+        spares.keep(Vec::with_capacity(65536));
+        spares.keep(Vec::with_capacity(50000));
+        let large = spares.take(40000);
+        assert_eq!(large.capacity(), 50000);
+        spares.keep(large);
+        let b = spares.take(3000);
+        assert_eq!(b.capacity(), 50000, "within twice the recent peak: as it was");
+        spares.keep(b);
         for _ in 0..IDLE_CAPTURES {
-            let b = spares.take(5000);
+            let b = spares.take(3000);
             spares.keep(b);
         }
-        assert_eq!(spares.take(5000).capacity(), 8192);
-        assert_eq!(spares.take(10).capacity(), 0, "none left: the idle one was freed");
+        assert_eq!(spares.take(3000).capacity(), 3000, "the peak is past: shrunk");
+        assert_eq!(spares.take(10).capacity(), 0, "none left: the unused 64 KiB one was freed");
     }
 
     #[test]
