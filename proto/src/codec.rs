@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use crate::frame::MAX_FRAME_BYTES;
 use crate::message::{Compression, Frame, Message, MAX_BATCH_PAGES};
+use crate::rope::Rope;
 use crate::ProtoError;
 
 fn config() -> impl bincode::config::Config {
@@ -71,18 +72,44 @@ pub fn pages_len(out: &mut [u8], at: usize, len: usize) {
     out[at..at + 8].copy_from_slice(&(len as u64).to_le_bytes());
 }
 
-/// [`decode`] for a payload held as shared bytes: a `Pages` frame is read by hand and
-/// its data left in place, a slice of `payload`, where bincode would copy it out.
-pub fn decode_shared(payload: Bytes) -> Result<Frame, ProtoError> {
-    if payload.get(8..12) != Some(&PAGES_VARIANT.to_le_bytes()[..]) {
-        return decode(&payload);
+/// The most a `Pages` frame's encoding takes before its data.
+pub(crate) const MAX_PAGES_HEAD: usize = 40 + 8 * MAX_BATCH_PAGES;
+
+/// What comes before a `Pages` frame's data.
+pub(crate) struct PagesHead {
+    generation: u64,
+    epoch: u64,
+    addresses: Vec<u64>,
+    pub(crate) compression: Compression,
+    data_len: u64,
+    /// Bytes of the encoding before the data.
+    pub(crate) len: usize,
+}
+
+impl PagesHead {
+    /// The frame, with `data` (what followed the head) as its pages' bytes.
+    pub(crate) fn frame(self, data: Rope) -> Result<Frame, ProtoError> {
+        if self.data_len != data.len() as u64 {
+            return Err(ProtoError::Decode(format!("{} bytes of pages where {} are left", self.data_len, data.len())));
+        }
+        let message = Message::Pages { epoch: self.epoch, addresses: self.addresses, compression: self.compression, data };
+        message.validate()?;
+        Ok(Frame { generation: self.generation, message })
+    }
+}
+
+/// The head of a `Pages` frame whose encoding `bytes` begins (its first
+/// [`MAX_PAGES_HEAD`] bytes are enough), read by hand; `None` for any other message.
+pub(crate) fn pages_head(bytes: &[u8]) -> Result<Option<PagesHead>, ProtoError> {
+    if bytes.get(8..12) != Some(&PAGES_VARIANT.to_le_bytes()[..]) {
+        return Ok(None);
     }
     let short = || ProtoError::Decode("a pages frame cut short".into());
     let mut at = 0;
     let u64_at = |at: &mut usize| -> Result<u64, ProtoError> {
-        let bytes = payload.get(*at..*at + 8).ok_or_else(short)?;
+        let b = bytes.get(*at..*at + 8).ok_or_else(short)?;
         *at += 8;
-        Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     };
     let generation = u64_at(&mut at)?;
     at += 4;
@@ -95,20 +122,27 @@ pub fn decode_shared(payload: Bytes) -> Result<Frame, ProtoError> {
     for _ in 0..n {
         addresses.push(u64_at(&mut at)?);
     }
-    let compression = match payload.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))) {
+    let compression = match bytes.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))) {
         Some(0) => Compression::None,
         Some(1) => Compression::Lz4,
         Some(other) => return Err(ProtoError::Decode(format!("compression {other}"))),
         None => return Err(short()),
     };
     at += 4;
-    let len = u64_at(&mut at)?;
-    if len != (payload.len() - at) as u64 {
-        return Err(ProtoError::Decode(format!("{len} bytes of pages where {} are left", payload.len() - at)));
+    let data_len = u64_at(&mut at)?;
+    Ok(Some(PagesHead { generation, epoch, addresses, compression, data_len, len: at }))
+}
+
+/// [`decode`] for a payload held as shared bytes: a `Pages` frame is read by hand and
+/// its data left in place, a slice of `payload`, where bincode would copy it out.
+pub fn decode_shared(payload: Bytes) -> Result<Frame, ProtoError> {
+    match pages_head(&payload)? {
+        Some(head) => {
+            let at = head.len;
+            head.frame(payload.slice(at..).into())
+        }
+        None => decode(&payload),
     }
-    let frame = Frame { generation, message: Message::Pages { epoch, addresses, compression, data: payload.slice(at..) } };
-    frame.message.validate()?;
-    Ok(frame)
 }
 
 /// Decodes exactly one frame that must take up all of `bytes`, and validates it.

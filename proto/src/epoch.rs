@@ -18,8 +18,9 @@ pub struct Epoch {
     /// pages' bytes in `received` instead.
     pub data: Vec<u8>,
     /// On a standby, the bytes of the pages `zero` does not mark, as they arrived: the
-    /// frames that carried them (or their decompression), each a whole number of pages,
-    /// kept rather than copied until the epoch commits. They follow those in `data`.
+    /// pieces of the stream that carried them (or their decompression), kept rather
+    /// than copied until the epoch commits, a page perhaps straddling two. They follow
+    /// those in `data`.
     pub received: Vec<Bytes>,
     /// On a standby: its pages went into the image as they arrived (the first full
     /// epoch, see [`crate::standby::Event::Lay`]); `addresses` counts them, and only
@@ -45,25 +46,34 @@ pub struct Epoch {
 }
 
 impl Epoch {
-    /// Each page's address and bytes in order, `None` for a page that came as a zero
-    /// marker.
-    pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
-        let mut bytes = self.page_bytes();
-        self.addresses.iter().enumerate().map(move |(i, &a)| {
-            if self.zero.get(i).copied().unwrap_or(false) {
-                return (a, None);
-            }
-            (a, bytes.next())
-        })
+    /// The bytes of each page not marked zero, in order, copied out of wherever they
+    /// are held: for checks, not for the image (which takes [`Epoch::pieces`]).
+    pub fn page_bytes(&self) -> Vec<Vec<u8>> {
+        let all: Vec<u8> = self.pieces().concat();
+        all.chunks_exact(PAGE_SIZE).map(<[u8]>::to_vec).collect()
     }
 
-    /// The bytes of each page not marked zero, in order, wherever they are held.
-    pub fn page_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        self.data.chunks_exact(PAGE_SIZE).chain(self.received.iter().flat_map(|r| r.chunks_exact(PAGE_SIZE)))
+    /// Writes the epoch's pages into `memory`, a flat image addressed from 0 (a zero
+    /// marker clears its page; a laid epoch's pages are there already). Through a copy
+    /// of every page: for simulations, where a standby's image takes [`Epoch::pieces`].
+    pub fn write_into(&self, memory: &mut [u8]) {
+        if self.laid {
+            return;
+        }
+        let bytes = self.page_bytes();
+        let mut bytes = bytes.iter();
+        for (i, &a) in self.addresses.iter().enumerate() {
+            let to = &mut memory[a as usize..a as usize + PAGE_SIZE];
+            if self.zero.get(i).copied().unwrap_or(false) {
+                to.fill(0);
+            } else if let Some(page) = bytes.next() {
+                to.copy_from_slice(page);
+            }
+        }
     }
 
     /// The pages' bytes in the pieces they are held in, `data` first: what an image
-    /// takes to apply them.
+    /// takes to apply them. A page may straddle pieces.
     pub fn pieces(&self) -> Vec<&[u8]> {
         std::iter::once(&self.data[..]).filter(|d| !d.is_empty()).chain(self.received.iter().map(|r| &r[..])).collect()
     }
@@ -71,21 +81,6 @@ impl Epoch {
     /// Bytes of the pages held, `data` and `received` together.
     pub fn page_data_len(&self) -> usize {
         self.data.len() + self.received.iter().map(Bytes::len).sum::<usize>()
-    }
-
-    /// Writes the epoch's pages into `memory`, a flat image addressed from 0 (a zero
-    /// marker clears its page). A laid epoch's pages are there already.
-    pub fn write_into(&self, memory: &mut [u8]) {
-        if self.laid {
-            return;
-        }
-        for (a, page) in self.pages() {
-            let to = &mut memory[a as usize..a as usize + PAGE_SIZE];
-            match page {
-                Some(page) => to.copy_from_slice(page),
-                None => to.fill(0),
-            }
-        }
     }
 
     /// The epoch as encoded frames of `generation` (begin, page batches, output,

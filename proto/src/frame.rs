@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use crate::buffers::Pool;
 
 use crate::codec;
+use crate::rope::Rope;
 use crate::message::{Compression, Frame, Message};
 use crate::ProtoError;
 
@@ -70,9 +71,10 @@ pub fn encode_split(size_hint: usize, write: impl FnOnce(&mut Vec<u8>), tail: Ve
     Ok(chunks)
 }
 
-/// A frame at least this long is assembled in a buffer of its own from a pool:
-/// a batch of pages, whose bytes a standby keeps (staged, not copied) until its epoch
-/// commits.
+/// A frame at least this long is gathered as the pieces it arrives in (a batch of raw
+/// pages, whose bytes a standby keeps until its epoch commits, then copies once into
+/// its image), or, when its bytes must be read in one piece (compressed pages, any
+/// other message), assembled in a buffer of its own from a pool.
 const LARGE_FRAME: usize = 64 << 10;
 /// Buffers the decoder's pool keeps for later frames: about 64 MiB of full batches, what a
 /// steady stream of deltas keeps staged at once on a guest of a few hundred MiB.
@@ -85,19 +87,22 @@ pub struct Decoder {
     /// frame taken leaves from the front without moving what follows.
     buf: BytesMut,
     large: Option<Large>,
-    /// Buffers of large frames: the allocator hands a freed epoch's worth of frames
-    /// back to the kernel, and faulting them in again cost more than the copy into them.
+    /// Buffers of large frames read in one piece: the allocator hands a freed epoch's
+    /// worth of frames back to the kernel, and faulting them in again cost more than
+    /// the copy into them.
     pool: Pool,
 }
 
-/// A large frame being assembled.
+/// A large frame being gathered.
 struct Large {
-    /// Header included.
-    frame: Vec<u8>,
-    /// The frame's whole length.
+    header: [u8; HEADER],
+    /// The payload so far, as it arrived.
+    pieces: Vec<Bytes>,
+    got: usize,
+    /// The payload's length.
     len: usize,
-    /// Of the payload so far: computed as the bytes are copied in, while they are in
-    /// cache, rather than by reading the whole frame again once it is complete.
+    /// Of the payload so far: computed as the bytes arrive, while they are in cache,
+    /// rather than by reading the whole frame again once it is complete.
     crc: crc32fast::Hasher,
 }
 
@@ -128,14 +133,23 @@ impl Decoder {
         self.buf.is_empty() && self.large.is_none()
     }
 
-    pub fn push(&mut self, mut bytes: &[u8]) {
-        if let Some(large) = &mut self.large {
-            let take = bytes.len().min(large.len - large.frame.len());
-            large.frame.extend_from_slice(&bytes[..take]);
-            large.crc.update(&bytes[..take]);
-            bytes = &bytes[take..];
+    /// Takes a copy of `bytes`.
+    pub fn push(&mut self, bytes: &[u8]) {
+        match &self.large {
+            Some(_) => self.push_shared(Bytes::copy_from_slice(bytes)),
+            None => self.buf.extend_from_slice(bytes),
         }
-        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Takes `bytes` as they are: what belongs to a large frame is kept, not copied.
+    pub fn push_shared(&mut self, mut bytes: Bytes) {
+        if let Some(large) = &mut self.large {
+            let take = bytes.len().min(large.len - large.got);
+            large.crc.update(&bytes[..take]);
+            large.got += take;
+            large.pieces.push(bytes.split_to(take));
+        }
+        self.buf.extend_from_slice(&bytes);
     }
 
     /// The next whole frame, `None` until one has arrived.
@@ -146,12 +160,11 @@ impl Decoder {
     /// [`Decoder::next_frame`], with what its check learnt.
     pub fn next_received(&mut self) -> Result<Option<Received>, ProtoError> {
         if let Some(large) = &self.large {
-            if large.frame.len() < large.len {
+            if large.got < large.len {
                 return Ok(None);
             }
-            let Large { frame, crc, .. } = self.large.take().expect("checked just above");
-            let expected = header_crc(&frame);
-            return checked(self.pool.share(frame).slice(HEADER..), crc.finalize(), expected).map(Some);
+            let Large { header, pieces, crc, .. } = self.large.take().expect("checked just above");
+            return self.gathered(Rope::from_pieces(pieces), crc.finalize(), header_crc(&header)).map(Some);
         }
         if self.buf.len() < HEADER {
             // A wrong magic shows as soon as its bytes do.
@@ -171,13 +184,14 @@ impl Decoder {
         let end = HEADER + len as usize;
         if self.buf.len() < end {
             if end >= LARGE_FRAME {
-                // The rest goes straight into the frame's own buffer as it comes.
-                let mut frame = self.pool.take(end);
-                frame.extend_from_slice(&self.buf);
+                // The rest is kept as it comes.
+                let head = self.buf.split().freeze();
+                let mut header = [0; HEADER];
+                header.copy_from_slice(&head[..HEADER]);
+                let payload = head.slice(HEADER..);
                 let mut crc = crc32fast::Hasher::new();
-                crc.update(&self.buf[HEADER..]);
-                self.buf.clear();
-                self.large = Some(Large { frame, len: end, crc });
+                crc.update(&payload);
+                self.large = Some(Large { header, got: payload.len(), pieces: vec![payload], len: len as usize, crc });
             }
             return Ok(None);
         }
@@ -186,6 +200,28 @@ impl Decoder {
         // The frame's bytes leave the buffer without a copy; a batch of pages keeps
         // pointing into them.
         checked(self.buf.split_to(end).freeze().slice(HEADER..), crc, expected).map(Some)
+    }
+
+    /// The large frame whose payload is `payload`: a batch of raw pages keeps its
+    /// pieces; anything else is read from one buffer.
+    fn gathered(&self, payload: Rope, crc: u32, expected: u32) -> Result<Received, ProtoError> {
+        if crc != expected {
+            return Err(ProtoError::Checksum);
+        }
+        let prefix = payload.prefix(codec::MAX_PAGES_HEAD);
+        if let Some(head) = codec::pages_head(&prefix)?.filter(|h| h.compression == Compression::None) {
+            let head_len = head.len;
+            let data_crc = tail_crc(crc, &prefix[..head_len], payload.len() - head_len);
+            drop(prefix);
+            let frame = head.frame(payload.split_from(head_len))?;
+            return Ok(Received { frame, data_crc: Some(data_crc) });
+        }
+        drop(prefix);
+        let mut flat = self.pool.take(payload.len());
+        for piece in payload.pieces() {
+            flat.extend_from_slice(piece);
+        }
+        checked(self.pool.share(flat), crc, expected)
     }
 }
 
@@ -297,7 +333,7 @@ mod tests {
                 d.push(piece);
                 got.extend(d.next_received().unwrap());
             }
-            assert_eq!(got, [Received { frame: frames()[4].clone(), data_crc: Some(crc32fast::hash(data)) }], "chunks of {chunk}");
+            assert_eq!(got, [Received { frame: frames()[4].clone(), data_crc: Some(crc32fast::hash(&data.contiguous())) }], "chunks of {chunk}");
         }
         // Nor does a frame that is not a batch of raw pages say anything of its data.
         let mut d = Decoder::default();
@@ -315,22 +351,54 @@ mod tests {
     }
 
     #[test]
-    fn a_large_frames_buffer_is_used_again_once_its_frame_is_gone() {
-        let wire = encode(&frames()[4]).unwrap();
+    fn a_large_batch_of_raw_pages_keeps_the_pieces_it_came_in() {
+        let wire = Bytes::from(encode(&frames()[4]).unwrap());
+        let mut d = Decoder::default();
+        d.push_shared(wire.slice(..100));
+        assert_eq!(d.next_frame(), Ok(None));
+        let rest = wire.slice(100..);
+        let within = rest.as_ptr() as usize..rest.as_ptr() as usize + rest.len();
+        for at in (0..rest.len()).step_by(6000) {
+            d.push_shared(rest.slice(at..rest.len().min(at + 6000)));
+        }
+        let frame = d.next_frame().unwrap().expect("whole");
+        let Message::Pages { data, .. } = &frame.message else { panic!("{frame:?}") };
+        assert!(data.pieces().len() > 1);
+        for piece in data.pieces() {
+            assert!(within.contains(&(piece.as_ptr() as usize)), "a piece was copied");
+        }
+        assert_eq!(frame, frames()[4]);
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_large_frame_read_in_one_piece_uses_its_buffer_again_once_gone() {
+        // Compressed pages are decompressed from one buffer.
+        let frame = Frame {
+            generation: 3,
+            message: Message::Pages {
+                epoch: 8,
+                addresses: (0..40).map(|p| p * PAGE_SIZE as u64).collect(),
+                compression: Compression::Lz4,
+                data: (0..100_000).map(|i| (i * 7 / 3) as u8).collect::<Vec<u8>>().into(),
+            },
+        };
+        let wire = encode(&frame).unwrap();
         let mut d = Decoder::default();
         let mut at = None;
         for round in 0..3 {
             d.push(&wire[..100]);
             assert_eq!(d.next_frame(), Ok(None));
             d.push(&wire[100..]);
-            let frame = d.next_frame().unwrap().expect("whole");
-            let Message::Pages { data, .. } = &frame.message else { panic!("{frame:?}") };
-            let here = data.as_ptr() as usize;
+            let got = d.next_frame().unwrap().expect("whole");
+            let Message::Pages { data, .. } = &got.message else { panic!("{got:?}") };
+            assert_eq!(data.pieces().len(), 1);
+            let here = data.pieces()[0].as_ptr() as usize;
             if round > 0 {
                 assert_eq!(Some(here), at, "round {round}");
             }
             at = Some(here);
-            assert_eq!(frame, frames()[4]);
+            assert_eq!(got, frame);
         }
         assert!(d.is_empty());
     }

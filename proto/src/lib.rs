@@ -19,6 +19,7 @@ pub mod message;
 pub mod pages;
 pub mod primary;
 pub mod role;
+pub mod rope;
 pub mod sent;
 pub mod standby;
 pub mod verify;

@@ -61,9 +61,9 @@ pub enum Message {
         epoch: u64,
         addresses: Vec<u64>,
         compression: Compression,
-        /// As one byte string (serde's bytes, as `serde_bytes` writes them), shared
-        /// with the received frame rather than copied out of it.
-        data: bytes::Bytes,
+        /// As one byte string (serde's bytes, as `serde_bytes` writes them); on a
+        /// standby, the received pieces that carried it rather than a copy.
+        data: crate::rope::Rope,
     },
     /// Pages of the current epoch that hold only zero bytes.
     ZeroPages { epoch: u64, addresses: Vec<u64> },

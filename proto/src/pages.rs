@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use crate::buffers::Pool;
 use crate::epoch::EpochHasher;
+use crate::rope::Rope;
 use crate::message::{Compression, Frame, Message, MAX_BATCH_PAGES, PAGE_SIZE};
 use crate::{codec, frame, ProtoError};
 
@@ -156,13 +157,13 @@ impl BatchEncoder {
 
 /// The raw pages of a batch that came as `data`: the very bytes when raw, with no copy,
 /// else decompressed into a buffer of exactly `pages` pages from `pool`.
-pub(crate) fn decode(pages: usize, compression: Compression, data: Bytes, pool: &Pool) -> Result<Bytes, ProtoError> {
+pub(crate) fn decode(pages: usize, compression: Compression, data: Rope, pool: &Pool) -> Result<Rope, ProtoError> {
     match compression {
         Compression::None if data.len() == pages * PAGE_SIZE => Ok(data),
         _ => {
             let mut out = pool.take(pages * PAGE_SIZE);
-            decode_into(pages, compression, &data, &mut out)?;
-            Ok(pool.share(out))
+            decode_into(pages, compression, &data.contiguous(), &mut out)?;
+            Ok(pool.share(out).into())
         }
     }
 }

@@ -277,16 +277,17 @@ impl Standby {
                         hasher.addresses(&addresses);
                         hasher.data_crc(&crc32fast::Hasher::new_with_initial_len(crc, raw.len() as u64));
                     }
-                    None => hasher.pages(&addresses, &raw),
+                    None => {
+                        hasher.addresses(&addresses);
+                        raw.pieces().iter().for_each(|p| hasher.data(p));
+                    }
                 }
                 staged.addresses.extend_from_slice(&addresses);
                 if staged.laid {
                     let n = addresses.len();
-                    return Ok(vec![Event::Lay(Epoch { addresses, zero: vec![false; n], received: vec![raw], ..Epoch::default() })]);
+                    return Ok(vec![Event::Lay(Epoch { addresses, zero: vec![false; n], received: raw.into_pieces(), ..Epoch::default() })]);
                 }
-                if !raw.is_empty() {
-                    staged.received.push(raw);
-                }
+                staged.received.extend(raw.into_pieces());
                 staged.zero.resize(staged.addresses.len(), false);
                 Ok(vec![])
             }
@@ -464,7 +465,7 @@ mod tests {
         match &events[..] {
             [Event::Clear, Event::Lay(zero), Event::Lay(raw), Event::Apply(applied), Event::Send(ack)] => {
                 assert_eq!((&zero.addresses, &zero.zero), (&vec![0x2000], &vec![true]));
-                assert_eq!((&raw.addresses, raw.page_bytes().collect::<Vec<_>>()), (&vec![0x1000], vec![&data[..4096]]));
+                assert_eq!((&raw.addresses, raw.page_bytes()), (&vec![0x1000], vec![data[..4096].to_vec()]));
                 assert!(applied.laid && applied.received.is_empty() && applied.addresses.len() == 2);
                 assert!(matches!(ack.message, Message::Ack { epoch: 1 }));
             }
@@ -473,7 +474,7 @@ mod tests {
         // With epoch 1 committed, a re-sync must not touch the image before it commits.
         let events: Vec<_> = epoch(2, EpochKind::Full).frames(1).unwrap().into_iter().flat_map(|f| standby.handle(f)).collect();
         match &events[..] {
-            [Event::Apply(applied), Event::Send(_)] => assert!(!applied.laid && applied.page_bytes().count() == 1),
+            [Event::Apply(applied), Event::Send(_)] => assert!(!applied.laid && applied.page_bytes().len() == 1),
             other => panic!("{other:?}"),
         }
         // A first full epoch that fails its checksum is never applied, only laid.

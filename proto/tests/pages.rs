@@ -51,7 +51,7 @@ fn decode(messages: &[Message]) -> (Vec<u64>, Vec<u8>) {
             }
             Message::Pages { addresses: a, compression, data: d, .. } => {
                 addresses.extend(a);
-                decode_into(a.len(), *compression, d, &mut data).unwrap();
+                decode_into(a.len(), *compression, &d.contiguous(), &mut data).unwrap();
             }
             other => panic!("{other:?}"),
         }
@@ -126,7 +126,7 @@ fn a_batch_that_repeats_an_address_goes_as_it_is_in_order() {
     data[..PAGE_SIZE].fill(2);
     match &encode_batch(1, &addresses, &data, true, &mut EpochHasher::new(1))[..] {
         [Message::Pages { addresses: a, compression: Compression::None, data: d, .. }] => {
-            assert_eq!((a, &d[..]), (&addresses, &data[..]));
+            assert_eq!((a, &d.contiguous()[..]), (&addresses, &data[..]));
         }
         other => panic!("{other:?}"),
     }

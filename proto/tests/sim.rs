@@ -97,7 +97,7 @@ impl World {
         if self.rng.chance(f.corrupt) {
             if let Message::Pages { data, .. } = &mut frame.message {
                 let i = (self.rng.next() as usize) % data.len();
-                let mut flipped = data.to_vec();
+                let mut flipped = data.contiguous().to_vec();
                 flipped[i] ^= 0x40;
                 *data = flipped.into();
             }

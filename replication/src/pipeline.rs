@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use tandem_vmm::memory::HugeBuffer;
+use tandem_vmm::pieces::write_flat;
 use tandem_vmm::vm::Spares;
 
 use crate::tls;
@@ -282,9 +283,11 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
                 match event {
                     standby::Event::Send(f) => tx.send(&f).await?,
                     standby::Event::Clear => image.discard().map_err(|e| TransportError::Stream(format!("clearing the image: {e}")))?,
-                    standby::Event::Lay(pages) => pages.write_into(image.as_mut_slice()),
+                    standby::Event::Lay(pages) => write_flat(image.as_mut_slice(), &pages.addresses, &pages.zero, &pages.pieces()),
                     standby::Event::Apply(epoch) => {
-                        epoch.write_into(image.as_mut_slice());
+                        if !epoch.laid {
+                            write_flat(image.as_mut_slice(), &epoch.addresses, &epoch.zero, &epoch.pieces());
+                        }
                         machine.recycle(epoch);
                     }
                     standby::Event::PeerLeft(_) => return Ok(image),

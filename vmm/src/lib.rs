@@ -7,6 +7,7 @@ pub mod kvm;
 pub mod memory;
 pub mod net;
 pub mod output;
+pub mod pieces;
 pub mod slice;
 pub mod snapshot;
 pub mod state;

@@ -373,7 +373,7 @@ impl LinkReceiver {
                 return Ok(Some(received));
             }
             match self.recv.read_chunk(1 << 20, true).await? {
-                Some(chunk) => self.decoder.push(&chunk.bytes),
+                Some(chunk) => self.decoder.push_shared(chunk.bytes),
                 None => return Ok(None),
             }
         }

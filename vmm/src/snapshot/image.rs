@@ -74,8 +74,8 @@ impl Image {
     }
 
     /// The same, where `zero` marks (per address, or not at all when empty) the pages
-    /// that are all zeros and have no bytes in `data`, and the bytes are in pieces
-    /// (each a whole number of pages), as a standby received them.
+    /// that are all zeros and have no bytes in `data`, and the bytes are in pieces of
+    /// any length, as a standby received them (see [`crate::pieces`]).
     pub fn apply_marked<D: AsRef<[u8]>>(&mut self, kind: Kind, addresses: &[u64], zero: &[bool], data: &[D], state: &[u8]) -> Result<(), SnapshotError> {
         self.check(addresses, zero, data)?;
         let state = self.machine_state(state)?;
@@ -133,7 +133,7 @@ impl Image {
         }
         let with_bytes = addresses.len() - zero.iter().filter(|&&z| z).count();
         let len: usize = data.iter().map(|d| d.as_ref().len()).sum();
-        if len != with_bytes * PAGE || data.iter().any(|d| d.as_ref().len() % PAGE != 0) {
+        if len != with_bytes * PAGE {
             return Err(SnapshotError::Corrupt(format!("{len} bytes for {with_bytes} pages")));
         }
         if let Some(a) = addresses.iter().find(|&&a| !self.holds(a)) {
@@ -147,26 +147,40 @@ impl Image {
     fn write<D: AsRef<[u8]>>(&mut self, addresses: &[u64], zero: &[bool], data: &[D], cleared: bool) -> Result<bool, SnapshotError> {
         static ZEROS: [u8; PAGE] = [0; PAGE];
         let mem = self.ram.memory();
-        let mut pages = data.iter().flat_map(|d| d.as_ref().chunks_exact(PAGE));
+        let disks = &mut self.disks;
         let mut wrote_blocks = false;
-        for (i, &a) in addresses.iter().enumerate() {
-            let page = if zero.get(i).copied().unwrap_or(false) {
-                if cleared {
-                    continue;
-                }
-                &ZEROS[..]
-            } else {
-                // Counted by `check`: there is one.
-                pages.next().unwrap_or(&ZEROS[..])
+        let mut bounce = [0u8; PAGE];
+        crate::pieces::each_page(addresses, zero, data, |a, parts| -> Result<(), SnapshotError> {
+            let parts = match parts {
+                None if cleared => return Ok(()),
+                None => &[&ZEROS[..]][..],
+                Some(parts) => parts,
             };
             if a >= DISK_SPACE {
-                self.disks.write_page(a, page).map_err(|e| SnapshotError::Disk(format!("writing a disk block: {e}")))?;
+                // A disk takes a block whole.
+                let block = match parts {
+                    [one] => *one,
+                    _ => {
+                        let mut at = 0;
+                        for part in parts {
+                            bounce[at..at + part.len()].copy_from_slice(part);
+                            at += part.len();
+                        }
+                        &bounce[..]
+                    }
+                };
+                disks.write_page(a, block).map_err(|e| SnapshotError::Disk(format!("writing a disk block: {e}")))?;
                 wrote_blocks = true;
-                continue;
+                return Ok(());
             }
-            mem.write_slice(page, GuestAddress(a))
-                .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))?;
-        }
+            let mut at = a;
+            for part in parts {
+                mem.write_slice(part, GuestAddress(at))
+                    .map_err(|_| SnapshotError::Corrupt(format!("page {a:#x} lies outside the guest's memory")))?;
+                at += part.len() as u64;
+            }
+            Ok(())
+        })?;
         Ok(wrote_blocks)
     }
 
