@@ -2,8 +2,12 @@
 //! workload runs at several write rates, once alone (`tandem run`) and once as a
 //! primary protected by a standby; the table gives the guest's write rate each way,
 //! the stopped time per epoch, bytes per epoch, ack latency, the time to the first
-//! line of output (released, when replicated) each way, and the output lag. Then, natively on this
-//! host, the epoch pipeline's throughput beside memcpy and loopback TCP.
+//! line of output (released, when replicated) each way, and the output lag. Between
+//! the two, the guest alone again with its dirty log harvested 10 times a second, as a
+//! primary's epochs would, and nothing sent: the first line's floor in this lab for
+//! anything that tracks a guest's writes by KVM's dirty log (docs/lab.md measured
+//! QEMU's at the same). Then, natively on this host, the epoch pipeline's throughput
+//! beside memcpy and loopback TCP.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,7 +48,7 @@ pub fn via_lab(args: &ReplicateArgs) -> Result<()> {
     ];
     command.push(format!("--rates={}", args.rates.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
     let mut rows = Vec::new();
-    let timeout = Duration::from_secs(120 + 200 * args.rates.len() as u64);
+    let timeout = Duration::from_secs(120 + 280 * args.rates.len() as u64);
     in_the_lab_with(args.images.clone(), timeout, 2048, &command, &mut |line| match line.strip_prefix(ROW_MARKER) {
         Some(row) => rows.push(row.to_string()),
         // Progress, and the reason should the benchmark fail inside the lab.
@@ -56,10 +60,11 @@ pub fn via_lab(args: &ReplicateArgs) -> Result<()> {
     }
     println!("replication in the lab (emulated host, loopback QUIC), dirty workload for {} s, {} ms epochs:", args.seconds, args.epoch_ms);
     println!(
-        "{:>9} {:>11} {:>11} {:>9} {:>12} {:>12} {:>12} {:>10} {:>8} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9} {:>13} {:>11} {:>13}",
+        "{:>9} {:>11} {:>11} {:>9} {:>12} {:>12} {:>12} {:>10} {:>8} {:>10} {:>16} {:>9} {:>10} {:>7} {:>9} {:>9} {:>13} {:>11} {:>13}",
         "rate", "alone", "replicated", "slowdown", "stopped p50", "stopped p99", "bytes/epoch", "ack ms", "epochs",
-        "1st alone", "synced", "1st repl", "ratio", "lag p50", "lag p99", "alone cpu/flt", "cpu p+s", "faults p/s"
+        "1st alone", "1st logged", "synced", "1st repl", "ratio", "lag p50", "lag p99", "alone cpu/flt", "cpu p+s", "faults p/s"
     );
+    println!("(1st logged: the guest alone, its dirty log harvested at 10 Hz and nothing sent, and its ratio to alone: the floor for any VMM tracking writes by dirty log)");
     println!("(cpu: seconds of CPU, and faults: minor page faults, each process had taken by its first line: alone, primary + standby)");
     for row in rows {
         println!("{row}");
@@ -72,7 +77,9 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
     let tandem = std::env::current_exe()?;
     for &rate in &args.rates {
         eprintln!("bench: {rate} MiB/s alone");
-        let (alone, first_alone, used_alone) = alone(&tandem, rate, args.seconds)?;
+        let (alone_rate, first_alone, used_alone) = alone(&tandem, rate, args.seconds, &[])?;
+        eprintln!("bench: {rate} MiB/s alone, its dirty log harvested at 10 Hz");
+        let (_, first_logged, _) = alone(&tandem, rate, args.seconds, &["--debug-pause-hz", "10", "--debug-pause-work", "dirty-log"])?;
         eprintln!("bench: {rate} MiB/s replicated");
         let Replicated { rate: replicated, status, first_line: first_repl, synced, lag, used } =
             replicated(&tandem, rate, args.seconds, args.epoch_ms)?;
@@ -82,20 +89,22 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
         let epochs = num("epochs");
         let per_epoch = if epochs > 0.0 { num("total_bytes") / epochs } else { 0.0 };
         let rate_text = |r: Option<f64>| r.map(|r| format!("{r:.1} MiB/s")).unwrap_or_else(|| "-".into());
-        let slowdown = match (alone, replicated) {
+        let slowdown = match (alone_rate, replicated) {
             (Some(a), Some(r)) if r > 0.0 => format!("{:.2}x", a / r),
             _ => "-".into(),
         };
         let secs = |t: Option<Duration>| t.map(|t| format!("{:.1} s", t.as_secs_f64())).unwrap_or_else(|| "-".into());
-        let ratio = match (first_alone, first_repl) {
+        let to_alone = |t: Option<Duration>| match (first_alone, t) {
             (Some(a), Some(r)) => format!("{:.2}x", r.as_secs_f64() / a.as_secs_f64()),
             _ => "-".into(),
         };
+        let ratio = to_alone(first_repl);
+        let logged = format!("{} {}", secs(first_logged), to_alone(first_logged));
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
         println!(
-            "{ROW_MARKER}{:>4} MiB/s {:>11} {:>11} {:>9} {:>9.2} ms {:>9.2} ms {:>12.0} {:>10.2} {:>8.0} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9} {:>13} {:>11} {:>13}",
+            "{ROW_MARKER}{:>4} MiB/s {:>11} {:>11} {:>9} {:>9.2} ms {:>9.2} ms {:>12.0} {:>10.2} {:>8.0} {:>10} {:>16} {:>9} {:>10} {:>7} {:>9} {:>9} {:>13} {:>11} {:>13}",
             rate,
-            rate_text(alone),
+            rate_text(alone_rate),
             rate_text(replicated),
             slowdown,
             num("stopped_p50_ms"),
@@ -104,6 +113,7 @@ pub fn in_lab(args: &ReplicateArgs) -> Result<()> {
             num("ack_ms"),
             epochs,
             secs(first_alone),
+            logged,
             secs(synced),
             secs(first_repl),
             ratio,
@@ -189,13 +199,14 @@ fn parse_stat(stat: &str) -> Option<Usage> {
     Some(Usage { cpu: Duration::from_millis((field(14)? + field(15)?) * 1000 / hz), faults: field(10)? })
 }
 
-/// Runs the guest alone; returns its write rate, the time from start to its first
-/// line, and what it had used by then.
-fn alone(tandem: &Path, rate: u32, seconds: u32) -> Result<(Option<f64>, Option<Duration>, Option<Usage>)> {
+/// Runs the guest alone (with `extra` arguments to `tandem run`); returns its write
+/// rate, the time from start to its first line, and what it had used by then.
+fn alone(tandem: &Path, rate: u32, seconds: u32, extra: &[&str]) -> Result<(Option<f64>, Option<Duration>, Option<Usage>)> {
     let console = std::env::temp_dir().join(format!("tandem-bench-alone-{rate}"));
     let start = Instant::now();
     let mut child = Command::new(tandem)
         .args(["run", "--kernel", GUEST_VMLINUX, "--initrd", GUEST_INITRD, "--append", &workload(rate, seconds)])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&console)?)
         .spawn()
