@@ -93,11 +93,19 @@ pub struct Decoder {
     pool: Pool,
 }
 
+/// A piece shorter than this is copied rather than kept: a slice keeps its whole
+/// receive buffer (a datagram, or a batch of them) alive until the epoch commits, and
+/// a peer sending data a few bytes a packet would otherwise make a standby hold many
+/// times the epoch's size.
+const MIN_KEPT_PIECE: usize = 1024;
+
 /// A large frame being gathered.
 struct Large {
     header: [u8; HEADER],
-    /// The payload so far, as it arrived.
+    /// The payload so far, as it arrived, but for `small`.
     pieces: Vec<Bytes>,
+    /// Copies of the short pieces that came after the last of `pieces`.
+    small: BytesMut,
     got: usize,
     /// The payload's length.
     len: usize,
@@ -147,7 +155,15 @@ impl Decoder {
             let take = bytes.len().min(large.len - large.got);
             large.crc.update(&bytes[..take]);
             large.got += take;
-            large.pieces.push(bytes.split_to(take));
+            let piece = bytes.split_to(take);
+            if piece.len() < MIN_KEPT_PIECE {
+                large.small.extend_from_slice(&piece);
+            } else {
+                if !large.small.is_empty() {
+                    large.pieces.push(large.small.split().freeze());
+                }
+                large.pieces.push(piece);
+            }
         }
         self.buf.extend_from_slice(&bytes);
     }
@@ -163,7 +179,8 @@ impl Decoder {
             if large.got < large.len {
                 return Ok(None);
             }
-            let Large { header, pieces, crc, .. } = self.large.take().expect("checked just above");
+            let Large { header, mut pieces, small, crc, .. } = self.large.take().expect("checked just above");
+            pieces.push(small.freeze());
             return self.gathered(Rope::from_pieces(pieces), crc.finalize(), header_crc(&header)).map(Some);
         }
         if self.buf.len() < HEADER {
@@ -191,7 +208,7 @@ impl Decoder {
                 let payload = head.slice(HEADER..);
                 let mut crc = crc32fast::Hasher::new();
                 crc.update(&payload);
-                self.large = Some(Large { header, got: payload.len(), pieces: vec![payload], len: len as usize, crc });
+                self.large = Some(Large { header, got: payload.len(), pieces: vec![payload], small: BytesMut::new(), len: len as usize, crc });
             }
             return Ok(None);
         }
@@ -369,6 +386,29 @@ mod tests {
         }
         assert_eq!(frame, frames()[4]);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn short_pieces_of_a_large_batch_are_copied_not_kept() {
+        let wire = Bytes::from(encode(&frames()[4]).unwrap());
+        let mut d = Decoder::default();
+        d.push_shared(wire.slice(..100));
+        assert_eq!(d.next_frame(), Ok(None));
+        // Short and long pieces alternating, each a slice of its own buffer.
+        let (mut at, mut n, mut long) = (100, 0, 0);
+        while at < wire.len() {
+            let len = if n % 3 == 2 { 5000 } else { 7 + n % 500 };
+            long += usize::from(len >= MIN_KEPT_PIECE);
+            let end = wire.len().min(at + len);
+            d.push_shared(Bytes::copy_from_slice(&wire[at..end]));
+            (at, n) = (end, n + 1);
+        }
+        let frame = d.next_frame().unwrap().expect("whole");
+        let Message::Pages { data, .. } = &frame.message else { panic!("{frame:?}") };
+        // Each run of short pieces became one copy: at most one before each long one,
+        // and one at the end.
+        assert!(data.pieces().len() <= 2 * long + 2, "{} pieces from {n} pushes, {long} long", data.pieces().len());
+        assert_eq!(frame, frames()[4]);
     }
 
     #[test]
