@@ -8,8 +8,8 @@ use bytes::{Bytes, BytesMut};
 use crate::buffers::Pool;
 
 use crate::codec;
-use crate::rope::Rope;
 use crate::message::{Compression, Frame, Message};
+use crate::rope::Rope;
 use crate::ProtoError;
 
 pub const MAGIC: [u8; 4] = *b"TNDF";

@@ -11,8 +11,8 @@ use bytes::Bytes;
 
 use crate::buffers::Pool;
 use crate::epoch::EpochHasher;
-use crate::rope::Rope;
 use crate::message::{Compression, Frame, Message, MAX_BATCH_PAGES, PAGE_SIZE};
+use crate::rope::Rope;
 use crate::{codec, frame, ProtoError};
 
 /// Compressed data is sent only when at most this share (in 1/16ths) of the raw size:
