@@ -69,19 +69,22 @@ pub fn each_page<'a, D: AsRef<[u8]>, E>(
     Ok(())
 }
 
+/// Copies a page's `parts` one after the other into `to`, which is one page long.
+pub fn gather(parts: &[&[u8]], to: &mut [u8]) {
+    let mut at = 0;
+    for part in parts {
+        to[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+}
+
 /// Writes the pages into `memory`, a flat image addressed from 0 (a zero mark clears
 /// its page).
 pub fn write_flat<D: AsRef<[u8]>>(memory: &mut [u8], addresses: &[u64], zero: &[bool], pieces: &[D]) {
     let _ = each_page(addresses, zero, pieces, |a, parts| -> Result<(), ()> {
         let to = &mut memory[a as usize..a as usize + PAGE];
         match parts {
-            Some(parts) => {
-                let mut at = 0;
-                for part in parts {
-                    to[at..at + part.len()].copy_from_slice(part);
-                    at += part.len();
-                }
-            }
+            Some(parts) => gather(parts, to),
             None => to.fill(0),
         }
         Ok(())

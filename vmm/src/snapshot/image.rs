@@ -161,11 +161,7 @@ impl Image {
                 let block = match parts {
                     [one] => *one,
                     _ => {
-                        let mut at = 0;
-                        for part in parts {
-                            bounce[at..at + part.len()].copy_from_slice(part);
-                            at += part.len();
-                        }
+                        crate::pieces::gather(parts, &mut bounce);
                         &bounce[..]
                     }
                 };
