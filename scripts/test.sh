@@ -33,6 +33,10 @@ echo
 echo "slowest lab runs (s):"
 grep '^run ' "$TANDEM_TALLY" | awk '{print $3, $2}' | sort -rn | head -8 | sed 's/^/  /' || true
 grep '^retry ' "$TANDEM_TALLY" | sed 's/^retry /retried: /' || true
+# The lab host froze in the lab kernel's patches of its own text; /lab/run holds what
+# makes them, so the tests' commands should make none (docs/lab.md).
+echo "lab kernel text patches while the tests' commands ran: $(awk '$1 == "patches" && $3 != "unknown" { s += $3 } END { print s + 0 }' "$TANDEM_TALLY")" \
+	"(runs that made some: $(awk '$1 == "patches" && $3 != "unknown" && $3 > 0 { printf "%s%s %s", sep, $2, $3; sep = ", " }' "$TANDEM_TALLY"); unknown: $(grep -c '^patches .* unknown$' "$TANDEM_TALLY" || true))"
 echo "lab faults retried: $retries of $runs lab runs (budget $budget); tests took $(( $(date +%s) - started )) s"
 if [ "$retries" -gt "$budget" ]; then
 	echo "FAILED: more lab faults retried than the budget allows: the lab, or tandem, is not what docs/lab.md says" >&2

@@ -81,9 +81,14 @@ enum Cmd {
     /// Benchmarks, printed as tables beside a peer measured in the same run.
     #[command(subcommand)]
     Bench(harness::bench::BenchCmd),
-    /// Inside the lab: hold an idle VM open until killed (see `tandem_vmm::vm::IdleVm`).
+    /// Inside the lab, before the command: hold what makes the lab kernel patch its
+    /// text on first use (an idle VM, UDP sockets with GRO) until killed.
     #[command(hide = true)]
-    LabHoldKvm,
+    LabHold {
+        /// An address in another network namespace with nothing listening on port 9.
+        #[arg(long)]
+        icmp_from: Option<std::net::Ipv4Addr>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -187,7 +192,7 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Bench(cmd) => harness::bench::run(cmd).map(|()| 0),
-        Cmd::LabHoldKvm => harness::lab::hold_kvm(),
+        Cmd::LabHold { icmp_from } => harness::lab::hold(icmp_from),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -112,6 +112,9 @@ pub struct LabFacts {
     pub frozen: bool,
     /// The lab's own fault as its report names it (empty for none).
     pub lab_fault: String,
+    /// Times the lab kernel patched its own text while the command ran (`None`:
+    /// unknown): the lab host froze in such patches (docs/lab.md).
+    pub text_patches: Option<u64>,
 }
 
 /// The fault signatures a test may be retried for, once, and why each is the lab's
@@ -171,6 +174,10 @@ pub fn checked(attempt: impl Fn() -> (Run, LabFacts), check: impl Fn(&Run)) -> R
         // From when the lab was this test's, not from when it began to wait for it.
         let took = LAB_HELD_SINCE.with(|c| c.take()).map_or(0, |t| t.elapsed().as_secs());
         tally(&format!("run {name} {took}"));
+        match facts.text_patches {
+            Some(n) => tally(&format!("patches {name} {n}")),
+            None => tally(&format!("patches {name} unknown")),
+        }
         let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&run)));
         match (verdict, attributed(&facts)) {
             (Ok(()), _) => return run,
@@ -211,6 +218,7 @@ pub fn lab_run_env(env: &[(&str, &str)], lab_args: &[&str], command: &[&str]) ->
         drill_failures_all_triple_faults: false,
         frozen: json["lab_fault"] == "frozen",
         lab_fault: json["lab_fault"].as_str().unwrap_or("").to_string(),
+        text_patches: json["kernel_text_patches"].as_u64(),
     };
     (run, facts)
 }
@@ -278,6 +286,7 @@ pub fn drill(env: &[(&str, &str)], args: &[&str], check: impl Fn(&Run)) {
                     && failed.iter().all(|f| f["signature"] == "guest_triple_fault"),
                 // Only a freeze with no failed run before it excuses the drill.
                 frozen: failed.is_empty() && verdicts.iter().any(|v| v["lab_fault"] == "frozen"),
+                text_patches: verdicts.iter().find_map(|v| v["kernel_text_patches"].as_u64()),
                 ..LabFacts::default()
             };
             (run, facts)

@@ -58,10 +58,12 @@ pub(super) fn run(args: &DrillArgs, seed: u64) -> Result<u8> {
         use std::io::Write;
         let _ = writeln!(stdout, "{line}");
     })?;
-    // The drill inside never got to its last verdict: this one says why, for a harness
-    // to weigh (see docs/lab.md).
-    if let Some(fault) = report.lab_fault {
-        println!("{VERDICT_PREFIX}{}", json!({ "runs": args.runs, "lab_fault": fault }));
-    }
+    // What the lab itself saw, for a harness to weigh (see docs/lab.md): a fault of the
+    // lab (then the drill inside never got to its last verdict), and whether the lab
+    // kernel patched its own text while the drill ran.
+    println!(
+        "{VERDICT_PREFIX}{}",
+        json!({ "runs": args.runs, "lab_fault": report.lab_fault, "kernel_text_patches": report.kernel_text_patches })
+    );
     Ok(report.status.clamp(0, 255) as u8)
 }

@@ -8,6 +8,9 @@
 
 pub mod cpio;
 mod freeze;
+mod hold;
+
+pub use hold::hold;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -41,22 +44,39 @@ const FAULT_MARKER: &str = "@@TANDEM-LAB-FAULT@@";
 const FAULT_END_MARKER: &str = "@@TANDEM-LAB-FAULT-END@@";
 /// How long the watcher gets to print the report it has begun.
 const LOCKUP_REPORT_GRACE: Duration = Duration::from_secs(60);
-/// One idle VM held open for the whole lab, so that the lab kernel patches the static
-/// keys KVM flips for the first VM and the first new LAPIC once, not at every VM a test
-/// creates: the lab host froze in those patches (docs/lab.md). Started and waited for
-/// before the command, so the command's own VMs are never the first.
-const HOLD_KVM: &str = "tandem lab-hold-kvm </dev/null >/dev/null 2>&1 &
-while [ ! -e /tmp/.kvm-held ] && kill -0 $! 2>/dev/null; do sleep 0.1; done
-";
-
-/// Inside the lab: holds an idle VM open until the lab powers off.
-pub fn hold_kvm() -> Result<u8> {
-    let _held = tandem_vmm::vm::IdleVm::create(std::path::Path::new("/dev/kvm")).context("holding an idle VM open")?;
-    std::fs::write("/tmp/.kvm-held", b"").context("marking the idle VM held")?;
-    loop {
-        std::thread::park();
-    }
-}
+/// Before the command, with one lab CPU online (the lab boots with `maxcpus=1`): hold
+/// whatever makes the lab kernel patch its text on first use (see [`hold`]), start
+/// counting the patches made from here on (see [`TEXT_PATCHES_MARKER`]), then bring the
+/// other CPUs online. `tsc=unstable` on the lab's command line keeps the clock the lab
+/// has always had (HPET: its CPUs' TSCs do not agree), decided at boot, so that a CPU
+/// coming online does not find the TSCs apart and patch the scheduler's clock.
+const HOLD_AND_ONLINE: &str = r#"H=10.254.254
+# iproute2's ip by its path: busybox's shell would run its own applet, which has no netns.
+IP=/sbin/ip
+if $IP netns add lab-hold && $IP link add lab-hold0 type veth peer name lab-hold1 netns lab-hold &&
+	$IP addr add $H.1/30 dev lab-hold0 && $IP link set lab-hold0 up &&
+	$IP -n lab-hold addr add $H.2/30 dev lab-hold1 && $IP -n lab-hold link set lab-hold1 up; then
+	tandem lab-hold --icmp-from $H.2 </dev/null >/tmp/.lab-hold.log 2>&1 &
+else
+	echo "TANDEM-LAB-ERROR: could not make the lab-hold network namespace"
+	tandem lab-hold </dev/null >/tmp/.lab-hold.log 2>&1 &
+fi
+while [ ! -e /tmp/.lab-held ] && kill -0 $! 2>/dev/null; do sleep 0.1; done
+[ -e /tmp/.lab-held ] || echo "TANDEM-LAB-ERROR: tandem lab-hold ended: $(cat /tmp/.lab-hold.log)"
+P=/sys/kernel/tracing/instances/text-patches
+if mkdir $P && echo text_poke_bp_batch > $P/set_ftrace_filter && echo function > $P/current_tracer; then
+	lab_text_patches() { grep -c 'text_poke_bp_batch' $P/trace; }
+else
+	lab_text_patches() { echo unknown; }
+fi
+for c in /sys/devices/system/cpu/cpu[0-9]*/online; do
+	[ "$(cat $c)" = 1 ] || echo 1 > $c || echo "TANDEM-LAB-ERROR: could not bring ${c%/online} online"
+done
+# The tracer's own set-up patched text above: only the command's patches count.
+: > $P/trace 2>/dev/null
+"#;
+/// Added to the lab kernel's command line; see [`HOLD_AND_ONLINE`].
+const LAB_KERNEL_ARGS: &str = "console=ttyS0 quiet panic=-1 maxcpus=1 tsc=unstable";
 
 /// Runs in the background of `/lab/run`. A lab CPU stuck in the kernel (a soft lockup
 /// or an RCU stall) never frees itself, and no command can be at fault for one: only
@@ -117,6 +137,10 @@ rmmod kvm_amd && insmod "/lib/modules/$m" npt=0 || echo "TANDEM-LAB-ERROR: could
 "#;
 /// Printed after the command with the count of [`SHUTDOWN_WATCH`].
 const SHUTDOWNS_MARKER: &str = "@@TANDEM-LAB-SHUTDOWNS=";
+/// Printed after the command with how many times the lab kernel patched its own text
+/// while the command ran (each a batch of `text_poke_bp`, with every CPU online): the
+/// lab host froze in such patches, so a command should cause none.
+const TEXT_PATCHES_MARKER: &str = "@@TANDEM-LAB-TEXT-PATCHES=";
 
 /// How a lab run went, beyond the command's own status.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -129,6 +153,9 @@ pub struct Report {
     /// Guest triple faults the lab kernel saw while the command ran (`None`: unknown,
     /// e.g. the run was cut off).
     pub guest_triple_faults: Option<u32>,
+    /// Times the lab kernel patched its own text while the command ran (see
+    /// [`TEXT_PATCHES_MARKER`]; `None`: unknown).
+    pub kernel_text_patches: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -270,7 +297,7 @@ fn overlay(command: &[String], with: &[PathBuf], timeout: Duration, scratch: &Pa
     }
     script.push_str(SHUTDOWN_WATCH);
     script.push_str(HANG_WATCH);
-    script.push_str(HOLD_KVM);
+    script.push_str(HOLD_AND_ONLINE);
     // Well before the lab is stopped, allowing for its boot and for the listing.
     let hang_after = timeout.as_secs().saturating_sub(45).max(10);
     script.push_str(&format!("lab_hang_watch {hang_after} </dev/null &\n"));
@@ -278,7 +305,7 @@ fn overlay(command: &[String], with: &[PathBuf], timeout: Duration, scratch: &Pa
         script.push_str(&format!("export RUST_LOG={}\n", shell_quote(&filter)));
     }
     let args: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
-    script.push_str(&format!("{}\nrc=$?\necho \"{SHUTDOWNS_MARKER}$(lab_shutdowns)@@\"\nexit $rc\n", args.join(" ")));
+    script.push_str(&format!("{}\nrc=$?\necho \"{SHUTDOWNS_MARKER}$(lab_shutdowns)@@\"\necho \"{TEXT_PATCHES_MARKER}$(lab_text_patches)@@\"\nexit $rc\n", args.join(" ")));
     archive.file("/lab/run", 0o755, script.as_bytes());
 
     let exe = std::env::current_exe().context("locating the tandem binary")?;
@@ -360,7 +387,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1", "-no-reboot"])
+        .args(["-append", LAB_KERNEL_ARGS, "-no-reboot"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -372,6 +399,7 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
     let mut started = false;
     let mut locked_up = None;
     let mut shutdowns = None;
+    let mut text_patches = None;
     let stdout = child.stdout.take().context("QEMU's output pipe")?;
     let mut reader = BufReader::new(stdout);
     let mut raw = Vec::new();
@@ -391,6 +419,10 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
         }
         if let Some(rest) = line.strip_prefix(SHUTDOWNS_MARKER) {
             shutdowns = rest.trim_end_matches('@').parse::<u32>().ok();
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix(TEXT_PATCHES_MARKER) {
+            text_patches = rest.trim_end_matches('@').parse::<u32>().ok();
             continue;
         }
         if let Some(rest) = line.strip_prefix(EXIT_MARKER) {
@@ -422,11 +454,11 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
             "tandem lab: {LOCKED_UP} while running the command (a CPU stuck in the kernel, which no user program can cause: \
              a fault of the lab's kernel or its emulated CPU; its report is above); the lab was stopped (try again)"
         );
-        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::LockedUp), guest_triple_faults: shutdowns });
+        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::LockedUp), guest_triple_faults: shutdowns, kernel_text_patches: text_patches });
     }
     if frozen && status.is_none() {
         eprintln!("tandem lab: the lab host froze while running the command (see above); the lab was stopped");
-        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::Frozen), guest_triple_faults: shutdowns });
+        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::Frozen), guest_triple_faults: shutdowns, kernel_text_patches: text_patches });
     }
     if timed_out {
         let lab_fault = if started {
@@ -436,16 +468,16 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
             eprintln!("tandem lab: timed out after {:?}: {NEVER_STARTED} (try again)", opts.timeout);
             Some(LabFault::NeverStarted)
         };
-        return Ok(Report { status: TIMEOUT_STATUS, lab_fault, guest_triple_faults: shutdowns });
+        return Ok(Report { status: TIMEOUT_STATUS, lab_fault, guest_triple_faults: shutdowns, kernel_text_patches: text_patches });
     }
     let Some(status) = status else {
         eprintln!(
             "tandem lab: the lab host stopped before the command finished, without its exit status: \
              the lab's kernel crashed (its report is above) or QEMU ended"
         );
-        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::Crashed), guest_triple_faults: shutdowns });
+        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::Crashed), guest_triple_faults: shutdowns, kernel_text_patches: text_patches });
     };
-    Ok(Report { status, lab_fault: None, guest_triple_faults: shutdowns })
+    Ok(Report { status, lab_fault: None, guest_triple_faults: shutdowns, kernel_text_patches: text_patches })
 }
 
 /// A scratch directory removed on drop.
