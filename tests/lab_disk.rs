@@ -65,22 +65,24 @@ fn a_snapshot_restores_memory_and_disk_together() {
     });
 }
 
-/// `tandem drill --workload journal` killing the primary at six points while the
+/// `tandem drill --workload journal` killing the primary at five points while the
 /// guest writes: every record released on the console is on the standby's disk after
 /// the takeover, whole and in its place, and the guest, carrying on there, reads its
 /// whole journal back.
 #[test]
-fn every_released_record_is_on_the_standbys_disk_at_six_kill_points() {
+fn every_released_record_is_on_the_standbys_disk_at_five_kill_points() {
     // 100 records, two every 100 ms: 5 s of writing. The seed's random kill comes 1.4 s
-    // after the first record is released, within it.
-    let kills = "after-output:1,after-output:8,after-output:25,after-output:65,random,1500";
-    common::drill(&[], &["--workload", "journal", "--lines", "100", "--runs", "6", "--kill-at", kills, "--seed", "11"], |run| {
+    // after the first record is released, within it; 1500 ms after the first commit
+    // comes during the guest's boot, before any record. (A kill after record 8 was
+    // dropped for the suite's time: it fell in the same burst as the one after 25.)
+    let kills = "after-output:1,after-output:25,after-output:65,random,1500";
+    common::drill(&[], &["--workload", "journal", "--lines", "100", "--runs", "5", "--kill-at", kills, "--seed", "11"], |run| {
         assert_eq!(run.code, 0, "{}", run.dump());
         let kept: Vec<&str> = run.lines().filter(|l| l.starts_with("run ") && l.contains("continuity OK")).collect();
-        assert_eq!(kept.len(), 6, "{}", run.dump());
+        assert_eq!(kept.len(), 5, "{}", run.dump());
         assert!(kept.iter().all(|l| l.contains("took over as primary")), "{}", run.dump());
         assert!(kept.iter().all(|l| l.contains("the standby's disk holds records 1-100, each whole, and nothing else")), "{}", run.dump());
-        assert!(run.says("drill: 6/6 runs kept continuity"), "{}", run.dump());
+        assert!(run.says("drill: 5/5 runs kept continuity"), "{}", run.dump());
     });
 }
 

@@ -121,18 +121,20 @@ fn a_vm_with_a_nic_restores_identically_and_keeps_its_connection() {
     });
 }
 
-/// `tandem drill --workload net` at six kill points (into the connection, in a
-/// download, right after a release, while idle, in the middle of sending an epoch of
-/// frames, at random): the client's one TCP connection to the guest goes on on the
+/// `tandem drill --workload net` at five kill points (in a download, right after a
+/// release, while idle, in the middle of sending an epoch of frames, at random into the
+/// connection): the client's one TCP connection to the guest goes on on the
 /// standby with every reply in order, and an HTTP download cut by the kill arrives
 /// whole.
 #[test]
-fn a_clients_connection_survives_the_primarys_death_at_six_kill_points() {
-    let kills = "500,download,after-release,idle,mid-epoch,random";
-    common::drill(&[], &["--workload", "net", "--runs", "6", "--kill-at", kills, "--seed", "7"], |run| {
+fn a_clients_connection_survives_the_primarys_death_at_five_kill_points() {
+    // The seed's random kill comes 0.3 s into the connection. (A fixed kill 0.5 s in
+    // was dropped for the suite's time: it met the connection where this one does.)
+    let kills = "download,after-release,idle,mid-epoch,random";
+    common::drill(&[], &["--workload", "net", "--runs", "5", "--kill-at", kills, "--seed", "7"], |run| {
         assert_eq!(run.code, 0, "{}", run.dump());
         let kept: Vec<&str> = run.lines().filter(|l| l.starts_with("run ") && l.contains("the connection survived")).collect();
-        assert_eq!(kept.len(), 6, "{}", run.dump());
+        assert_eq!(kept.len(), 5, "{}", run.dump());
         // Every kill came after the guest's server had answered, and a takeover followed;
         // then the guest's gratuitous ARP, the bridge sent its frames to the standby, and
         // the client's neighbour table kept the guest's address at its MAC.
@@ -146,10 +148,10 @@ fn a_clients_connection_survives_the_primarys_death_at_six_kill_points() {
             let gap: u64 = l.split("max_gap_ms=").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0);
             assert!(gap >= 1800, "a connection that did not wait out the takeover: {l}");
         }
-        assert!(run.says("drill: 6/6 runs kept the connection"), "{}", run.dump());
+        assert!(run.says("drill: 5/5 runs kept the connection"), "{}", run.dump());
         // The lab host froze in its kernel's patches of its own text, which a first UDP
         // socket with GRO, a first ICMP error or a first VM makes; /lab/run makes them
-        // before the command, with one CPU online, and holds them (docs/lab.md). Six
+        // before the command, with one CPU online, and holds them (docs/lab.md). Five
         // takeovers with a client, a bridge and TAPs must then make none.
         let patches: Vec<u64> = run
             .lines()
