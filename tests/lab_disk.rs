@@ -72,9 +72,9 @@ fn a_snapshot_restores_memory_and_disk_together() {
 #[test]
 fn every_released_record_is_on_the_standbys_disk_at_five_kill_points() {
     // 100 records, two every 100 ms: 5 s of writing. The seed's random kill comes 1.4 s
-    // after the first record is released, within it; 1500 ms after the first commit
-    // comes during the guest's boot, before any record. (A kill after record 8 was
-    // dropped for the suite's time: it fell in the same burst as the one after 25.)
+    // after the first record is released, within it. (A kill after record 8 was
+    // dropped for the suite's time: it fell in the same stretch of writing as the one
+    // after 25.)
     let kills = "after-output:1,after-output:25,after-output:65,random,1500";
     common::drill(&[], &["--workload", "journal", "--lines", "100", "--runs", "5", "--kill-at", kills, "--seed", "11"], |run| {
         assert_eq!(run.code, 0, "{}", run.dump());

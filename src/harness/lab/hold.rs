@@ -3,11 +3,11 @@
 //! lab powers off.
 //!
 //! A static key's first user (an idle VM's preempt notifiers and LAPIC, a UDP socket
-//! with GRO, the random secrets of a first TCP connection and a first ICMP error) turns a no-op into a jump in
-//! live kernel text, and its last user turns it back. With both emulated CPUs running,
-//! that is code one CPU rewrites while the other executes it, which is where the lab
-//! host froze (docs/lab.md, "What froze the lab"). Done here with one CPU online and
-//! held, a test's own VMs and sockets never flip a key.
+//! with GRO, the random secrets of a first TCP connection and of a first ICMP error)
+//! turns a no-op into a jump in live kernel text, and its last user turns it back. With
+//! both emulated CPUs running, that is code one CPU rewrites while the other executes
+//! it, which is where the lab host froze (docs/lab.md, "What froze the lab"). Done here
+//! with one CPU online and held, a test's own VMs and sockets never flip a key.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -15,9 +15,11 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result};
 
-/// Written when everything is held: `/lab/run` waits for it before it brings the other
-/// CPUs online.
+/// Written when everything is held: `/lab/run` waits for it (by this path) before it
+/// brings the other CPUs online.
 pub const HELD_MARKER: &str = "/tmp/.lab-held";
+/// Loopback and the lab-hold veth pair answer at once; this only bounds a lab gone wrong.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Holds until killed (the lab powering off). `remote`: an address in another network
 /// namespace, reached through a veth pair, for a first ICMP error sent on a real
@@ -58,6 +60,7 @@ fn udp_with_gro(local: SocketAddr) -> Result<UdpSocket> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("turning GRO on for a UDP socket on {local}"));
     }
+    socket.set_read_timeout(Some(ANSWER_WAIT))?;
     let me = socket.local_addr()?;
     socket.send_to(b"x", me).with_context(|| format!("sending a datagram on {me}"))?;
     let mut buf = [0u8; 8];
@@ -74,7 +77,7 @@ fn port_unreachable(local: SocketAddr, to: SocketAddr) -> Result<()> {
     socket.connect(closed)?;
     socket.send(b"x").with_context(|| format!("sending a datagram to the closed port {closed}"))?;
     // The ICMP error comes back as the next receive's error; nothing else can come.
-    socket.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    socket.set_read_timeout(Some(ANSWER_WAIT))?;
     let _ = socket.recv(&mut [0u8; 8]);
     Ok(())
 }
@@ -85,6 +88,8 @@ fn first_connection(local: SocketAddr) -> Result<()> {
     let listener = TcpListener::bind(local).with_context(|| format!("listening on {local}"))?;
     let mut client = TcpStream::connect(listener.local_addr()?).context("connecting over loopback")?;
     let (mut server, _) = listener.accept().context("accepting over loopback")?;
+    client.set_read_timeout(Some(ANSWER_WAIT))?;
+    server.set_read_timeout(Some(ANSWER_WAIT))?;
     let mut byte = [0u8; 1];
     client.write_all(b"x")?;
     server.read_exact(&mut byte)?;
