@@ -35,8 +35,8 @@ grep '^run ' "$TANDEM_TALLY" | awk '{print $3, $2}' | sort -rn | head -8 | sed '
 grep '^retry ' "$TANDEM_TALLY" | sed 's/^retry /retried: /' || true
 # The lab host froze in the lab kernel's patches of its own text; /lab/run holds what
 # makes them, so the tests' commands should make none (docs/lab.md).
-echo "lab kernel text patches while the tests' commands ran: $(awk '$1 == "patches" && $3 != "unknown" { s += $3 } END { print s + 0 }' "$TANDEM_TALLY")" \
-	"(runs that made some: $(awk '$1 == "patches" && $3 != "unknown" && $3 > 0 { printf "%s%s %s", sep, $2, $3; sep = ", " }' "$TANDEM_TALLY"); unknown: $(grep -c '^patches .* unknown$' "$TANDEM_TALLY" || true))"
+awk '$1 == "patches" && $3 == "unknown" { u++ } $1 == "patches" && $3 != "unknown" { s += $3; if ($3 > 0) { runs = runs sep $2 " " $3; sep = ", " } }
+	END { printf "lab kernel text patches while the tests'"'"' commands ran: %d (in: %s; runs not counted: %d)\n", s, runs == "" ? "none" : runs, u }' "$TANDEM_TALLY"
 echo "lab faults retried: $retries of $runs lab runs (budget $budget); tests took $(( $(date +%s) - started )) s"
 if [ "$retries" -gt "$budget" ]; then
 	echo "FAILED: more lab faults retried than the budget allows: the lab, or tandem, is not what docs/lab.md says" >&2
