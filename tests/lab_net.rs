@@ -153,11 +153,7 @@ fn a_clients_connection_survives_the_primarys_death_at_five_kill_points() {
         // socket with GRO, a first ICMP error or a first VM makes; /lab/run makes them
         // before the command, with one CPU online, and holds them (docs/lab.md). Five
         // takeovers with a client, a bridge and TAPs must then make none.
-        let patches: Vec<u64> = run
-            .lines()
-            .filter_map(|l| l.strip_prefix("drill-verdict: "))
-            .filter_map(|j| serde_json::from_str::<serde_json::Value>(j).ok()?["kernel_text_patches"].as_u64())
-            .collect();
+        let patches: Vec<u64> = common::drill_verdicts(run).iter().filter_map(|v| v["kernel_text_patches"].as_u64()).collect();
         assert_eq!(patches, [0], "the lab kernel patched its text while the drill ran: {}", run.dump());
     });
 }

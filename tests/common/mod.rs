@@ -273,12 +273,7 @@ pub fn drill(env: &[(&str, &str)], args: &[&str], check: impl Fn(&Run)) {
             let mut all = vec!["drill", "--show-consoles"];
             all.extend_from_slice(args);
             let run = tandem_env(env, &all);
-            let verdicts: Vec<serde_json::Value> = run
-                .stdout
-                .lines()
-                .filter_map(|l| l.strip_prefix("drill-verdict: "))
-                .filter_map(|j| serde_json::from_str(j).ok())
-                .collect();
+            let verdicts = drill_verdicts(&run);
             let last = verdicts.iter().rev().find(|v| v.get("done").is_some()).cloned().unwrap_or_default();
             let failed = last["failed"].as_array().cloned().unwrap_or_default();
             let facts = LabFacts {
@@ -293,6 +288,15 @@ pub fn drill(env: &[(&str, &str)], args: &[&str], check: impl Fn(&Run)) {
         },
         check,
     );
+}
+
+/// A drill's `drill-verdict: ` lines, each as its JSON.
+pub fn drill_verdicts(run: &Run) -> Vec<serde_json::Value> {
+    run.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("drill-verdict: "))
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect()
 }
 
 /// The lines of `stdout` after the line `=== name` and before the next `===` line.

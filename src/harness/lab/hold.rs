@@ -15,8 +15,8 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result};
 
-/// Written when everything is held: `/lab/run` waits for it (by this path) before it
-/// brings the other CPUs online.
+/// Written when everything is held: `/lab/run` waits for it before it brings the other
+/// CPUs online.
 pub const HELD_MARKER: &str = "/tmp/.lab-held";
 /// Loopback and the lab-hold veth pair answer at once; this only bounds a lab gone wrong.
 const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

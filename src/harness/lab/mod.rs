@@ -45,7 +45,8 @@ const FAULT_END_MARKER: &str = "@@TANDEM-LAB-FAULT-END@@";
 /// How long the watcher gets to print the report it has begun.
 const LOCKUP_REPORT_GRACE: Duration = Duration::from_secs(60);
 /// Before the command, with one lab CPU online (the lab boots with `maxcpus=1`): hold
-/// whatever makes the lab kernel patch its text on first use (see [`hold`]), start
+/// whatever makes the lab kernel patch its text on first use (see [`hold`]; `@HELD@`
+/// stands for [`hold::HELD_MARKER`]), start
 /// counting the patches made from here on (see [`TEXT_PATCHES_MARKER`]), then bring the
 /// other CPUs online. `tsc=unstable` on the lab's command line keeps the clock the lab
 /// has always had (HPET: its CPUs' TSCs do not agree), decided at boot, so that a CPU
@@ -61,8 +62,8 @@ else
 	echo "TANDEM-LAB-ERROR: could not make the lab-hold network namespace"
 	tandem lab-hold </dev/null >/tmp/.lab-hold.log 2>&1 &
 fi
-while [ ! -e /tmp/.lab-held ] && kill -0 $! 2>/dev/null; do sleep 0.1; done
-[ -e /tmp/.lab-held ] || echo "TANDEM-LAB-ERROR: tandem lab-hold ended: $(cat /tmp/.lab-hold.log)"
+while [ ! -e @HELD@ ] && kill -0 $! 2>/dev/null; do sleep 0.1; done
+[ -e @HELD@ ] || echo "TANDEM-LAB-ERROR: tandem lab-hold ended: $(cat /tmp/.lab-hold.log)"
 P=/sys/kernel/tracing/instances/text-patches
 if mkdir $P && echo text_poke_bp_batch > $P/set_ftrace_filter && echo function > $P/current_tracer; then
 	lab_text_patches() { grep -c 'text_poke_bp_batch' $P/trace; }
@@ -299,7 +300,7 @@ fn overlay(command: &[String], with: &[PathBuf], timeout: Duration, scratch: &Pa
     }
     script.push_str(SHUTDOWN_WATCH);
     script.push_str(HANG_WATCH);
-    script.push_str(HOLD_AND_ONLINE);
+    script.push_str(&HOLD_AND_ONLINE.replace("@HELD@", hold::HELD_MARKER));
     // Well before the lab is stopped, allowing for its boot and for the listing.
     let hang_after = timeout.as_secs().saturating_sub(45).max(10);
     script.push_str(&format!("lab_hang_watch {hang_after} </dev/null &\n"));
@@ -451,16 +452,17 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
     let frozen = freeze.stop();
     let locked_up = locked_up.map(|w| w.disarm());
     let _ = child.wait();
+    let report = |status, lab_fault| Report { status, lab_fault, guest_triple_faults: shutdowns, kernel_text_patches: text_patches };
     if locked_up.is_some() && status.is_none() {
         eprintln!(
             "tandem lab: {LOCKED_UP} while running the command (a CPU stuck in the kernel, which no user program can cause: \
              a fault of the lab's kernel or its emulated CPU; its report is above); the lab was stopped (try again)"
         );
-        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::LockedUp), guest_triple_faults: shutdowns, kernel_text_patches: text_patches });
+        return Ok(report(LAB_FAULT_STATUS, Some(LabFault::LockedUp)));
     }
     if frozen && status.is_none() {
         eprintln!("tandem lab: the lab host froze while running the command (see above); the lab was stopped");
-        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::Frozen), guest_triple_faults: shutdowns, kernel_text_patches: text_patches });
+        return Ok(report(LAB_FAULT_STATUS, Some(LabFault::Frozen)));
     }
     if timed_out {
         let lab_fault = if started {
@@ -470,16 +472,16 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
             eprintln!("tandem lab: timed out after {:?}: {NEVER_STARTED} (try again)", opts.timeout);
             Some(LabFault::NeverStarted)
         };
-        return Ok(Report { status: TIMEOUT_STATUS, lab_fault, guest_triple_faults: shutdowns, kernel_text_patches: text_patches });
+        return Ok(report(TIMEOUT_STATUS, lab_fault));
     }
     let Some(status) = status else {
         eprintln!(
             "tandem lab: the lab host stopped before the command finished, without its exit status: \
              the lab's kernel crashed (its report is above) or QEMU ended"
         );
-        return Ok(Report { status: LAB_FAULT_STATUS, lab_fault: Some(LabFault::Crashed), guest_triple_faults: shutdowns, kernel_text_patches: text_patches });
+        return Ok(report(LAB_FAULT_STATUS, Some(LabFault::Crashed)));
     };
-    Ok(Report { status, lab_fault: None, guest_triple_faults: shutdowns, kernel_text_patches: text_patches })
+    Ok(report(status, None))
 }
 
 /// A scratch directory removed on drop.
