@@ -17,6 +17,11 @@ pub struct Epoch {
     /// On a primary, every page's bytes, one page after another. A standby holds its
     /// pages' bytes in `received` instead.
     pub data: Vec<u8>,
+    /// On a primary, each page's CRC-32 ([`crate::crc::page`]) as the capture took it
+    /// from the bytes in `data`, so that encoding need not read the pages again; empty
+    /// when not taken, and then computed while encoding. A wrong one fails the frame's
+    /// check on the standby: it cannot make a wrong page pass.
+    pub page_crcs: Vec<u32>,
     /// On a standby, the bytes of the pages `zero` does not mark, as they arrived: the
     /// pieces of the stream that carried them (or their decompression), kept rather
     /// than copied until the epoch commits, a page perhaps straddling two. They follow
@@ -117,9 +122,12 @@ impl Epoch {
         }
         let mut pages = pages::BatchEncoder::new(generation, epoch, self.compress);
         pages.frames.push(frame(Message::EpochBegin { epoch, kind: self.kind.unwrap_or(EpochKind::Delta) })?);
+        let crcs = (self.page_crcs.len() == self.addresses.len()).then_some(&self.page_crcs[..]);
         for (i, batch) in self.addresses.chunks(MAX_BATCH_PAGES).enumerate() {
-            let from = i * MAX_BATCH_PAGES * PAGE_SIZE;
-            pages.batch(batch, &data.slice(from..from + batch.len() * PAGE_SIZE), &mut hasher)?;
+            let first = i * MAX_BATCH_PAGES;
+            let from = first * PAGE_SIZE;
+            let batch_crcs = crcs.map(|c| &c[first..first + batch.len()]);
+            pages.batch(batch, &data.slice(from..from + batch.len() * PAGE_SIZE), batch_crcs, &mut hasher)?;
         }
         let (mut out, mut wire) = (pages.frames, pages.wire);
         let mut offset = self.output_offset;

@@ -11,6 +11,7 @@
 
 pub mod buffers;
 pub mod codec;
+pub mod crc;
 pub mod epoch;
 pub mod frame;
 pub mod handshake;

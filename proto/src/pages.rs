@@ -69,9 +69,11 @@ impl BatchEncoder {
     /// frame, then one `Pages` frame for the rest. Each is added to the epoch's
     /// checksum as the receiver will add it: over the raw pages, so the checksum
     /// vouches for the decompression too. Raw pages are not copied: their frame ends
-    /// in slices of `data`.
-    pub fn batch(&mut self, addresses: &[u64], data: &Bytes, hasher: &mut EpochHasher) -> Result<(), ProtoError> {
+    /// in slices of `data`. `crcs`, each page's CRC-32 if the caller has them, spare
+    /// reading the pages for the checksums.
+    pub fn batch(&mut self, addresses: &[u64], data: &Bytes, crcs: Option<&[u32]>, hasher: &mut EpochHasher) -> Result<(), ProtoError> {
         debug_assert!(addresses.len() <= MAX_BATCH_PAGES && data.len() == addresses.len() * PAGE_SIZE);
+        debug_assert!(crcs.map_or(true, |c| c.len() == addresses.len()));
         // Zero pages go ahead of the rest of their batch: only when an address repeats
         // within it could that change which copy wins, so such a batch goes as it is.
         let unique = {
@@ -80,17 +82,23 @@ impl BatchEncoder {
             sorted.windows(2).all(|w| w[0] != w[1])
         };
         if !unique {
-            return self.pages(addresses, vec![data.clone()], false, hasher);
+            return self.pages(addresses, vec![data.clone()], crcs.map(<[u32]>::to_vec), false, hasher);
         }
         let (mut zero, mut rest) = (Vec::new(), Vec::with_capacity(addresses.len()));
+        let mut rest_crcs = crcs.map(|c| Vec::with_capacity(c.len()));
         // The non-zero pages as runs of neighbours, each one slice of `data`.
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (i, (&address, page)) in addresses.iter().zip(data.chunks_exact(PAGE_SIZE)).enumerate() {
-            if is_zero(page) {
+            // A page whose CRC is not a zero page's is not one: not read at all.
+            let maybe_zero = crcs.map_or(true, |c| c[i] == crate::crc::ZERO_PAGE);
+            if maybe_zero && is_zero(page) {
                 zero.push(address);
                 continue;
             }
             rest.push(address);
+            if let (Some(kept), Some(crcs)) = (rest_crcs.as_mut(), crcs) {
+                kept.push(crcs[i]);
+            }
             match runs.last_mut() {
                 Some((_, end)) if *end == i => *end = i + 1,
                 _ => runs.push((i, i + 1)),
@@ -106,16 +114,23 @@ impl BatchEncoder {
             return Ok(());
         }
         let runs = runs.into_iter().map(|(from, to)| data.slice(from * PAGE_SIZE..to * PAGE_SIZE)).collect();
-        self.pages(&rest, runs, self.compress, hasher)
+        self.pages(&rest, runs, rest_crcs, self.compress, hasher)
     }
 
     /// One `Pages` frame of the pages in `runs` (in order) at `addresses`,
-    /// LZ4-compressed if `compress` and it pays.
-    fn pages(&mut self, addresses: &[u64], runs: Vec<Bytes>, compress: bool, hasher: &mut EpochHasher) -> Result<(), ProtoError> {
+    /// LZ4-compressed if `compress` and it pays; `crcs` their CRCs, if known.
+    fn pages(&mut self, addresses: &[u64], runs: Vec<Bytes>, crcs: Option<Vec<u32>>, compress: bool, hasher: &mut EpochHasher) -> Result<(), ProtoError> {
         let (generation, epoch) = (self.generation, self.epoch);
-        // One pass over the pages serves both checksums, the frame's and the epoch's.
-        let mut crc = crc32fast::Hasher::new();
-        runs.iter().for_each(|r| crc.update(r));
+        // One CRC of the pages serves both checksums, the frame's and the epoch's:
+        // from theirs where the capture took them, else in one pass over the pages.
+        let crc = match crcs {
+            Some(crcs) => crate::crc::of_pages(&crcs),
+            None => {
+                let mut crc = crc32fast::Hasher::new();
+                runs.iter().for_each(|r| crc.update(r));
+                crc
+            }
+        };
         hasher.addresses(addresses);
         hasher.data_crc(&crc);
         let raw = addresses.len() * PAGE_SIZE;

@@ -54,9 +54,13 @@ impl SentPages {
     }
 
     /// Drops from a delta's `addresses` and `data` (its pages, in order) each page the
-    /// standby already holds as it is now, compacting `data` in place.
-    pub fn skip_unchanged(&self, addresses: &mut Vec<u64>, data: &mut Vec<u8>) -> (Skipped, Pending) {
+    /// standby already holds as it is now, compacting `data` in place, and `crcs` (the
+    /// pages' CRCs, where the capture took them: empty, or one per page) with it.
+    pub fn skip_unchanged(&self, addresses: &mut Vec<u64>, data: &mut Vec<u8>, crcs: &mut Vec<u32>) -> (Skipped, Pending) {
         debug_assert_eq!(data.len(), addresses.len() * PAGE_SIZE);
+        if crcs.len() != addresses.len() {
+            crcs.clear();
+        }
         let mut hashes = Vec::with_capacity(addresses.len());
         let mut kept = 0;
         for i in 0..addresses.len() {
@@ -69,12 +73,16 @@ impl SentPages {
             if kept != i {
                 addresses[kept] = addresses[i];
                 data.copy_within(at..at + PAGE_SIZE, kept * PAGE_SIZE);
+                if !crcs.is_empty() {
+                    crcs[kept] = crcs[i];
+                }
             }
             kept += 1;
         }
         let skipped = Skipped { pages: addresses.len() - kept };
         addresses.truncate(kept);
         data.truncate(kept * PAGE_SIZE);
+        crcs.truncate(kept);
         (skipped, Pending { full: false, hashes })
     }
 
@@ -107,13 +115,15 @@ mod tests {
         let mut sent = SentPages::default();
         sent.record(SentPages::full(&[0, 4096, 8192], &pages(&[1, 2, 3])));
         let (mut addresses, mut data) = (vec![0, 4096, 8192, 12288], pages(&[1, 9, 3, 4]));
-        let (skipped, pending) = sent.skip_unchanged(&mut addresses, &mut data);
+        let mut crcs = vec![11, 19, 13, 14];
+        let (skipped, pending) = sent.skip_unchanged(&mut addresses, &mut data, &mut crcs);
         assert_eq!(skipped.pages, 2);
         assert_eq!(addresses, vec![4096, 12288]);
         assert_eq!(data, pages(&[9, 4]));
+        assert_eq!(crcs, vec![19, 14], "each page's CRC stays with it");
         sent.record(pending);
         let (mut addresses, mut data) = (vec![4096, 12288, 0], pages(&[9, 4, 7]));
-        let (skipped, _) = sent.skip_unchanged(&mut addresses, &mut data);
+        let (skipped, _) = sent.skip_unchanged(&mut addresses, &mut data, &mut Vec::new());
         assert_eq!((skipped.pages, addresses, data), (2, vec![0], pages(&[7])));
     }
 
@@ -123,12 +133,12 @@ mod tests {
         sent.record(SentPages::full(&[0], &pages(&[1])));
         let (mut addresses, mut data) = (vec![0, 4096], pages(&[2, 2]));
         // Taken but never queued (the link changed): the standby still holds 1 at 0.
-        let _dropped = sent.skip_unchanged(&mut addresses, &mut data);
+        let _dropped = sent.skip_unchanged(&mut addresses, &mut data, &mut Vec::new());
         let (mut addresses, mut data) = (vec![0], pages(&[1]));
-        assert_eq!(sent.skip_unchanged(&mut addresses, &mut data).0.pages, 1);
+        assert_eq!(sent.skip_unchanged(&mut addresses, &mut data, &mut Vec::new()).0.pages, 1);
         sent.forget();
         let (mut addresses, mut data) = (vec![0], pages(&[1]));
-        assert_eq!(sent.skip_unchanged(&mut addresses, &mut data).0.pages, 0);
+        assert_eq!(sent.skip_unchanged(&mut addresses, &mut data, &mut Vec::new()).0.pages, 0);
         assert_eq!(addresses, vec![0]);
     }
 
@@ -139,6 +149,6 @@ mod tests {
         sent.record(SentPages::full(&[0], &pages(&[1])));
         assert_eq!(sent.len(), 1);
         let (mut addresses, mut data) = (vec![4096], pages(&[2]));
-        assert_eq!(sent.skip_unchanged(&mut addresses, &mut data).0.pages, 0);
+        assert_eq!(sent.skip_unchanged(&mut addresses, &mut data, &mut Vec::new()).0.pages, 0);
     }
 }

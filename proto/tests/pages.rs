@@ -10,11 +10,12 @@ use tandem_proto::frame::Decoder;
 use tandem_proto::message::{Compression, EpochKind, Message, MAX_BATCH_PAGES, PAGE_SIZE};
 use tandem_proto::buffers::GiveBack;
 use tandem_proto::pages::{decode_into, BatchEncoder};
+use tandem_proto::{crc, ProtoError};
 
 /// One batch's messages, as the receiver decodes them from the frames sent.
 fn encode_batch(epoch: u64, addresses: &[u64], data: &[u8], compress: bool, hasher: &mut EpochHasher) -> Vec<Message> {
     let mut encoder = BatchEncoder::new(5, epoch, compress);
-    encoder.batch(addresses, &bytes::Bytes::copy_from_slice(data), hasher).unwrap();
+    encoder.batch(addresses, &bytes::Bytes::copy_from_slice(data), None, hasher).unwrap();
     let mut decoder = Decoder::default();
     let mut messages = Vec::new();
     for chunk in &encoder.frames {
@@ -168,4 +169,37 @@ fn raw_pages_go_out_of_their_buffer_without_a_copy_and_it_comes_back_once_the_fr
     drop(chunks);
     let back = back_rx.try_recv().expect("given back");
     assert_eq!((back.as_ptr() as usize, back.len()), (at, 5 * PAGE_SIZE));
+}
+
+#[test]
+fn pages_whose_crcs_the_capture_took_encode_as_read_pages_do_and_a_wrong_crc_is_refused() {
+    let mut rng = Rng(23);
+    for round in 0..40u64 {
+        // Up to two batches and a half, of every kind of page.
+        let n = 1 + (rng.next() % (5 * MAX_BATCH_PAGES as u64 / 2)) as usize;
+        let addresses: Vec<u64> = (0..n as u64).map(|i| (i * 3 + round) * PAGE_SIZE as u64).collect();
+        let data: Vec<u8> = (0..n).flat_map(|_| page(&mut rng)).collect();
+        let read = Epoch { number: 3, kind: Some(EpochKind::Delta), addresses, data, state: vec![1; 5], compress: round % 2 == 0, ..Epoch::default() };
+        let taken = Epoch { page_crcs: read.data.chunks(PAGE_SIZE).map(crc::page).collect(), ..read.clone() };
+        assert_eq!(taken.encode(2).unwrap().0.concat(), read.encode(2).unwrap().0.concat(), "round {round}");
+    }
+    // Raw pages with one CRC wrong: the frame that carries that page fails its check.
+    let data: Vec<u8> = (0..3 * PAGE_SIZE).map(|_| rng.next() as u8).collect();
+    let mut page_crcs: Vec<u32> = data.chunks(PAGE_SIZE).map(crc::page).collect();
+    page_crcs[1] ^= 1;
+    let addresses = (0..3).map(|i| i * PAGE_SIZE as u64).collect();
+    let wrong = Epoch { number: 3, kind: Some(EpochKind::Delta), addresses, data, page_crcs, ..Epoch::default() };
+    let mut decoder = Decoder::default();
+    let mut refused = None;
+    for chunk in wrong.encode(2).unwrap().0 {
+        decoder.push(&chunk);
+        match decoder.next_frame() {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(ProtoError::Checksum));
 }

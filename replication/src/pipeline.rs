@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::epoch::Epoch;
 use tandem_proto::handshake::Identity as ProtoIdentity;
 use tandem_proto::message::{EpochKind, Role, PAGE_SIZE};
-use tandem_proto::buffers;
+use tandem_proto::{buffers, crc};
 use tandem_proto::primary::{self, Primary};
 use tandem_proto::standby::{self, Standby};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -358,8 +358,12 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         epoch.data = spares.take(pages.len() * PAGE_SIZE);
         epoch.data.clear();
         epoch.data.reserve_exact(pages.len() * PAGE_SIZE);
+        epoch.page_crcs.clear();
+        // As the VM captures: each page's CRC taken while its copy is in cache.
         for &p in pages {
+            let at = epoch.data.len();
             epoch.data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
+            epoch.page_crcs.push(crc::page(&epoch.data[at..]));
         }
         epoch.state = vec![0; 64];
         let encoded = lock(&machine).send_epoch(&mut epoch, Some(&give_back)).map_err(|e| PipelineError::Failed(e.to_string()))?;

@@ -408,10 +408,10 @@ impl Protector {
             self.sent.forget();
             self.sent_conn = conn;
         }
-        let (mut addresses, mut data) = (snap.pages, snap.data);
+        let (mut addresses, mut data, mut page_crcs) = (snap.pages, snap.data, snap.page_crcs);
         let (unchanged, pending): (Skipped, Pending) = match kind {
             Kind::Full => (Skipped::default(), SentPages::full(&addresses, &data)),
-            _ => self.sent.skip_unchanged(&mut addresses, &mut data),
+            _ => self.sent.skip_unchanged(&mut addresses, &mut data, &mut page_crcs),
         };
         let (pages, bytes) = (addresses.len(), data.len() + state.len());
         let proto_kind = if kind == Kind::Full { EpochKind::Full } else { EpochKind::Delta };
@@ -433,7 +433,7 @@ impl Protector {
             }
             None => None,
         };
-        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, state, verify, ..Epoch::default() };
+        let mut epoch = Epoch { kind: Some(proto_kind), addresses, data, page_crcs, state, verify, ..Epoch::default() };
         carry(&mut epoch, held);
         let frame_count = epoch.frames.len();
         let encoded = match ticket.encode(&mut epoch, Some(&self.give_back)) {

@@ -126,7 +126,7 @@ fn table(what: &str, memory: &[u8], cipher: f64) -> Result<()> {
         let addresses: Vec<u64> = (0..b.len() / PAGE_SIZE).map(|p| ((i * MAX_BATCH_PAGES + p) * PAGE_SIZE) as u64).collect();
         let mut encoder = BatchEncoder::new(1, 1, true);
         let from = i * MAX_BATCH_PAGES * PAGE_SIZE;
-        encoder.batch(&addresses, &shared.slice(from..from + b.len()), &mut EpochHasher::new(1))?;
+        encoder.batch(&addresses, &shared.slice(from..from + b.len()), None, &mut EpochHasher::new(1))?;
         wire += encoder.wire;
     }
     let took = start.elapsed();

@@ -222,7 +222,7 @@ mod tests {
         let mut data = vec![0x11u8; PAGE_SIZE];
         data.extend(vec![0x22u8; PAGE_SIZE]);
         let state = MachineState { mem_mib: 1, vcpus: 1, vcpu_states: vec![Default::default()], ..MachineState::default() };
-        Snapshot { kind: Kind::Full, state, pages: vec![0x3000, 0x1000], data }.write_to(&path).unwrap();
+        Snapshot { kind: Kind::Full, state, pages: vec![0x3000, 0x1000], data, page_crcs: Vec::new() }.write_to(&path).unwrap();
         let memory = memory_of(&Snapshot::read_from(&path).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(memory.len(), 1 << 20);

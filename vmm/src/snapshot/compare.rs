@@ -168,6 +168,7 @@ mod tests {
             state: MachineState { mem_mib: 1, vcpus: 1, vcpu_states: vec![vcpu], ..Default::default() },
             pages: pages.iter().map(|p| p.0).collect(),
             data: pages.iter().flat_map(|p| vec![p.1; PAGE_SIZE as usize]).collect(),
+            page_crcs: Vec::new(),
         }
     }
 

@@ -209,7 +209,7 @@ impl Image {
                 data.extend_from_slice(&page);
             }
         }
-        Ok(super::Snapshot { kind: Kind::Full, state, pages, data })
+        Ok(super::Snapshot { kind: Kind::Full, state, pages, data, page_crcs: Vec::new() })
     }
 
     /// The guest's RAM and machine state, for a VM that takes over from them.

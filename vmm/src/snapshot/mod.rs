@@ -44,6 +44,10 @@ pub struct Snapshot {
     pub pages: Vec<u64>,
     /// `pages.len() * PAGE_SIZE` bytes.
     pub data: Vec<u8>,
+    /// Each page's CRC-32 (crc32fast's, the replication protocol's page CRC) where the
+    /// capture took it as it copied the page; empty otherwise (a snapshot read from a
+    /// file, say).
+    pub page_crcs: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +143,7 @@ impl Snapshot {
             state,
             pages,
             data: body,
+            page_crcs: Vec::new(),
         })
     }
 }

@@ -34,6 +34,10 @@ struct Staging {
     data: Vec<u8>,
     /// Per slot: whether it may hold anything but zeros.
     nonzero: Vec<bool>,
+    /// Per slot: the CRC-32 of what it holds, taken as the page is copied, while in
+    /// cache: the epoch's checksums then never read the page again (a pass over the
+    /// staged pages from memory cost more than the CRC itself).
+    crcs: Vec<u32>,
     /// Whether `data` is fresh from the allocator, its slots zeros that cost nothing
     /// until written: a zero page then need not be written at all (most of a guest's
     /// memory, in a full capture).
@@ -59,7 +63,8 @@ impl Staging {
         } else {
             buf.resize(len, 0);
         }
-        Self { data: buf, nonzero: vec![!lazy; addresses.len()], addresses, lazy }
+        let crcs = vec![zero_page_crc(); addresses.len()];
+        Self { data: buf, nonzero: vec![!lazy; addresses.len()], crcs, addresses, lazy }
     }
 
     /// Copies the current contents of `pages`, each of which must have a slot.
@@ -79,6 +84,7 @@ impl Staging {
             if !self.lazy {
                 read(chunk)?;
                 self.nonzero[slot] = !snapshot::is_zero_page(chunk);
+                self.crcs[slot] = crc32fast::hash(chunk);
                 continue;
             }
             // Through a page that stays in cache, so that a zero page never touches
@@ -88,19 +94,21 @@ impl Staging {
             if !snapshot::is_zero_page(&bounce) {
                 chunk.copy_from_slice(&bounce);
                 self.nonzero[slot] = true;
+                self.crcs[slot] = crc32fast::hash(&bounce);
             } else if std::mem::replace(&mut self.nonzero[slot], false) {
                 chunk.fill(0);
+                self.crcs[slot] = zero_page_crc();
             }
         }
         Ok(())
     }
 
-    /// The pages, leaving out those that are all zeros when `drop_zeros`.
-    fn into_pages(self, drop_zeros: bool) -> (Vec<u64>, Vec<u8>) {
+    /// The pages and their CRCs, leaving out those that are all zeros when `drop_zeros`.
+    fn into_pages(self, drop_zeros: bool) -> (Vec<u64>, Vec<u8>, Vec<u32>) {
         if !drop_zeros {
-            return (self.addresses, self.data);
+            return (self.addresses, self.data, self.crcs);
         }
-        let (mut addresses, mut data) = (self.addresses, self.data);
+        let (mut addresses, mut data, mut crcs) = (self.addresses, self.data, self.crcs);
         let mut kept = 0;
         for slot in 0..addresses.len() {
             if !self.nonzero[slot] {
@@ -109,13 +117,21 @@ impl Staging {
             if kept != slot {
                 data.copy_within(slot * PAGE..(slot + 1) * PAGE, kept * PAGE);
                 addresses[kept] = addresses[slot];
+                crcs[kept] = crcs[slot];
             }
             kept += 1;
         }
         addresses.truncate(kept);
         data.truncate(kept * PAGE);
-        (addresses, data)
+        crcs.truncate(kept);
+        (addresses, data, crcs)
     }
+}
+
+/// The CRC-32 of a page of zeros.
+fn zero_page_crc() -> u32 {
+    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CRC.get_or_init(|| crc32fast::hash(&[0; PAGE]))
 }
 
 /// Staging buffers kept for later deltas: copied into memory already mapped rather
@@ -266,12 +282,13 @@ impl Vm {
             self.give_back_dirty(&taken);
         }
         let (state, staging, blocks, stopped) = result?;
-        let (mut pages, mut data) = staging.into_pages(kind == Kind::Full);
+        let (mut pages, mut data, mut page_crcs) = staging.into_pages(kind == Kind::Full);
         // Disk blocks sort after every page of memory (see `disk::DISK_SPACE`).
         let (block_pages, block_data) = blocks;
         pages.extend(block_pages);
         data.extend_from_slice(&block_data);
-        Ok((Snapshot { kind, state, pages, data }, taken, stopped))
+        page_crcs.extend(block_data.chunks_exact(PAGE).map(crc32fast::hash));
+        Ok((Snapshot { kind, state, pages, data, page_crcs }, taken, stopped))
     }
 
     fn capture_into(
@@ -469,16 +486,18 @@ mod tests {
         mem.write_slice(&[3; 8], GuestAddress(0x1000)).unwrap();
         mem.write_slice(&[0; 8], GuestAddress(0x3000)).unwrap();
         staging.copy(&ram, &every).unwrap();
-        let (pages, data) = staging.into_pages(true);
+        let (pages, data, crcs) = staging.into_pages(true);
         assert_eq!(pages, [0x1000]);
         assert_eq!(&data[..8], &[3; 8]);
         assert_eq!(data.len(), PAGE);
+        assert_eq!(crcs, [crc32fast::hash(&data)], "the CRC of the copy kept");
 
         let mut all = Staging::new(&every);
         all.copy(&ram, &every).unwrap();
-        let (pages, data) = all.into_pages(false);
+        let (pages, data, crcs) = all.into_pages(false);
         assert_eq!(pages.len() as u64, every.count());
         assert_eq!(data.len(), pages.len() * PAGE);
+        assert_eq!(crcs, data.chunks(PAGE).map(crc32fast::hash).collect::<Vec<_>>());
     }
 
     #[test]
@@ -492,9 +511,10 @@ mod tests {
             staging.copy(&ram, &every).unwrap();
             mem.write_slice(&[0; 8], GuestAddress(0x2000)).unwrap();
             staging.copy(&ram, &every).unwrap();
-            let (pages, data) = staging.into_pages(false);
+            let (pages, data, crcs) = staging.into_pages(false);
             assert_eq!(pages.len() as u64, every.count());
             assert!(data.iter().all(|&b| b == 0), "a slot kept stale bytes");
+            assert!(crcs.iter().all(|&c| c == zero_page_crc()), "a slot kept a stale CRC");
         }
     }
 }
