@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use tandem_vmm::memory::HugeBuffer;
 use tandem_vmm::pieces::write_flat;
-use tandem_vmm::vm::Spares;
+use tandem_vmm::vm::{Spares, CRC_WHILE_COPYING_PAGES};
 
 use crate::tls;
 use crate::transport::{self, Listener, TransportError};
@@ -359,11 +359,15 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         epoch.data.clear();
         epoch.data.reserve_exact(pages.len() * PAGE_SIZE);
         epoch.page_crcs.clear();
-        // As the VM captures: each page's CRC taken while its copy is in cache.
+        // As the VM captures: a large delta's CRCs taken while each page's copy is in
+        // cache (a full epoch's too, which the VM copies while the guest runs).
+        let crcs = i == 0 || pages.len() >= CRC_WHILE_COPYING_PAGES;
         for &p in pages {
             let at = epoch.data.len();
             epoch.data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
-            epoch.page_crcs.push(crc::page(&epoch.data[at..]));
+            if crcs {
+                epoch.page_crcs.push(crc::page(&epoch.data[at..]));
+            }
         }
         epoch.state = vec![0; 64];
         let encoded = lock(&machine).send_epoch(&mut epoch, Some(&give_back)).map_err(|e| PipelineError::Failed(e.to_string()))?;

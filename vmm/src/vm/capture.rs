@@ -24,6 +24,15 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// round no longer halves what is left, or after this many rounds.
 const PRECOPY_DONE_PAGES: u64 = 256;
 const PRECOPY_ROUNDS: usize = 6;
+/// A delta of at least this many pages takes each page's CRC as it copies it, inside
+/// the pause, rather than leaving it to the encoding after the guest resumes: a smaller
+/// one is still in cache then (this host's cores have 2 MiB of L2 each), and a larger
+/// one would be read again from memory, which cost more than the CRC itself. Inside
+/// the pause the CRC costs about a tenth of the copy natively; in the lab, whose QEMU
+/// emulates the CRC's carry-less multiplies bit by bit, more than the copy, so only a
+/// delta this large pays it. A full capture takes them always: its pages are copied
+/// while the guest runs.
+pub const CRC_WHILE_COPYING_PAGES: usize = 512;
 /// Staging buffers [`Vm::recycle`] keeps: one per epoch a primary has in flight by
 /// default (its window), and the one being filled.
 const SPARES: usize = 5;
@@ -34,9 +43,9 @@ struct Staging {
     data: Vec<u8>,
     /// Per slot: whether it may hold anything but zeros.
     nonzero: Vec<bool>,
-    /// Per slot: the CRC-32 of what it holds, taken as the page is copied, while in
-    /// cache: the epoch's checksums then never read the page again (a pass over the
-    /// staged pages from memory cost more than the CRC itself).
+    /// Per slot, if taken (see [`CRC_WHILE_COPYING_PAGES`]): the CRC-32 of what it
+    /// holds, taken as the page is copied, while in cache, so that the epoch's checksums
+    /// never read the page again. Empty when not taken.
     crcs: Vec<u32>,
     /// Whether `data` is fresh from the allocator, its slots zeros that cost nothing
     /// until written: a zero page then need not be written at all (most of a guest's
@@ -46,12 +55,13 @@ struct Staging {
 
 impl Staging {
     fn new(pages: &DirtyPages) -> Self {
-        Self::reusing(pages, Vec::new())
+        Self::reusing(pages, Vec::new(), true)
     }
 
     /// Like [`Staging::new`], in `buf`'s memory: a buffer that held an earlier delta is
-    /// already mapped, and its bytes are all overwritten by the copy.
-    fn reusing(pages: &DirtyPages, mut buf: Vec<u8>) -> Self {
+    /// already mapped, and its bytes are all overwritten by the copy. Takes the pages'
+    /// CRCs if `crcs`.
+    fn reusing(pages: &DirtyPages, mut buf: Vec<u8>, crcs: bool) -> Self {
         let addresses: Vec<u64> = pages.addresses().map(|a| a.raw_value()).collect();
         let len = addresses.len() * PAGE;
         let lazy = buf.capacity() == 0;
@@ -63,7 +73,7 @@ impl Staging {
         } else {
             buf.resize(len, 0);
         }
-        let crcs = vec![zero_page_crc(); addresses.len()];
+        let crcs = if crcs { vec![zero_page_crc(); addresses.len()] } else { Vec::new() };
         Self { data: buf, nonzero: vec![!lazy; addresses.len()], crcs, addresses, lazy }
     }
 
@@ -84,7 +94,9 @@ impl Staging {
             if !self.lazy {
                 read(chunk)?;
                 self.nonzero[slot] = !snapshot::is_zero_page(chunk);
-                self.crcs[slot] = crc32fast::hash(chunk);
+                if let Some(crc) = self.crcs.get_mut(slot) {
+                    *crc = crc32fast::hash(chunk);
+                }
                 continue;
             }
             // Through a page that stays in cache, so that a zero page never touches
@@ -94,16 +106,21 @@ impl Staging {
             if !snapshot::is_zero_page(&bounce) {
                 chunk.copy_from_slice(&bounce);
                 self.nonzero[slot] = true;
-                self.crcs[slot] = crc32fast::hash(&bounce);
+                if let Some(crc) = self.crcs.get_mut(slot) {
+                    *crc = crc32fast::hash(&bounce);
+                }
             } else if std::mem::replace(&mut self.nonzero[slot], false) {
                 chunk.fill(0);
-                self.crcs[slot] = zero_page_crc();
+                if let Some(crc) = self.crcs.get_mut(slot) {
+                    *crc = zero_page_crc();
+                }
             }
         }
         Ok(())
     }
 
-    /// The pages and their CRCs, leaving out those that are all zeros when `drop_zeros`.
+    /// The pages and their CRCs (if taken), leaving out those that are all zeros when
+    /// `drop_zeros`.
     fn into_pages(self, drop_zeros: bool) -> (Vec<u64>, Vec<u8>, Vec<u32>) {
         if !drop_zeros {
             return (self.addresses, self.data, self.crcs);
@@ -117,13 +134,17 @@ impl Staging {
             if kept != slot {
                 data.copy_within(slot * PAGE..(slot + 1) * PAGE, kept * PAGE);
                 addresses[kept] = addresses[slot];
-                crcs[kept] = crcs[slot];
+                if !crcs.is_empty() {
+                    crcs[kept] = crcs[slot];
+                }
             }
             kept += 1;
         }
         addresses.truncate(kept);
         data.truncate(kept * PAGE);
-        crcs.truncate(kept);
+        if !crcs.is_empty() {
+            crcs.truncate(kept);
+        }
         (addresses, data, crcs)
     }
 }
@@ -247,7 +268,8 @@ impl Vm {
                 states.into_iter().collect::<Result<(), _>>().map_err(VmError::from)
             }
             PauseWork::Copy => self.ram.take_dirty(&self.kvm_vm).map_err(VmError::from).and_then(|dirty| {
-                let mut staging = Staging::new(&dirty);
+                let crcs = dirty.count() as usize >= CRC_WHILE_COPYING_PAGES;
+                let mut staging = Staging::reusing(&dirty, Vec::new(), crcs);
                 staging.copy(&self.ram, &dirty)
             }),
             PauseWork::Nothing | PauseWork::Capture => Ok(()),
@@ -287,7 +309,10 @@ impl Vm {
         let (block_pages, block_data) = blocks;
         pages.extend(block_pages);
         data.extend_from_slice(&block_data);
-        page_crcs.extend(block_data.chunks_exact(PAGE).map(crc32fast::hash));
+        // CRCs go with every page or with none.
+        if !page_crcs.is_empty() {
+            page_crcs.extend(block_data.chunks_exact(PAGE).map(crc32fast::hash));
+        }
         Ok((Snapshot { kind, state, pages, data, page_crcs }, taken, stopped))
     }
 
@@ -398,7 +423,8 @@ impl Vm {
                 staging
             }
             (Kind::Delta, _) => {
-                let mut staging = Staging::reusing(&dirty, self.spares.take(dirty.count() as usize * PAGE));
+                let pages = dirty.count() as usize;
+                let mut staging = Staging::reusing(&dirty, self.spares.take(pages * PAGE), pages >= CRC_WHILE_COPYING_PAGES);
                 staging.copy(&self.ram, &dirty)?;
                 staging
             }
@@ -507,7 +533,7 @@ mod tests {
         let every = ram.every_page();
         for buf in [Vec::new(), vec![7u8; every.count() as usize * PAGE]] {
             mem.write_slice(&[5; 8], GuestAddress(0x2000)).unwrap();
-            let mut staging = Staging::reusing(&every, buf);
+            let mut staging = Staging::reusing(&every, buf, true);
             staging.copy(&ram, &every).unwrap();
             mem.write_slice(&[0; 8], GuestAddress(0x2000)).unwrap();
             staging.copy(&ram, &every).unwrap();
@@ -515,6 +541,13 @@ mod tests {
             assert_eq!(pages.len() as u64, every.count());
             assert!(data.iter().all(|&b| b == 0), "a slot kept stale bytes");
             assert!(crcs.iter().all(|&c| c == zero_page_crc()), "a slot kept a stale CRC");
+            assert_eq!(crcs.len(), pages.len());
         }
+        // Not asked for (a small delta): none taken, and none kept through the drop.
+        let mut staging = Staging::reusing(&every, Vec::new(), false);
+        mem.write_slice(&[5; 8], GuestAddress(0x2000)).unwrap();
+        staging.copy(&ram, &every).unwrap();
+        let (pages, _, crcs) = staging.into_pages(true);
+        assert_eq!((pages, crcs), (vec![0x2000], vec![]));
     }
 }
