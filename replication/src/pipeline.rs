@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use tandem_vmm::memory::HugeBuffer;
 use tandem_vmm::pieces::write_flat;
-use tandem_vmm::vm::{Spares, CRC_WHILE_COPYING_PAGES};
+use tandem_vmm::vm::{crcs_while_copying, Spares};
 
 use crate::tls;
 use crate::transport::{self, Listener, TransportError};
@@ -361,7 +361,7 @@ async fn pipeline(region: &[u8], plan: &[Vec<usize>], window: usize) -> Result<(
         epoch.page_crcs.clear();
         // As the VM captures: a large delta's CRCs taken while each page's copy is in
         // cache (a full epoch's too, which the VM copies while the guest runs).
-        let crcs = i == 0 || pages.len() >= CRC_WHILE_COPYING_PAGES;
+        let crcs = i == 0 || crcs_while_copying(pages.len());
         for &p in pages {
             let at = epoch.data.len();
             epoch.data.extend_from_slice(&region[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);

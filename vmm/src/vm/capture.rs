@@ -24,15 +24,46 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// round no longer halves what is left, or after this many rounds.
 const PRECOPY_DONE_PAGES: u64 = 256;
 const PRECOPY_ROUNDS: usize = 6;
-/// A delta of at least this many pages takes each page's CRC as it copies it, inside
-/// the pause, rather than leaving it to the encoding after the guest resumes: a smaller
-/// one is still in cache then (this host's cores have 2 MiB of L2 each), and a larger
-/// one would be read again from memory, which cost more than the CRC itself. Inside
-/// the pause the CRC costs about a tenth of the copy natively; in the lab, whose QEMU
-/// emulates the CRC's carry-less multiplies bit by bit, more than the copy, so only a
-/// delta this large pays it. A full capture takes them always: its pages are copied
-/// while the guest runs.
-pub const CRC_WHILE_COPYING_PAGES: usize = 512;
+/// A delta of fewer pages leaves its CRCs to the encoding after the guest resumes: it
+/// is still in cache then (this host's cores have 2 MiB of L2 each). See
+/// [`crcs_while_copying`].
+const CRC_WHILE_COPYING_PAGES: usize = 512;
+/// A CRC this fast from cache (10 GB/s) costs a page about a tenth of its copy from
+/// memory; natively crc32fast makes 60-70 GB/s. In the lab, whose QEMU 7.2 emulates
+/// the carry-less multiplies bit by bit, it makes about 0.1 GB/s, more than the copy.
+const CHEAP_CRC_PER_PAGE: Duration = Duration::from_nanos(400);
+
+/// Whether a delta of `pages` pages takes each page's CRC as it copies it, inside the
+/// pause, while the page is in cache, rather than leaving it to the encoding after the
+/// guest resumes. Only a delta too large to stay in cache pays for it (the encoding
+/// would read it again from memory, which cost more than the CRC itself), and only on
+/// a host whose CRC is cheap beside the copy: the pause is the guest's to lose. A
+/// full capture takes them always, its pages being copied while the guest runs.
+pub fn crcs_while_copying(pages: usize) -> bool {
+    pages >= CRC_WHILE_COPYING_PAGES && crc_is_cheap()
+}
+
+/// Whether a page's CRC is cheap here ([`CHEAP_CRC_PER_PAGE`]), measured once per
+/// process: the best of a few short rounds over a page in cache.
+pub(super) fn crc_is_cheap() -> bool {
+    static CHEAP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHEAP.get_or_init(|| {
+        let page = [0x5a_u8; PAGE];
+        let best = (0..8)
+            .map(|_| {
+                let start = Instant::now();
+                for _ in 0..8 {
+                    std::hint::black_box(crc32fast::hash(std::hint::black_box(&page)));
+                }
+                start.elapsed() / 8
+            })
+            .min()
+            .unwrap_or(Duration::MAX);
+        let cheap = best <= CHEAP_CRC_PER_PAGE;
+        tracing::debug!(crc_ns_per_page = best.as_nanos() as u64, cheap, "page CRC measured");
+        cheap
+    })
+}
 /// Staging buffers [`Vm::recycle`] keeps: one per epoch a primary has in flight by
 /// default (its window), and the one being filled.
 const SPARES: usize = 5;
@@ -43,7 +74,7 @@ struct Staging {
     data: Vec<u8>,
     /// Per slot: whether it may hold anything but zeros.
     nonzero: Vec<bool>,
-    /// Per slot, if taken (see [`CRC_WHILE_COPYING_PAGES`]): the CRC-32 of what it
+    /// Per slot, if taken (see [`crcs_while_copying`]): the CRC-32 of what it
     /// holds, taken as the page is copied, while in cache, so that the epoch's checksums
     /// never read the page again. Empty when not taken.
     crcs: Vec<u32>,
@@ -268,8 +299,7 @@ impl Vm {
                 states.into_iter().collect::<Result<(), _>>().map_err(VmError::from)
             }
             PauseWork::Copy => self.ram.take_dirty(&self.kvm_vm).map_err(VmError::from).and_then(|dirty| {
-                let crcs = dirty.count() as usize >= CRC_WHILE_COPYING_PAGES;
-                let mut staging = Staging::reusing(&dirty, Vec::new(), crcs);
+                let mut staging = Staging::reusing(&dirty, Vec::new(), crcs_while_copying(dirty.count() as usize));
                 staging.copy(&self.ram, &dirty)
             }),
             PauseWork::Nothing | PauseWork::Capture => Ok(()),
@@ -424,7 +454,7 @@ impl Vm {
             }
             (Kind::Delta, _) => {
                 let pages = dirty.count() as usize;
-                let mut staging = Staging::reusing(&dirty, self.spares.take(pages * PAGE), pages >= CRC_WHILE_COPYING_PAGES);
+                let mut staging = Staging::reusing(&dirty, self.spares.take(pages * PAGE), crcs_while_copying(pages));
                 staging.copy(&self.ram, &dirty)?;
                 staging
             }

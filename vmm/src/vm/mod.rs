@@ -22,7 +22,7 @@ use crate::vcpu::{Signal, VcpuError, VcpuSet, VmExit, Waker};
 
 mod capture;
 mod shell;
-pub use capture::{PauseWork, Spares, CRC_WHILE_COPYING_PAGES};
+pub use capture::{crcs_while_copying, PauseWork, Spares};
 pub use shell::{IdleVm, Prepared};
 use shell::Shell;
 
