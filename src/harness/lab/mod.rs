@@ -341,6 +341,12 @@ pub fn run(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str))
     Ok(run_with_report(opts, command, on_line)?.status)
 }
 
+/// The number a `MARKER<number>@` line carries: `None` when `line` is no such line,
+/// `Some(None)` when its number does not parse (the line is the marker's all the same).
+fn marked_number<T: std::str::FromStr>(line: &str, marker: &str) -> Option<Option<T>> {
+    line.strip_prefix(marker).map(|rest| rest.trim_end_matches('@').parse().ok())
+}
+
 /// Like [`run`], with what the lab itself saw.
 pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn FnMut(&str)) -> Result<Report> {
     if command.is_empty() {
@@ -420,16 +426,16 @@ pub fn run_with_report(opts: &LabOptions, command: &[String], on_line: &mut dyn 
             freeze.arm(true);
             continue;
         }
-        if let Some(rest) = line.strip_prefix(SHUTDOWNS_MARKER) {
-            shutdowns = rest.trim_end_matches('@').parse::<u32>().ok();
+        if let Some(n) = marked_number(line, SHUTDOWNS_MARKER) {
+            shutdowns = n;
             continue;
         }
-        if let Some(rest) = line.strip_prefix(TEXT_PATCHES_MARKER) {
-            text_patches = rest.trim_end_matches('@').parse::<u32>().ok();
+        if let Some(n) = marked_number(line, TEXT_PATCHES_MARKER) {
+            text_patches = n;
             continue;
         }
-        if let Some(rest) = line.strip_prefix(EXIT_MARKER) {
-            status = rest.trim_end_matches('@').parse::<i32>().ok();
+        if let Some(n) = marked_number(line, EXIT_MARKER) {
+            status = n;
             continue;
         }
         if line == FAULT_MARKER {
@@ -516,6 +522,13 @@ mod tests {
     fn quoting_survives_single_quotes() {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn marker_lines_give_their_number_and_other_lines_none() {
+        assert_eq!(marked_number::<i32>(&format!("{EXIT_MARKER}-3@"), EXIT_MARKER), Some(Some(-3)));
+        assert_eq!(marked_number::<u32>(&format!("{SHUTDOWNS_MARKER}x@"), SHUTDOWNS_MARKER), Some(None));
+        assert_eq!(marked_number::<u32>("tick 7", TEXT_PATCHES_MARKER), None);
     }
 
     #[test]
