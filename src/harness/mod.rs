@@ -7,6 +7,7 @@ pub mod bench;
 pub mod drill;
 pub mod lab;
 mod netlab;
+pub(crate) mod ports;
 mod proc;
 mod relay;
 mod watchdog;

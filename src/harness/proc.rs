@@ -137,9 +137,9 @@ pub(crate) fn threads(child: &mut Child) -> String {
     out
 }
 
-/// A loopback UDP address free now, for a host to listen on.
+/// A loopback UDP address free now, for a host to listen on (see [`super::ports`]).
 pub(crate) fn free_addr() -> Result<std::net::SocketAddr> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(super::ports::free_loopback_udp()?)
 }
 
 /// Starts `tandem witness` on `listen` with its key pair in `keys`, answering the hosts
@@ -156,4 +156,18 @@ pub(crate) fn start_witness(dir: &Path, listen: std::net::SocketAddr, keys: &Pat
         args.extend(["--lease-ms".into(), ms.to_string()]);
     }
     Proc::start(&args, dir, "witness")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_addresses_come_from_below_the_ephemeral_range_and_are_free() {
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let start: u16 = ephemeral.split_whitespace().next().unwrap().parse().unwrap();
+        for _ in 0..20 {
+            let addr = super::free_addr().unwrap();
+            assert!(addr.port() >= 20_000 && addr.port() < start, "{addr}");
+            std::net::UdpSocket::bind(addr).unwrap();
+        }
+    }
 }

@@ -93,7 +93,10 @@ pub fn keyed_dir(name: &str, hosts: &[&str]) -> PathBuf {
     dir
 }
 
-/// A UDP port free on the loopback now.
+#[path = "../../src/harness/ports.rs"]
+mod ports;
+
+/// A UDP port free on the loopback now, below the ephemeral range (see `ports`).
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    ports::free_loopback_udp().unwrap().port()
 }
