@@ -38,7 +38,8 @@ const CHEAP_CRC_PER_PAGE: Duration = Duration::from_nanos(400);
 /// guest resumes. Only a delta too large to stay in cache pays for it (the encoding
 /// would read it again from memory, which cost more than the CRC itself), and only on
 /// a host whose CRC is cheap beside the copy: the pause is the guest's to lose. A
-/// full capture takes them always, its pages being copied while the guest runs.
+/// full capture for replication takes them always, its pages being copied while the
+/// guest runs; a snapshot for a file takes none ([`Vm::capture`]).
 pub fn crcs_while_copying(pages: usize) -> bool {
     pages >= CRC_WHILE_COPYING_PAGES && crc_is_cheap()
 }
@@ -85,8 +86,9 @@ struct Staging {
 }
 
 impl Staging {
-    fn new(pages: &DirtyPages) -> Self {
-        Self::reusing(pages, Vec::new(), true)
+    /// Fresh staging for `pages`, taking their CRCs if `crcs`.
+    fn new(pages: &DirtyPages, crcs: bool) -> Self {
+        Self::reusing(pages, Vec::new(), crcs)
     }
 
     /// Like [`Staging::new`], in `buf`'s memory: a buffer that held an earlier delta is
@@ -285,12 +287,12 @@ impl Vm {
     /// the guest was stopped. What was read is dropped.
     pub fn pause_briefly(&mut self, work: PauseWork) -> Result<Duration, VmError> {
         if work == PauseWork::Capture {
-            return self.capture(Kind::Delta).map(|(_, _, stopped)| stopped);
+            return self.capture_fenced(Kind::Delta, &mut || {}).map(|(_, _, stopped)| stopped);
         }
         let start = Instant::now();
         self.stop_guest()?;
         let result = match work {
-            PauseWork::State => self.capture_paused(Kind::Delta, None, &mut DirtyPages::default()).map(drop),
+            PauseWork::State => self.capture_paused(Kind::Delta, None, &mut DirtyPages::default(), false).map(drop),
             PauseWork::DirtyLog => self.ram.take_dirty(&self.kvm_vm).map(drop).map_err(VmError::from),
             PauseWork::VmState => VmState::capture(&self.kvm_vm).map(drop).map_err(VmError::from),
             PauseWork::VcpuState => {
@@ -299,7 +301,7 @@ impl Vm {
                 states.into_iter().collect::<Result<(), _>>().map_err(VmError::from)
             }
             PauseWork::Copy => self.ram.take_dirty(&self.kvm_vm).map_err(VmError::from).and_then(|dirty| {
-                let mut staging = Staging::reusing(&dirty, Vec::new(), crcs_while_copying(dirty.count() as usize));
+                let mut staging = Staging::new(&dirty, crcs_while_copying(dirty.count() as usize));
                 staging.copy(&self.ram, &dirty)
             }),
             PauseWork::Nothing | PauseWork::Capture => Ok(()),
@@ -318,18 +320,24 @@ impl Vm {
     /// Captures the whole machine and lets it run on (a VM the operator paused stays
     /// paused). Returns the snapshot, the pages whose dirty bits it consumed (hand them
     /// back with [`Vm::give_back_dirty`] if the snapshot cannot be kept) and how long the
-    /// guest was stopped.
+    /// guest was stopped. Takes no page CRCs: a snapshot file checks itself.
     pub fn capture(&mut self, kind: Kind) -> Result<(Snapshot, Taken, Duration), VmError> {
-        self.capture_fenced(kind, &mut || {})
+        self.capture_with(kind, &mut || {}, false)
     }
 
-    /// [`Vm::capture`], calling `fence` while the vCPUs are stopped: whatever the guest
-    /// did before the fence is in the snapshot, and nothing it did after. Replication
-    /// moves its output gate to the next epoch there.
+    /// [`Vm::capture`] as replication takes an epoch: calling `fence` while the vCPUs
+    /// are stopped (whatever the guest did before the fence is in the snapshot, and
+    /// nothing it did after; replication moves its output gate to the next epoch
+    /// there), and taking the pages' CRCs as it copies them where that pays (see
+    /// [`crcs_while_copying`]), for the epoch's checksums.
     pub fn capture_fenced(&mut self, kind: Kind, fence: &mut dyn FnMut()) -> Result<(Snapshot, Taken, Duration), VmError> {
+        self.capture_with(kind, fence, true)
+    }
+
+    fn capture_with(&mut self, kind: Kind, fence: &mut dyn FnMut(), crcs: bool) -> Result<(Snapshot, Taken, Duration), VmError> {
         let was_paused = self.vcpus.is_paused();
         let mut taken = Taken::default();
-        let result = self.capture_into(kind, was_paused, &mut taken, fence);
+        let result = self.capture_into(kind, was_paused, &mut taken, fence, crcs);
         if result.is_err() {
             self.give_back_dirty(&taken);
         }
@@ -352,18 +360,19 @@ impl Vm {
         was_paused: bool,
         taken: &mut Taken,
         fence: &mut dyn FnMut(),
+        crcs: bool,
     ) -> Result<(MachineState, Staging, Blocks, Duration), VmError> {
         let (staging, disks) = match kind {
             Kind::Full if !was_paused => {
                 let disks = self.virtio.disks.precopy(&mut taken.blocks).map_err(VmError::Disk)?;
-                (Some(self.precopy(&mut taken.pages)?), Some(disks))
+                (Some(self.precopy(&mut taken.pages, crcs)?), Some(disks))
             }
             _ => (None, None),
         };
         let start = Instant::now();
         self.stop_guest()?;
         fence();
-        let result = self.capture_paused(kind, staging, &mut taken.pages).and_then(|(state, staging)| {
+        let result = self.capture_paused(kind, staging, &mut taken.pages, crcs).and_then(|(state, staging)| {
             // Read while paused: no request is in flight, so the blocks are those the
             // guest's completed writes left.
             let (mut addresses, mut data) = (Vec::new(), Vec::new());
@@ -382,11 +391,11 @@ impl Vm {
     }
 
     /// Copies every page while the guest runs, then what it wrote meanwhile, until
-    /// little is left for the paused copy.
-    fn precopy(&mut self, taken: &mut DirtyPages) -> Result<Staging, VmError> {
+    /// little is left for the paused copy; with their CRCs if `crcs`.
+    fn precopy(&mut self, taken: &mut DirtyPages, crcs: bool) -> Result<Staging, VmError> {
         taken.merge(&self.ram.take_dirty(&self.kvm_vm)?);
         let every = self.ram.every_page();
-        let mut staging = Staging::new(&every);
+        let mut staging = Staging::new(&every, crcs);
         staging.copy(&self.ram, &every)?;
         let mut left = u64::MAX;
         for round in 1..=PRECOPY_ROUNDS {
@@ -403,11 +412,14 @@ impl Vm {
         Ok(staging)
     }
 
+    /// The paused part of a capture; `crcs`: whether the pages' CRCs are wanted (a
+    /// delta takes them only where [`crcs_while_copying`] says).
     fn capture_paused(
         &mut self,
         kind: Kind,
         staging: Option<Staging>,
         taken: &mut DirtyPages,
+        crcs: bool,
     ) -> Result<(MachineState, Staging), VmError> {
         let phase = Instant::now();
         // Devices first: their state may still raise interrupts into the vCPU state.
@@ -448,13 +460,13 @@ impl Vm {
             }
             (Kind::Full, None) => {
                 let every = self.ram.every_page();
-                let mut staging = Staging::new(&every);
+                let mut staging = Staging::new(&every, crcs);
                 staging.copy(&self.ram, &every)?;
                 staging
             }
             (Kind::Delta, _) => {
                 let pages = dirty.count() as usize;
-                let mut staging = Staging::reusing(&dirty, self.spares.take(pages * PAGE), crcs_while_copying(pages));
+                let mut staging = Staging::reusing(&dirty, self.spares.take(pages * PAGE), crcs && crcs_while_copying(pages));
                 staging.copy(&self.ram, &dirty)?;
                 staging
             }
@@ -535,7 +547,7 @@ mod tests {
         mem.write_slice(&[1; 8], GuestAddress(0x1000)).unwrap();
         mem.write_slice(&[2; 8], GuestAddress(0x3000)).unwrap();
         let every = ram.every_page();
-        let mut staging = Staging::new(&every);
+        let mut staging = Staging::new(&every, true);
         staging.copy(&ram, &every).unwrap();
         // The guest moves on: one page changes, another becomes zero again. A second
         // round copies them again.
@@ -548,7 +560,7 @@ mod tests {
         assert_eq!(data.len(), PAGE);
         assert_eq!(crcs, [crc32fast::hash(&data)], "the CRC of the copy kept");
 
-        let mut all = Staging::new(&every);
+        let mut all = Staging::new(&every, true);
         all.copy(&ram, &every).unwrap();
         let (pages, data, crcs) = all.into_pages(false);
         assert_eq!(pages.len() as u64, every.count());
@@ -574,7 +586,7 @@ mod tests {
             assert_eq!(crcs.len(), pages.len());
         }
         // Not asked for (a small delta): none taken, and none kept through the drop.
-        let mut staging = Staging::reusing(&every, Vec::new(), false);
+        let mut staging = Staging::new(&every, false);
         mem.write_slice(&[5; 8], GuestAddress(0x2000)).unwrap();
         staging.copy(&ram, &every).unwrap();
         let (pages, _, crcs) = staging.into_pages(true);
