@@ -19,8 +19,9 @@ pub struct Epoch {
     pub data: Vec<u8>,
     /// On a primary, each page's CRC-32 ([`crate::crc::page`]) as the capture took it
     /// from the bytes in `data`, so that encoding need not read the pages again; empty
-    /// when not taken, and then computed while encoding. A wrong one fails the frame's
-    /// check on the standby: it cannot make a wrong page pass.
+    /// when not taken, and then computed while encoding. A wrong one cannot make a
+    /// wrong page pass: the standby's check of the frame (raw pages) or of the epoch
+    /// (compressed ones, checked as decompressed) fails.
     pub page_crcs: Vec<u32>,
     /// On a standby, the bytes of the pages `zero` does not mark, as they arrived: the
     /// pieces of the stream that carried them (or their decompression), kept rather

@@ -203,3 +203,30 @@ fn pages_whose_crcs_the_capture_took_encode_as_read_pages_do_and_a_wrong_crc_is_
     }
     assert_eq!(refused, Some(ProtoError::Checksum));
 }
+
+#[test]
+fn a_wrong_page_crc_from_the_capture_fails_a_compressed_batch_at_the_commit() {
+    use tandem_proto::handshake::Identity;
+    use tandem_proto::message::{Frame, Role};
+    use tandem_proto::standby::{Event, Standby};
+    // A compressed batch's frame is checked over what was sent; its pages' CRC counts
+    // in the epoch's checksum, which the standby checks over the pages as decompressed.
+    let primary = Identity { role: Role::Primary, fingerprint: 3, generation: 1 };
+    let data: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+    let crcs: Vec<u32> = data.chunks(PAGE_SIZE).map(crc::page).collect();
+    let run = |page_crcs: Vec<u32>| {
+        let addresses = (1..=4).map(|i| i * PAGE_SIZE as u64).collect();
+        let epoch = Epoch { number: 1, kind: Some(EpochKind::Full), addresses, data: data.clone(), page_crcs, state: vec![1], compress: true, ..Epoch::default() };
+        let frames = epoch.frames(1).unwrap();
+        assert!(frames.iter().any(|f| matches!(f.message, Message::Pages { compression: Compression::Lz4, .. })));
+        let mut standby = Standby::new(Identity { role: Role::Standby, ..primary }, None);
+        standby.handle(primary.hello());
+        frames.into_iter().flat_map(|f| standby.handle(f)).collect::<Vec<_>>()
+    };
+    let acked = |events: &[Event]| events.iter().any(|e| matches!(e, Event::Send(Frame { message: Message::Ack { epoch: 1 }, .. })));
+    assert!(acked(&run(crcs.clone())));
+    let mut wrong = crcs;
+    wrong[2] ^= 1;
+    let events = run(wrong);
+    assert!(!acked(&events) && matches!(events.last(), Some(Event::Close(_))), "{events:?}");
+}
