@@ -21,8 +21,10 @@ use crate::output::SharedSink;
 use crate::vcpu::{Signal, VcpuError, VcpuSet, VmExit, Waker};
 
 mod capture;
+mod page_crc;
 mod shell;
-pub use capture::{crcs_while_copying, PauseWork, Spares};
+pub use capture::{PauseWork, Spares};
+pub use page_crc::crcs_while_copying;
 pub use shell::{IdleVm, Prepared};
 use shell::Shell;
 
