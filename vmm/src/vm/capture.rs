@@ -289,6 +289,12 @@ impl Vm {
     }
 
     fn capture_with(&mut self, kind: Kind, fence: &mut dyn FnMut(), crcs: bool) -> Result<(Snapshot, Taken, Duration), VmError> {
+        // Replication begins with a full capture, whose pre-copy runs beside the guest:
+        // the CRC's cost is measured there, before any delta's pause could need it (and
+        // not when a VM starts, which would put it in a takeover's resume).
+        if crcs && kind == Kind::Full {
+            super::page_crc::crc_is_cheap();
+        }
         let was_paused = self.vcpus.is_paused();
         let mut taken = Taken::default();
         let result = self.capture_into(kind, was_paused, &mut taken, fence, crcs);

@@ -25,7 +25,8 @@ pub fn crcs_while_copying(pages: usize) -> bool {
 }
 
 /// Whether a page's CRC is cheap here ([`CHEAP_CRC_PER_PAGE`]), measured once per
-/// process: the best of a few short rounds over a page in cache.
+/// process (at replication's first, full capture): the best of a few short rounds over
+/// a page in cache.
 pub(super) fn crc_is_cheap() -> bool {
     static CHEAP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *CHEAP.get_or_init(|| {

@@ -108,8 +108,6 @@ impl Shell {
         let bus = Arc::new(Mutex::new(bus));
         let (exit_tx, exits) = channel();
         let waker = Waker::new(exit_tx.clone());
-        // Measured before the guest runs, not in its first large pause.
-        super::page_crc::crc_is_cheap();
         let vcpus = VcpuSet::start(frame.vcpus, bus.clone(), exit_tx, frozen.is_some())?;
         let spares = Spares::new((ram.mem_mib() << 20) as usize);
         Ok(Vm {
