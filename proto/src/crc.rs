@@ -41,11 +41,6 @@ const fn shift_of(bytes: u64) -> u32 {
     result
 }
 
-/// The CRC of `a` followed by `b`, from the CRC of each and the length of `b`.
-pub fn concat(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
-    multiply(shift_of(len_b), crc_a) ^ crc_b
-}
-
 /// Multiplying by the page's shift, a byte of the CRC at a time: multiplication by a
 /// constant is linear, so each byte's part comes from a table.
 static PAGE_SHIFT: [[u32; 256]; 4] = {
@@ -107,6 +102,12 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    /// The CRC of `a` followed by `b`, from the CRC of each and the length of `b`: the
+    /// rule [`then_page`] applies with `b` a page, checked here for any length.
+    fn concat(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
+        multiply(shift_of(len_b), crc_a) ^ crc_b
     }
 
     #[test]
